@@ -1,0 +1,23 @@
+"""dali_compile: a torch.compile backend for MoE inference with experts split between CPU and GPU.
+
+    model.forward = torch.compile(model.forward, backend="dali")
+    print(dali_compile.last_report())
+"""
+
+from . import ops  # noqa: F401  (defines the dali::* ops)
+from .config import DaliConfig, DaliOptionError
+from .report import CompileReport, clear_reports, last_report, reports
+from .runtime import Activation, ExpertLayout, LayerSpec, layer_registry
+
+__all__ = [
+    "Activation",
+    "CompileReport",
+    "DaliConfig",
+    "DaliOptionError",
+    "ExpertLayout",
+    "LayerSpec",
+    "clear_reports",
+    "last_report",
+    "layer_registry",
+    "reports",
+]

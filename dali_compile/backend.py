@@ -1,0 +1,95 @@
+"""The `dali` torch.compile backend: options -> config, passes, then inductor.
+
+    torch.compile(model, backend="dali", options={...})
+
+Published under the `torch_dynamo_backends` entry point, so no import of
+dali_compile is needed before `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from torch.fx import GraphModule
+
+import dali_compile.ops  # noqa: F401  (defines the dali::* ops used in rewritten graphs)
+from dali_compile.config import DaliConfig
+from dali_compile.passes import PassContext, WeightBinding, run_passes
+from dali_compile.report import new_report, publish
+from dali_compile.runtime.registry import LayerRegistry, layer_registry
+
+logger = logging.getLogger("dali_compile")
+
+GRAPH_BREAK_FIX = (
+    "dali: an MoE experts module was split by graph breaks, so it runs unchanged (results stay correct, "
+    "but the dali runtime is not used). transformers' 'eager' experts implementation breaks dynamo's graph "
+    "at nonzero; before torch.compile call model.set_experts_implementation('grouped_mm') "
+    "(or 'dali' after `import dali_compile`)."
+)
+_warned_graph_break = False
+
+
+class DaliCompileError(RuntimeError):
+    """The backend was asked to be strict and could not rewrite a MoE region."""
+
+
+def dali_backend(gm: GraphModule, example_inputs, options=None):
+    """torch.compile backend entry: rewrite MoE expert dispatch into dali::moe_hybrid calls."""
+    config = DaliConfig.from_options(options)
+    report = new_report(inductor=config.inductor)
+    ctx = PassContext(config, list(example_inputs), layer_registry(), report)
+    gm = run_passes(gm, ctx)
+    publish(report)
+    if any(r.reason.startswith(_BROKEN_PREFIXES) for r in report.refused):
+        _warn_graph_break_once()
+    if config.strict and report.refused:
+        raise DaliCompileError(f"dali (strict): MoE region(s) refused:\n{report}")
+    if config.inductor:
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(gm, example_inputs)
+    else:
+        compiled = gm.forward
+    return _checking_bindings(compiled, ctx.bindings, ctx.registry)
+
+
+# Refusal reasons that mean the experts module reached us in pieces.
+_BROKEN_PREFIXES = ("the experts produce", "the experts read inputs of unknown", "the expert weights are not used")
+
+
+def _warn_graph_break_once() -> None:
+    global _warned_graph_break
+    if not _warned_graph_break:
+        _warned_graph_break = True
+        warnings.warn(GRAPH_BREAK_FIX, stacklevel=3)
+    logger.warning(GRAPH_BREAK_FIX)
+
+
+def _checking_bindings(compiled, bindings: list[WeightBinding], registry: LayerRegistry):
+    """Wrap the compiled graph so each call sees the tensors it was given, never stale ones."""
+    if not bindings:
+        return compiled
+    boxed = getattr(compiled, "_boxed_call", False)
+
+    def refresh(args) -> None:
+        for binding in bindings:
+            spec = registry.get(binding.layer)
+            current = spec.tensors()
+            given = [None if i is None else args[i] for i in binding.input_indices]
+            if any(g is not c for g, c in zip(given, current)):
+                registry.rebind(binding.layer, spec.with_tensors(*given))
+
+    if boxed:
+        def run_boxed(args):
+            refresh(args)
+            return compiled(args)
+
+        run_boxed._boxed_call = True
+        return run_boxed
+
+    def run(*args):
+        refresh(args)
+        return compiled(*args)
+
+    return run

@@ -1,0 +1,14 @@
+"""Run-time state behind the `dali::*` ops: layer descriptions and their handles."""
+
+from .layer_spec import ACTIVATIONS, Activation, ExpertLayout, LayerSpec
+from .registry import LayerRegistry, UnknownLayerError, layer_registry
+
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "ExpertLayout",
+    "LayerRegistry",
+    "LayerSpec",
+    "UnknownLayerError",
+    "layer_registry",
+]

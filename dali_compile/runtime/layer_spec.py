@@ -1,0 +1,156 @@
+"""What one MoE layer's experts are: their weights and how to apply them.
+
+# E experts, H hidden, I intermediate, X = 2I (gated) or I (no gate)
+
+A `LayerSpec` is what `dali::moe_hybrid`'s integer `layer` argument resolves to
+at run time. It holds the model's own expert tensors (never a copy) plus an
+`ExpertLayout` that says how transformers' fused-experts variants store them:
+
+    gated, concatenated   up [E, 2I, H] rows = [gate; up]        (Mixtral, Qwen, DeepSeek)
+    gated, interleaved    up rows = [g0, u0, g1, u1, ...]        (GPT-OSS)
+    transposed            up [E, H, X], down [E, I, H]           (GPT-OSS, Aria)
+    biases                up_bias [E, X], down_bias [E, H]       (GPT-OSS)
+    no gate               up [E, I, H], out = down(act(up x))    (Nemotron-H)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+# Activations the in-tree MoE families use, by transformers' ACT2FN names where one exists.
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu", "clamped_swiglu")
+
+
+@dataclass(frozen=True)
+class Activation:
+    """The expert nonlinearity.
+
+    `clamped_swiglu` is GPT-OSS's gate: gate clamped above at `limit`, up clamped
+    to [-limit, limit], out = (up + 1) * gate * sigmoid(alpha * gate). It needs both
+    `alpha` and `limit`; every other activation takes neither.
+    """
+
+    name: str
+    alpha: float | None = None
+    limit: float | None = None
+
+    def __post_init__(self):
+        if self.name not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.name!r}; known: {', '.join(ACTIVATIONS)}")
+        needs_params = self.name == "clamped_swiglu"
+        has_params = self.alpha is not None and self.limit is not None
+        if needs_params != has_params or (not needs_params and (self.alpha, self.limit) != (None, None)):
+            raise ValueError(
+                f"activation {self.name!r}: alpha and limit are required for clamped_swiglu and only for it"
+            )
+
+    def describe(self) -> str:
+        if self.name == "clamped_swiglu":
+            return f"clamped_swiglu(alpha={self.alpha:g}, limit={self.limit:g})"
+        return self.name
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one layer's expert weights are stored and combined (see module docstring)."""
+
+    activation: Activation
+    gated: bool = True
+    interleaved: bool = False
+    transposed: bool = False
+    has_bias: bool = False
+
+    def __post_init__(self):
+        if self.interleaved and not self.gated:
+            raise ValueError("an interleaved gate/up layout needs a gate")
+        if self.activation.name == "clamped_swiglu" and not self.gated:
+            raise ValueError("clamped_swiglu is a gated activation")
+
+    def describe(self) -> str:
+        parts = ["gated" if self.gated else "no-gate"]
+        if self.gated:
+            parts.append("interleaved" if self.interleaved else "concatenated")
+        if self.transposed:
+            parts.append("transposed")
+        if self.has_bias:
+            parts.append("bias")
+        parts.append(self.activation.describe())
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One MoE layer's experts: the model's own weight tensors plus their layout.
+
+    up_weight:   [E, X, H] or, transposed, [E, H, X]
+    down_weight: [E, H, I] or, transposed, [E, I, H]
+    up_bias:     [E, X] or None;   down_bias: [E, H] or None
+    """
+
+    layout: ExpertLayout
+    up_weight: torch.Tensor
+    down_weight: torch.Tensor
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        self._check()
+
+    # Derived sizes: read from the tensors so they can never disagree with them.
+    @property
+    def num_experts(self) -> int:
+        return self.up_weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.down_weight.shape[2 if self.layout.transposed else 1]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.down_weight.shape[1 if self.layout.transposed else 2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.up_weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.up_weight.device
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.up_weight, self.down_weight, self.up_bias, self.down_bias)
+
+    def with_tensors(self, up_weight, down_weight, up_bias=None, down_bias=None) -> LayerSpec:
+        """The same layer bound to other tensors of the same shapes (e.g. a reloaded model)."""
+        return dataclasses.replace(
+            self, up_weight=up_weight, down_weight=down_weight, up_bias=up_bias, down_bias=down_bias
+        )
+
+    def _check(self):
+        up, down = self.up_weight, self.down_weight
+        where = f"layer {self.name!r}" if self.name else "layer"
+        if up.dim() != 3 or down.dim() != 3:
+            raise ValueError(f"{where}: expert weights must be 3-D, got {tuple(up.shape)} and {tuple(down.shape)}")
+        if not up.is_floating_point() or up.dtype != down.dtype:
+            raise ValueError(f"{where}: expert weights must share one floating dtype, got {up.dtype}, {down.dtype}")
+        if up.device != down.device:
+            raise ValueError(f"{where}: expert weights on different devices ({up.device}, {down.device})")
+        E, H, I = up.shape[0], self.hidden_size, self.intermediate_size
+        X = 2 * I if self.layout.gated else I
+        expected_up = (E, H, X) if self.layout.transposed else (E, X, H)
+        if tuple(up.shape) != expected_up or down.shape[0] != E:
+            raise ValueError(
+                f"{where}: up weight {tuple(up.shape)} does not fit down weight {tuple(down.shape)} "
+                f"for layout ({self.layout.describe()}): expected up {expected_up}"
+            )
+        if self.layout.has_bias != (self.up_bias is not None and self.down_bias is not None):
+            raise ValueError(f"{where}: layout has_bias={self.layout.has_bias} but biases given do not match")
+        for bias, width, label in ((self.up_bias, X, "up"), (self.down_bias, H, "down")):
+            if bias is None:
+                continue
+            if tuple(bias.shape) != (E, width) or bias.device != up.device:
+                raise ValueError(f"{where}: {label} bias must be [{E}, {width}] on {up.device}, got {tuple(bias.shape)}")

@@ -1,0 +1,8 @@
+"""`dali::*` custom ops: one op a file (schema, fake kernel, reference)."""
+
+from . import moe_hybrid as _moe_hybrid  # noqa: F401  (defines dali::moe_hybrid)
+from .expert_math import expert_forward, moe_reference
+from .library import all_op_names
+from .moe_hybrid import moe_hybrid
+
+__all__ = ["all_op_names", "expert_forward", "moe_hybrid", "moe_reference"]

@@ -1,0 +1,81 @@
+"""The math of one expert in plain PyTorch, fp32: the oracle every kernel is tested against.
+
+# n tokens routed to the expert, H hidden, I intermediate, X = 2I (gated) or I
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
+
+
+def apply_activation(act: Activation, x: torch.Tensor) -> torch.Tensor:
+    """Elementwise activation of a non-clamped activation."""
+    name = act.name
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    if name == "relu2":
+        return torch.square(F.relu(x))
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    raise ValueError(f"activation {name!r} is not elementwise")
+
+
+def gate_and_activate(layout: ExpertLayout, h: torch.Tensor) -> torch.Tensor:
+    """[n, X] up-projection output -> [n, I] activation input of the down projection."""
+    if not layout.gated:
+        return apply_activation(layout.activation, h)
+    if layout.interleaved:
+        gate, up = h[:, 0::2], h[:, 1::2]
+    else:
+        gate, up = h.chunk(2, dim=-1)
+    act = layout.activation
+    if act.name == "clamped_swiglu":
+        gate = gate.clamp(max=act.limit)
+        up = up.clamp(min=-act.limit, max=act.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
+    return apply_activation(act, gate) * up
+
+
+def expert_forward(spec: LayerSpec, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """One expert on its tokens, all in fp32: x [n, H] fp32 -> [n, H] fp32."""
+    layout = spec.layout
+    up = spec.up_weight[expert].float()
+    down = spec.down_weight[expert].float()
+    h = x @ up if layout.transposed else x @ up.T
+    if layout.has_bias:
+        h = h + spec.up_bias[expert].float()
+    a = gate_and_activate(layout, h)
+    y = a @ down if layout.transposed else a @ down.T
+    if layout.has_bias:
+        y = y + spec.down_bias[expert].float()
+    return y
+
+
+def moe_reference(
+    spec: LayerSpec, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """Routed experts of one layer, fp32 accumulation, fixed combine order.
+
+    hidden [T, H], topk_ids [T, K] (int), topk_weights [T, K] -> [T, H] in hidden's dtype.
+    Each (token, k) contribution is computed in fp32 and the K contributions of a
+    token are summed in k order, so any split of the experts between devices that
+    keeps this order reproduces the result up to the rounding of the expert math.
+    """
+    T, K = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1)
+    contributions = torch.zeros(T * K, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    flat_weights = topk_weights.reshape(-1).float()
+    for expert in torch.unique(flat_ids).tolist():  # ascending expert order
+        rows = (flat_ids == expert).nonzero().squeeze(1)
+        x = hidden[rows // K].float()
+        contributions[rows] = expert_forward(spec, expert, x) * flat_weights[rows, None]
+    return contributions.view(T, K, -1).sum(dim=1).to(hidden.dtype)

@@ -1,0 +1,102 @@
+"""`dali::moe_hybrid`: one MoE layer's routed experts as one op.
+
+# T tokens, H hidden, K top-k, E experts
+
+    moe_hybrid(hidden[T, H], topk_ids[T, K], topk_weights[T, K], layer: int) -> [T, H]
+
+`layer` is a handle into the process's `LayerRegistry` (weights, layout,
+activation); the op never receives Python objects. The schema is declared here
+and only here; device kernels register against it. Until the C++ CPU runtime and
+the Triton kernels exist, every device runs the fp32 reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dali_compile.runtime.layer_spec import LayerSpec
+from dali_compile.runtime.registry import layer_registry
+
+from .expert_math import moe_reference
+from .library import define_op
+
+NAME = "dali::moe_hybrid"
+SCHEMA = "(Tensor hidden, Tensor topk_ids, Tensor topk_weights, int layer) -> Tensor"
+
+define_op(NAME, SCHEMA)
+
+
+def check_routing_shapes(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    """Checks that need no layer state; shared by the fake and the real kernels."""
+    if hidden.dim() != 2:
+        raise ValueError(f"{NAME}: hidden must be [T, H], got shape {tuple(hidden.shape)}")
+    if topk_ids.dim() != 2 or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(
+            f"{NAME}: topk_ids and topk_weights must both be [T, K], got "
+            f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}"
+        )
+    if topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"{NAME}: hidden has {hidden.shape[0]} tokens but the routing has {topk_ids.shape[0]}"
+        )
+    if not hidden.is_floating_point():
+        raise TypeError(f"{NAME}: hidden must be floating point, got {hidden.dtype}")
+    if topk_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{NAME}: topk_ids must be int64 or int32, got {topk_ids.dtype}")
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"{NAME}: topk_weights must be floating point, got {topk_weights.dtype}")
+    devices = {hidden.device, topk_ids.device, topk_weights.device}
+    if len(devices) != 1:
+        raise ValueError(f"{NAME}: hidden, topk_ids and topk_weights are on different devices: {devices}")
+
+
+def check_against_layer(spec: LayerSpec, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
+    """Checks against the layer's weights; these need the runtime, so only real kernels run them."""
+    if hidden.shape[1] != spec.hidden_size:
+        raise ValueError(
+            f"{NAME}: hidden size {hidden.shape[1]} does not match layer {layer} ({spec.name}) "
+            f"hidden size {spec.hidden_size}"
+        )
+    if hidden.dtype != spec.dtype:
+        raise TypeError(f"{NAME}: hidden is {hidden.dtype} but layer {layer} ({spec.name}) weights are {spec.dtype}")
+    if hidden.device != spec.device:
+        raise ValueError(
+            f"{NAME}: hidden is on {hidden.device} but layer {layer} ({spec.name}) weights are on {spec.device}"
+        )
+    if topk_ids.numel():
+        low, high = int(topk_ids.min()), int(topk_ids.max())
+        if low < 0 or high >= spec.num_experts:
+            bad = low if low < 0 else high
+            raise IndexError(
+                f"{NAME}: expert id {bad} out of range for layer {layer} ({spec.name}) "
+                f"with {spec.num_experts} experts"
+            )
+
+
+@torch.library.register_fake(NAME)
+def _moe_hybrid_fake(hidden, topk_ids, topk_weights, layer):
+    check_routing_shapes(hidden, topk_ids, topk_weights)
+    return torch.empty_like(hidden)
+
+
+def moe_hybrid_reference_kernel(hidden, topk_ids, topk_weights, layer):
+    """The fp32 reference behind the op: also the fallback where no compiled kernel exists."""
+    check_routing_shapes(hidden, topk_ids, topk_weights)
+    spec = layer_registry().get(layer)
+    check_against_layer(spec, layer, hidden, topk_ids)
+    return moe_reference(spec, hidden, topk_ids, topk_weights)
+
+
+torch.library.impl(NAME, "CompositeExplicitAutograd")(moe_hybrid_reference_kernel)
+
+
+def moe_hybrid(
+    hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int
+) -> torch.Tensor:
+    """Routed experts of MoE layer `layer` (a registry handle).
+
+    hidden [T, H] in the layer's weight dtype; topk_ids [T, K] int64/int32 in
+    [0, E); topk_weights [T, K] floating (fp32 or the model dtype). Returns
+    [T, H] in hidden's dtype: sum over k of topk_weights[t, k] * expert(hidden[t]).
+    """
+    return torch.ops.dali.moe_hybrid(hidden, topk_ids, topk_weights, layer)

@@ -1,0 +1,18 @@
+"""The ordered list of graph passes the dali backend runs. Each is `(gm, ctx) -> gm`."""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from .context import PassContext
+from .replace_moe_dispatch import replace_moe_dispatch
+
+PASSES = (
+    replace_moe_dispatch,
+)
+
+
+def run_passes(gm: GraphModule, ctx: PassContext) -> GraphModule:
+    for graph_pass in PASSES:
+        gm = graph_pass(gm, ctx)
+    return gm
