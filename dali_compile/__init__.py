@@ -6,8 +6,11 @@
 
 from . import ops  # noqa: F401  (defines the dali::* ops)
 from .config import DaliConfig, DaliOptionError
+from .experts_interface import register_experts_interface
 from .report import CompileReport, clear_reports, last_report, reports
 from .runtime import Activation, ExpertLayout, LayerSpec, layer_registry
+
+register_experts_interface()
 
 __all__ = [
     "Activation",

@@ -1,0 +1,85 @@
+"""Tiny random-weight MoE models of real families, built from transformers configs (no downloads).
+
+Used by the demo and the tests. Each keeps the family's structure (router form,
+shared experts, dense first layers, expert layout) at toy sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Family name -> (config class name, config overrides). Sizes are chosen so every shape is
+# distinct (H != I != 2I != E), which lets the layout probe tell transposed from not.
+_COMMON = dict(
+    vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=128, tie_word_embeddings=False,
+)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    # softmax -> top-k -> renormalise; concatenated gate/up; 8 experts top-2 like the real model.
+    "mixtral": ("MixtralConfig", dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)),
+    # softmax -> top-k without renormalising, plus a gated shared expert outside the experts module.
+    "qwen2_moe": ("Qwen2MoeConfig", dict(
+        intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+        num_experts=8, num_experts_per_tok=4, norm_topk_prob=False)),
+    # softmax -> top-k -> renormalise, 16 experts top-4.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(
+        intermediate_size=64, moe_intermediate_size=24, num_experts=16, num_experts_per_tok=4,
+        norm_topk_prob=True, head_dim=8)),
+    # OLMoE: no renormalisation, q/k norms.
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=24, num_experts=16, num_experts_per_tok=4)),
+    # sigmoid + correction bias + group-limited top-k + scaling; first layer dense; a shared expert.
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        num_hidden_layers=3, intermediate_size=64, moe_intermediate_size=24, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=8,
+        qk_nope_head_dim=8, head_dim=8, num_key_value_heads=4, rope_interleave=True)),
+    # top-k -> softmax; transposed, interleaved gate/up with biases and a clamped SwiGLU. The limit is
+    # set low so the clamps actually bite at toy scale.
+    "gpt_oss": ("GptOssConfig", dict(
+        intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8, swiglu_limit=0.05,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+}
+
+# transformers' default init (std 0.02) gives near-constant outputs at toy size; a larger std makes
+# logits and greedy tokens depend on every layer, so equality tests are sensitive.
+INIT_STD = 0.2
+
+
+def tiny_config(family: str, experts_implementation: str = "grouped_mm", **overrides):
+    import transformers
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    config_name, family_overrides = FAMILIES[family]
+    kwargs = {**_COMMON, **family_overrides, **overrides}
+    config = getattr(transformers, config_name)(**kwargs)
+    config.initializer_range = INIT_STD
+    if family == "gpt_oss":
+        config._attn_implementation = "eager"  # GPT-OSS needs eager attention in these versions
+    config._experts_implementation = experts_implementation
+    return config
+
+
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, experts_implementation: str = "grouped_mm",
+               seed: int = 0, **overrides):
+    """A tiny random-weight causal LM of `family` in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, experts_implementation, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _perturb_router_biases(model)
+    return model.to(dtype).eval()
+
+
+@torch.no_grad()
+def _perturb_router_biases(model) -> None:
+    """Random-init zeros DeepSeek's correction bias and GPT-OSS's biases; give them values so they matter."""
+    for name, param in model.named_parameters():
+        if name.endswith("e_score_correction_bias") or (name.endswith("_bias") and "experts" in name) \
+                or name.endswith("router.bias"):
+            param.copy_(torch.randn_like(param) * 0.1)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.copy_(torch.randn_like(buffer) * 0.1)
