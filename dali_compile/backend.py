@@ -34,17 +34,24 @@ class DaliCompileError(RuntimeError):
     """The backend was asked to be strict and could not rewrite a MoE region."""
 
 
-def dali_backend(gm: GraphModule, example_inputs, options=None):
-    """torch.compile backend entry: rewrite MoE expert dispatch into dali::moe_hybrid calls."""
-    config = DaliConfig.from_options(options)
+def rewrite_graph(gm: GraphModule, example_inputs, config: DaliConfig | None = None) -> tuple[GraphModule, PassContext]:
+    """Run the dali passes on a dynamo graph; returns the graph and the context (report, bindings)."""
+    config = config or DaliConfig()
     report = new_report(inductor=config.inductor)
     ctx = PassContext(config, list(example_inputs), layer_registry(), report)
     gm = run_passes(gm, ctx)
     publish(report)
-    if any(r.reason.startswith(_BROKEN_PREFIXES) for r in report.refused):
+    if any(r.graph_broken for r in report.refused):
         _warn_graph_break_once()
     if config.strict and report.refused:
         raise DaliCompileError(f"dali (strict): MoE region(s) refused:\n{report}")
+    return gm, ctx
+
+
+def dali_backend(gm: GraphModule, example_inputs, options=None):
+    """torch.compile backend entry: rewrite MoE expert dispatch into dali::moe_hybrid calls."""
+    config = DaliConfig.from_options(options)
+    gm, ctx = rewrite_graph(gm, example_inputs, config)
     if config.inductor:
         from torch._inductor.compile_fx import compile_fx
 
@@ -52,10 +59,6 @@ def dali_backend(gm: GraphModule, example_inputs, options=None):
     else:
         compiled = gm.forward
     return _checking_bindings(compiled, ctx.bindings, ctx.registry)
-
-
-# Refusal reasons that mean the experts module reached us in pieces.
-_BROKEN_PREFIXES = ("the experts produce", "the experts read inputs of unknown", "the expert weights are not used")
 
 
 def _warn_graph_break_once() -> None:

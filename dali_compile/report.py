@@ -30,6 +30,7 @@ class RewrittenLayer:
 class RefusedLayer:
     scope: str
     reason: str
+    graph_broken: bool = False
 
 
 @dataclass

@@ -78,4 +78,4 @@ def moe_reference(
         rows = (flat_ids == expert).nonzero().squeeze(1)
         x = hidden[rows // K].float()
         contributions[rows] = expert_forward(spec, expert, x) * flat_weights[rows, None]
-    return contributions.view(T, K, -1).sum(dim=1).to(hidden.dtype)
+    return contributions.view(T, K, hidden.shape[1]).sum(dim=1).to(hidden.dtype)

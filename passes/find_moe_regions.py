@@ -60,6 +60,7 @@ class MoeRegion:
 class RefusedRegion:
     scope: str
     reason: str
+    graph_broken: bool = False  # the experts reached this graph in pieces (a graph break inside them)
 
 
 def example_value(node: Node):
@@ -71,11 +72,22 @@ def _scope_path(entry) -> str:
     return path[len("L['self']."):] if path.startswith("L['self'].") else path
 
 
-def _owner_scope(node: Node) -> str | None:
+# The scope of a module tensor whose module is the compiled root (no nn_module_stack entry): either the
+# user compiled the experts module itself, or dynamo resumed inside it after a graph break.
+ROOT_SCOPE = "<graph root>"
+
+
+def _owner_scope(node: Node) -> str:
     stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    return _scope_path(list(stack.values())[-1])
+    if stack:
+        return _scope_path(list(stack.values())[-1])
+    return ROOT_SCOPE
+
+
+def _in_scope(node: Node, scope: str) -> bool:
+    if scope == ROOT_SCOPE:
+        return True
+    return scope in _scopes_of(node)
 
 
 def _scopes_of(node: Node) -> set[str]:
@@ -114,8 +126,6 @@ def _expert_scopes(module_tensors: dict[Node, WeightInput]) -> dict[str, list[We
     by_scope: dict[str, list[WeightInput]] = {}
     for node, weight in module_tensors.items():
         scope = _owner_scope(node) if node.op == "placeholder" else node.target.rpartition(".")[0]
-        if scope is None:
-            continue
         by_scope.setdefault(scope, []).append(weight)
     scopes = {}
     for scope, tensors in by_scope.items():
@@ -193,31 +203,58 @@ def find_moe_regions(gm: GraphModule, example_inputs) -> tuple[list[MoeRegion], 
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     for scope, tensors in _expert_scopes(module_tensors).items():
         result = _region_for_scope(gm, scope, tensors, module_tensors, order)
-        (regions if isinstance(result, MoeRegion) else refused).append(result)
+        if result is not None:
+            (regions if isinstance(result, MoeRegion) else refused).append(result)
     regions.sort(key=lambda r: order[r.output])
-    return regions, refused
+    return regions, refused + find_split_dispatch(gm)
 
 
-def _region_for_scope(gm, scope, tensors, module_tensors, order) -> MoeRegion | RefusedRegion:
+def find_split_dispatch(gm: GraphModule) -> list[RefusedRegion]:
+    """The head of a loop-over-experts dispatch cut off by a graph break.
+
+    transformers' 'eager' experts build a mask one_hot(topk_ids [T, K], E) -> [T, K, E], permute it
+    and reduce it to "which experts are hit", then break the graph at nonzero; the expert matmuls
+    never reach a graph. Such a graph holds the one_hot of a 2-D integer input and no stacked expert
+    weights. Reported (so the user gets the fix), never rewritten.
+    """
+    found = []
+    for node in gm.graph.nodes:
+        if node.target is not torch.nn.functional.one_hot or not node.args:
+            continue
+        ids = node.args[0]
+        value = example_value(ids) if isinstance(ids, Node) else None
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point():
+            scope = _owner_scope(node)
+            found.append(RefusedRegion(
+                scope, "an expert-mask dispatch (one_hot of top-k ids) whose expert loop is outside the graph",
+                graph_broken=True,
+            ))
+    return found
+
+
+def _region_for_scope(gm, scope, tensors, module_tensors, order) -> MoeRegion | RefusedRegion | None:
+    """The scope's region, a refusal with its reason, or None when the scope is no expert dispatch."""
     owned = {w.node for w in tensors}
     nodes = [
         n for n in gm.graph.nodes
-        if n.op not in ("placeholder", "get_attr", "output") and scope in _scopes_of(n) and not _is_non_tensor(n)
+        if n.op not in ("placeholder", "get_attr", "output") and _in_scope(n, scope) and not _is_non_tensor(n)
     ]
     if not nodes:
-        return RefusedRegion(scope, "the expert weights are not used in this graph")
+        return RefusedRegion(scope, "the expert weights are not used in this graph", graph_broken=True)
     region_set = set(nodes)
     external = []
     for n in nodes:
         for a in n.all_input_nodes:
             if a not in region_set and a not in owned and a not in external:
                 external.append(a)
-    if any(a in module_tensors for a in external):
-        return RefusedRegion(scope, "the experts read module tensors owned by another module")
     scalars = [a for a in external if _is_non_tensor(a)]
     tensor_inputs = [a for a in external if isinstance(example_value(a), torch.Tensor)]
+    if not any(not example_value(a).is_floating_point() for a in tensor_inputs if a not in module_tensors):
+        return None  # stacked weights but no integer routing input: not an expert dispatch (e.g. attention)
+    if any(a in module_tensors for a in external):
+        return RefusedRegion(scope, "the experts read module tensors owned by another module")
     if len(scalars) + len(tensor_inputs) != len(external):
-        return RefusedRegion(scope, "the experts read inputs of unknown type (graph broken inside the experts?)")
+        return RefusedRegion(scope, "the experts read inputs of unknown type (graph broken inside the experts?)", graph_broken=True)
     for n in nodes:
         mutated = _mutated_argument(n)
         if mutated is not None and mutated not in region_set:
@@ -228,6 +265,7 @@ def _region_for_scope(gm, scope, tensors, module_tensors, order) -> MoeRegion | 
             scope,
             f"the experts produce {len(outputs)} values used outside (expected one [T, H] result); "
             "the graph may be broken inside the experts (e.g. the 'eager' experts implementation)",
+            graph_broken=True,
         )
     output = outputs[0]
     classified = _classify_inputs(tensor_inputs)

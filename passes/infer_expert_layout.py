@@ -37,13 +37,30 @@ PROBE_SCALES = (1.0, 8.0)
 _ELEMENTWISE = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu")
 
 
-def concrete_int(value) -> int:
-    if isinstance(value, torch.SymInt):
+def concrete_value(value):
+    """The traced example's value of a (possibly symbolic) int/float/bool."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         hint = value.node.hint
         if hint is None:
-            raise ValueError("a data-dependent size feeds the experts region")
-        return int(hint)
-    return int(value)
+            raise ValueError("a data-dependent scalar feeds the experts region")
+        value = hint
+    return value
+
+
+def concrete_int(value) -> int:
+    return int(concrete_value(value))
+
+
+def _scalar(arg) -> float | None:
+    """A number in a node's arguments: a Python constant, or a symbolic scalar node dynamo made of one."""
+    if isinstance(arg, Node):
+        value = example_value(arg)
+        if not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) or isinstance(value, bool):
+            return None
+        arg = concrete_value(value)
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg)
+    return None
 
 
 def region_signature(region: MoeRegion) -> tuple:
@@ -65,9 +82,9 @@ def _activation_hints(region: MoeRegion) -> list[Activation]:
     methods = {n.target for n in region.nodes if n.op == "call_method"}
     clamps = [n for n in region.nodes if n.target in ("clamp", torch.clamp, torch.clip, "clip")]
     if clamps:
-        limits = sorted({float(v) for n in clamps for v in _clamp_bounds(n)}, key=abs, reverse=True)
-        factors = {float(a) for n in region.nodes if n.target in (operator.mul, torch.mul, "mul")
-                   for a in n.args if isinstance(a, (int, float)) and not isinstance(a, bool)}
+        limits = sorted({v for n in clamps for v in _clamp_bounds(n)}, key=abs, reverse=True)
+        factors = {v for n in region.nodes if n.target in (operator.mul, torch.mul, "mul")
+                   for v in map(_scalar, n.args) if v is not None}
         for limit, alpha in itertools.product([abs(v) for v in limits if v != 0], sorted(factors)):
             hints.append(Activation("clamped_swiglu", alpha=alpha, limit=limit))
     for node in region.nodes:
@@ -84,9 +101,9 @@ def _activation_hints(region: MoeRegion) -> list[Activation]:
     return ordered + [Activation(a) for a in _ELEMENTWISE if Activation(a) not in ordered]
 
 
-def _clamp_bounds(node: Node):
+def _clamp_bounds(node: Node) -> list[float]:
     values = list(node.args[1:]) + [node.kwargs.get("min"), node.kwargs.get("max")]
-    return [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return [v for v in map(_scalar, values) if v is not None]
 
 
 def candidate_layouts(region: MoeRegion, hidden_size: int):
@@ -180,7 +197,7 @@ def infer_expert_layout(gm: GraphModule, region: MoeRegion):
             elif node in real_inputs:
                 args.append(real_inputs[node])
             else:
-                args.append(concrete_int(example_value(node)))
+                args.append(concrete_value(example_value(node)))
         probes.append((hidden, ids, weights, module(*args)))
     tolerance = PROBE_TOLERANCE.get(example_value(region.hidden).dtype, 4e-2)
     for layout, up, down, up_bias, down_bias in candidates:

@@ -41,7 +41,7 @@ logger = logging.getLogger("dali_compile.passes")
 def replace_moe_dispatch(gm: GraphModule, ctx: PassContext) -> GraphModule:
     regions, refused = find_moe_regions(gm, ctx.example_inputs)
     for r in refused:
-        ctx.report.refused.append(RefusedLayer(r.scope, r.reason))
+        ctx.report.refused.append(RefusedLayer(r.scope, r.reason, r.graph_broken))
     for region in regions:
         result = _layout_of(gm, region, ctx)
         if isinstance(result, str):

@@ -147,8 +147,12 @@ class LayerSpec:
                 f"{where}: up weight {tuple(up.shape)} does not fit down weight {tuple(down.shape)} "
                 f"for layout ({self.layout.describe()}): expected up {expected_up}"
             )
-        if self.layout.has_bias != (self.up_bias is not None and self.down_bias is not None):
-            raise ValueError(f"{where}: layout has_bias={self.layout.has_bias} but biases given do not match")
+        given = (self.up_bias is not None, self.down_bias is not None)
+        if given != (self.layout.has_bias, self.layout.has_bias):
+            raise ValueError(
+                f"{where}: layout has_bias={self.layout.has_bias} needs "
+                f"{'both biases' if self.layout.has_bias else 'no bias'}, got up_bias={given[0]}, down_bias={given[1]}"
+            )
         for bias, width, label in ((self.up_bias, X, "up"), (self.down_bias, H, "down")):
             if bias is None:
                 continue

@@ -59,20 +59,26 @@ class LayerRegistry:
     def rebind(self, handle: int, spec: LayerSpec) -> None:
         """Point an existing handle at new tensors (same layout and shapes), e.g. after a reload."""
         old = self.get(handle)
-        if spec.layout != old.layout or [None if t is None else t.shape for t in spec.tensors()] != [
-            None if t is None else t.shape for t in old.tensors()
-        ]:
-            raise ValueError(f"dali: layer {handle} cannot be rebound to tensors of another layout or shape")
+
+        def kind(s: LayerSpec):
+            return s.layout, s.dtype, s.device, [None if t is None else tuple(t.shape) for t in s.tensors()]
+
+        if kind(spec) != kind(old):
+            raise ValueError(
+                f"dali: layer {handle} cannot be rebound to tensors of another layout, shape, dtype or device"
+            )
         with self._lock:
-            self._by_identity.pop(_identity(old), None)
+            if self._by_identity.get(_identity(old)) == handle:
+                del self._by_identity[_identity(old)]
             self._specs[handle] = spec
-            self._by_identity[_identity(spec)] = handle
+            # Another handle may already own these tensors; keep its entry so releasing it stays exact.
+            self._by_identity.setdefault(_identity(spec), handle)
 
     def release(self, handle: int) -> None:
         with self._lock:
             spec = self._specs.pop(handle, None)
-            if spec is not None:
-                self._by_identity.pop(_identity(spec), None)
+            if spec is not None and self._by_identity.get(_identity(spec)) == handle:
+                del self._by_identity[_identity(spec)]
 
     def clear(self) -> None:
         with self._lock:
