@@ -73,24 +73,16 @@ def _checking_bindings(compiled, bindings: list[WeightBinding], registry: LayerR
     """Wrap the compiled graph so each call sees the tensors it was given, never stale ones."""
     if not bindings:
         return compiled
-    boxed = getattr(compiled, "_boxed_call", False)
 
     def refresh(args) -> None:
         for binding in bindings:
             spec = registry.get(binding.layer)
             current = spec.tensors()
             given = [None if i is None else args[i] for i in binding.input_indices]
-            if any(g is not c for g, c in zip(given, current)):
+            if any(g is not c for g, c in zip(given, current, strict=True)):
                 registry.rebind(binding.layer, spec.with_tensors(*given))
 
-    if boxed:
-        def run_boxed(args):
-            refresh(args)
-            return compiled(args)
-
-        run_boxed._boxed_call = True
-        return run_boxed
-
+    # Dynamo calls the backend's result with the graph inputs unpacked, inductor's too.
     def run(*args):
         refresh(args)
         return compiled(*args)

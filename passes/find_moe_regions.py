@@ -254,7 +254,9 @@ def _region_for_scope(gm, scope, tensors, module_tensors, order) -> MoeRegion | 
     if any(a in module_tensors for a in external):
         return RefusedRegion(scope, "the experts read module tensors owned by another module")
     if len(scalars) + len(tensor_inputs) != len(external):
-        return RefusedRegion(scope, "the experts read inputs of unknown type (graph broken inside the experts?)", graph_broken=True)
+        return RefusedRegion(
+            scope, "the experts read inputs of unknown type (graph broken inside the experts?)", graph_broken=True
+        )
     for n in nodes:
         mutated = _mutated_argument(n)
         if mutated is not None and mutated not in region_set:

@@ -20,10 +20,10 @@ import operator
 
 import torch
 import torch.nn.functional as F
+from dali_compile.ops.expert_math import moe_reference
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
-from dali_compile.ops.expert_math import moe_reference
 from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
 
 from .find_moe_regions import MoeRegion, example_value
@@ -126,7 +126,8 @@ def candidate_layouts(region: MoeRegion, hidden_size: int):
                     b0, b1 = region.biases
                     biases = [(b.value, c.value) for b, c in ((b0, b1), (b1, b0))
                               if b.value.shape[1] == x and c.value.shape[1] == hidden_size]
-                for (up_bias, down_bias), interleaved in itertools.product(biases, (False, True) if gated else (False,)):
+                interleavings = (False, True) if gated else (False,)
+                for (up_bias, down_bias), interleaved in itertools.product(biases, interleavings):
                     for act in activations:
                         if act.name == "clamped_swiglu" and not gated:
                             continue

@@ -53,7 +53,7 @@ class HandWrittenLM(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids)
-        for norm, moe in zip(self.norms, self.moes):
+        for norm, moe in zip(self.norms, self.moes, strict=True):
             x = x + moe(norm(x))
         return self.head(x)
 

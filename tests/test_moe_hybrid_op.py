@@ -465,7 +465,7 @@ BAD_SPECS = {
     "dtypes_differ": (lambda: _spec_args(GATED, down=torch.randn(4, H, I, dtype=torch.float64)),
                       r"must share one floating dtype"),
     "bias_layout_without_biases": (lambda: _spec_args(GATED) | dict(layout=BIASED),
-                                   r"has_bias=True but biases given do not match"),
+                                   r"has_bias=True needs both biases"),
     "up_bias_wrong_shape": (lambda: _spec_args(BIASED, up_bias=torch.randn(4, I)),
                             r"up bias must be \[4, 24\] on cpu, got \(4, 12\)"),
     "down_bias_wrong_shape": (lambda: _spec_args(BIASED, down_bias=torch.randn(4, I)),
@@ -481,7 +481,7 @@ def test_layer_spec_rejects_bad_shapes(make_kwargs, match):
 
 def test_layer_spec_rejects_a_lone_bias_on_a_layout_without_bias():
     """has_bias=False with one stray bias would be silently ignored by the math; it must be refused."""
-    with pytest.raises(ValueError, match=r"has_bias=False but biases given do not match"):
+    with pytest.raises(ValueError, match=r"has_bias=False needs no bias"):
         LayerSpec(**_spec_args(GATED, up_bias=torch.randn(4, 2 * I)))
 
 

@@ -157,4 +157,6 @@ class LayerSpec:
             if bias is None:
                 continue
             if tuple(bias.shape) != (E, width) or bias.device != up.device:
-                raise ValueError(f"{where}: {label} bias must be [{E}, {width}] on {up.device}, got {tuple(bias.shape)}")
+                raise ValueError(
+                    f"{where}: {label} bias must be [{E}, {width}] on {up.device}, got {tuple(bias.shape)}"
+                )

@@ -1,0 +1,59 @@
+"""The second entry path: "dali" registered in transformers' ExpertsInterface, eager and compiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import FP32_RTOL, compile_dali, count_moe_calls, num_moe_layers, relative_max_error
+
+import dali_compile
+from dali_compile.tiny_models import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dali_experts_implementation_equals_grouped_mm(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        model.set_experts_implementation("dali")
+        got = model(ids).logits
+        calls = count_moe_calls(model, ids)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(ids).logits
+    assert calls == num_moe_layers(model)
+    assert relative_max_error(got, want) <= FP32_RTOL
+    assert relative_max_error(compiled, want) <= FP32_RTOL
+
+
+def test_dali_backend_over_dali_experts_does_not_rewrite_twice():
+    """The graph already calls dali::moe_hybrid; the pass finds nothing left to do and results hold."""
+    model = tiny_model("qwen3_moe")
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        want = model(ids).logits
+        model.set_experts_implementation("dali")
+        compiled = compile_dali(model)
+        got = compiled(ids).logits
+        calls = count_moe_calls(compiled, ids)
+    report = dali_compile.last_report()
+    assert report.num_rewritten == 0 and not report.refused, str(report)
+    assert calls == num_moe_layers(model)
+    assert relative_max_error(got, want) <= FP32_RTOL
+
+
+def test_unsupported_experts_fall_back_with_a_warning():
+    """A post-expert norm has no dali layout: keep transformers' grouped_mm math and say so."""
+    import dali_compile.experts_interface as interface
+
+    model = tiny_model("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    experts.has_post_expert_norm = True
+    experts.post_expert_norm = torch.nn.LayerNorm(model.config.hidden_size)
+    ids = torch.randint(0, 96, (1, 5))
+    interface._warned_fallback.discard(type(experts).__name__)
+    with torch.no_grad():
+        want = model(ids).logits
+        model.set_experts_implementation("dali")
+        with pytest.warns(UserWarning, match="post-expert norm"):
+            got = model(ids).logits
+    assert relative_max_error(got, want) <= FP32_RTOL
