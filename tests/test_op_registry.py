@@ -9,18 +9,21 @@ must add a sample builder below or `test_opcheck` fails for it.
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from pathlib import Path
 
 import pytest
 import torch
+from op_samples import SAMPLE_BUILDERS
 
 import dali_compile  # defines the dali::* ops
-from dali_compile import Activation, ExpertLayout, LayerSpec, layer_registry
+from dali_compile import LayerSpec, layer_registry
 
 all_op_names = dali_compile.ops.all_op_names
 
-Register = Callable[[LayerSpec], int]
-SampleBuilder = Callable[[Register], list[tuple]]
+# Every tests/op_samples*.py module registers its builders on import.
+for _path in sorted(Path(__file__).parent.glob("op_samples*.py")):
+    importlib.import_module(_path.stem)
 
 
 @pytest.fixture
@@ -35,38 +38,6 @@ def register_layer():
     yield register
     for handle in handles:
         layer_registry().release(handle)
-
-
-def _moe_hybrid_samples(register: Register) -> list[tuple]:
-    """fp32 and bf16 x T in {1, 5} x int64/int32 ids, on a Mixtral-like and a GPT-OSS-like layout."""
-    E, H, I, K = 4, 16, 12, 2  # noqa: E741
-    gen = torch.Generator().manual_seed(0)
-    layouts = {
-        torch.float32: ExpertLayout(Activation("silu")),
-        torch.bfloat16: ExpertLayout(  # GPT-OSS
-            Activation("clamped_swiglu", alpha=1.702, limit=0.5),
-            interleaved=True, transposed=True, has_bias=True,
-        ),
-    }
-    samples = []
-    for dtype, layout in layouts.items():
-        def draw(*shape, dtype=dtype):
-            return (torch.randn(*shape, generator=gen) * 0.3).to(dtype)
-
-        up, down = ((E, H, 2 * I), (E, I, H)) if layout.transposed else ((E, 2 * I, H), (E, H, I))
-        biases = (draw(E, 2 * I), draw(E, H)) if layout.has_bias else (None, None)
-        handle = register(LayerSpec(layout, draw(*up), draw(*down), *biases, name=f"opcheck-{dtype}"))
-        for T in (1, 5):
-            for ids_dtype in (torch.int64, torch.int32):
-                ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(ids_dtype)
-                weights = torch.softmax(torch.randn(T, K, generator=gen), dim=-1).to(dtype)
-                samples.append((draw(T, H), ids, weights, handle))
-    return samples
-
-
-SAMPLE_BUILDERS: dict[str, SampleBuilder] = {
-    "dali::moe_hybrid": _moe_hybrid_samples,
-}
 
 
 def _op(qualified_name: str) -> torch._ops.OpOverload:
