@@ -6,18 +6,20 @@
 
 Here the layout is read from the experts module's own attributes (set by
 transformers' `use_experts_implementation`), so no probing is needed. A module
-whose math has no `ExpertLayout` (a post-expert norm, an unknown custom gate)
-keeps transformers' grouped_mm forward, with one warning.
+whose math has no `ExpertLayout` (a post-expert norm, a gate no candidate
+activation reproduces) keeps transformers' grouped_mm forward, with one warning.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
 
+from dali_compile.ops.expert_math import gate_and_activate
 from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
 from dali_compile.runtime.registry import layer_registry
 
@@ -25,45 +27,61 @@ logger = logging.getLogger("dali_compile")
 
 IMPLEMENTATION_NAME = "dali"
 
-# transformers' activation classes (ACT2FN values) by class name -> our activation name.
-# NewGELU and FastGELU write out the tanh approximation by hand: the same function up to rounding.
-_ACTIVATION_BY_CLASS = {
-    "SiLUActivation": "silu", "SiLU": "silu",
-    "GELUActivation": "gelu", "GELU": "gelu",
-    "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
-    "ReLU": "relu", "ReLUSquaredActivation": "relu2", "QuickGELUActivation": "quick_gelu",
-}
-
-
 class UnsupportedExpertsError(NotImplementedError):
     pass
 
 
 def layout_of_module(experts: nn.Module) -> ExpertLayout:
-    """The ExpertLayout of a transformers fused-experts module, from its attributes."""
+    """The ExpertLayout of a transformers fused-experts module.
+
+    Storage flags come from the attributes `use_experts_implementation` sets. The
+    nonlinearity is not guessed from class names: the module's own `_apply_gate`
+    (or `act_fn` without a gate) runs on a probe and the first candidate activation
+    that reproduces it is taken; clamp limits and factors are drawn from the
+    module's float attributes (GPT-OSS's alpha/limit, DeepSeek-V4's limit).
+    """
+    cached = _LAYOUTS.get(experts)
+    if cached is not None:
+        return cached
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedExpertsError("a post-expert norm has no dali layout yet")
-    gated = bool(getattr(experts, "has_gate", True))
-    apply_gate = getattr(type(experts), "_apply_gate", None)
-    custom_gate = apply_gate is not None and apply_gate.__name__ != "_default_apply_gate"
-    if custom_gate:
-        alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
-        if alpha is None or limit is None:
-            raise UnsupportedExpertsError(f"custom gate {type(experts).__name__}._apply_gate is not known")
-        activation = Activation("clamped_swiglu", alpha=float(alpha), limit=float(limit))
-    else:
-        act_class = type(getattr(experts, "act_fn", None)).__name__
-        name = _ACTIVATION_BY_CLASS.get(act_class)
-        if name is None:
-            raise UnsupportedExpertsError(f"activation {act_class} is not known")
-        activation = Activation(name)
-    return ExpertLayout(
-        activation,
-        gated=gated,
-        interleaved=gated and not getattr(experts, "is_concatenated", True),
+    flags = dict(
+        gated=bool(getattr(experts, "has_gate", True)),
         transposed=bool(getattr(experts, "is_transposed", False)),
         has_bias=bool(getattr(experts, "has_bias", False)),
     )
+    flags["interleaved"] = flags["gated"] and not getattr(experts, "is_concatenated", True)
+    constants = sorted({float(v) for v in vars(experts).values() if isinstance(v, float)})
+    width = experts.down_proj.shape[1 if flags["transposed"] else 2] * (2 if flags["gated"] else 1)
+    probe = _gate_probe(width, constants)
+    with torch.no_grad():
+        expected = experts._apply_gate(probe) if flags["gated"] else experts.act_fn(probe)
+        for activation in _candidate_activations(constants, flags["gated"]):
+            layout = ExpertLayout(activation, **flags)
+            if torch.allclose(gate_and_activate(layout, probe), expected.float(), rtol=1e-4, atol=1e-5):
+                _LAYOUTS[experts] = layout
+                return layout
+    raise UnsupportedExpertsError(f"no known activation reproduces {type(experts).__name__}'s gate")
+
+
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _gate_probe(width: int, constants: list[float]) -> torch.Tensor:
+    """Moderate and large values, so clamps at any of the module's constants are exercised."""
+    generator = torch.Generator().manual_seed(0)
+    big = max([abs(c) for c in constants] + [1.0]) * 3
+    return torch.cat([torch.randn(16, width, generator=generator) * 2,
+                      torch.randn(16, width, generator=generator) * big])
+
+
+def _candidate_activations(constants: list[float], gated: bool) -> list[Activation]:
+    candidates = [Activation(name) for name in ("silu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu")]
+    if gated:
+        limits = [c for c in constants if c > 0]
+        candidates += [Activation("clamped_swiglu", alpha=a, limit=lim) for lim in limits for a in constants]
+        candidates += [Activation("clamped_silu", limit=lim) for lim in limits]
+    return candidates
 
 
 def spec_of_module(experts: nn.Module, name: str = "") -> LayerSpec:
@@ -76,34 +94,37 @@ def spec_of_module(experts: nn.Module, name: str = "") -> LayerSpec:
     return LayerSpec(layout, up, experts.down_proj, up_bias, down_bias, name=name or type(experts).__name__)
 
 
+_UNSUPPORTED = -1
+_warned_fallback: set[str] = set()
+
+
 @torch._dynamo.assume_constant_result
 def _layer_handle(experts: nn.Module) -> int:
-    """Registry handle of this module's experts. Under dynamo it becomes a graph constant."""
-    return layer_registry().register(spec_of_module(experts))
+    """Registry handle of this module's experts, or -1 when dali cannot run them.
 
-
-_warned_fallback: set[str] = set()
+    Under dynamo this runs once at trace time and becomes a graph constant, so the
+    layout probe and the registry never enter the graph.
+    """
+    try:
+        return layer_registry().register(spec_of_module(experts))
+    except UnsupportedExpertsError as error:
+        key = type(experts).__name__
+        if key not in _warned_fallback:
+            _warned_fallback.add(key)
+            message = f"dali: {key} keeps transformers' grouped_mm experts ({error})"
+            warnings.warn(message, stacklevel=2)
+            logger.warning(message)
+        return _UNSUPPORTED
 
 
 def dali_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights):
     """Drop-in experts forward: (hidden [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]."""
-    try:
-        layout_of_module(self)
-    except UnsupportedExpertsError as error:
-        return _fallback(self, error, hidden_states, top_k_index, top_k_weights)
-    return torch.ops.dali.moe_hybrid(hidden_states, top_k_index, top_k_weights, _layer_handle(self))
+    handle = _layer_handle(self)
+    if handle == _UNSUPPORTED:
+        from transformers.integrations.moe import grouped_mm_experts_forward
 
-
-def _fallback(experts, error, hidden_states, top_k_index, top_k_weights):
-    from transformers.integrations.moe import grouped_mm_experts_forward
-
-    key = type(experts).__name__
-    if key not in _warned_fallback:
-        _warned_fallback.add(key)
-        message = f"dali: {key} keeps transformers' grouped_mm experts ({error})"
-        warnings.warn(message, stacklevel=3)
-        logger.warning(message)
-    return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return torch.ops.dali.moe_hybrid(hidden_states, top_k_index, top_k_weights, handle)
 
 
 def register_experts_interface() -> bool:

@@ -39,7 +39,22 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8, swiglu_limit=0.05,
         sliding_window=16, layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # beyond the minimum six: DeepSeek-V4's clamped SiLU gate (silu(clamp(gate)) * clamp(up)), limit low to bite.
+    "deepseek_v4": ("DeepseekV4Config", dict(
+        intermediate_size=48, moe_intermediate_size=24, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+        swiglu_limit=0.3)),
 }
+
+# The families every test must cover; the others join where the installed transformers has them.
+MINIMUM_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+
+
+def available_families() -> list[str]:
+    """The minimum families plus every other family whose config class this transformers has."""
+    import transformers
+
+    return [f for f, (config, _) in FAMILIES.items() if f in MINIMUM_FAMILIES or hasattr(transformers, config)]
+
 
 # transformers' default init (std 0.02) gives near-constant outputs at toy size; a larger std makes
 # logits and greedy tokens depend on every layer, so equality tests are sensitive.

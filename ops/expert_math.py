@@ -38,10 +38,13 @@ def gate_and_activate(layout: ExpertLayout, h: torch.Tensor) -> torch.Tensor:
     else:
         gate, up = h.chunk(2, dim=-1)
     act = layout.activation
-    if act.name == "clamped_swiglu":
+    if act.limit is not None:
         gate = gate.clamp(max=act.limit)
         up = up.clamp(min=-act.limit, max=act.limit)
+    if act.name == "clamped_swiglu":
         return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
+    if act.name == "clamped_silu":
+        return F.silu(gate) * up
     return apply_activation(act, gate) * up
 
 

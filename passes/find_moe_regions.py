@@ -155,7 +155,7 @@ def _shape(node: Node):
 
 
 def _classify_inputs(tensor_inputs: list[Node]):
-    """-> (hidden, topk_ids, topk_weights) or a reason string."""
+    """-> (topk_ids, [T, K] float candidates, [T, *] float candidates, all floats), or a reason string."""
     ints = [n for n in tensor_inputs if not example_value(n).is_floating_point()]
     floats = [n for n in tensor_inputs if example_value(n).is_floating_point()]
     if len(ints) != 1:
@@ -302,6 +302,13 @@ def _region_for_scope(gm, scope, tensors, module_tensors, order) -> MoeRegion | 
     if stray:
         return RefusedRegion(scope, f"the experts read extra activations {[a.name for a in stray]}")
 
+    hidden_value, expert_value = example_value(hidden), next(w.value for w in tensors if w.value.dim() == 3)
+    if hidden_value.dtype != expert_value.dtype or hidden_value.device != expert_value.device:
+        return RefusedRegion(
+            scope,
+            f"hidden is {hidden_value.dtype} on {hidden_value.device} but the expert weights are "
+            f"{expert_value.dtype} on {expert_value.device} (autocast or a partly moved model?)",
+        )
     first_use = {w.node: min((order[u] for u in w.node.users if u in region_set), default=1 << 60) for w in tensors}
     used = sorted((w for w in tensors if first_use[w.node] < 1 << 60), key=lambda w: first_use[w.node])
     E = next(w.value.shape[0] for w in used if w.value.dim() == 3)

@@ -24,7 +24,7 @@ from dali_compile.ops.expert_math import moe_reference
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
-from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
+from dali_compile.runtime.layer_spec import CLAMPED_ACTIVATIONS, Activation, ExpertLayout, LayerSpec
 
 from .find_moe_regions import MoeRegion, example_value
 
@@ -85,8 +85,10 @@ def _activation_hints(region: MoeRegion) -> list[Activation]:
         limits = sorted({v for n in clamps for v in _clamp_bounds(n)}, key=abs, reverse=True)
         factors = {v for n in region.nodes if n.target in (operator.mul, torch.mul, "mul")
                    for v in map(_scalar, n.args) if v is not None}
-        for limit, alpha in itertools.product([abs(v) for v in limits if v != 0], sorted(factors)):
+        positive_limits = [abs(v) for v in limits if v != 0]
+        for limit, alpha in itertools.product(positive_limits, sorted(factors)):
             hints.append(Activation("clamped_swiglu", alpha=alpha, limit=limit))
+        hints.extend(Activation("clamped_silu", limit=limit) for limit in positive_limits)
     for node in region.nodes:
         if node.target in (F.gelu, torch._C._nn.gelu):
             tanh = node.kwargs.get("approximate", "none") == "tanh"
@@ -129,7 +131,7 @@ def candidate_layouts(region: MoeRegion, hidden_size: int):
                 interleavings = (False, True) if gated else (False,)
                 for (up_bias, down_bias), interleaved in itertools.product(biases, interleavings):
                     for act in activations:
-                        if act.name == "clamped_swiglu" and not gated:
+                        if act.name in CLAMPED_ACTIVATIONS and not gated:
                             continue
                         layout = ExpertLayout(act, gated, interleaved, transposed, has_bias=up_bias is not None)
                         out.append((layout, up.value, down.value, up_bias, down_bias))

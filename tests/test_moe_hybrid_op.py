@@ -74,11 +74,14 @@ def naive_expert(spec: LayerSpec, e: int, x: torch.Tensor) -> torch.Tensor:
     else:
         n = h.shape[0] // 2
         gate, lin = (h[0::2], h[1::2]) if layout.interleaved else (h[:n], h[n:])
-        if act.name == "clamped_swiglu":
+        if act.limit is not None:  # clamped_swiglu (GPT-OSS) and clamped_silu (DeepSeek-V4)
             gate = torch.minimum(gate, torch.full_like(gate, act.limit))
             lin = torch.maximum(torch.minimum(lin, torch.full_like(lin, act.limit)),
                                 torch.full_like(lin, -act.limit))
+        if act.name == "clamped_swiglu":
             a = (lin + 1) * gate / (1 + torch.exp(-act.alpha * gate))
+        elif act.name == "clamped_silu":
+            a = naive_activation("silu", gate) * lin
         else:
             a = naive_activation(act.name, gate) * lin
     y = down @ a  # [H]
@@ -191,6 +194,8 @@ VARIANTS = {
     # GPT-OSS exactly: interleaved, transposed, biased, clamped SwiGLU with a limit small enough to bite
     "gpt_oss": ExpertLayout(GPT_OSS_SWIGLU, interleaved=True, transposed=True, has_bias=True),
     "clamped_swiglu-concatenated": ExpertLayout(GPT_OSS_SWIGLU),
+    # DeepSeek-V4: silu(gate) * up after the same clamps, no alpha, no +1
+    "clamped_silu": ExpertLayout(Activation("clamped_silu", limit=SMALL_LIMIT)),
 }
 
 
@@ -488,14 +493,16 @@ def test_layer_spec_rejects_a_lone_bias_on_a_layout_without_bias():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: Activation("clamped_swiglu"), r"alpha and limit are required for clamped_swiglu"),
-        (lambda: Activation("clamped_swiglu", alpha=1.702), r"alpha and limit are required"),
-        (lambda: Activation("silu", alpha=1.0), r"'silu': alpha and limit are required .* and only for it"),
+        (lambda: Activation("clamped_swiglu"), r"alpha is required for clamped_swiglu"),
+        (lambda: Activation("clamped_swiglu", alpha=1.702), r"limit for clamped_swiglu and clamped_silu"),
+        (lambda: Activation("silu", alpha=1.0), r"'silu': alpha is required for clamped_swiglu and only for it"),
+        (lambda: Activation("clamped_silu", alpha=1.0, limit=1.0), r"'clamped_silu': alpha is required"),
         (lambda: Activation("swish"), r"unknown activation 'swish'"),
         (lambda: ExpertLayout(SILU, gated=False, interleaved=True), r"interleaved .* needs a gate"),
         (lambda: ExpertLayout(GPT_OSS_SWIGLU, gated=False), r"clamped_swiglu is a gated activation"),
     ],
-    ids=["swiglu_no_params", "swiglu_no_limit", "silu_with_alpha", "unknown_name", "interleaved_nogate",
+    ids=["swiglu_no_params", "swiglu_no_limit", "silu_with_alpha", "clamped_silu_with_alpha", "unknown_name",
+         "interleaved_nogate",
          "swiglu_nogate"],
 )
 def test_activation_and_layout_reject_bad_parameters(make, match):

@@ -134,6 +134,26 @@ def test_replaced_expert_weights_are_used_not_stale_ones():
     assert relative_max_error(got, want) <= FP32_RTOL
 
 
+def test_hidden_dtype_differing_from_expert_weights_is_refused_not_broken():
+    """Under autocast-like mixing (fp32 activations, bf16 experts) the region is left as it was, with a reason,
+    instead of being rewritten into an op call that would fail at run time."""
+    torch.manual_seed(0)
+    from handwritten_models import HandWrittenMoE
+
+    module = HandWrittenMoE(E=4, K=2, H=8, I=6).eval()
+    module.experts.to(torch.bfloat16)
+    original = module.experts.forward
+    module.experts.forward = lambda x, ids: original(x.to(torch.bfloat16), ids).float()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = module(x)
+        got = compile_dali(module)(x)
+    report = dali_compile.last_report()
+    assert report.num_rewritten == 0
+    assert any("bfloat16" in r.reason for r in report.refused), str(report)
+    assert relative_max_error(got, want) <= FP32_RTOL
+
+
 def test_options_are_validated_by_name():
     model = torch.nn.Linear(4, 4)
     with pytest.raises(Exception, match="unknown option 'inductr'"):

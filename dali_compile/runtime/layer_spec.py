@@ -21,16 +21,19 @@ from dataclasses import dataclass
 import torch
 
 # Activations the in-tree MoE families use, by transformers' ACT2FN names where one exists.
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu", "clamped_swiglu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "relu2", "quick_gelu", "clamped_swiglu", "clamped_silu")
+# Gated activations that clamp gate (above) and up (both sides) at `limit` before combining them.
+CLAMPED_ACTIVATIONS = ("clamped_swiglu", "clamped_silu")
 
 
 @dataclass(frozen=True)
 class Activation:
     """The expert nonlinearity.
 
-    `clamped_swiglu` is GPT-OSS's gate: gate clamped above at `limit`, up clamped
-    to [-limit, limit], out = (up + 1) * gate * sigmoid(alpha * gate). It needs both
-    `alpha` and `limit`; every other activation takes neither.
+    Two gated forms clamp first (gate above at `limit`, up to [-limit, limit]):
+    `clamped_swiglu` (GPT-OSS): out = (up + 1) * gate * sigmoid(alpha * gate), needs alpha and limit;
+    `clamped_silu` (DeepSeek-V4): out = silu(gate) * up, needs limit only.
+    Every other activation takes neither alpha nor limit.
     """
 
     name: str
@@ -40,16 +43,18 @@ class Activation:
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.name!r}; known: {', '.join(ACTIVATIONS)}")
-        needs_params = self.name == "clamped_swiglu"
-        has_params = self.alpha is not None and self.limit is not None
-        if needs_params != has_params or (not needs_params and (self.alpha, self.limit) != (None, None)):
+        needs = (self.name == "clamped_swiglu", self.name in CLAMPED_ACTIVATIONS)
+        if (self.alpha is not None, self.limit is not None) != needs:
             raise ValueError(
-                f"activation {self.name!r}: alpha and limit are required for clamped_swiglu and only for it"
+                f"activation {self.name!r}: alpha is required for clamped_swiglu and only for it; "
+                f"limit for {' and '.join(CLAMPED_ACTIVATIONS)} and only for them"
             )
 
     def describe(self) -> str:
         if self.name == "clamped_swiglu":
             return f"clamped_swiglu(alpha={self.alpha:g}, limit={self.limit:g})"
+        if self.name == "clamped_silu":
+            return f"clamped_silu(limit={self.limit:g})"
         return self.name
 
 
@@ -66,8 +71,8 @@ class ExpertLayout:
     def __post_init__(self):
         if self.interleaved and not self.gated:
             raise ValueError("an interleaved gate/up layout needs a gate")
-        if self.activation.name == "clamped_swiglu" and not self.gated:
-            raise ValueError("clamped_swiglu is a gated activation")
+        if self.activation.name in CLAMPED_ACTIVATIONS and not self.gated:
+            raise ValueError(f"{self.activation.name} is a gated activation")
 
     def describe(self) -> str:
         parts = ["gated" if self.gated else "no-gate"]
