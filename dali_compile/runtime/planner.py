@@ -1,0 +1,170 @@
+"""Per-step CPU/GPU assignment of one MoE layer's active experts (DALI, arXiv 2602.03495 §4).
+
+# E experts, n active experts this step, w workload = tokens routed to an expert
+
+The problem, per layer and step: choose for each active expert i a device, to
+minimise the makespan max(T_cpu, T_gpu) with
+
+    T_cpu = sum over CPU experts of t_cpu(w_i)
+    T_gpu = sum over GPU experts of max(trans_i, t_gpu(w_i))     trans_i = 0 if i is cached
+
+(copies of one expert overlap the compute of another, so a GPU expert costs the
+longer of the two), subject to the GPU memory constraint the paper leaves out:
+at most `max_uncached_on_gpu` experts not already cached may be placed on the
+GPU in one step (they need staging slots).
+
+`greedy_plan` is the paper's algorithm; `exact_plan` solves the same 0-1 problem
+exactly (for tests and for measuring plan quality). Both are pure functions of
+numpy arrays: no tensors, no devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per expert as a function of its workload, from warm-up profiling.
+
+    t_cpu and t_gpu interpolate linearly between profiled workloads (increasing,
+    >= 1) and extrapolate linearly past the last one; `transfer_seconds` is the time
+    to copy one expert's weights to the GPU.
+    """
+
+    workloads: tuple[int, ...]
+    cpu_seconds: tuple[float, ...]
+    gpu_seconds: tuple[float, ...]
+    transfer_seconds: float
+
+    def __post_init__(self):
+        w = np.asarray(self.workloads, dtype=np.float64)
+        if w.ndim != 1 or len(w) < 2 or w[0] < 1 or np.any(np.diff(w) <= 0):
+            raise ValueError(f"profiled workloads must be >= 2 increasing values >= 1, got {self.workloads}")
+        for name in ("cpu_seconds", "gpu_seconds"):
+            values = np.asarray(getattr(self, name), dtype=np.float64)
+            if values.shape != w.shape or np.any(values < 0) or not np.all(np.isfinite(values)):
+                raise ValueError(f"{name} must be {len(w)} finite non-negative times, got {getattr(self, name)}")
+        if not (self.transfer_seconds >= 0 and np.isfinite(self.transfer_seconds)):
+            raise ValueError(f"transfer_seconds must be finite and >= 0, got {self.transfer_seconds}")
+
+    def _interpolate(self, table, workloads) -> np.ndarray:
+        x = np.asarray(self.workloads, dtype=np.float64)
+        y = np.asarray(table, dtype=np.float64)
+        w = np.asarray(workloads, dtype=np.float64)
+        inside = np.interp(w, x, y)
+        slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+        return np.where(w > x[-1], y[-1] + slope * (w - x[-1]), inside)
+
+    def t_cpu(self, workloads) -> np.ndarray:
+        return self._interpolate(self.cpu_seconds, workloads)
+
+    def t_gpu(self, workloads) -> np.ndarray:
+        return self._interpolate(self.gpu_seconds, workloads)
+
+
+@dataclass(frozen=True)
+class Plan:
+    experts: np.ndarray  # int [n]: the active experts, in the order given
+    on_gpu: np.ndarray  # bool [n]
+    cpu_seconds: float  # T_cpu predicted by the cost model
+    gpu_seconds: float  # T_gpu predicted by the cost model
+
+    @property
+    def makespan(self) -> float:
+        return max(self.cpu_seconds, self.gpu_seconds)
+
+    @property
+    def gpu_experts(self) -> np.ndarray:
+        return self.experts[self.on_gpu]
+
+    @property
+    def cpu_experts(self) -> np.ndarray:
+        return self.experts[~self.on_gpu]
+
+
+@dataclass(frozen=True)
+class _Costs:
+    """Per active expert: seconds on the CPU, on the GPU (copy included), and whether it needs a copy."""
+
+    cpu: np.ndarray
+    gpu: np.ndarray
+    needs_copy: np.ndarray
+
+
+def _costs(workloads, cached, cost: CostModel) -> _Costs:
+    workloads = np.asarray(workloads)
+    cached = np.asarray(cached, dtype=bool)
+    if workloads.shape != cached.shape or workloads.ndim != 1:
+        raise ValueError(f"workloads {workloads.shape} and cached {cached.shape} must be equal 1-D shapes")
+    if np.any(workloads < 1):
+        raise ValueError("an active expert has at least one token")
+    transfer = np.where(cached, 0.0, cost.transfer_seconds)
+    return _Costs(cost.t_cpu(workloads), np.maximum(transfer, cost.t_gpu(workloads)), ~cached)
+
+
+def _plan(experts, on_gpu, costs: _Costs) -> Plan:
+    on_gpu = np.asarray(on_gpu, dtype=bool)
+    return Plan(np.asarray(experts), on_gpu, float(costs.cpu[~on_gpu].sum()), float(costs.gpu[on_gpu].sum()))
+
+
+def plan_times(workloads, cached, on_gpu, cost: CostModel) -> tuple[float, float]:
+    """(T_cpu, T_gpu) of a given assignment under the cost model."""
+    plan = _plan(np.arange(len(on_gpu)), on_gpu, _costs(workloads, cached, cost))
+    return plan.cpu_seconds, plan.gpu_seconds
+
+
+def greedy_plan(experts, workloads, cached, cost: CostModel, max_uncached_on_gpu: int) -> Plan:
+    """DALI's greedy assignment, with the GPU memory constraint added.
+
+    Experts are visited by |t_gpu - t_cpu| descending (the most device-sensitive
+    first); each goes to the GPU if that keeps T_gpu + g_i <= T_cpu + c_i, else to
+    the CPU. An uncached expert goes to the GPU only while staging slots remain.
+    """
+    if max_uncached_on_gpu < 0:
+        raise ValueError(f"max_uncached_on_gpu must be >= 0, got {max_uncached_on_gpu}")
+    costs = _costs(workloads, cached, cost)
+    order = np.argsort(-np.abs(costs.gpu - costs.cpu), kind="stable")
+    on_gpu = np.zeros(len(order), dtype=bool)
+    cpu_total = gpu_total = 0.0
+    copies_left = max_uncached_on_gpu
+    for i in order.tolist():
+        fits = not costs.needs_copy[i] or copies_left > 0
+        if fits and gpu_total + costs.gpu[i] <= cpu_total + costs.cpu[i]:
+            on_gpu[i] = True
+            gpu_total += costs.gpu[i]
+            copies_left -= int(costs.needs_copy[i])
+        else:
+            cpu_total += costs.cpu[i]
+    return _plan(experts, on_gpu, costs)
+
+
+def exact_plan(experts, workloads, cached, cost: CostModel, max_uncached_on_gpu: int) -> Plan:
+    """The optimal assignment of the same problem, as a small mixed-integer program (scipy's HiGHS).
+
+    min z  s.t.  z >= sum (1 - x_i) c_i,  z >= sum x_i g_i,  sum x_i [i uncached] <= slots,  x binary.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    costs = _costs(workloads, cached, cost)
+    n = len(costs.cpu)
+    if n == 0:
+        return _plan(experts, np.zeros(0, dtype=bool), costs)
+    objective = np.zeros(n + 1)
+    objective[-1] = 1.0  # variables: x_0..x_{n-1}, z
+    cpu_row = np.append(costs.cpu, 1.0)  # z + sum x_i c_i >= sum c_i
+    gpu_row = np.append(-costs.gpu, 1.0)  # z - sum x_i g_i >= 0
+    memory_row = np.append(costs.needs_copy.astype(float), 0.0)
+    constraints = [
+        LinearConstraint(cpu_row, lb=costs.cpu.sum()),
+        LinearConstraint(gpu_row, lb=0.0),
+        LinearConstraint(memory_row, ub=max_uncached_on_gpu),
+    ]
+    integrality = np.append(np.ones(n), 0)
+    bounds = Bounds(np.zeros(n + 1), np.append(np.ones(n), np.inf))
+    result = milp(objective, constraints=constraints, integrality=integrality, bounds=bounds)
+    if not result.success:
+        raise RuntimeError(f"exact planner failed: {result.message}")
+    return _plan(experts, np.round(result.x[:n]).astype(bool), costs)
