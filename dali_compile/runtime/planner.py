@@ -164,7 +164,9 @@ def exact_plan(experts, workloads, cached, cost: CostModel, max_uncached_on_gpu:
     ]
     integrality = np.append(np.ones(n), 0)
     bounds = Bounds(np.zeros(n + 1), np.append(np.ones(n), np.inf))
-    result = milp(objective, constraints=constraints, integrality=integrality, bounds=bounds)
+    # mip_rel_gap=0: HiGHS otherwise stops within 1e-4 of the optimum, and "exact" must be exact.
+    result = milp(objective, constraints=constraints, integrality=integrality, bounds=bounds,
+                  options={"mip_rel_gap": 0.0})
     if not result.success:
         raise RuntimeError(f"exact planner failed: {result.message}")
     return _plan(experts, np.round(result.x[:n]).astype(bool), costs)
