@@ -1,5 +1,6 @@
 """`dali::*` custom ops: one op a file (schema, fake kernel, reference)."""
 
+from . import gpu_experts as _gpu_experts  # noqa: F401  (defines dali::gpu_experts)
 from . import moe_hybrid as _moe_hybrid  # noqa: F401  (defines dali::moe_hybrid)
 from .expert_math import expert_forward, moe_reference
 from .library import all_op_names

@@ -6,8 +6,8 @@
 
 `layer` is a handle into the process's `LayerRegistry` (weights, layout,
 activation); the op never receives Python objects. The schema is declared here
-and only here; device kernels register against it. Until the C++ CPU runtime and
-the Triton kernels exist, every device runs the fp32 reference.
+and only here; device kernels register against it: CUDA runs the Triton kernels
+(`dali::gpu_experts`), every other device the fp32 reference.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dali_compile.runtime.layer_spec import LayerSpec
 from dali_compile.runtime.registry import layer_registry
 
 from .expert_math import moe_reference
+from .gpu_experts import gpu_experts
 from .library import define_op
 
 NAME = "dali::moe_hybrid"
@@ -88,6 +89,20 @@ def moe_hybrid_reference_kernel(hidden, topk_ids, topk_weights, layer):
 
 
 torch.library.impl(NAME, "CompositeExplicitAutograd")(moe_hybrid_reference_kernel)
+
+
+def moe_hybrid_cuda_kernel(hidden, topk_ids, topk_weights, layer):
+    """All experts resident on the GPU: the Triton kernels over an identity slot table of the layer's weights."""
+    check_routing_shapes(hidden, topk_ids, topk_weights)
+    spec = layer_registry().get(layer)
+    check_against_layer(spec, layer, hidden, topk_ids)
+    identity = torch.arange(spec.num_experts, dtype=torch.int32, device=hidden.device)
+    contributions = gpu_experts(hidden, topk_ids, topk_weights, spec.up_weight, spec.down_weight,
+                                spec.up_bias, spec.down_bias, identity, spec.layout)  # [T, K, H] fp32
+    return contributions.sum(dim=1).to(hidden.dtype)  # k in order, as moe_reference
+
+
+torch.library.register_kernel(NAME, "cuda")(moe_hybrid_cuda_kernel)
 
 
 def moe_hybrid(

@@ -572,3 +572,23 @@ def test_rebind_to_another_shape_or_layout_raises(layers, good, replacement):
 
 def test_package_exports_the_op():
     assert "dali::moe_hybrid" in dali_compile.ops.all_op_names()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ["concatenated-silu", "gpt_oss", "nogate-relu2", "clamped_silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_moe_hybrid_on_cuda_runs_the_triton_kernels_and_equals_the_reference(layers, variant, dtype):
+    """dali::moe_hybrid on CUDA tensors (all experts resident) against the CPU reference."""
+    gen = torch.Generator().manual_seed(0)
+    routing = ROUTINGS["odd_T7"]
+    spec = make_spec(VARIANTS[variant], routing.E, dtype, gen)
+    cuda_spec = spec.with_tensors(*[None if t is None else t.cuda() for t in spec.tensors()])
+    ids = routing.ids(gen)
+    hidden = torch.randn(routing.T, H, generator=gen).to(dtype)
+    weights = torch.softmax(torch.randn(routing.T, routing.K, generator=gen), -1)
+    want = torch.ops.dali.moe_hybrid(hidden, ids, weights, layers(spec))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = torch.ops.dali.moe_hybrid(hidden.cuda(), ids.cuda(), weights.cuda(), layers(cuda_spec))
+    assert any(e.name == "dali::gpu_experts" for e in prof.events())
+    torch.testing.assert_close(got.cpu().float(), want.float(), **TOLERANCES[dtype])
