@@ -20,10 +20,10 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from dali_compile.ops.expert_math import moe_reference
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
+from dali_compile.ops.expert_math import moe_reference
 from dali_compile.runtime.layer_spec import CLAMPED_ACTIVATIONS, Activation, ExpertLayout, LayerSpec
 
 from .find_moe_regions import MoeRegion, example_value
