@@ -1,5 +1,6 @@
 """`dali::*` custom ops: one op a file (schema, fake kernel, reference)."""
 
+from . import cpu_experts as _cpu_experts  # noqa: F401  (defines dali::cpu_experts[_submit|_wait])
 from . import gpu_experts as _gpu_experts  # noqa: F401  (defines dali::gpu_experts)
 from . import moe_hybrid as _moe_hybrid  # noqa: F401  (defines dali::moe_hybrid)
 from .expert_math import expert_forward, moe_reference

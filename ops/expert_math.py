@@ -8,7 +8,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
+from dali_compile.runtime.layer_spec import CLAMPED_ACTIVATIONS, Activation, ExpertLayout, LayerSpec
+
+
+def layout_from_flags(gated: bool, interleaved: bool, transposed: bool, has_bias: bool, activation: str,
+                      alpha: float, limit: float) -> ExpertLayout:
+    """An op's flag arguments as an ExpertLayout. The ops always pass alpha and limit; alpha means
+    something for clamped_swiglu only, limit for the clamped activations only, elsewhere they are ignored."""
+    act = Activation(activation, alpha if activation == "clamped_swiglu" else None,
+                     limit if activation in CLAMPED_ACTIVATIONS else None)
+    return ExpertLayout(act, gated=gated, interleaved=interleaved, transposed=transposed, has_bias=has_bias)
 
 
 def apply_activation(act: Activation, x: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,9 @@ import logging
 
 import torch
 
-from dali_compile.runtime.layer_spec import CLAMPED_ACTIVATIONS, Activation, ExpertLayout, LayerSpec
+from dali_compile.runtime.layer_spec import ExpertLayout, LayerSpec
 
-from .expert_math import expert_forward
+from .expert_math import expert_forward, layout_from_flags
 from .library import define_op
 
 NAME = "dali::gpu_experts"
@@ -49,9 +49,7 @@ def pool_layout(gated: bool, interleaved: bool, transposed: bool, has_bias: bool
     """The op's flags as an ExpertLayout; alpha means something for clamped_swiglu only, limit for the
     clamped activations only (elsewhere the op ignores them)."""
     try:
-        act = Activation(activation, alpha if activation == "clamped_swiglu" else None,
-                         limit if activation in CLAMPED_ACTIVATIONS else None)
-        return ExpertLayout(act, gated=gated, interleaved=interleaved, transposed=transposed, has_bias=has_bias)
+        return layout_from_flags(gated, interleaved, transposed, has_bias, activation, alpha, limit)
     except ValueError as err:
         raise ValueError(f"{NAME}: {err}") from None
 

@@ -6,8 +6,9 @@
 
 `layer` is a handle into the process's `LayerRegistry` (weights, layout,
 activation); the op never receives Python objects. The schema is declared here
-and only here; device kernels register against it: CUDA runs the Triton kernels
-(`dali::gpu_experts`), every other device the fp32 reference.
+and only here; device kernels register against it: CPU runs the C++ runtime
+(`dali::cpu_experts`), CUDA the Triton kernels (`dali::gpu_experts`), any other
+device the fp32 reference.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from dali_compile.runtime.layer_spec import LayerSpec
 from dali_compile.runtime.registry import layer_registry
 
+from .cpu_experts import cpu_experts
 from .expert_math import moe_reference
 from .gpu_experts import gpu_experts
 from .library import define_op
@@ -103,6 +105,18 @@ def moe_hybrid_cuda_kernel(hidden, topk_ids, topk_weights, layer):
 
 
 torch.library.register_kernel(NAME, "cuda")(moe_hybrid_cuda_kernel)
+
+
+def moe_hybrid_cpu_kernel(hidden, topk_ids, topk_weights, layer):
+    """Every expert on the CPU: the C++ runtime (`dali::cpu_experts`; its reference when not built)."""
+    check_routing_shapes(hidden, topk_ids, topk_weights)
+    spec = layer_registry().get(layer)
+    check_against_layer(spec, layer, hidden, topk_ids)
+    contributions = cpu_experts(spec, hidden, topk_ids, topk_weights)  # [T, K, H] fp32
+    return contributions.sum(dim=1).to(hidden.dtype)  # k in order, as moe_reference
+
+
+torch.library.register_kernel(NAME, "cpu")(moe_hybrid_cpu_kernel)
 
 
 def moe_hybrid(

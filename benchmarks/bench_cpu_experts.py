@@ -1,0 +1,264 @@
+"""Benchmark: the C++ CPU expert runtime (`dali::cpu_experts`) against torch on the same CPU.
+
+# T tokens, K top-k, H hidden, I intermediate, n tokens per expert
+
+    python benchmarks/bench_cpu_experts.py                 # full grid, CSV to bench_cpu_experts.csv
+    python benchmarks/bench_cpu_experts.py --quick         # decode and n=16, Qwen3 and OLMoE
+    python benchmarks/bench_cpu_experts.py --models olmoe --dtypes bf16 --tokens 1 4
+    python benchmarks/bench_cpu_experts.py --crossover     # fp32: streaming kernels vs ATen GEMM by n
+
+Grid: the K routed experts of one token of Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V2-Lite and OLMoE
+(only the active experts are allocated), T = n tokens all routed to those K experts, so every expert
+gets n tokens; bf16 and fp32. The weights cycle through enough copies ("layers") to total at least
+--min-bytes, so no call finds the previous call's weights in the last-level cache: a real model
+streams every layer's experts from DRAM too.
+
+Per point, the median of timed runs after warm-up (adaptive count: at least --repeats runs or
+--budget seconds):
+- torch: transformers' eager experts loop in the weight dtype (per expert F.linear gate/up, act * up,
+  F.linear down, weighted index_add), the baseline a CPU user has today; not the fp32-upcast
+  reference, which is artificially slow;
+- ours: `dali::cpu_experts` (all experts selected) plus the caller's sum over k and cast, so both
+  sides end at [T, H] in the weight dtype.
+The physical limit is measured in the same run: streaming read bandwidth on the runtime's threads
+(`cpu_extension.read_bandwidth_gbps`, 1 GiB buffer; torch's own `sum` is printed next to it), again
+before each model and dtype, since a shared machine's load drifts. Columns: ms, GB/s of expert
+weights read (each read once per call), GFLOP/s, speedup = torch ms / ours ms, the fraction of the
+bandwidth measured last, and that bandwidth. Prints a table, writes a CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dali_compile.ops import cpu_experts  # noqa: F401  (defines the dali::cpu_experts* ops)
+from dali_compile.runtime import cpu_extension
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    hidden: int  # H
+    intermediate: int  # I (one expert's)
+    top_k: int  # K: active experts of one token
+
+
+MODELS = (
+    ModelShape("mixtral-8x7b", 4096, 14336, 2),
+    ModelShape("qwen3-30b-a3b", 2048, 768, 8),
+    ModelShape("deepseek-v2-lite", 2048, 1408, 6),
+    ModelShape("olmoe", 2048, 1024, 8),
+)
+TOKENS_PER_EXPERT = (1, 4, 16, 64, 256)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Result:
+    model: str
+    dtype: str
+    tokens_per_expert: int
+    torch_ms: float
+    ours_ms: float
+    speedup: float  # torch_ms / ours_ms
+    weight_gb_s: float
+    gflop_s: float
+    bandwidth_fraction: float
+    read_bandwidth_gb_s: float  # measured just before this model and dtype's points
+    max_rel_diff: float
+    isa: str
+    threads: int
+
+
+def timed_ms(fn, warmup: int, repeats: int, budget_s: float) -> float:
+    """Median milliseconds of fn() over at least `repeats` runs (or as many as fit `budget_s`), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < repeats or (time.perf_counter() < deadline and len(times) < 10 * repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if len(times) >= 2 and time.perf_counter() > deadline:
+            break
+    return statistics.median(times) * 1e3
+
+
+def torch_experts(hidden, ids, weights, up, down) -> torch.Tensor:
+    """transformers' eager experts loop, in the weight dtype."""
+    out = torch.zeros_like(hidden)
+    for k in range(up.shape[0]):  # expert k is slot k of every token here
+        rows = (ids == k).nonzero()
+        tokens, slots = rows[:, 0], rows[:, 1]
+        gate, up_half = F.linear(hidden[tokens], up[k]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up_half, down[k])
+        out.index_add_(0, tokens, y * weights[tokens, slots, None].to(y.dtype))
+    return out
+
+
+def make_layers(model: ModelShape, dtype, min_bytes: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    H, I, K = model.hidden, model.intermediate, model.top_k
+    layer_bytes = K * 3 * H * I * torch.finfo(dtype).bits // 8
+    copies = max(1, math.ceil(min_bytes / layer_bytes))
+    gen = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(copies):
+        up = (torch.randn(K, 2 * I, H, generator=gen) * H**-0.5).to(dtype)
+        down = (torch.randn(K, H, I, generator=gen) * I**-0.5).to(dtype)
+        layers.append((up, down))
+    return layers
+
+
+def cycling(fn, layers):
+    """fn(up, down) over the layers in turn, one layer per call."""
+    state = {"i": 0}
+
+    def call():
+        up, down = layers[state["i"] % len(layers)]
+        state["i"] += 1
+        return fn(up, down)
+
+    return call
+
+
+def bench_point(model: ModelShape, dtype_name: str, n: int, layers, bandwidth: float, args) -> Result:
+    dtype = DTYPES[dtype_name]
+    H, I, K = model.hidden, model.intermediate, model.top_k
+    gen = torch.Generator().manual_seed(n)
+    hidden = torch.randn(n, H, generator=gen).to(dtype)
+    ids = torch.arange(K).expand(n, K).contiguous()
+    weights = torch.softmax(torch.randn(n, K, generator=gen), dim=-1)
+
+    def ours(up, down):
+        contributions = torch.ops.dali.cpu_experts(
+            hidden, ids, weights, up, down, None, None, None, True, False, False, "silu", 0.0, 0.0
+        )
+        return contributions.sum(dim=1).to(dtype)
+
+    def theirs(up, down):
+        return torch_experts(hidden, ids, weights, up, down)
+
+    up0, down0 = layers[0]
+    want = theirs(up0, down0).float()
+    diff = float((ours(up0, down0).float() - want).abs().max() / want.abs().max())
+    warmup = 1 if n >= 64 else 2
+    torch_ms = timed_ms(cycling(theirs, layers), warmup, args.repeats, args.budget)
+    ours_ms = timed_ms(cycling(ours, layers), warmup, args.repeats, args.budget)
+    weight_bytes = K * 3 * H * I * torch.finfo(dtype).bits // 8
+    gb_s = weight_bytes / (ours_ms * 1e-3) / 1e9
+    gflop_s = 2 * n * K * 3 * H * I / (ours_ms * 1e-3) / 1e9
+    return Result(
+        model.name, dtype_name, n, torch_ms, ours_ms, torch_ms / ours_ms, gb_s, gflop_s, gb_s / bandwidth, bandwidth,
+        diff, cpu_extension.cpu_isa(), cpu_extension.get_num_threads(),
+    )
+
+
+def crossover(args) -> None:
+    """fp32 only: the streaming kernels against ATen's GEMM, to place the dense-GEMM threshold."""
+    default = cpu_extension.get_dense_gemm_min_tokens()
+    print(f"fp32 crossover (current threshold: {default} tokens per expert)")
+    print(f"{'model':<18} {'n':>4} {'kernels ms':>11} {'gemm ms':>9} {'torch ms':>9}")
+    try:
+        for model in [m for m in MODELS if m.name in args.models]:
+            layers = make_layers(model, torch.float32, args.min_bytes)
+            for n in args.tokens:
+                row = []
+                for threshold in (0, 1):  # 0: never the GEMM, 1: always
+                    cpu_extension.set_dense_gemm_min_tokens(threshold)
+                    row.append(bench_point(model, "fp32", n, layers, 1.0, args))
+                print(f"{model.name:<18} {n:>4} {row[0].ours_ms:>11.2f} {row[1].ours_ms:>9.2f} {row[0].torch_ms:>9.2f}",
+                      flush=True)
+            del layers
+    finally:
+        cpu_extension.set_dense_gemm_min_tokens(default)
+
+
+def print_header(bandwidth: float, torch_sum: float) -> None:
+    print(f"CPU: {cpu_extension.get_num_threads()} runtime threads, ISA path {cpu_extension.cpu_isa()}, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(f"streaming read bandwidth: {bandwidth:.1f} GB/s (runtime threads; torch sum: {torch_sum:.1f} GB/s)")
+    print("torch baseline: transformers' eager experts loop, F.linear in the weight dtype")
+    print(f"{'model':<18} {'dtype':<5} {'n':>4} {'torch ms':>10} {'ours ms':>9} {'speedup':>8} "
+          f"{'GB/s':>6} {'GFLOP/s':>8} {'of BW':>6} {'BW':>5} {'rel diff':>9}")
+
+
+def print_row(r: Result) -> None:
+    print(f"{r.model:<18} {r.dtype:<5} {r.tokens_per_expert:>4} {r.torch_ms:>10.2f} {r.ours_ms:>9.2f} "
+          f"{r.speedup:>7.2f}x {r.weight_gb_s:>6.1f} {r.gflop_s:>8.1f} {r.bandwidth_fraction:>6.0%} "
+          f"{r.read_bandwidth_gb_s:>5.1f} {r.max_rel_diff:>9.1e}", flush=True)
+
+
+def torch_sum_bandwidth(num_bytes: int) -> float:
+    buffer = torch.ones(num_bytes // 4)
+    buffer.sum()
+    best = min(timed_once(buffer.sum) for _ in range(5))
+    return num_bytes / best / 1e9
+
+
+def timed_once(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=[m.name for m in MODELS], default=[m.name for m in MODELS])
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS_PER_EXPERT),
+                        help="tokens per expert (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="Qwen3 and OLMoE, n in {1, 16}")
+    parser.add_argument("--crossover", action="store_true", help="fp32 streaming kernels vs ATen GEMM by n")
+    parser.add_argument("--repeats", type=int, default=3, help="minimum timed runs per point")
+    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per point and side")
+    parser.add_argument("--min-bytes", type=int, default=512 << 20,
+                        help="weights cycled through per point, >> last-level cache (default: 512 MiB)")
+    parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: physical cores)")
+    parser.add_argument("--isa", choices=["auto", *cpu_extension.ISA_NAMES], default="auto")
+    parser.add_argument("--csv", default="bench_cpu_experts.csv", help="output CSV (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models = ["qwen3-30b-a3b", "olmoe"]
+        args.tokens = [1, 16]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not cpu_extension.cpu_extension_available():
+        raise SystemExit("the C++ CPU runtime is not available (see the warning above)")
+    if args.threads:
+        cpu_extension.set_num_threads(args.threads)
+    cpu_extension.set_isa(args.isa)
+    if args.crossover:
+        crossover(args)
+        return
+    print_header(cpu_extension.read_bandwidth_gbps(1 << 30, 5), torch_sum_bandwidth(1 << 30))
+    results = []
+    for model in [m for m in MODELS if m.name in args.models]:
+        for dtype_name in args.dtypes:
+            layers = make_layers(model, DTYPES[dtype_name], args.min_bytes)
+            bandwidth = cpu_extension.read_bandwidth_gbps(1 << 30, 5)
+            for n in args.tokens:
+                results.append(bench_point(model, dtype_name, n, layers, bandwidth, args))
+                print_row(results[-1])
+            del layers
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+        writer.writeheader()
+        for r in results:
+            writer.writerow(asdict(r))
+    print(f"wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+// ATen binding of the CPU expert runtime: tensor checks and unpacking, then the torch-free core.
+// The schemas are declared once, in Python (ops/cpu_experts.py); this file only registers the CPU
+// kernels of dali::cpu_experts, dali::cpu_experts_submit and dali::cpu_experts_wait.
+//
+// # T tokens, K top-k, E experts, H hidden, I intermediate, X = 2I (gated) or I
+// Narrow ATen headers (not ATen/ATen.h): this file dominates the extension's build time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "../core/experts.h"
+#include "../core/runtime.h"
+
+namespace dali_cpu {
+namespace {
+
+// Everything one call needs, with the tensors it reads kept alive for as long as a job may run.
+struct PreparedCall {
+  ExpertWeights layer;
+  Routing routing;
+  at::Tensor hidden, ids, weights, mask, up, down, up_bias, down_bias;
+  at::Tensor out;  // [T, K, H] fp32
+};
+
+// ATen's fp32 GEMM (MKL/oneDNN, its own threads) for experts with many tokens; see DenseGemm.
+void aten_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, bool b_kn, float* c, int64_t ldc, int64_t m,
+               int64_t n, int64_t k) {
+  const auto fp32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor lhs = at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, fp32);
+  const at::Tensor rhs = b_kn ? at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, fp32)
+                              : at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, fp32).t();
+  at::Tensor result = at::from_blob(c, {m, n}, {ldc, 1}, fp32);
+  at::mm_out(result, lhs, rhs);
+}
+
+void run(const PreparedCall& call) {
+  run_experts(call.layer, call.routing, call.out.data_ptr<float>(), global_pool(), active_kernels(),
+              DenseGemm{&aten_gemm, dense_gemm_min_tokens()});
+}
+
+DType weight_dtype(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kF32;
+    case at::kBFloat16:
+      return DType::kBF16;
+    case at::kHalf:
+      return DType::kF16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": expert weights must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+std::string layout_name(bool gated, bool interleaved, bool transposed) {
+  std::string name = gated ? (interleaved ? "gated, interleaved" : "gated, concatenated") : "no-gate";
+  return transposed ? name + ", transposed" : name;
+}
+
+// Weights are read in place, never copied: only the innermost dimension must be contiguous.
+// Loads are unaligned, so any element-aligned address (every tensor's) is fine.
+void check_in_place_readable(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
+                    " must have unit stride in its last dimension (strides ", t.strides(),
+                    "); the kernel reads weights in place without copying them. For a [E, H, X] "
+                    "layout pass transposed=True, otherwise call .contiguous() once when loading");
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name, const char* op,
+                 const std::string& layout) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " has shape ", t.sizes(), " but ", expected,
+                    " was expected for layout (", layout, ")");
+}
+
+std::shared_ptr<PreparedCall> prepare(const char* op, const at::Tensor& hidden, const at::Tensor& topk_ids,
+                                      const at::Tensor& topk_weights, const at::Tensor& up, const at::Tensor& down,
+                                      const std::optional<at::Tensor>& up_bias,
+                                      const std::optional<at::Tensor>& down_bias,
+                                      const std::optional<at::Tensor>& expert_mask, bool gated, bool interleaved,
+                                      bool transposed, c10::string_view activation, double alpha, double limit) {
+  auto call = std::make_shared<PreparedCall>();
+  ExpertWeights& L = call->layer;
+  Routing& R = call->routing;
+
+  // Routing tensors.
+  TORCH_CHECK_VALUE(hidden.dim() == 2, op, ": hidden must be [T, H], got shape ", hidden.sizes());
+  TORCH_CHECK_VALUE(topk_ids.dim() == 2 && topk_ids.size(0) == hidden.size(0), op,
+                    ": topk_ids must be [T, K] with T = ", hidden.size(0), " tokens, got shape ", topk_ids.sizes());
+  TORCH_CHECK_VALUE(topk_weights.sizes() == topk_ids.sizes(), op, ": topk_weights must have the shape of topk_ids ",
+                    topk_ids.sizes(), ", got ", topk_weights.sizes());
+  TORCH_CHECK_TYPE(topk_ids.scalar_type() == at::kLong || topk_ids.scalar_type() == at::kInt, op,
+                   ": topk_ids must be int64 or int32, got ", topk_ids.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(topk_weights.scalar_type()), op, ": topk_weights must be floating point, got ",
+                   topk_weights.scalar_type());
+
+  // Weights: dtype, then shapes derived from down (which holds both H and I).
+  TORCH_CHECK_VALUE(up.dim() == 3 && down.dim() == 3, op, ": expert weights must be 3-D, got up ", up.sizes(),
+                    " and down ", down.sizes());
+  L.dtype = weight_dtype(up, op);
+  TORCH_CHECK_TYPE(down.scalar_type() == up.scalar_type(), op, ": up is ", up.scalar_type(), " but down is ",
+                   down.scalar_type(), "; both expert weights must share one dtype");
+  TORCH_CHECK_TYPE(hidden.scalar_type() == up.scalar_type(), op, ": hidden is ", hidden.scalar_type(),
+                   " but the expert weights are ", up.scalar_type(), "; they must have the same dtype");
+  TORCH_CHECK_VALUE(!interleaved || gated, op, ": an interleaved gate/up layout needs gated=True");
+  const std::string act_name(activation.data(), activation.size());
+  TORCH_CHECK_VALUE(parse_activation(act_name.c_str(), &L.activation), op, ": unknown activation '", act_name,
+                    "'; known: silu, gelu, gelu_tanh, relu, relu2, quick_gelu, clamped_swiglu, clamped_silu");
+  TORCH_CHECK_VALUE((L.activation != Activation::kClampedSwiglu && L.activation != Activation::kClampedSilu) || gated,
+                    op, ": clamped_swiglu and clamped_silu are gated activations (gated=True)");
+
+  const std::string layout = layout_name(gated, interleaved, transposed);
+  const int64_t E = up.size(0);
+  const int64_t H = transposed ? down.size(2) : down.size(1);
+  const int64_t I = transposed ? down.size(1) : down.size(2);
+  const int64_t X = gated ? 2 * I : I;
+  TORCH_CHECK_VALUE(hidden.size(1) == H, op, ": hidden size ", hidden.size(1), " does not match the experts' ", H,
+                    " (down ", down.sizes(), ", layout ", layout, ")");
+  check_shape(down, transposed ? at::IntArrayRef{E, I, H} : at::IntArrayRef{E, H, I}, "down", op, layout);
+  check_shape(up, transposed ? at::IntArrayRef{E, H, X} : at::IntArrayRef{E, X, H}, "up", op, layout);
+  check_in_place_readable(up, "up", op);
+  check_in_place_readable(down, "down", op);
+  for (const auto& [bias, width, name] :
+       {std::tuple{&up_bias, X, "up_bias"}, std::tuple{&down_bias, H, "down_bias"}}) {
+    if (!bias->has_value()) continue;
+    const at::Tensor& b = **bias;
+    TORCH_CHECK_TYPE(b.scalar_type() == up.scalar_type(), op, ": ", name, " is ", b.scalar_type(),
+                     " but the expert weights are ", up.scalar_type());
+    check_shape(b, {E, width}, name, op, layout);
+    check_in_place_readable(b, name, op);
+  }
+  if (expert_mask.has_value()) {
+    TORCH_CHECK_TYPE(expert_mask->scalar_type() == at::kBool, op, ": expert_mask must be bool, got ",
+                     expert_mask->scalar_type());
+    TORCH_CHECK_VALUE(expert_mask->dim() == 1 && expert_mask->size(0) == E, op, ": expert_mask must be [E] = [", E,
+                      "], got ", expert_mask->sizes());
+  }
+  for (const at::Tensor* t : {&hidden, &topk_ids, &topk_weights, &up, &down}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": every tensor must be on the CPU, got one on ", t->device());
+  }
+  for (const std::optional<at::Tensor>* t : {&up_bias, &down_bias, &expert_mask}) {
+    TORCH_CHECK_VALUE(!t->has_value() || (*t)->device().is_cpu(), op, ": every tensor must be on the CPU, got one on ",
+                      (*t)->device());
+  }
+
+  // Small tensors are normalised (copies are cheap); the weights are not.
+  call->hidden = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
+  call->ids = topk_ids.to(at::kLong).contiguous();
+  call->weights = topk_weights.to(at::kFloat).contiguous();
+  if (expert_mask.has_value()) call->mask = expert_mask->contiguous();
+  call->up = up;
+  call->down = down;
+  if (up_bias.has_value()) call->up_bias = *up_bias;
+  if (down_bias.has_value()) call->down_bias = *down_bias;
+
+  const int64_t* ids = call->ids.data_ptr<int64_t>();
+  for (int64_t s = 0, n = call->ids.numel(); s < n; ++s) {
+    TORCH_CHECK_INDEX(ids[s] >= 0 && ids[s] < E, op, ": expert id ", ids[s], " (topk_ids.flatten()[", s,
+                      "]) is out of range for ", E, " experts");
+  }
+
+  L.num_experts = E;
+  L.hidden = H;
+  L.intermediate = I;
+  L.gated = gated;
+  L.interleaved = interleaved;
+  L.transposed = transposed;
+  L.alpha = static_cast<float>(alpha);
+  L.limit = static_cast<float>(limit);
+  L.up = up.data_ptr();
+  L.up_expert_stride = up.stride(0);
+  L.up_row_stride = up.stride(1);
+  L.down = down.data_ptr();
+  L.down_expert_stride = down.stride(0);
+  L.down_row_stride = down.stride(1);
+  L.up_bias = call->up_bias.defined() ? call->up_bias.data_ptr() : nullptr;
+  L.up_bias_stride = call->up_bias.defined() ? call->up_bias.stride(0) : 0;
+  L.down_bias = call->down_bias.defined() ? call->down_bias.data_ptr() : nullptr;
+  L.down_bias_stride = call->down_bias.defined() ? call->down_bias.stride(0) : 0;
+
+  R.tokens = hidden.size(0);
+  R.top_k = topk_ids.size(1);
+  R.hidden_dtype = L.dtype;
+  R.hidden = call->hidden.data_ptr();
+  R.hidden_stride = call->hidden.stride(0);
+  R.ids = ids;
+  R.weights = call->weights.data_ptr<float>();
+  R.expert_mask = call->mask.defined() ? call->mask.data_ptr<bool>() : nullptr;
+
+  call->out = at::empty({R.tokens, R.top_k, H}, hidden.options().dtype(at::kFloat));
+  return call;
+}
+
+at::Tensor cpu_experts(const at::Tensor& hidden, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                       const at::Tensor& up, const at::Tensor& down, const std::optional<at::Tensor>& up_bias,
+                       const std::optional<at::Tensor>& down_bias, const std::optional<at::Tensor>& expert_mask,
+                       bool gated, bool interleaved, bool transposed, c10::string_view activation, double alpha,
+                       double limit) {
+  auto call = prepare("dali::cpu_experts", hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask,
+                      gated, interleaved, transposed, activation, alpha, limit);
+  run(*call);
+  return call->out;
+}
+
+// Handle 0 is the empty job: no slot was selected for the CPU, so there is nothing to run and the
+// result is all zeros. It is the only handle that may be waited on more than once.
+constexpr int64_t kEmptyJob = 0;
+
+at::Tensor cpu_experts_submit(const at::Tensor& hidden, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                              const at::Tensor& up, const at::Tensor& down, const std::optional<at::Tensor>& up_bias,
+                              const std::optional<at::Tensor>& down_bias,
+                              const std::optional<at::Tensor>& expert_mask, bool gated, bool interleaved,
+                              bool transposed, c10::string_view activation, double alpha, double limit) {
+  auto call = prepare("dali::cpu_experts_submit", hidden, topk_ids, topk_weights, up, down, up_bias, down_bias,
+                      expert_mask, gated, interleaved, transposed, activation, alpha, limit);
+  int64_t handle = kEmptyJob;
+  if (any_selected(call->routing)) {
+    // The closure owns `call` (and so every input tensor) until the job has run; the payload
+    // hands the output to the waiter.
+    auto out = std::make_shared<at::Tensor>(call->out);
+    handle = global_jobs().submit([call] { run(*call); }, out);
+  }
+  return at::full({1}, handle, at::TensorOptions().dtype(at::kLong));
+}
+
+at::Tensor cpu_experts_wait(const at::Tensor& handle, const at::Tensor& hidden, const at::Tensor& topk_ids) {
+  constexpr const char* op = "dali::cpu_experts_wait";
+  TORCH_CHECK_VALUE(handle.scalar_type() == at::kLong && handle.numel() == 1 && handle.device().is_cpu(), op,
+                    ": handle must be the int64 [1] CPU tensor returned by dali::cpu_experts_submit, got ",
+                    handle.scalar_type(), " ", handle.sizes(), " on ", handle.device());
+  TORCH_CHECK_VALUE(hidden.dim() == 2 && topk_ids.dim() == 2 && topk_ids.size(0) == hidden.size(0), op,
+                    ": hidden must be [T, H] and topk_ids [T, K], got ", hidden.sizes(), " and ", topk_ids.sizes());
+  const std::vector<int64_t> expected{hidden.size(0), topk_ids.size(1), hidden.size(1)};
+  const int64_t h = handle.item<int64_t>();
+  if (h == kEmptyJob) return at::zeros(expected, hidden.options().dtype(at::kFloat));
+  std::shared_ptr<void> payload;
+  try {
+    payload = global_jobs().wait(h);
+  } catch (const BadHandle& e) {
+    TORCH_CHECK_VALUE(false, op, ": ", e.what());
+  }
+  at::Tensor out = *std::static_pointer_cast<at::Tensor>(payload);
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(expected), op, ": handle ", h, " computed a result of shape ",
+                    out.sizes(), " but hidden and topk_ids describe ", at::IntArrayRef(expected),
+                    "; pass the hidden and topk_ids given to the submit");
+  return out;
+}
+
+}  // namespace
+}  // namespace dali_cpu
+
+TORCH_LIBRARY_IMPL(dali, CPU, m) {
+  m.impl("cpu_experts", &dali_cpu::cpu_experts);
+  m.impl("cpu_experts_submit", &dali_cpu::cpu_experts_submit);
+  m.impl("cpu_experts_wait", &dali_cpu::cpu_experts_wait);
+}

@@ -1,0 +1,371 @@
+// Orchestration of run_experts: group slots by expert, then three parallel phases on the pool.
+//
+// # T tokens, K top-k, E experts, H hidden, I intermediate, S selected slots, n slots of one expert
+//
+//   0. gather: xs[S, H] = fp32(hidden[token of slot]) grouped by expert; zero unselected slots
+//   1. up + activation: act[S, I] = act(x . up_e^T + b)      tasks = (expert, block of I)
+//   2. down + weighted write: out[slot] = w * (act . down_e^T + b)   tasks = (expert, block of H)
+//   3. fp32 experts with many tokens: the same math as two dense GEMMs (DenseGemm), one expert at a time
+//
+// Splitting every phase over experts *and* output rows keeps all threads busy when a decode step
+// has only a few active experts with one token each.
+#include "experts.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace dali_cpu {
+
+namespace {
+
+// Tokens of one expert processed together inside a task: bounds the per-thread scratch while
+// letting each weight block be reused from cache by up to this many tokens.
+constexpr int64_t kTokenChunk = 32;
+// Tasks per thread and phase: enough to balance experts of different sizes.
+constexpr int64_t kTasksPerThread = 4;
+
+struct ExpertGroup {
+  int64_t expert;
+  int64_t first;  // into the grouped slot list
+  int64_t count;
+};
+
+struct SlotPlan {
+  std::vector<int64_t> slots;  // selected slots (t * K + k), grouped by expert
+  std::vector<ExpertGroup> groups;  // active experts, largest first
+  std::vector<int64_t> unselected;
+};
+
+bool selected(const Routing& routing, int64_t expert) {
+  return routing.expert_mask == nullptr || routing.expert_mask[expert];
+}
+
+SlotPlan plan_slots(const ExpertWeights& layer, const Routing& routing) {
+  const int64_t E = layer.num_experts, TK = routing.tokens * routing.top_k;
+  std::vector<int64_t> counts(E, 0);
+  SlotPlan plan;
+  for (int64_t s = 0; s < TK; ++s) {
+    const int64_t e = routing.ids[s];
+    if (selected(routing, e)) {
+      ++counts[e];
+    } else {
+      plan.unselected.push_back(s);
+    }
+  }
+  std::vector<int64_t> offsets(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    offsets[e + 1] = offsets[e] + counts[e];
+    if (counts[e] > 0) plan.groups.push_back({e, offsets[e], counts[e]});
+  }
+  plan.slots.resize(offsets[E]);
+  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+  for (int64_t s = 0; s < TK; ++s) {
+    const int64_t e = routing.ids[s];
+    if (selected(routing, e)) plan.slots[fill[e]++] = s;
+  }
+  std::stable_sort(plan.groups.begin(), plan.groups.end(),
+                   [](const ExpertGroup& a, const ExpertGroup& b) { return a.count > b.count; });
+  return plan;
+}
+
+// Output units (rows or columns) per task: a multiple of `align`, at most `max_block`, small enough
+// that the phase has about kTasksPerThread tasks per thread.
+int64_t choose_block(int64_t units, int64_t num_groups, int num_threads, int64_t align, int64_t max_block) {
+  const int64_t target_tasks = std::max<int64_t>(1, kTasksPerThread * num_threads);
+  int64_t block = (units * num_groups + target_tasks - 1) / target_tasks;
+  block = (block + align - 1) / align * align;
+  block = std::max(align, std::min(block, max_block));
+  return std::min(block, std::max<int64_t>(1, units));
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+inline float activate(Activation act, float x) {
+  switch (act) {
+    case Activation::kSilu:
+      return x * sigmoid(x);
+    case Activation::kGelu:
+      return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+    case Activation::kGeluTanh:
+      return 0.5f * x * (1.0f + std::tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    case Activation::kRelu:
+      return x > 0.0f ? x : 0.0f;
+    case Activation::kRelu2: {
+      const float r = x > 0.0f ? x : 0.0f;
+      return r * r;
+    }
+    case Activation::kQuickGelu:
+      return x * sigmoid(1.702f * x);
+    default:
+      return x;  // the clamped activations are gated-only, handled in gate_activate
+  }
+}
+
+inline float gate_activate(const ExpertWeights& layer, float gate, float up) {
+  if (layer.activation == Activation::kClampedSwiglu || layer.activation == Activation::kClampedSilu) {
+    // gate clamped above, up clamped to [-limit, limit]; then
+    // GPT-OSS (clamped_swiglu): (up + 1) * gate * sigmoid(alpha * gate); DeepSeek-V4 (clamped_silu): silu(gate) * up.
+    gate = std::min(gate, layer.limit);
+    up = std::max(std::min(up, layer.limit), -layer.limit);
+    if (layer.activation == Activation::kClampedSilu) return gate * sigmoid(gate) * up;
+    return (up + 1.0f) * (gate * sigmoid(gate * layer.alpha));
+  }
+  return activate(layer.activation, gate) * up;
+}
+
+float element(DType dtype, const void* base, int64_t index) {
+  switch (dtype) {
+    case DType::kBF16:
+      return to_float(static_cast<const BF16*>(base)[index]);
+    case DType::kF16:
+      return to_float(static_cast<const F16*>(base)[index]);
+    default:
+      return static_cast<const float*>(base)[index];
+  }
+}
+
+inline const char* offset(const void* base, DType dtype, int64_t elements) {
+  return static_cast<const char*>(base) + elements * dtype_size(dtype);
+}
+
+std::vector<float>& scratch() {
+  thread_local std::vector<float> buffer;
+  return buffer;
+}
+
+class ExpertRun {
+ public:
+  ExpertRun(const ExpertWeights& layer, const Routing& routing, float* out, ThreadPool& pool,
+            const KernelTable& kernels, const DenseGemm& gemm)
+      : L_(layer), R_(routing), out_(out), pool_(pool), k_(kernels), gemm_(gemm), plan_(plan_slots(layer, routing)) {}
+
+  void run() {
+    const int64_t S = static_cast<int64_t>(plan_.slots.size());
+    xs_.resize(S * L_.hidden);
+    act_.resize(S * L_.intermediate);
+    gather();
+    if (S == 0) return;
+    std::vector<ExpertGroup> dense;
+    std::vector<ExpertGroup> streamed;
+    for (const ExpertGroup& g : plan_.groups) {
+      const bool use_gemm = gemm_.fn != nullptr && gemm_.min_tokens > 0 && L_.dtype == DType::kF32 &&
+                            g.count >= gemm_.min_tokens;
+      (use_gemm ? dense : streamed).push_back(g);
+    }
+    run_streamed(streamed);
+    for (const ExpertGroup& g : dense) run_dense(g);
+  }
+
+ private:
+  void run_streamed(const std::vector<ExpertGroup>& groups_list) {
+    if (groups_list.empty()) return;
+    const int threads = pool_.num_threads();
+    const int64_t groups = static_cast<int64_t>(groups_list.size());
+    // Row blocks (dot form) are multiples of the 4-row tile; column blocks (axpy form) are wide, so
+    // each weight row is read in runs of up to 1 KiB (bf16).
+    const int64_t align = L_.transposed ? 16 : 4;
+    const int64_t max_block = L_.transposed ? 512 : 64;
+    up_block_ = choose_block(L_.intermediate, groups, threads, align, max_block);
+    down_block_ = choose_block(L_.hidden, groups, threads, align, max_block);
+    const int64_t up_blocks = (L_.intermediate + up_block_ - 1) / up_block_;
+    const int64_t down_blocks = (L_.hidden + down_block_ - 1) / down_block_;
+    pool_.parallel_for(groups * up_blocks, [&](int64_t task) {
+      up_task(groups_list[task / up_blocks], (task % up_blocks) * up_block_);
+    });
+    pool_.parallel_for(groups * down_blocks, [&](int64_t task) {
+      down_task(groups_list[task / down_blocks], (task % down_blocks) * down_block_);
+    });
+  }
+
+  // One fp32 expert with many tokens: two dense GEMMs, the activation and the write in between.
+  void run_dense(const ExpertGroup& g) {
+    const int64_t H = L_.hidden, I = L_.intermediate, X = L_.gated ? 2 * I : I, n = g.count;
+    std::vector<float> h(n * X), y(n * H);
+    const float* up = static_cast<const float*>(L_.up) + g.expert * L_.up_expert_stride;
+    const float* down = static_cast<const float*>(L_.down) + g.expert * L_.down_expert_stride;
+    gemm_.fn(xs_.data() + g.first * H, H, up, L_.up_row_stride, L_.transposed, h.data(), X, n, X, H);
+    activate_block(g, 0, I, 0, n, h.data(), X);
+    gemm_.fn(act_.data() + g.first * I, I, down, L_.down_row_stride, L_.transposed, y.data(), H, n, H, I);
+    write_slots(g, 0, H, 0, n, y.data(), H);
+  }
+
+  void gather() {
+    const int64_t H = L_.hidden, K = R_.top_k;
+    const int64_t S = static_cast<int64_t>(plan_.slots.size());
+    const int64_t U = static_cast<int64_t>(plan_.unselected.size());
+    constexpr int64_t kRowsPerTask = 64;
+    const int64_t gather_tasks = (S + kRowsPerTask - 1) / kRowsPerTask;
+    const int64_t zero_tasks = (U + kRowsPerTask - 1) / kRowsPerTask;
+    auto body = [&](int64_t task) {
+      if (task < gather_tasks) {
+        const int64_t end = std::min(S, (task + 1) * kRowsPerTask);
+        for (int64_t i = task * kRowsPerTask; i < end; ++i) {
+          const int64_t token = plan_.slots[i] / K;
+          k_.convert(R_.hidden_dtype, offset(R_.hidden, R_.hidden_dtype, token * R_.hidden_stride), H,
+                     xs_.data() + i * H);
+        }
+      } else {
+        task -= gather_tasks;
+        const int64_t end = std::min(U, (task + 1) * kRowsPerTask);
+        for (int64_t i = task * kRowsPerTask; i < end; ++i) {
+          std::memset(out_ + plan_.unselected[i] * H, 0, sizeof(float) * H);
+        }
+      }
+    };
+    // Decode gathers a handful of rows: not worth waking the workers.
+    if ((S + U) * H <= (int64_t{1} << 16)) {
+      for (int64_t task = 0; task < gather_tasks + zero_tasks; ++task) body(task);
+    } else {
+      pool_.parallel_for(gather_tasks + zero_tasks, body);
+    }
+  }
+
+  // act[:, i0:i0+bi] of one expert.
+  void up_task(const ExpertGroup& g, int64_t i0) {
+    const int64_t H = L_.hidden, I = L_.intermediate;
+    const int64_t bi = std::min(up_block_, I - i0);
+    const int64_t width = L_.gated ? 2 * bi : bi;
+    const void* up = offset(L_.up, L_.dtype, g.expert * L_.up_expert_stride);
+    const int64_t ld = L_.up_row_stride;
+    const bool exact = R_.hidden_dtype == DType::kBF16;
+    std::vector<float>& h = scratch();
+    h.resize(kTokenChunk * width);
+    for (int64_t t0 = 0; t0 < g.count; t0 += kTokenChunk) {
+      const int64_t nt = std::min(kTokenChunk, g.count - t0);
+      const float* x = xs_.data() + (g.first + t0) * H;
+      // h[t, c]: columns [gate block | up block], or the interleaved pairs, or the plain block.
+      if (!L_.transposed) {
+        if (L_.gated && !L_.interleaved) {
+          k_.dot_rows(L_.dtype, offset(up, L_.dtype, i0 * ld), ld, bi, H, x, H, nt, exact, h.data(), width);
+          k_.dot_rows(L_.dtype, offset(up, L_.dtype, (I + i0) * ld), ld, bi, H, x, H, nt, exact, h.data() + bi,
+                      width);
+        } else {
+          const int64_t first_row = L_.gated ? 2 * i0 : i0;
+          k_.dot_rows(L_.dtype, offset(up, L_.dtype, first_row * ld), ld, width, H, x, H, nt, exact, h.data(),
+                      width);
+        }
+      } else {
+        if (L_.gated && !L_.interleaved) {
+          k_.axpy_rows(L_.dtype, offset(up, L_.dtype, i0), ld, H, bi, x, H, nt, h.data(), width);
+          k_.axpy_rows(L_.dtype, offset(up, L_.dtype, I + i0), ld, H, bi, x, H, nt, h.data() + bi, width);
+        } else {
+          const int64_t first_col = L_.gated ? 2 * i0 : i0;
+          k_.axpy_rows(L_.dtype, offset(up, L_.dtype, first_col), ld, H, width, x, H, nt, h.data(), width);
+        }
+      }
+      activate_block(g, i0, bi, t0, nt, h.data(), width);
+    }
+  }
+
+  void activate_block(const ExpertGroup& g, int64_t i0, int64_t bi, int64_t t0, int64_t nt, float* h,
+                      int64_t width) {
+    const int64_t I = L_.intermediate;
+    const void* bias = L_.up_bias ? offset(L_.up_bias, L_.dtype, g.expert * L_.up_bias_stride) : nullptr;
+    // Column c of h holds up-projection output x_index(c).
+    auto x_index = [&](int64_t c) {
+      if (!L_.gated) return i0 + c;
+      if (L_.interleaved) return 2 * i0 + c;
+      return c < bi ? i0 + c : I + i0 + (c - bi);
+    };
+    for (int64_t t = 0; t < nt; ++t) {
+      float* row = h + t * width;
+      if (bias) {
+        for (int64_t c = 0; c < width; ++c) row[c] += element(L_.dtype, bias, x_index(c));
+      }
+      float* a = act_.data() + (g.first + t0 + t) * I + i0;
+      if (!L_.gated) {
+        for (int64_t i = 0; i < bi; ++i) a[i] = activate(L_.activation, row[i]);
+      } else if (L_.interleaved) {
+        for (int64_t i = 0; i < bi; ++i) a[i] = gate_activate(L_, row[2 * i], row[2 * i + 1]);
+      } else {
+        for (int64_t i = 0; i < bi; ++i) a[i] = gate_activate(L_, row[i], row[bi + i]);
+      }
+    }
+  }
+
+  // out[slot, h0:h0+bh] for every slot of one expert.
+  void down_task(const ExpertGroup& g, int64_t h0) {
+    const int64_t H = L_.hidden, I = L_.intermediate;
+    const int64_t bh = std::min(down_block_, H - h0);
+    const void* down = offset(L_.down, L_.dtype, g.expert * L_.down_expert_stride);
+    const int64_t ld = L_.down_row_stride;
+    std::vector<float>& y = scratch();
+    y.resize(kTokenChunk * bh);
+    for (int64_t t0 = 0; t0 < g.count; t0 += kTokenChunk) {
+      const int64_t nt = std::min(kTokenChunk, g.count - t0);
+      const float* a = act_.data() + (g.first + t0) * I;
+      if (!L_.transposed) {
+        k_.dot_rows(L_.dtype, offset(down, L_.dtype, h0 * ld), ld, bh, I, a, I, nt, false, y.data(), bh);
+      } else {
+        k_.axpy_rows(L_.dtype, offset(down, L_.dtype, h0), ld, I, bh, a, I, nt, y.data(), bh);
+      }
+      write_slots(g, h0, bh, t0, nt, y.data(), bh);
+    }
+  }
+
+  // out[slot, h0:h0+bh] = weight * (y + down_bias) for tokens t0..t0+nt of the expert.
+  void write_slots(const ExpertGroup& g, int64_t h0, int64_t bh, int64_t t0, int64_t nt, const float* y,
+                   int64_t ldy) {
+    const int64_t H = L_.hidden;
+    const void* bias = L_.down_bias ? offset(L_.down_bias, L_.dtype, g.expert * L_.down_bias_stride) : nullptr;
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t slot = plan_.slots[g.first + t0 + t];
+      const float w = R_.weights[slot];
+      const float* src = y + t * ldy;
+      float* dst = out_ + slot * H + h0;
+      if (bias) {
+        for (int64_t j = 0; j < bh; ++j) dst[j] = w * (src[j] + element(L_.dtype, bias, h0 + j));
+      } else {
+        for (int64_t j = 0; j < bh; ++j) dst[j] = w * src[j];
+      }
+    }
+  }
+
+  const ExpertWeights& L_;
+  const Routing& R_;
+  float* out_;
+  ThreadPool& pool_;
+  const KernelTable& k_;
+  const DenseGemm& gemm_;
+  SlotPlan plan_;
+  std::vector<float> xs_;   // [S, H]
+  std::vector<float> act_;  // [S, I]
+  int64_t up_block_ = 0;
+  int64_t down_block_ = 0;
+};
+
+}  // namespace
+
+bool parse_activation(const char* name, Activation* out) {
+  static const struct {
+    const char* name;
+    Activation value;
+  } kNames[] = {{"silu", Activation::kSilu},           {"gelu", Activation::kGelu},
+                {"gelu_tanh", Activation::kGeluTanh},  {"relu", Activation::kRelu},
+                {"relu2", Activation::kRelu2},         {"quick_gelu", Activation::kQuickGelu},
+                {"clamped_swiglu", Activation::kClampedSwiglu}, {"clamped_silu", Activation::kClampedSilu}};
+  for (const auto& entry : kNames) {
+    if (std::strcmp(name, entry.name) == 0) {
+      *out = entry.value;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool any_selected(const Routing& routing) {
+  const int64_t TK = routing.tokens * routing.top_k;
+  for (int64_t s = 0; s < TK; ++s) {
+    if (selected(routing, routing.ids[s])) return true;
+  }
+  return false;
+}
+
+void run_experts(const ExpertWeights& layer, const Routing& routing, float* out, ThreadPool& pool,
+                 const KernelTable& kernels, const DenseGemm& gemm) {
+  ExpertRun(layer, routing, out, pool, kernels, gemm).run();
+}
+
+}  // namespace dali_cpu

@@ -1,0 +1,72 @@
+// The routed experts of one MoE layer on the CPU, as slot contributions.
+//
+// # T tokens, K top-k, E experts, H hidden, I intermediate, X = 2I (gated) or I
+//
+//   out[t, k, :] = weight[t, k] * expert_{ids[t, k]}(hidden[t])      if mask[ids[t, k]]
+//                = 0                                                 otherwise
+//
+// with fp32 accumulation. Weight layouts (strides in elements; the last dimension is contiguous):
+//   up   [E, X, H]  (transposed: [E, H, X]); gated rows are [gate; up] or interleaved g0, u0, g1, u1, ...
+//   down [E, H, I]  (transposed: [E, I, H])
+//   up_bias [E, X], down_bias [E, H] (optional, in the weight dtype)
+#pragma once
+
+#include <cstdint>
+
+#include "dtypes.h"
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace dali_cpu {
+
+enum class Activation : int { kSilu, kGelu, kGeluTanh, kRelu, kRelu2, kQuickGelu, kClampedSwiglu, kClampedSilu };
+
+// Parses transformers' names (see dali_compile.runtime.layer_spec.ACTIVATIONS); false if unknown.
+bool parse_activation(const char* name, Activation* out);
+
+struct ExpertWeights {
+  DType dtype;
+  int64_t num_experts, hidden, intermediate;  // E, H, I
+  bool gated, interleaved, transposed;
+  Activation activation;
+  float alpha, limit;  // alpha: clamped_swiglu only; limit: clamped_swiglu and clamped_silu
+  const void* up;
+  int64_t up_expert_stride, up_row_stride;
+  const void* down;
+  int64_t down_expert_stride, down_row_stride;
+  const void* up_bias;  // nullable
+  int64_t up_bias_stride;
+  const void* down_bias;  // nullable
+  int64_t down_bias_stride;
+};
+
+struct Routing {
+  int64_t tokens, top_k;  // T, K
+  DType hidden_dtype;
+  const void* hidden;  // [T, H], rows `hidden_stride` elements apart, contiguous within a row
+  int64_t hidden_stride;
+  const int64_t* ids;        // [T, K] contiguous, every id in [0, E)
+  const float* weights;      // [T, K] contiguous
+  const bool* expert_mask;   // [E] or nullptr (= every expert)
+};
+
+// A dense fp32 GEMM from outside the core (the binding supplies ATen's), for experts with many
+// tokens, where a full GEMM library beats the streaming kernels:
+//   c[m, n] = a[m, k] . b^T   with b [n, k]   (b_kn = false)
+//   c[m, n] = a[m, k] . b     with b [k, n]   (b_kn = true)
+// Strides in elements. It brings its own threads, so it is called outside the pool's regions.
+struct DenseGemm {
+  void (*fn)(const float* a, int64_t lda, const float* b, int64_t ldb, bool b_kn, float* c, int64_t ldc, int64_t m,
+             int64_t n, int64_t k) = nullptr;
+  // fp32 experts with at least this many tokens use fn; <= 0 disables it.
+  int64_t min_tokens = 0;
+};
+
+// Whether any slot's expert is selected by the mask (false: the output is all zeros).
+bool any_selected(const Routing& routing);
+
+// Writes out [T, K, H] fp32 (contiguous). Inputs must have been validated (ids in range, shapes).
+void run_experts(const ExpertWeights& layer, const Routing& routing, float* out, ThreadPool& pool,
+                 const KernelTable& kernels, const DenseGemm& gemm = DenseGemm());
+
+}  // namespace dali_cpu

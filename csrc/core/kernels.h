@@ -1,0 +1,39 @@
+// The two matrix micro-kernels every expert projection reduces to, one table per ISA.
+//
+// # n tokens of one expert, rows/cols of one weight block, len = reduction length
+//
+// All pointers are element pointers of the given DType; strides are in elements. Only the
+// innermost dimension must be contiguous, and loads are unaligned, so any tensor whose
+// last dimension has unit stride can be read in place.
+#pragma once
+
+#include <cstdint>
+
+#include "dtypes.h"
+#include "isa.h"
+
+namespace dali_cpu {
+
+struct KernelTable {
+  Isa isa;
+  // Row form, for weights stored [out, in] (the reduction is contiguous, ideal for streaming):
+  //   out[t * ldo + r] = sum_j x[t * ldx + j] * w[r * ldw + j]      r < rows, t < n, j < len
+  // x_exact_bf16: every x value is exactly representable in bf16 (x came from bf16 hidden states),
+  // which lets the AVX-512 BF16 path use vdpbf16ps without rounding x.
+  void (*dot_rows)(DType wtype, const void* w, int64_t ldw, int64_t rows, int64_t len, const float* x,
+                   int64_t ldx, int64_t n, bool x_exact_bf16, float* out, int64_t ldo);
+  // Column form, for weights stored [in, out] (transposed layouts): accumulate whole rows (axpy) so
+  // every read is contiguous:
+  //   out[t * ldo + c] = sum_r x[t * ldx + r] * w[r * ldw + c]      c < cols, t < n, r < rows
+  void (*axpy_rows)(DType wtype, const void* w, int64_t ldw, int64_t rows, int64_t cols, const float* x,
+                    int64_t ldx, int64_t n, float* out, int64_t ldo);
+  // dst[i] = float(src[i]) for i < count.
+  void (*convert)(DType stype, const void* src, int64_t count, float* dst);
+};
+
+const KernelTable& portable_kernels();
+// nullptr where the build's target architecture has no such path (e.g. not x86-64).
+const KernelTable* avx2_kernels();
+const KernelTable* avx512_kernels();
+
+}  // namespace dali_cpu

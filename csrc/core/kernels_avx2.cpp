@@ -1,0 +1,76 @@
+// The AVX2 + FMA + F16C path. Every function below the target pragma may only run on a CPU with
+// those extensions; runtime.cpp hands this table out only after checking that.
+#include <cstdint>
+
+#include "dtypes.h"
+#include "kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace dali_cpu {
+namespace {
+
+struct Avx2 {
+  static constexpr int kLanes = 8;
+  using vec = __m256;
+  static vec zero() { return _mm256_setzero_ps(); }
+  static vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static vec load(const BF16* p) {
+    // bf16 -> fp32 is a 16-bit left shift of the zero-extended bits.
+    __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+  static vec load(const F16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static float hsum(vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static void store(float* p, vec a) { _mm256_storeu_ps(p, a); }
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+};
+
+#include "micro_kernels.h"
+
+void avx2_dot_rows(DType wtype, const void* w, int64_t ldw, int64_t rows, int64_t len, const float* x, int64_t ldx,
+                   int64_t n, bool /*x_exact_bf16*/, float* out, int64_t ldo) {
+  dot_rows_generic<Avx2>(wtype, w, ldw, rows, len, x, ldx, n, out, ldo);
+}
+
+void avx2_axpy_rows(DType wtype, const void* w, int64_t ldw, int64_t rows, int64_t cols, const float* x,
+                    int64_t ldx, int64_t n, float* out, int64_t ldo) {
+  axpy_rows_generic<Avx2>(wtype, w, ldw, rows, cols, x, ldx, n, out, ldo);
+}
+
+void avx2_convert(DType stype, const void* src, int64_t count, float* dst) { convert_generic<Avx2>(stype, src, count, dst); }
+
+}  // namespace
+}  // namespace dali_cpu
+
+#pragma GCC pop_options
+
+namespace dali_cpu {
+
+// Compiled for the baseline target: callers may ask for the table before checking the CPU.
+const KernelTable* avx2_kernels() {
+  static const KernelTable table{Isa::kAvx2, avx2_dot_rows, avx2_axpy_rows, avx2_convert};
+  return &table;
+}
+
+}  // namespace dali_cpu
+
+#else  // not x86-64: no AVX2 path in this build
+
+namespace dali_cpu {
+const KernelTable* avx2_kernels() { return nullptr; }
+}  // namespace dali_cpu
+
+#endif

@@ -1,0 +1,162 @@
+// The AVX-512 path (F, BW, VL, DQ), plus vdpbf16ps dot products where the CPU has AVX-512 BF16.
+// Every function in the target regions may only run on such a CPU; runtime.cpp checks first.
+#include <cstdint>
+
+#include "dtypes.h"
+#include "isa.h"
+#include "kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+// GCC 12's AVX-512 intrinsics initialise their "undefined" operands from themselves, which
+// -W(maybe-)uninitialized report at every inlined use; the pattern is intended.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+
+#define DALI_AVX512_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+namespace dali_cpu {
+namespace {
+
+struct Avx512 {
+  static constexpr int kLanes = 16;
+  using vec = __m512;
+  static vec zero() { return _mm512_setzero_ps(); }
+  static vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static vec load(const BF16* p) {
+    __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+  static vec load(const F16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static float hsum(vec a) { return _mm512_reduce_add_ps(a); }
+  static void store(float* p, vec a) { _mm512_storeu_ps(p, a); }
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+};
+
+#include "micro_kernels.h"
+
+// R rows x N tokens with vdpbf16ps: 32 bf16 products per instruction, accumulated in fp32. Only
+// for x that is exactly bf16 (the gathered hidden states), so rounding x to bf16 loses nothing.
+template <int R, int N>
+DALI_AVX512_BF16_TARGET void dot_tile_dpbf16(const BF16* w, int64_t ldw, int64_t len, const float* x, int64_t ldx,
+                                             float* out, int64_t ldo) {
+  __m512 acc[R][N];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < N; ++n) acc[r][n] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    for (int r = 0; r < R; ++r) Avx512::prefetch(w + (R + r) * ldw + j);  // next rows, as in dot_tile
+    __m512bh xv[N];
+    for (int n = 0; n < N; ++n) {
+      __m512 lo = _mm512_loadu_ps(x + n * ldx + j);
+      __m512 hi = _mm512_loadu_ps(x + n * ldx + j + 16);
+      xv[n] = _mm512_cvtne2ps_pbh(hi, lo);  // element order x[j], ..., x[j + 31]
+    }
+    for (int r = 0; r < R; ++r) {
+      __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * ldw + j);
+      for (int n = 0; n < N; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], wv, xv[n]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int n = 0; n < N; ++n) {
+      float s = _mm512_reduce_add_ps(acc[r][n]);
+      for (int64_t k = j; k < len; ++k) s += to_float(w[r * ldw + k]) * x[n * ldx + k];
+      out[n * ldo + r] = s;
+    }
+  }
+}
+
+template <int R>
+DALI_AVX512_BF16_TARGET void dot_tile_dpbf16_n(int n, const BF16* w, int64_t ldw, int64_t len, const float* x,
+                                               int64_t ldx, float* out, int64_t ldo) {
+  switch (n) {
+    case 1:
+      dot_tile_dpbf16<R, 1>(w, ldw, len, x, ldx, out, ldo);
+      break;
+    case 2:
+      dot_tile_dpbf16<R, 2>(w, ldw, len, x, ldx, out, ldo);
+      break;
+    default:
+      dot_tile_dpbf16<R, 3>(w, ldw, len, x, ldx, out, ldo);
+      break;
+  }
+}
+
+DALI_AVX512_BF16_TARGET void dot_rows_dpbf16(const BF16* w, int64_t ldw, int64_t rows, int64_t len, const float* x,
+                                             int64_t ldx, int64_t n, float* out, int64_t ldo) {
+  for (int64_t t = 0; t < n; t += 3) {
+    const int tn = static_cast<int>(n - t < 3 ? n - t : 3);
+    const float* xt = x + t * ldx;
+    float* ot = out + t * ldo;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) dot_tile_dpbf16_n<4>(tn, w + r * ldw, ldw, len, xt, ldx, ot + r, ldo);
+    switch (rows - r) {
+      case 3:
+        dot_tile_dpbf16_n<3>(tn, w + r * ldw, ldw, len, xt, ldx, ot + r, ldo);
+        break;
+      case 2:
+        dot_tile_dpbf16_n<2>(tn, w + r * ldw, ldw, len, xt, ldx, ot + r, ldo);
+        break;
+      case 1:
+        dot_tile_dpbf16_n<1>(tn, w + r * ldw, ldw, len, xt, ldx, ot + r, ldo);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+// Set once by avx512_kernels(), which runs before any kernel of this table can be called.
+bool g_use_dpbf16 = false;
+
+void avx512_dot_rows(DType wtype, const void* w, int64_t ldw, int64_t rows, int64_t len, const float* x,
+                     int64_t ldx, int64_t n, bool x_exact_bf16, float* out, int64_t ldo) {
+  if (wtype == DType::kBF16 && x_exact_bf16 && g_use_dpbf16) {
+    dot_rows_dpbf16(static_cast<const BF16*>(w), ldw, rows, len, x, ldx, n, out, ldo);
+    return;
+  }
+  dot_rows_generic<Avx512>(wtype, w, ldw, rows, len, x, ldx, n, out, ldo);
+}
+
+void avx512_axpy_rows(DType wtype, const void* w, int64_t ldw, int64_t rows, int64_t cols, const float* x,
+                      int64_t ldx, int64_t n, float* out, int64_t ldo) {
+  axpy_rows_generic<Avx512>(wtype, w, ldw, rows, cols, x, ldx, n, out, ldo);
+}
+
+void avx512_convert(DType stype, const void* src, int64_t count, float* dst) {
+  convert_generic<Avx512>(stype, src, count, dst);
+}
+
+}  // namespace
+}  // namespace dali_cpu
+
+#undef DALI_AVX512_BF16_TARGET
+#pragma GCC pop_options
+
+namespace dali_cpu {
+
+// Compiled for the baseline target: callers may ask for the table before checking the CPU.
+const KernelTable* avx512_kernels() {
+  static const KernelTable table = [] {
+    g_use_dpbf16 = cpu_has_avx512_bf16();
+    return KernelTable{Isa::kAvx512, avx512_dot_rows, avx512_axpy_rows, avx512_convert};
+  }();
+  return &table;
+}
+
+}  // namespace dali_cpu
+
+#else  // not x86-64: no AVX-512 path in this build
+
+namespace dali_cpu {
+const KernelTable* avx512_kernels() { return nullptr; }
+}  // namespace dali_cpu
+
+#endif

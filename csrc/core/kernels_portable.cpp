@@ -1,0 +1,64 @@
+// The portable path: plain C++ over 8-float "vectors" that the compiler maps onto whatever SIMD the
+// baseline target has (SSE2 on x86-64, NEON on aarch64). Also the reference the other paths must match.
+#include <cstdint>
+
+#include "dtypes.h"
+#include "kernels.h"
+
+namespace dali_cpu {
+namespace {
+
+struct Portable {
+  static constexpr int kLanes = 8;
+  struct vec {
+    float v[kLanes];
+  };
+  static vec zero() {
+    vec r;
+    for (int l = 0; l < kLanes; ++l) r.v[l] = 0.0f;
+    return r;
+  }
+  template <class W>
+  static vec load(const W* p) {
+    vec r;
+    for (int l = 0; l < kLanes; ++l) r.v[l] = to_float(p[l]);
+    return r;
+  }
+  static vec broadcast(const float* p) {
+    vec r;
+    for (int l = 0; l < kLanes; ++l) r.v[l] = *p;
+    return r;
+  }
+  static vec fma(vec a, vec b, vec c) {
+    for (int l = 0; l < kLanes; ++l) c.v[l] += a.v[l] * b.v[l];
+    return c;
+  }
+  static vec add(vec a, vec b) {
+    for (int l = 0; l < kLanes; ++l) a.v[l] += b.v[l];
+    return a;
+  }
+  static float hsum(vec a) {
+    return ((a.v[0] + a.v[4]) + (a.v[1] + a.v[5])) + ((a.v[2] + a.v[6]) + (a.v[3] + a.v[7]));
+  }
+  static void store(float* p, vec a) {
+    for (int l = 0; l < kLanes; ++l) p[l] = a.v[l];
+  }
+  static void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
+};
+
+#include "micro_kernels.h"
+
+void portable_dot_rows(DType wtype, const void* w, int64_t ldw, int64_t rows, int64_t len, const float* x,
+                       int64_t ldx, int64_t n, bool /*x_exact_bf16*/, float* out, int64_t ldo) {
+  dot_rows_generic<Portable>(wtype, w, ldw, rows, len, x, ldx, n, out, ldo);
+}
+
+}  // namespace
+
+const KernelTable& portable_kernels() {
+  static const KernelTable table{Isa::kPortable, portable_dot_rows, axpy_rows_generic<Portable>,
+                                 convert_generic<Portable>};
+  return table;
+}
+
+}  // namespace dali_cpu

@@ -1,0 +1,179 @@
+#include "runtime.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "isa.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+namespace dali_cpu {
+
+namespace {
+
+const KernelTable* table_for(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return avx512_kernels();
+    case Isa::kAvx2:
+      return avx2_kernels();
+    default:
+      return &portable_kernels();
+  }
+}
+
+std::atomic<const KernelTable*>& active_table() {
+  static std::atomic<const KernelTable*> table{table_for(best_isa())};
+  return table;
+}
+
+// Off by default: on the 2-core AVX2 development machine the streaming kernels beat ATen's fp32 GEMM
+// at every size up to 256 tokens per expert (benchmarks/bench_cpu_experts.py --crossover). Where
+// MKL/oneDNN win (wider cores, idle OpenMP pool), set the crossover with
+// cpu_extension.set_dense_gemm_min_tokens(n).
+constexpr int64_t kDefaultDenseGemmMinTokens = 256;
+std::atomic<int64_t> g_dense_gemm_min_tokens{kDefaultDenseGemmMinTokens};
+
+// The read side of the bandwidth probe sums 64-bit words the way the kernels read weights: four
+// interleaved streams over consecutive 8 KiB segments (four weight rows). One sequential stream per
+// thread reads measurably slower than that on some machines, which would understate the limit.
+constexpr int64_t kSegmentWords = 1024;
+
+uint64_t sum_words_portable(const uint64_t* p, int64_t count) {
+  uint64_t a = 0, b = 0, c = 0, d = 0;
+  int64_t i = 0;
+  for (; i + 4 * kSegmentWords <= count; i += 4 * kSegmentWords) {
+    for (int64_t k = 0; k < kSegmentWords; ++k) {
+      a += p[i + k];
+      b += p[i + kSegmentWords + k];
+      c += p[i + 2 * kSegmentWords + k];
+      d += p[i + 3 * kSegmentWords + k];
+    }
+  }
+  for (; i < count; ++i) a += p[i];
+  return a + b + c + d;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) uint64_t sum_words_avx2(const uint64_t* p, int64_t count) {
+  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  int64_t i = 0;
+  for (; i + 4 * kSegmentWords <= count; i += 4 * kSegmentWords) {
+    for (int64_t k = 0; k < kSegmentWords; k += 8) {  // one cache line of each segment
+      for (int s = 0; s < 4; ++s) {
+        const uint64_t* q = p + i + s * kSegmentWords + k;
+        acc[s] = _mm256_add_epi64(acc[s], _mm256_add_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)),
+                                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 4))));
+      }
+    }
+  }
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes),
+                     _mm256_add_epi64(_mm256_add_epi64(acc[0], acc[1]), _mm256_add_epi64(acc[2], acc[3])));
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + sum_words_portable(p + i, count - i);
+}
+#endif
+
+uint64_t sum_words(const uint64_t* p, int64_t count) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx2 = isa_supported(Isa::kAvx2);
+  if (avx2) return sum_words_avx2(p, count);
+#endif
+  return sum_words_portable(p, count);
+}
+
+}  // namespace
+
+// The pool and the queue are never destroyed: their threads must not be joined from static
+// destructors at interpreter exit (they may be parked in a region), and the OS reclaims them.
+ThreadPool& global_pool() {
+  static ThreadPool* pool = new ThreadPool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  return *pool;
+}
+
+JobQueue& global_jobs() {
+  static JobQueue* jobs = new JobQueue();
+  return *jobs;
+}
+
+const KernelTable& active_kernels() { return *active_table().load(std::memory_order_acquire); }
+
+int64_t dense_gemm_min_tokens() { return g_dense_gemm_min_tokens.load(std::memory_order_relaxed); }
+
+}  // namespace dali_cpu
+
+extern "C" {
+
+int dali_cpu_get_num_threads() { return dali_cpu::global_pool().num_threads(); }
+
+int dali_cpu_set_num_threads(int n) {
+  if (n < 1) return -1;
+  dali_cpu::global_pool().resize(n);
+  return 0;
+}
+
+const char* dali_cpu_isa() { return dali_cpu::isa_name(dali_cpu::active_kernels().isa); }
+
+const char* dali_cpu_best_isa() { return dali_cpu::isa_name(dali_cpu::best_isa()); }
+
+int dali_cpu_set_isa(const char* name) {
+  dali_cpu::Isa isa;
+  if (std::strcmp(name, "auto") == 0) {
+    isa = dali_cpu::best_isa();
+  } else if (!dali_cpu::parse_isa(name, &isa)) {
+    return -1;
+  }
+  const dali_cpu::KernelTable* table = dali_cpu::table_for(isa);
+  if (!dali_cpu::isa_supported(isa) || table == nullptr) return -2;
+  dali_cpu::active_table().store(table, std::memory_order_release);
+  return 0;
+}
+
+int64_t dali_cpu_outstanding_jobs() { return dali_cpu::global_jobs().outstanding(); }
+
+int dali_cpu_last_region_threads() { return dali_cpu::global_pool().last_region_threads(); }
+
+int64_t dali_cpu_get_dense_gemm_min_tokens() { return dali_cpu::dense_gemm_min_tokens(); }
+
+void dali_cpu_set_dense_gemm_min_tokens(int64_t n) { dali_cpu::g_dense_gemm_min_tokens.store(n); }
+
+double dali_cpu_read_bandwidth_gbps(int64_t bytes, int repeats) {
+  using Clock = std::chrono::steady_clock;
+  const int64_t words = bytes / 8;
+  std::unique_ptr<uint64_t[]> buffer(new uint64_t[words]);
+  dali_cpu::ThreadPool& pool = dali_cpu::global_pool();
+  constexpr int64_t kChunk = int64_t{1} << 17;  // 1 MiB of words per task
+  const int64_t tasks = (words + kChunk - 1) / kChunk;
+  std::vector<uint64_t> sums(tasks);
+  auto pass = [&](bool fill) {
+    pool.parallel_for(tasks, [&](int64_t t) {
+      uint64_t* p = buffer.get() + t * kChunk;
+      const int64_t n = std::min(kChunk, words - t * kChunk);
+      if (fill) {
+        for (int64_t i = 0; i < n; ++i) p[i] = static_cast<uint64_t>(i);
+      } else {
+        sums[t] = dali_cpu::sum_words(p, n);
+      }
+    });
+  };
+  pass(true);  // touch every page first: page faults are not bandwidth
+  double best = 0.0;
+  for (int r = 0; r < repeats; ++r) {
+    const auto start = Clock::now();
+    pass(false);
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    best = std::max(best, static_cast<double>(words * 8) / seconds / 1e9);
+  }
+  volatile uint64_t sink = 0;
+  for (uint64_t s : sums) sink = sink + s;  // keeps the sums (and so the reads) alive
+  return best;
+}
+
+}  // extern "C"

@@ -1,0 +1,41 @@
+// Process-wide state of the CPU expert runtime: the thread pool, the async job queue and the
+// selected ISA path, plus a C interface (threads, ISA) that Python reaches through ctypes, so no
+// control function needs to be an op in the dali namespace.
+#pragma once
+
+#include <cstdint>
+
+#include "job_queue.h"
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace dali_cpu {
+
+ThreadPool& global_pool();
+JobQueue& global_jobs();
+// The kernel table of the active ISA path (see dali_cpu_set_isa).
+const KernelTable& active_kernels();
+// fp32 experts with at least this many tokens go to the dense GEMM (see DenseGemm); <= 0: never.
+int64_t dense_gemm_min_tokens();
+
+}  // namespace dali_cpu
+
+extern "C" {
+int dali_cpu_get_num_threads();
+// 0 on success, -1 if n < 1.
+int dali_cpu_set_num_threads(int n);
+// "portable", "avx2" or "avx512".
+const char* dali_cpu_isa();
+const char* dali_cpu_best_isa();
+// 0 on success, -1 for an unknown name, -2 if this CPU cannot run it. "auto" selects the best.
+int dali_cpu_set_isa(const char* name);
+// Submitted jobs not yet waited on.
+int64_t dali_cpu_outstanding_jobs();
+// Threads that ran tasks in the pool's latest parallel region (diagnostic for tests).
+int dali_cpu_last_region_threads();
+int64_t dali_cpu_get_dense_gemm_min_tokens();
+void dali_cpu_set_dense_gemm_min_tokens(int64_t n);
+// Streaming read bandwidth of this machine in GB/s: every pool thread sums its share of a fresh
+// buffer of `bytes` (choose it much larger than the last-level cache); best of `repeats`.
+double dali_cpu_read_bandwidth_gbps(int64_t bytes, int repeats);
+}

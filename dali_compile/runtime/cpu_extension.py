@@ -1,0 +1,244 @@
+"""Builds and loads the C++ CPU expert runtime (`csrc/`) on first use, into a persistent cache.
+
+The sources ship inside the package (`dali_compile.csrc`) and are compiled with
+`torch.utils.cpp_extension.load` against ATen headers only (no pybind11: about 12 s instead of a
+minute). The build directory is `$DALI_COMPILE_CACHE/<torch version>/cpu_ext`, by default under
+`~/.cache/dali_compile`; torch keys the build on the sources, so a later process just loads the
+library. Loading registers the CPU kernels of the `dali::cpu_experts*` ops (the schemas live in
+`dali_compile.ops.cpu_experts`). Without a compiler, or if the build fails, `cpu_extension_available()`
+returns False after one warning, and the ops run their PyTorch reference instead.
+
+Runtime controls (thread count, ISA path) are plain C functions of the same library, called
+through ctypes, so they are not ops:
+
+    cpu_extension_available() -> bool     # builds/loads on the first call
+    set_num_threads(n); get_num_threads() # the runtime's own pool; default: physical cores
+    cpu_isa() -> "avx512" | "avx2" | "portable" | "reference" (no extension)
+    set_isa("portable" | "avx2" | "avx512" | "auto")   # or env DALI_CPU_ISA before the first load
+
+Env: DALI_CPU_EXTENSION=0 disables the extension (reference only), DALI_CPU_THREADS sets the
+initial thread count, DALI_CPU_ISA the initial ISA path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.resources
+import logging
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+LIBRARY_NAME = "dali_cpu_experts"
+# Relative to the dali_compile.csrc package. Headers are tracked by ninja's dependency files.
+SOURCES = (
+    "core/isa.cpp",
+    "core/kernels_portable.cpp",
+    "core/kernels_avx2.cpp",
+    "core/kernels_avx512.cpp",
+    "core/thread_pool.cpp",
+    "core/job_queue.cpp",
+    "core/experts.cpp",
+    "core/runtime.cpp",
+    "binding/cpu_experts_ops.cpp",
+)
+# No -march=native: the library must run on any x86-64 (ISA paths are picked at run time).
+EXTRA_CFLAGS = ("-O3", "-DNDEBUG")
+ISA_NAMES = ("portable", "avx2", "avx512")
+# torch's build lock is a plain file: one left behind by a killed build would block every later load.
+STALE_LOCK_SECONDS = 600
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_load_attempted = False
+
+
+def cache_dir() -> Path:
+    """Where the compiled library lives: per torch version, since the ABI follows torch."""
+    root = os.environ.get("DALI_COMPILE_CACHE") or os.path.join(Path.home(), ".cache", "dali_compile")
+    return Path(root) / torch.__version__ / "cpu_ext"
+
+
+def source_paths() -> list[str]:
+    root = importlib.resources.files("dali_compile.csrc")
+    return [str(root.joinpath(*rel.split("/"))) for rel in SOURCES]
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings share load/store bandwidth, not worth a thread)."""
+    try:
+        cores = set()
+        for cpu in os.sched_getaffinity(0):
+            topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        return max(1, len(cores))
+    except (OSError, AttributeError):
+        return os.cpu_count() or 1
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("removing stale build lock %s (%.0f s old)", lock, age)
+        lock.unlink(missing_ok=True)
+
+
+def _build_and_load() -> ctypes.CDLL:
+    from torch.utils import cpp_extension
+
+    build_dir = cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build_dir)
+    start = time.perf_counter()
+    path = cpp_extension.load(
+        name=LIBRARY_NAME,
+        sources=source_paths(),
+        extra_cflags=list(EXTRA_CFLAGS),
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    log.info("loaded %s in %.1f s", path, time.perf_counter() - start)
+    # The library is already loaded (registering the kernels); this only looks up its C functions.
+    lib = ctypes.CDLL(path)
+    lib.dali_cpu_get_num_threads.restype = ctypes.c_int
+    lib.dali_cpu_set_num_threads.argtypes = [ctypes.c_int]
+    lib.dali_cpu_set_num_threads.restype = ctypes.c_int
+    lib.dali_cpu_isa.restype = ctypes.c_char_p
+    lib.dali_cpu_best_isa.restype = ctypes.c_char_p
+    lib.dali_cpu_set_isa.argtypes = [ctypes.c_char_p]
+    lib.dali_cpu_set_isa.restype = ctypes.c_int
+    lib.dali_cpu_outstanding_jobs.restype = ctypes.c_int64
+    lib.dali_cpu_last_region_threads.restype = ctypes.c_int
+    lib.dali_cpu_get_dense_gemm_min_tokens.restype = ctypes.c_int64
+    lib.dali_cpu_set_dense_gemm_min_tokens.argtypes = [ctypes.c_int64]
+    lib.dali_cpu_read_bandwidth_gbps.argtypes = [ctypes.c_int64, ctypes.c_int]
+    lib.dali_cpu_read_bandwidth_gbps.restype = ctypes.c_double
+    return lib
+
+
+def _configure(lib: ctypes.CDLL) -> None:
+    threads = os.environ.get("DALI_CPU_THREADS")
+    lib.dali_cpu_set_num_threads(int(threads) if threads else physical_cores())
+    isa = os.environ.get("DALI_CPU_ISA")
+    if isa and lib.dali_cpu_set_isa(isa.encode()) != 0:
+        warnings.warn(
+            f"DALI_CPU_ISA={isa!r} cannot run here (choose from {', '.join(ISA_NAMES)}, or 'auto'; this CPU's best is "
+            f"{lib.dali_cpu_best_isa().decode()}); using the best path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _loaded() -> ctypes.CDLL | None:
+    global _library, _load_attempted
+    if _load_attempted:
+        return _library
+    with _lock:
+        if _load_attempted:
+            return _library
+        if os.environ.get("DALI_CPU_EXTENSION", "1") == "0":
+            log.info("DALI_CPU_EXTENSION=0: CPU experts run the PyTorch reference")
+        else:
+            try:
+                lib = _build_and_load()
+                _configure(lib)
+                _library = lib
+            except Exception as error:  # noqa: BLE001  (any build or load failure means: fall back)
+                warnings.warn(
+                    f"dali_compile: the C++ CPU expert runtime could not be built or loaded ({type(error).__name__}: "
+                    f"{error}); CPU experts fall back to the much slower PyTorch reference. A C++17 compiler and "
+                    f"ninja are needed; the build cache is {cache_dir()}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        _load_attempted = True
+        return _library
+
+
+def cpu_extension_available() -> bool:
+    """Whether the C++ CPU kernels are registered; builds and loads them on the first call."""
+    return _loaded() is not None
+
+
+def _require() -> ctypes.CDLL:
+    lib = _loaded()
+    if lib is None:
+        raise RuntimeError("the C++ CPU expert runtime is not available (see the earlier warning)")
+    return lib
+
+
+def get_num_threads() -> int:
+    """Threads of the runtime's pool (including the calling thread)."""
+    return int(_require().dali_cpu_get_num_threads())
+
+
+def set_num_threads(n: int) -> None:
+    """Resize the runtime's pool; waits for the running parallel region, queued jobs continue with n threads."""
+    if int(n) < 1:
+        raise ValueError(f"set_num_threads: need at least 1 thread, got {n}")
+    _require().dali_cpu_set_num_threads(int(n))
+
+
+def cpu_isa() -> str:
+    """The kernel path that runs: 'avx512', 'avx2', 'portable', or 'reference' without the extension."""
+    lib = _loaded()
+    return "reference" if lib is None else lib.dali_cpu_isa().decode()
+
+
+def best_isa() -> str:
+    """The fastest path this CPU supports ('reference' without the extension)."""
+    lib = _loaded()
+    return "reference" if lib is None else lib.dali_cpu_best_isa().decode()
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The paths this CPU can run, slowest first (empty without the extension)."""
+    best = best_isa()
+    return () if best == "reference" else ISA_NAMES[: ISA_NAMES.index(best) + 1]
+
+
+def set_isa(name: str) -> None:
+    """Force a kernel path ('portable', 'avx2', 'avx512') or go back to the best one ('auto')."""
+    status = _require().dali_cpu_set_isa(name.encode())
+    if status == -1:
+        raise ValueError(f"unknown ISA path {name!r}; choose from {', '.join(ISA_NAMES)} or 'auto'")
+    if status == -2:
+        raise RuntimeError(f"this CPU cannot run the {name} path; it supports {', '.join(supported_isas())}")
+
+
+def get_dense_gemm_min_tokens() -> int:
+    """fp32 experts with at least this many tokens run as two ATen GEMMs instead of the streaming kernels."""
+    return int(_require().dali_cpu_get_dense_gemm_min_tokens())
+
+
+def set_dense_gemm_min_tokens(n: int) -> None:
+    """Set the crossover to ATen's GEMM for fp32 experts; n <= 0 never uses it."""
+    _require().dali_cpu_set_dense_gemm_min_tokens(int(n))
+
+
+def read_bandwidth_gbps(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Streaming read bandwidth (GB/s) on the runtime's threads: the physical limit of a decode step."""
+    return float(_require().dali_cpu_read_bandwidth_gbps(int(num_bytes), int(repeats)))
+
+
+def last_region_threads() -> int:
+    """Threads that ran tasks in the pool's latest parallel region (a diagnostic: 0 without the extension)."""
+    lib = _loaded()
+    return 0 if lib is None else int(lib.dali_cpu_last_region_threads())
+
+
+def outstanding_jobs() -> int:
+    """Async jobs submitted and not yet waited on (0 without the extension)."""
+    lib = _loaded()
+    return 0 if lib is None else int(lib.dali_cpu_outstanding_jobs())

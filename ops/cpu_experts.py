@@ -1,0 +1,267 @@
+"""`dali::cpu_experts` and its async pair: routed experts computed on the CPU, per top-k slot.
+
+# T tokens, K top-k, E experts, H hidden, I intermediate, X = 2I (gated) or I
+
+    cpu_experts(hidden[T, H], topk_ids[T, K], topk_weights[T, K], up, down, up_bias?, down_bias?,
+                expert_mask[E]?, gated, interleaved, transposed, activation, alpha, limit) -> [T, K, H] fp32
+    cpu_experts_submit(<same arguments>) -> handle [1] int64      (returns at once)
+    cpu_experts_wait(handle, hidden[T, H], topk_ids[T, K]) -> [T, K, H] fp32
+
+    out[t, k] = topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t])   if expert_mask[topk_ids[t, k]]
+              = 0                                                          otherwise
+
+Each slot's contribution is computed with fp32 accumulation; the caller sums over k in order, so
+splitting the experts between the CPU (mask) and the GPU (~mask) changes nothing beyond rounding.
+Weights are the model's own tensors, read in place: up [E, X, H] (transposed [E, H, X]), down
+[E, H, I] (transposed [E, I, H]), biases up [E, X], down [E, H]; gated rows are [gate; up] or
+interleaved (gate 0::2, up 1::2), exactly as `ExpertLayout` and `expert_math` define them.
+`alpha`/`limit` only matter for clamped_swiglu. hidden and the weights share one dtype (float32,
+bfloat16 or float16); ids are int64 or int32; topk_weights any float dtype.
+
+The schemas are declared here and only here. The CPU kernels are C++ (csrc/, registered when
+`dali_compile.runtime.cpu_extension` loads the library); the CompositeExplicitAutograd kernels
+below load it on first use and otherwise run the PyTorch reference, which is also the test oracle.
+
+Handles: a positive handle names one queued job, which keeps its input tensors alive until it has
+run and must be waited on exactly once (an unknown or already waited handle is an error). Handle 0
+is the empty job, returned when no slot is selected for the CPU: it runs nothing and waits to zeros.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import torch
+
+from dali_compile.runtime import cpu_extension
+from dali_compile.runtime.layer_spec import ACTIVATIONS, CLAMPED_ACTIVATIONS, LayerSpec
+
+from .expert_math import gate_and_activate, layout_from_flags
+from .library import define_op
+
+NAME = "dali::cpu_experts"
+SUBMIT_NAME = "dali::cpu_experts_submit"
+WAIT_NAME = "dali::cpu_experts_wait"
+
+_ARGS = (
+    "(Tensor hidden, Tensor topk_ids, Tensor topk_weights, Tensor up, Tensor down, Tensor? up_bias, "
+    "Tensor? down_bias, Tensor? expert_mask, bool gated, bool interleaved, bool transposed, str activation, "
+    "float alpha, float limit)"
+)
+define_op(NAME, _ARGS + " -> Tensor")
+define_op(SUBMIT_NAME, _ARGS + " -> Tensor")
+define_op(WAIT_NAME, "(Tensor handle, Tensor hidden, Tensor topk_ids) -> Tensor")
+
+EMPTY_JOB = 0
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_args(
+    op, hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask,
+    gated, interleaved, transposed, activation,
+) -> None:
+    """The checks that need no data: shared by the fake kernels and the reference (C++ has its own)."""
+    if hidden.dim() != 2:
+        raise ValueError(f"{op}: hidden must be [T, H], got shape {tuple(hidden.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{op}: topk_ids must be [T, K] with T = {hidden.shape[0]}, got {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"{op}: topk_weights must have the shape of topk_ids, got {tuple(topk_weights.shape)}")
+    if topk_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: topk_ids must be int64 or int32, got {topk_ids.dtype}")
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"{op}: topk_weights must be floating point, got {topk_weights.dtype}")
+    if up.dim() != 3 or down.dim() != 3:
+        raise ValueError(f"{op}: expert weights must be 3-D, got up {tuple(up.shape)} and down {tuple(down.shape)}")
+    if up.dtype not in _WEIGHT_DTYPES or down.dtype != up.dtype:
+        raise TypeError(f"{op}: expert weights must share one of {_WEIGHT_DTYPES}, got {up.dtype} and {down.dtype}")
+    if hidden.dtype != up.dtype:
+        raise TypeError(f"{op}: hidden is {hidden.dtype} but the expert weights are {up.dtype}; they must match")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+    if (interleaved or activation in CLAMPED_ACTIVATIONS) and not gated:
+        raise ValueError(f"{op}: interleaved layouts and {'/'.join(CLAMPED_ACTIVATIONS)} need gated=True")
+    E = up.shape[0]
+    H, I = (down.shape[2], down.shape[1]) if transposed else (down.shape[1], down.shape[2])
+    X = 2 * I if gated else I
+    if hidden.shape[1] != H:
+        raise ValueError(f"{op}: hidden size {hidden.shape[1]} does not match the experts' {H}")
+    expected = {
+        "down": (tuple(down.shape), (E, I, H) if transposed else (E, H, I)),
+        "up": (tuple(up.shape), (E, H, X) if transposed else (E, X, H)),
+    }
+    if up_bias is not None:
+        expected["up_bias"] = (tuple(up_bias.shape), (E, X))
+    if down_bias is not None:
+        expected["down_bias"] = (tuple(down_bias.shape), (E, H))
+    for name, (got, want) in expected.items():
+        if got != want:
+            raise ValueError(f"{op}: {name} has shape {got} but {want} was expected for this layout")
+    if expert_mask is not None and (expert_mask.dtype != torch.bool or tuple(expert_mask.shape) != (E,)):
+        raise ValueError(
+            f"{op}: expert_mask must be bool [E] = [{E}], got {expert_mask.dtype} {tuple(expert_mask.shape)}"
+        )
+
+
+def _check(op, args) -> None:
+    check_args(op, *args[:12])
+
+
+# Fake kernels: shapes only, never runtime state.
+@torch.library.register_fake(NAME)
+def _cpu_experts_fake(*args):
+    _check(NAME, args)
+    hidden, topk_ids = args[0], args[1]
+    return hidden.new_empty((hidden.shape[0], topk_ids.shape[1], hidden.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake(SUBMIT_NAME)
+def _cpu_experts_submit_fake(*args):
+    _check(SUBMIT_NAME, args)
+    return args[0].new_empty((1,), dtype=torch.int64)
+
+
+@torch.library.register_fake(WAIT_NAME)
+def _cpu_experts_wait_fake(handle, hidden, topk_ids):
+    return hidden.new_empty((hidden.shape[0], topk_ids.shape[1], hidden.shape[1]), dtype=torch.float32)
+
+
+def cpu_experts_reference(
+    hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask,
+    gated, interleaved, transposed, activation, alpha, limit,
+) -> torch.Tensor:
+    """The op in plain PyTorch, fp32 (`expert_math`'s gate/activation): oracle and fallback. Any device."""
+    check_args(NAME, hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask,
+               gated, interleaved, transposed, activation)
+    E = up.shape[0]
+    if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= E):
+        raise IndexError(f"{NAME}: expert id out of range for {E} experts: {topk_ids.tolist()}")
+    layout = layout_from_flags(gated, interleaved, transposed, up_bias is not None, activation, alpha, limit)
+    T, K = topk_ids.shape
+    out = torch.zeros(T * K, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    flat_ids = topk_ids.reshape(-1).long()
+    flat_weights = topk_weights.reshape(-1).float()
+    for expert in torch.unique(flat_ids).tolist():
+        if expert_mask is not None and not bool(expert_mask[expert]):
+            continue
+        rows = (flat_ids == expert).nonzero().squeeze(1)
+        x = hidden[rows // K].float()
+        w_up, w_down = up[expert].float(), down[expert].float()
+        h = x @ w_up if transposed else x @ w_up.T
+        if up_bias is not None:
+            h = h + up_bias[expert].float()
+        y = gate_and_activate(layout, h)
+        y = y @ w_down if transposed else y @ w_down.T
+        if down_bias is not None:
+            y = y + down_bias[expert].float()
+        out[rows] = y * flat_weights[rows, None]
+    return out.view(T, K, hidden.shape[1])
+
+
+class _ReferenceJobs:
+    """Submit/wait for the reference path: the work runs at submit, the wait hands the result back once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._results: dict[int, torch.Tensor] = {}
+        self._next = itertools.count(1)
+
+    def submit(self, result: torch.Tensor) -> int:
+        with self._lock:
+            handle = next(self._next)
+            self._results[handle] = result
+        return handle
+
+    def wait(self, handle: int) -> torch.Tensor:
+        with self._lock:
+            if handle in self._results:
+                return self._results.pop(handle)
+            issued = 0 < handle < next(self._next)  # burns a number; handles only need to be unique
+        if issued:
+            raise ValueError(f"{WAIT_NAME}: handle {handle} was already waited on (each job is waited exactly once)")
+        raise ValueError(f"{WAIT_NAME}: unknown handle {handle} (not returned by {SUBMIT_NAME})")
+
+
+_reference_jobs = _ReferenceJobs()
+
+
+def _on_cpu(*tensors) -> bool:
+    return all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+def _cpu_experts_composite(*args):
+    if _on_cpu(*args[:8]) and cpu_extension.cpu_extension_available():
+        return torch.ops.dali.cpu_experts.default(*args)  # the C++ kernel, registered by the load
+    return cpu_experts_reference(*args)
+
+
+def _cpu_experts_submit_composite(*args):
+    if _on_cpu(*args[:8]) and cpu_extension.cpu_extension_available():
+        return torch.ops.dali.cpu_experts_submit.default(*args)
+    expert_mask = args[7]
+    if expert_mask is not None and not bool(expert_mask[args[1].reshape(-1).long()].any()):
+        handle = EMPTY_JOB
+    else:
+        handle = _reference_jobs.submit(cpu_experts_reference(*args))
+    return torch.tensor([handle], dtype=torch.int64, device=args[0].device)
+
+
+def _cpu_experts_wait_composite(handle, hidden, topk_ids):
+    if _on_cpu(handle, hidden, topk_ids) and cpu_extension.cpu_extension_available():
+        return torch.ops.dali.cpu_experts_wait.default(handle, hidden, topk_ids)
+    if handle.dtype != torch.int64 or handle.numel() != 1:
+        raise ValueError(f"{WAIT_NAME}: handle must be the int64 [1] tensor returned by {SUBMIT_NAME}")
+    value = int(handle.item())
+    if value == EMPTY_JOB:
+        return hidden.new_zeros((hidden.shape[0], topk_ids.shape[1], hidden.shape[1]), dtype=torch.float32)
+    return _reference_jobs.wait(value)
+
+
+# A kernel registered directly for CPU (the C++ one, once loaded) takes precedence over these.
+torch.library.impl(NAME, "CompositeExplicitAutograd")(_cpu_experts_composite)
+torch.library.impl(SUBMIT_NAME, "CompositeExplicitAutograd")(_cpu_experts_submit_composite)
+torch.library.impl(WAIT_NAME, "CompositeExplicitAutograd")(_cpu_experts_wait_composite)
+
+
+def spec_args(spec: LayerSpec) -> tuple:
+    """A layer's weights and layout as the op arguments after expert_mask: (up, down, up_bias, down_bias)
+    and (gated, interleaved, transposed, activation, alpha, limit)."""
+    layout, act = spec.layout, spec.layout.activation
+    weights = (spec.up_weight, spec.down_weight, spec.up_bias, spec.down_bias)
+    flags = (layout.gated, layout.interleaved, layout.transposed, act.name, act.alpha or 0.0, act.limit or 0.0)
+    return weights, flags
+
+
+def cpu_experts(
+    spec: LayerSpec,
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Slot contributions [T, K, H] fp32 of the experts selected by expert_mask (bool [E]; None = all).
+
+    hidden [T, H] in the layer's dtype, topk_ids [T, K] int64/int32, topk_weights [T, K] floating.
+    """
+    (up, down, up_bias, down_bias), flags = spec_args(spec)
+    return torch.ops.dali.cpu_experts(hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask, *flags)
+
+
+def cpu_experts_submit(
+    spec: LayerSpec,
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Queue `cpu_experts` on the runtime's threads; returns a handle [1] int64 at once (GIL released)."""
+    (up, down, up_bias, down_bias), flags = spec_args(spec)
+    return torch.ops.dali.cpu_experts_submit(
+        hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask, *flags
+    )
+
+
+def cpu_experts_wait(handle: torch.Tensor, hidden: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Block until the job is done (GIL released) and return its [T, K, H] fp32 contributions."""
+    return torch.ops.dali.cpu_experts_wait(handle, hidden, topk_ids)

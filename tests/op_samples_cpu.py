@@ -1,0 +1,84 @@
+"""opcheck samples for the CPU expert ops (`dali::cpu_experts`, `_submit`, `_wait`).
+
+# T tokens, H hidden, I intermediate, K top-k, E experts
+
+The async pair is stateful: a real handle names one job and may be waited on exactly once, while
+opcheck calls each op several times with the same arguments and compares the results. So opcheck
+exercises submit/wait on the empty job (no slot selected for the CPU: handle 0, which is
+deterministic and may be waited on repeatedly; the real kernels' output metadata is the same).
+Real jobs are tested in tests/test_cpu_experts.py, including their metadata against the fakes.
+"""
+
+from __future__ import annotations
+
+import torch
+from op_samples import Register, sample_builder
+
+from dali_compile.ops import cpu_experts as _cpu_experts  # noqa: F401  (defines the dali::cpu_experts* ops)
+
+E, H, I, K = 4, 24, 12, 2  # noqa: E741
+
+
+def _layer(dtype, gated, interleaved, transposed, bias, gen):
+    def draw(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.3).to(dtype)
+
+    X = 2 * I if gated else I
+    up, down = (draw(E, H, X), draw(E, I, H)) if transposed else (draw(E, X, H), draw(E, H, I))
+    biases = (draw(E, X), draw(E, H)) if bias else (None, None)
+    return (up, down, *biases)
+
+
+def _routing(T, dtype, ids_dtype, gen):
+    hidden = (torch.randn(T, H, generator=gen) * 0.5).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(ids_dtype)
+    weights = torch.softmax(torch.randn(T, K, generator=gen), dim=-1).to(dtype)
+    return hidden, ids, weights
+
+
+# (dtype, gated, interleaved, transposed, bias, activation, alpha, limit): Mixtral, GPT-OSS, Nemotron-H.
+_LAYOUTS = (
+    (torch.float32, True, False, False, False, "silu", 0.0, 0.0),
+    (torch.bfloat16, True, True, True, True, "clamped_swiglu", 1.702, 7.0),
+    (torch.float16, False, False, False, False, "relu2", 0.0, 0.0),
+)
+
+
+@sample_builder("dali::cpu_experts")
+def _cpu_experts_samples(register: Register) -> list[tuple]:
+    """Three layouts x T in {1, 5} x int64/int32 ids, with no mask and with a mask selecting half the experts."""
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for dtype, gated, interleaved, transposed, bias, act, alpha, limit in _LAYOUTS:
+        weights = _layer(dtype, gated, interleaved, transposed, bias, gen)
+        for T, ids_dtype in ((1, torch.int64), (5, torch.int32)):
+            for mask in (None, torch.tensor([True, False, True, False])):
+                routing = _routing(T, dtype, ids_dtype, gen)
+                samples.append((*routing, *weights, mask, gated, interleaved, transposed, act, alpha, limit))
+    return samples
+
+
+def _empty_job_args(gen, T):
+    dtype, gated, interleaved, transposed, bias, act, alpha, limit = _LAYOUTS[1]
+    weights = _layer(dtype, gated, interleaved, transposed, bias, gen)
+    mask = torch.zeros(E, dtype=torch.bool)  # every expert stays on the GPU: nothing for the CPU
+    return (*_routing(T, dtype, torch.int64, gen), *weights, mask, gated, interleaved, transposed, act, alpha, limit)
+
+
+@sample_builder("dali::cpu_experts_submit")
+def _cpu_experts_submit_samples(register: Register) -> list[tuple]:
+    """The empty job (see the module docstring), T in {1, 5}."""
+    gen = torch.Generator().manual_seed(1)
+    return [_empty_job_args(gen, T) for T in (1, 5)]
+
+
+@sample_builder("dali::cpu_experts_wait")
+def _cpu_experts_wait_samples(register: Register) -> list[tuple]:
+    """Waits on the empty job, T in {1, 5}: zeros [T, K, H] fp32, like every real wait's result."""
+    gen = torch.Generator().manual_seed(2)
+    samples = []
+    for T in (1, 5):
+        args = _empty_job_args(gen, T)
+        handle = torch.ops.dali.cpu_experts_submit(*args)
+        samples.append((handle, args[0], args[1]))
+    return samples
