@@ -13,8 +13,9 @@ gets n tokens; bf16 and fp32. The weights cycle through enough copies ("layers")
 --min-bytes, so no call finds the previous call's weights in the last-level cache: a real model
 streams every layer's experts from DRAM too.
 
-Per point, the median of timed runs after warm-up (adaptive count: at least --repeats runs or
---budget seconds):
+Per point, the median of timed runs after warm-up, torch and ours alternating call by call so
+that drifting load on a shared machine hits both alike (at least --repeats rounds, more while they
+fit --budget seconds):
 - torch: transformers' eager experts loop in the weight dtype (per expert F.linear gate/up, act * up,
   F.linear down, weighted index_add), the baseline a CPU user has today; not the fp32-upcast
   reference, which is artificially slow;
@@ -78,19 +79,20 @@ class Result:
     threads: int
 
 
-def timed_ms(fn, warmup: int, repeats: int, budget_s: float) -> float:
-    """Median milliseconds of fn() over at least `repeats` runs (or as many as fit `budget_s`), after warm-up."""
+def paired_ms(fns, warmup: int, repeats: int, budget_s: float) -> list[float]:
+    """Median milliseconds of each fn, timed in alternation (so drifting machine load hits every side
+    alike), over at least `repeats` rounds or as many as fit `budget_s`, after `warmup` rounds."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     deadline = time.perf_counter() + budget_s
-    while len(times) < repeats or (time.perf_counter() < deadline and len(times) < 10 * repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        if len(times) >= 2 and time.perf_counter() > deadline:
-            break
-    return statistics.median(times) * 1e3
+    while len(times[0]) < repeats or (time.perf_counter() < deadline and len(times[0]) < 10 * repeats):
+        for fn, bucket in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) * 1e3 for bucket in times]
 
 
 def torch_experts(hidden, ids, weights, up, down) -> torch.Tensor:
@@ -151,8 +153,7 @@ def bench_point(model: ModelShape, dtype_name: str, n: int, layers, bandwidth: f
     want = theirs(up0, down0).float()
     diff = float((ours(up0, down0).float() - want).abs().max() / want.abs().max())
     warmup = 1 if n >= 64 else 2
-    torch_ms = timed_ms(cycling(theirs, layers), warmup, args.repeats, args.budget)
-    ours_ms = timed_ms(cycling(ours, layers), warmup, args.repeats, args.budget)
+    torch_ms, ours_ms = paired_ms([cycling(theirs, layers), cycling(ours, layers)], warmup, args.repeats, args.budget)
     weight_bytes = K * 3 * H * I * torch.finfo(dtype).bits // 8
     gb_s = weight_bytes / (ours_ms * 1e-3) / 1e9
     gflop_s = 2 * n * K * 3 * H * I / (ours_ms * 1e-3) / 1e9
@@ -219,7 +220,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="Qwen3 and OLMoE, n in {1, 16}")
     parser.add_argument("--crossover", action="store_true", help="fp32 streaming kernels vs ATen GEMM by n")
     parser.add_argument("--repeats", type=int, default=3, help="minimum timed runs per point")
-    parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per point and side")
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per point")
     parser.add_argument("--min-bytes", type=int, default=512 << 20,
                         help="weights cycled through per point, >> last-level cache (default: 512 MiB)")
     parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: physical cores)")

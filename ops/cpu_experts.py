@@ -186,18 +186,22 @@ class _ReferenceJobs:
 _reference_jobs = _ReferenceJobs()
 
 
-def _on_cpu(*tensors) -> bool:
-    return all(t is None or t.device.type == "cpu" for t in tensors)
+def _native(*tensors) -> bool:
+    """True when the C++ CPU kernels can take this call: all tensors on the CPU and the library loaded
+    (loading registers them for the CPU key, so re-dispatching reaches C++, not this function again)."""
+    if not all(t is None or t.device.type == "cpu" for t in tensors) or not cpu_extension.cpu_extension_available():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(NAME, "CPU")
 
 
 def _cpu_experts_composite(*args):
-    if _on_cpu(*args[:8]) and cpu_extension.cpu_extension_available():
-        return torch.ops.dali.cpu_experts.default(*args)  # the C++ kernel, registered by the load
+    if _native(*args[:8]):
+        return torch.ops.dali.cpu_experts.default(*args)
     return cpu_experts_reference(*args)
 
 
 def _cpu_experts_submit_composite(*args):
-    if _on_cpu(*args[:8]) and cpu_extension.cpu_extension_available():
+    if _native(*args[:8]):
         return torch.ops.dali.cpu_experts_submit.default(*args)
     expert_mask = args[7]
     if expert_mask is not None and not bool(expert_mask[args[1].reshape(-1).long()].any()):
@@ -208,7 +212,7 @@ def _cpu_experts_submit_composite(*args):
 
 
 def _cpu_experts_wait_composite(handle, hidden, topk_ids):
-    if _on_cpu(handle, hidden, topk_ids) and cpu_extension.cpu_extension_available():
+    if _native(handle, hidden, topk_ids):
         return torch.ops.dali.cpu_experts_wait.default(handle, hidden, topk_ids)
     if handle.dtype != torch.int64 or handle.numel() != 1:
         raise ValueError(f"{WAIT_NAME}: handle must be the int64 [1] tensor returned by {SUBMIT_NAME}")

@@ -34,10 +34,10 @@ std::atomic<const KernelTable*>& active_table() {
   return table;
 }
 
-// Off by default: on the 2-core AVX2 development machine the streaming kernels beat ATen's fp32 GEMM
-// at every size up to 256 tokens per expert (benchmarks/bench_cpu_experts.py --crossover). Where
-// MKL/oneDNN win (wider cores, idle OpenMP pool), set the crossover with
-// cpu_extension.set_dense_gemm_min_tokens(n).
+// fp32 experts with this many tokens use ATen's GEMM. Measured on the 2-core AVX2 development machine
+// (benchmarks/bench_cpu_experts.py): the streaming kernels win up to 64 tokens per expert everywhere
+// and up to 256 for Mixtral's large experts; MKL wins at 256 for the smaller experts when the machine
+// is idle (under load its OpenMP threads collapse, ours do not). Set with set_dense_gemm_min_tokens.
 constexpr int64_t kDefaultDenseGemmMinTokens = 256;
 std::atomic<int64_t> g_dense_gemm_min_tokens{kDefaultDenseGemmMinTokens};
 

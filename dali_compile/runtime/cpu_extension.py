@@ -56,6 +56,7 @@ STALE_LOCK_SECONDS = 600
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
+_library_path: str | None = None
 _load_attempted = False
 
 
@@ -109,6 +110,8 @@ def _build_and_load() -> ctypes.CDLL:
         verbose=False,
     )
     log.info("loaded %s in %.1f s", path, time.perf_counter() - start)
+    global _library_path
+    _library_path = path
     # The library is already loaded (registering the kernels); this only looks up its C functions.
     lib = ctypes.CDLL(path)
     lib.dali_cpu_get_num_threads.restype = ctypes.c_int
@@ -169,6 +172,11 @@ def _loaded() -> ctypes.CDLL | None:
 def cpu_extension_available() -> bool:
     """Whether the C++ CPU kernels are registered; builds and loads them on the first call."""
     return _loaded() is not None
+
+
+def library_path() -> str | None:
+    """The loaded shared library (None without the extension)."""
+    return _library_path if _loaded() is not None else None
 
 
 def _require() -> ctypes.CDLL:
