@@ -13,9 +13,9 @@ gets n tokens; bf16 and fp32. The weights cycle through enough copies ("layers")
 --min-bytes, so no call finds the previous call's weights in the last-level cache: a real model
 streams every layer's experts from DRAM too.
 
-Per point, the median of timed runs after warm-up, torch and ours alternating call by call so
-that drifting load on a shared machine hits both alike (at least --repeats rounds, more while they
-fit --budget seconds):
+Per point, the median per call after warm-up, torch and ours alternating in blocks of up to 4
+calls back to back (consecutive layers of a decode loop; alternation so that drifting load on a
+shared machine hits both alike), at least --repeats rounds, more while they fit --budget seconds:
 - torch: transformers' eager experts loop in the weight dtype (per expert F.linear gate/up, act * up,
   F.linear down, weighted index_add), the baseline a CPU user has today; not the fp32-upcast
   reference, which is artificially slow;
@@ -25,7 +25,8 @@ The physical limit is measured in the same run: streaming read bandwidth on the 
 (`cpu_extension.read_bandwidth_gbps`, 1 GiB buffer; torch's own `sum` is printed next to it), again
 before each model and dtype, since a shared machine's load drifts. Columns: ms, GB/s of expert
 weights read (each read once per call), GFLOP/s, speedup = torch ms / ours ms, the fraction of the
-bandwidth measured last, and that bandwidth. Prints a table, writes a CSV.
+bandwidth measured last, that bandwidth, and the load average (the development machine is shared:
+torch's OpenMP loop degrades by up to 50x under load, ours by far less). Prints a table, writes a CSV.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -74,24 +76,41 @@ class Result:
     gflop_s: float
     bandwidth_fraction: float
     read_bandwidth_gb_s: float  # measured just before this model and dtype's points
+    load: float  # 1-minute load average when the point finished: other processes share these cores
     max_rel_diff: float
     isa: str
     threads: int
 
 
+# Rounds alternate between the sides; within a round a side runs up to BLOCK calls back to back, as
+# consecutive MoE layers do, so its threads are warm as in a decode loop (slow calls run alone). The
+# pause between blocks lets the other side's spinning threads (torch's OpenMP pool, ours) go quiet.
+BLOCK = 4
+BLOCK_SECONDS = 0.25
+COOLDOWN_S = 0.005
+
+
 def paired_ms(fns, warmup: int, repeats: int, budget_s: float) -> list[float]:
-    """Median milliseconds of each fn, timed in alternation (so drifting machine load hits every side
-    alike), over at least `repeats` rounds or as many as fit `budget_s`, after `warmup` rounds."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    deadline = time.perf_counter() + budget_s
-    while len(times[0]) < repeats or (time.perf_counter() < deadline and len(times[0]) < 10 * repeats):
-        for fn, bucket in zip(fns, times, strict=True):
+    """Median milliseconds per call of each fn, timed in alternating blocks (so drifting machine load
+    hits every side alike), over at least `repeats` rounds or as many as fit `budget_s`, after warm-up."""
+    blocks = []
+    for fn in fns:
+        for _ in range(warmup):
             start = time.perf_counter()
             fn()
-            bucket.append(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+        blocks.append(max(1, min(BLOCK, int(BLOCK_SECONDS / elapsed))))
+    times = [[] for _ in fns]
+    deadline = time.perf_counter() + budget_s
+    rounds = 0
+    while rounds < repeats or (time.perf_counter() < deadline and rounds < 10 * repeats):
+        for fn, block, bucket in zip(fns, blocks, times, strict=True):
+            time.sleep(COOLDOWN_S)
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                bucket.append(time.perf_counter() - start)
+        rounds += 1
     return [statistics.median(bucket) * 1e3 for bucket in times]
 
 
@@ -152,14 +171,14 @@ def bench_point(model: ModelShape, dtype_name: str, n: int, layers, bandwidth: f
     up0, down0 = layers[0]
     want = theirs(up0, down0).float()
     diff = float((ours(up0, down0).float() - want).abs().max() / want.abs().max())
-    warmup = 1 if n >= 64 else 2
+    warmup = 1 if n >= 64 else 2  # the last warm-up call also sizes the blocks
     torch_ms, ours_ms = paired_ms([cycling(theirs, layers), cycling(ours, layers)], warmup, args.repeats, args.budget)
     weight_bytes = K * 3 * H * I * torch.finfo(dtype).bits // 8
     gb_s = weight_bytes / (ours_ms * 1e-3) / 1e9
     gflop_s = 2 * n * K * 3 * H * I / (ours_ms * 1e-3) / 1e9
     return Result(
         model.name, dtype_name, n, torch_ms, ours_ms, torch_ms / ours_ms, gb_s, gflop_s, gb_s / bandwidth, bandwidth,
-        diff, cpu_extension.cpu_isa(), cpu_extension.get_num_threads(),
+        os.getloadavg()[0], diff, cpu_extension.cpu_isa(), cpu_extension.get_num_threads(),
     )
 
 
@@ -189,13 +208,13 @@ def print_header(bandwidth: float, torch_sum: float) -> None:
     print(f"streaming read bandwidth: {bandwidth:.1f} GB/s (runtime threads; torch sum: {torch_sum:.1f} GB/s)")
     print("torch baseline: transformers' eager experts loop, F.linear in the weight dtype")
     print(f"{'model':<18} {'dtype':<5} {'n':>4} {'torch ms':>10} {'ours ms':>9} {'speedup':>8} "
-          f"{'GB/s':>6} {'GFLOP/s':>8} {'of BW':>6} {'BW':>5} {'rel diff':>9}")
+          f"{'GB/s':>6} {'GFLOP/s':>8} {'of BW':>6} {'BW':>5} {'load':>5} {'rel diff':>9}")
 
 
 def print_row(r: Result) -> None:
     print(f"{r.model:<18} {r.dtype:<5} {r.tokens_per_expert:>4} {r.torch_ms:>10.2f} {r.ours_ms:>9.2f} "
           f"{r.speedup:>7.2f}x {r.weight_gb_s:>6.1f} {r.gflop_s:>8.1f} {r.bandwidth_fraction:>6.0%} "
-          f"{r.read_bandwidth_gb_s:>5.1f} {r.max_rel_diff:>9.1e}", flush=True)
+          f"{r.read_bandwidth_gb_s:>5.1f} {r.load:>5.1f} {r.max_rel_diff:>9.1e}", flush=True)
 
 
 def torch_sum_bandwidth(num_bytes: int) -> float:
@@ -219,7 +238,7 @@ def parse_args(argv=None):
                         help="tokens per expert (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="Qwen3 and OLMoE, n in {1, 16}")
     parser.add_argument("--crossover", action="store_true", help="fp32 streaming kernels vs ATen GEMM by n")
-    parser.add_argument("--repeats", type=int, default=3, help="minimum timed runs per point")
+    parser.add_argument("--repeats", type=int, default=2, help="minimum rounds (blocks of calls per side) per point")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per point")
     parser.add_argument("--min-bytes", type=int, default=512 << 20,
                         help="weights cycled through per point, >> last-level cache (default: 512 MiB)")

@@ -51,6 +51,11 @@ def rewrite_graph(gm: GraphModule, example_inputs, config: DaliConfig | None = N
 def dali_backend(gm: GraphModule, example_inputs, options=None):
     """torch.compile backend entry: rewrite MoE expert dispatch into dali::moe_hybrid calls."""
     config = DaliConfig.from_options(options)
+    if config.cpu_threads:
+        from dali_compile.runtime import cpu_extension
+
+        if cpu_extension.cpu_extension_available():
+            cpu_extension.set_num_threads(config.cpu_threads)
     gm, ctx = rewrite_graph(gm, example_inputs, config)
     if config.inductor:
         from torch._inductor.compile_fx import compile_fx

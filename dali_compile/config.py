@@ -25,6 +25,15 @@ class DaliConfig:
     strict: bool = False
     # Replace MoE regions at all (False: the backend only reports what it would do, and runs the original).
     rewrite: bool = True
+    # Threads of the C++ CPU expert runtime's pool (0: leave it as it is, by default the physical cores
+    # or DALI_CPU_THREADS). The pool is per process, so the last compile that sets it wins.
+    cpu_threads: int = 0
+
+    def __post_init__(self):
+        if self.cpu_threads < 0:
+            raise DaliOptionError(
+                f"dali: option 'cpu_threads' must be >= 0 (0: physical cores), got {self.cpu_threads}"
+            )
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> DaliConfig:

@@ -15,8 +15,9 @@ splitting the experts between the CPU (mask) and the GPU (~mask) changes nothing
 Weights are the model's own tensors, read in place: up [E, X, H] (transposed [E, H, X]), down
 [E, H, I] (transposed [E, I, H]), biases up [E, X], down [E, H]; gated rows are [gate; up] or
 interleaved (gate 0::2, up 1::2), exactly as `ExpertLayout` and `expert_math` define them.
-`alpha`/`limit` only matter for clamped_swiglu. hidden and the weights share one dtype (float32,
-bfloat16 or float16); ids are int64 or int32; topk_weights any float dtype.
+`alpha` only matters for clamped_swiglu, `limit` for clamped_swiglu and clamped_silu. hidden and
+the weights share one dtype (float32, bfloat16 or float16); ids are int64 or int32; topk_weights
+any float dtype.
 
 The schemas are declared here and only here. The CPU kernels are C++ (csrc/, registered when
 `dali_compile.runtime.cpu_extension` loads the library); the CompositeExplicitAutograd kernels

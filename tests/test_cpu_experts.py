@@ -45,6 +45,7 @@ LAYOUTS = {  # one per family shape, covering every activation
     "interleaved_bias": ExpertLayout(Activation("gelu_tanh"), interleaved=True, has_bias=True),
     "nogate_transposed_bias": ExpertLayout(Activation("quick_gelu"), gated=False, transposed=True, has_bias=True),
     "relu": ExpertLayout(Activation("relu")),
+    "deepseek_v4": ExpertLayout(Activation("clamped_silu", limit=0.7)),
 }
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

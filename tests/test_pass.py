@@ -163,6 +163,27 @@ def test_options_are_validated_by_name():
         torch.compile(model, backend="dali", options={"inductor": "no"})(torch.randn(2, 4))
 
 
+def test_cpu_threads_option_sizes_the_runtime_pool():
+    from dali_compile.runtime import cpu_extension
+
+    if not cpu_extension.cpu_extension_available():
+        pytest.skip("the C++ CPU runtime is not built here")
+    with pytest.raises(Exception, match="'cpu_threads' must be >= 0"):
+        torch.compile(torch.nn.Linear(4, 4), backend="dali", options={"cpu_threads": -1})(torch.randn(2, 4))
+    torch._dynamo.reset()
+    before = cpu_extension.get_num_threads()
+    try:
+        model = tiny_model("qwen3_moe")
+        ids = torch.randint(0, 96, (1, 4))
+        with torch.no_grad():
+            want = model(ids).logits
+            got = torch.compile(model, backend="dali", options={"inductor": False, "cpu_threads": 1})(ids).logits
+        assert cpu_extension.get_num_threads() == 1
+        assert relative_max_error(got, want) <= FP32_RTOL
+    finally:
+        cpu_extension.set_num_threads(before)
+
+
 def test_strict_mode_raises_on_a_refused_region(fresh_graph_break_warning):
     model = tiny_model("mixtral", experts_implementation="eager")
     with pytest.raises(Exception, match="strict"), pytest.warns(UserWarning):

@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <vector>
 
 namespace dali_cpu {
@@ -80,6 +82,13 @@ int64_t choose_block(int64_t units, int64_t num_groups, int num_threads, int64_t
   return std::min(block, std::max<int64_t>(1, units));
 }
 
+// The largest block (a multiple of align, at most max_block) whose weights fit kReusedBlockBytes.
+constexpr int64_t kReusedBlockBytes = 256 * 1024;  // half of a small L2, leaving room for x and outputs
+int64_t cache_block(int64_t unit_bytes, int64_t align, int64_t max_block) {
+  const int64_t units = kReusedBlockBytes / std::max<int64_t>(1, unit_bytes);
+  return std::max(align, std::min(max_block, units / align * align));
+}
+
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 inline float activate(Activation act, float x) {
@@ -130,6 +139,25 @@ inline const char* offset(const void* base, DType dtype, int64_t elements) {
   return static_cast<const char*>(base) + elements * dtype_size(dtype);
 }
 
+// fp32 buffers on cache-line boundaries: the vector loads never split a line, and ATen's GEMM
+// (DenseGemm) takes its fast path on 64-byte aligned operands.
+class AlignedFloats {
+ public:
+  void resize(int64_t count) {
+    if (count <= capacity_) return;
+    data_.reset(static_cast<float*>(::operator new(sizeof(float) * count, std::align_val_t{64})));
+    capacity_ = count;
+  }
+  float* data() { return data_.get(); }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { ::operator delete(p, std::align_val_t{64}); }
+  };
+  std::unique_ptr<float, Free> data_;
+  int64_t capacity_ = 0;
+};
+
 std::vector<float>& scratch() {
   thread_local std::vector<float> buffer;
   return buffer;
@@ -164,11 +192,18 @@ class ExpertRun {
     const int threads = pool_.num_threads();
     const int64_t groups = static_cast<int64_t>(groups_list.size());
     // Row blocks (dot form) are multiples of the 4-row tile; column blocks (axpy form) are wide, so
-    // each weight row is read in runs of up to 1 KiB (bf16).
+    // each weight row is read in runs of up to 1 KiB (bf16). With more than one token group, a
+    // task's weight block is read again for every group of 3 tokens: keep it within L2 then.
     const int64_t align = L_.transposed ? 16 : 4;
     const int64_t max_block = L_.transposed ? 512 : 64;
-    up_block_ = choose_block(L_.intermediate, groups, threads, align, max_block);
-    down_block_ = choose_block(L_.hidden, groups, threads, align, max_block);
+    const bool reused = groups_list.front().count > 3;  // largest expert first
+    const int64_t wsize = dtype_size(L_.dtype);
+    const int64_t up_unit_bytes = (L_.gated ? 2 : 1) * L_.hidden * wsize;  // one i: its gate and up rows
+    const int64_t down_unit_bytes = L_.intermediate * wsize;                // one h: a row of down
+    up_block_ = choose_block(L_.intermediate, groups, threads, align,
+                             reused ? cache_block(up_unit_bytes, align, max_block) : max_block);
+    down_block_ = choose_block(L_.hidden, groups, threads, align,
+                               reused ? cache_block(down_unit_bytes, align, max_block) : max_block);
     const int64_t up_blocks = (L_.intermediate + up_block_ - 1) / up_block_;
     const int64_t down_blocks = (L_.hidden + down_block_ - 1) / down_block_;
     pool_.parallel_for(groups * up_blocks, [&](int64_t task) {
@@ -182,7 +217,9 @@ class ExpertRun {
   // One fp32 expert with many tokens: two dense GEMMs, the activation and the write in between.
   void run_dense(const ExpertGroup& g) {
     const int64_t H = L_.hidden, I = L_.intermediate, X = L_.gated ? 2 * I : I, n = g.count;
-    std::vector<float> h(n * X), y(n * H);
+    AlignedFloats h, y;
+    h.resize(n * X);
+    y.resize(n * H);
     const float* up = static_cast<const float*>(L_.up) + g.expert * L_.up_expert_stride;
     const float* down = static_cast<const float*>(L_.down) + g.expert * L_.down_expert_stride;
     gemm_.fn(xs_.data() + g.first * H, H, up, L_.up_row_stride, L_.transposed, h.data(), X, n, X, H);
@@ -330,8 +367,8 @@ class ExpertRun {
   const KernelTable& k_;
   const DenseGemm& gemm_;
   SlotPlan plan_;
-  std::vector<float> xs_;   // [S, H]
-  std::vector<float> act_;  // [S, I]
+  AlignedFloats xs_;   // [S, H]
+  AlignedFloats act_;  // [S, I]
   int64_t up_block_ = 0;
   int64_t down_block_ = 0;
 };

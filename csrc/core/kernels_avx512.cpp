@@ -46,13 +46,12 @@ struct Avx512 {
 // for x that is exactly bf16 (the gathered hidden states), so rounding x to bf16 loses nothing.
 template <int R, int N>
 DALI_AVX512_BF16_TARGET void dot_tile_dpbf16(const BF16* w, int64_t ldw, int64_t len, const float* x, int64_t ldx,
-                                             float* out, int64_t ldo) {
+                                             float* out, int64_t ldo, int64_t orow) {
   __m512 acc[R][N];
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < N; ++n) acc[r][n] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 32 <= len; j += 32) {
-    for (int r = 0; r < R; ++r) Avx512::prefetch(w + (R + r) * ldw + j);  // next rows, as in dot_tile
     __m512bh xv[N];
     for (int n = 0; n < N; ++n) {
       __m512 lo = _mm512_loadu_ps(x + n * ldx + j);
@@ -68,44 +67,45 @@ DALI_AVX512_BF16_TARGET void dot_tile_dpbf16(const BF16* w, int64_t ldw, int64_t
     for (int n = 0; n < N; ++n) {
       float s = _mm512_reduce_add_ps(acc[r][n]);
       for (int64_t k = j; k < len; ++k) s += to_float(w[r * ldw + k]) * x[n * ldx + k];
-      out[n * ldo + r] = s;
+      out[n * ldo + r * orow] = s;
     }
   }
 }
 
 template <int R>
 DALI_AVX512_BF16_TARGET void dot_tile_dpbf16_n(int n, const BF16* w, int64_t ldw, int64_t len, const float* x,
-                                               int64_t ldx, float* out, int64_t ldo) {
+                                               int64_t ldx, float* out, int64_t ldo, int64_t orow) {
   switch (n) {
     case 1:
-      dot_tile_dpbf16<R, 1>(w, ldw, len, x, ldx, out, ldo);
+      dot_tile_dpbf16<R, 1>(w, ldw, len, x, ldx, out, ldo, orow);
       break;
     case 2:
-      dot_tile_dpbf16<R, 2>(w, ldw, len, x, ldx, out, ldo);
+      dot_tile_dpbf16<R, 2>(w, ldw, len, x, ldx, out, ldo, orow);
       break;
     default:
-      dot_tile_dpbf16<R, 3>(w, ldw, len, x, ldx, out, ldo);
+      dot_tile_dpbf16<R, 3>(w, ldw, len, x, ldx, out, ldo, orow);
       break;
   }
 }
 
 DALI_AVX512_BF16_TARGET void dot_rows_dpbf16(const BF16* w, int64_t ldw, int64_t rows, int64_t len, const float* x,
                                              int64_t ldx, int64_t n, float* out, int64_t ldo) {
+  const int64_t q = rows / 4;  // four streams over the block's quarters, as dot_rows_impl
   for (int64_t t = 0; t < n; t += 3) {
     const int tn = static_cast<int>(n - t < 3 ? n - t : 3);
     const float* xt = x + t * ldx;
     float* ot = out + t * ldo;
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) dot_tile_dpbf16_n<4>(tn, w + r * ldw, ldw, len, xt, ldx, ot + r, ldo);
+    for (int64_t r = 0; r < q; ++r) dot_tile_dpbf16_n<4>(tn, w + r * ldw, q * ldw, len, xt, ldx, ot + r, ldo, q);
+    const int64_t r = 4 * q;
     switch (rows - r) {
       case 3:
-        dot_tile_dpbf16_n<3>(tn, w + r * ldw, ldw, len, xt, ldx, ot + r, ldo);
+        dot_tile_dpbf16_n<3>(tn, w + r * ldw, ldw, len, xt, ldx, ot + r, ldo, 1);
         break;
       case 2:
-        dot_tile_dpbf16_n<2>(tn, w + r * ldw, ldw, len, xt, ldx, ot + r, ldo);
+        dot_tile_dpbf16_n<2>(tn, w + r * ldw, ldw, len, xt, ldx, ot + r, ldo, 1);
         break;
       case 1:
-        dot_tile_dpbf16_n<1>(tn, w + r * ldw, ldw, len, xt, ldx, ot + r, ldo);
+        dot_tile_dpbf16_n<1>(tn, w + r * ldw, ldw, len, xt, ldx, ot + r, ldo, 1);
         break;
       default:
         break;
