@@ -2,11 +2,15 @@
 
     model.forward = torch.compile(model.forward, backend="dali")
     print(dali_compile.last_report())
+
+    model = dali_compile.offload(model, device="cuda", expert_memory="12GiB")   # experts beyond the GPU
+    print(dali_compile.offload_stats(model)["total"])
 """
 
 from . import ops  # noqa: F401  (defines the dali::* ops)
 from .config import DaliConfig, DaliOptionError
 from .experts_interface import register_experts_interface
+from .offload import offload, offload_stats, release
 from .report import CompileReport, clear_reports, last_report, reports
 from .runtime import Activation, ExpertLayout, LayerSpec, layer_registry
 
@@ -22,5 +26,8 @@ __all__ = [
     "clear_reports",
     "last_report",
     "layer_registry",
+    "offload",
+    "offload_stats",
+    "release",
     "reports",
 ]

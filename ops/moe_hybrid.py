@@ -94,8 +94,12 @@ torch.library.impl(NAME, "CompositeExplicitAutograd")(moe_hybrid_reference_kerne
 
 
 def moe_hybrid_cuda_kernel(hidden, topk_ids, topk_weights, layer):
-    """All experts resident on the GPU: the Triton kernels over an identity slot table of the layer's weights."""
+    """An offloaded layer: its hybrid runtime. Otherwise all experts are resident on the GPU: the Triton
+    kernels over an identity slot table of the layer's weights."""
     check_routing_shapes(hidden, topk_ids, topk_weights)
+    hybrid = layer_registry().attached(layer)
+    if hybrid is not None:
+        return hybrid.forward(hidden, topk_ids, topk_weights)
     spec = layer_registry().get(layer)
     check_against_layer(spec, layer, hidden, topk_ids)
     identity = torch.arange(spec.num_experts, dtype=torch.int32, device=hidden.device)
@@ -108,8 +112,12 @@ torch.library.register_kernel(NAME, "cuda")(moe_hybrid_cuda_kernel)
 
 
 def moe_hybrid_cpu_kernel(hidden, topk_ids, topk_weights, layer):
-    """Every expert on the CPU: the C++ runtime (`dali::cpu_experts`; its reference when not built)."""
+    """A layer offloaded to the emulated accelerator: its hybrid runtime. Otherwise every expert on the CPU:
+    the C++ runtime (`dali::cpu_experts`; its reference when not built)."""
     check_routing_shapes(hidden, topk_ids, topk_weights)
+    hybrid = layer_registry().attached(layer)
+    if hybrid is not None:
+        return hybrid.forward(hidden, topk_ids, topk_weights)
     spec = layer_registry().get(layer)
     check_against_layer(spec, layer, hidden, topk_ids)
     contributions = cpu_experts(spec, hidden, topk_ids, topk_weights)  # [T, K, H] fp32

@@ -34,6 +34,7 @@ class LayerRegistry:
         self._lock = threading.Lock()
         self._specs: dict[int, LayerSpec] = {}
         self._by_identity: dict[tuple, int] = {}
+        self._runtimes: dict[int, object] = {}
         self._next = 0
 
     def register(self, spec: LayerSpec) -> int:
@@ -74,8 +75,23 @@ class LayerRegistry:
             # Another handle may already own these tensors; keep its entry so releasing it stays exact.
             self._by_identity.setdefault(_identity(spec), handle)
 
+    def attach(self, handle: int, runtime) -> None:
+        """Route the layer's `dali::moe_hybrid` calls to `runtime.forward` (an offloaded layer)."""
+        self.get(handle)
+        with self._lock:
+            self._runtimes[handle] = runtime
+
+    def detach(self, handle: int) -> None:
+        with self._lock:
+            self._runtimes.pop(handle, None)
+
+    def attached(self, handle: int):
+        """The runtime serving this layer, or None (then the op's device kernel runs it directly)."""
+        return self._runtimes.get(handle)
+
     def release(self, handle: int) -> None:
         with self._lock:
+            self._runtimes.pop(handle, None)
             spec = self._specs.pop(handle, None)
             if spec is not None and self._by_identity.get(_identity(spec)) == handle:
                 del self._by_identity[_identity(spec)]
@@ -84,6 +100,7 @@ class LayerRegistry:
         with self._lock:
             self._specs.clear()
             self._by_identity.clear()
+            self._runtimes.clear()
 
     def __len__(self) -> int:
         return len(self._specs)

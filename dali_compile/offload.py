@@ -1,0 +1,132 @@
+"""`dali_compile.offload`: run a MoE model whose experts do not fit the GPU.
+
+    model = dali_compile.offload(model, device="cuda", expert_memory="12GiB", policy="dali")
+    model.generate(...)                                    # eager
+    torch.compile(model, backend="dali")(...)              # or compiled
+    dali_compile.offload_stats(model)                      # hits, copies, CPU/GPU split, times
+
+Non-expert weights move to the device; expert weights stay in host memory (pinned on CUDA, in place
+of the originals: never two full copies); a pool of expert slots within `expert_memory` (a hard
+limit) holds each layer's cache and the staging slots; every experts module is switched to the "dali"
+experts implementation, so each MoE layer's step is one `dali::moe_hybrid` call that the hybrid
+runtime serves (`runtime/hybrid.py`). `device="emulated"` runs the same runtime on a CPU-only machine
+against a test double of the GPU (its timings mean nothing, its counters do).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .experts_interface import IMPLEMENTATION_NAME, UnsupportedExpertsError, register_experts_interface, spec_of_module
+from .runtime.accelerator import make_accelerator, parse_bytes
+from .runtime.hybrid import HybridRuntime
+from .runtime.planner import CostModel
+from .runtime.policies import make_policy
+from .runtime.profiling import profiled_costs
+
+_RUNTIME_ATTRIBUTE = "_dali_runtime"
+
+
+def _experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """transformers' fused experts modules (they carry the attributes `use_experts_implementation` sets)."""
+    return [(name, m) for name, m in model.named_modules()
+            if hasattr(m, "is_transposed") and isinstance(getattr(m, "down_proj", None), torch.Tensor)
+            and m.down_proj.dim() == 3]
+
+
+def _top_k(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for name in ("num_experts_per_tok", "moe_topk", "top_k"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2
+
+
+def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory: int | str = "12GiB",
+            policy: str = "dali", cost_model: CostModel | None = None, refresh_costs: bool = False,
+            **policy_options) -> nn.Module:
+    """Prepare `model` (a transformers MoE model, on the CPU) for hybrid CPU/GPU expert execution.
+
+    device: 'cuda', 'cuda:N', or 'emulated' (CPU-only test double). expert_memory: the budget for
+    expert slots on the device, bytes or a string like '12GiB' (a hard limit; below one expert is an
+    error except for policy='all_cpu'). policy: 'dali' (default), 'all_cpu', 'layerwise', 'on_demand',
+    'lru', 'cache_cpu_miss', 'threshold'; policy_options go to the policy. cost_model: skip profiling
+    (else measured on first use and stored; `refresh_costs=True` measures again). Returns the model.
+    """
+    if getattr(model, _RUNTIME_ATTRIBUTE, None) is not None:
+        raise RuntimeError("offload: this model is already offloaded (call dali_compile.release(model) first)")
+    budget = parse_bytes(expert_memory)
+    chosen = make_policy(policy, **policy_options)
+    modules = _experts_modules(model)
+    if not modules:
+        raise ValueError(f"offload: {type(model).__name__} has no fused experts module (transformers' "
+                         "@use_experts_implementation); dali offloads those")
+    if not hasattr(model, "set_experts_implementation") or not register_experts_interface():
+        raise RuntimeError("offload needs a transformers version with the experts interface (>= 5.17)")
+    try:
+        specs = [(name, spec_of_module(m, name)) for name, m in modules]
+    except UnsupportedExpertsError as error:
+        raise ValueError(f"offload: an experts module dali cannot run: {error}") from None
+    for name, spec in specs:
+        if spec.device.type != "cpu":
+            raise ValueError(f"offload: load the model on the CPU first ({name} experts are on {spec.device})")
+
+    accelerator = make_accelerator(device, budget)
+    expert_tensors = {id(t) for _, spec in specs for t in spec.tensors() if t is not None}
+    _move_non_experts(model, accelerator.device, expert_tensors)
+    if accelerator.device.type != "cpu":
+        _pin_experts(modules, accelerator)
+        specs = [(name, spec_of_module(m, name)) for name, m in modules]  # the pinned tensors
+    model.set_experts_implementation(IMPLEMENTATION_NAME)
+
+    needs_cost = cost_model is None and chosen.needs_cost
+    runtime = HybridRuntime(accelerator, specs, chosen, cost_model, _top_k(model))
+    if needs_cost:
+        if runtime.pool is None:
+            raise ValueError(f"offload: policy {policy!r} needs a cost model, and profiling needs one expert slot")
+        runtime.cost = profiled_costs(accelerator, specs[0][1], runtime.pool, runtime.pool.num_slots - 1,
+                                      refresh=refresh_costs)
+        # Profiling used the last slot as scratch: load back whatever the cache holds there.
+        runtime.restore_slot(runtime.pool.num_slots - 1)
+    setattr(model, _RUNTIME_ATTRIBUTE, runtime)
+    return model
+
+
+def runtime_of(model: nn.Module) -> HybridRuntime:
+    runtime = getattr(model, _RUNTIME_ATTRIBUTE, None)
+    if runtime is None:
+        raise ValueError("this model was not offloaded with dali_compile.offload")
+    return runtime
+
+
+def offload_stats(model: nn.Module) -> dict:
+    """Per-layer and total counters of an offloaded model: hits, misses, copies, bytes copied, experts and
+    (token, expert) pairs on the CPU and GPU, seconds planning, computing, copying and waiting."""
+    return runtime_of(model).stats()
+
+
+def release(model: nn.Module) -> None:
+    """Detach the model's layers from the runtime and free its expert memory (the model stays offloaded in
+    layout: call offload again to run it)."""
+    runtime_of(model).close()
+    setattr(model, _RUNTIME_ATTRIBUTE, None)
+
+
+def _move_non_experts(model: nn.Module, device: torch.device, expert_tensors: set[int]) -> None:
+    if device.type == "cpu":
+        return
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and id(param) not in expert_tensors:
+                param.data = param.data.to(device)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+
+
+def _pin_experts(modules, accelerator) -> None:
+    for _, module in modules:
+        for param in module.parameters(recurse=False):
+            param.data = accelerator.prepare_host_weight(param.data)  # one tensor at a time: no full second copy

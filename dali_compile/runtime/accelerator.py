@@ -1,0 +1,261 @@
+"""Where GPU experts live and run: one interface, CUDA behind it, and an emulated device for CPU-only CI.
+
+The hybrid runtime never touches `torch.cuda` directly. It asks an `Accelerator` to
+
+- allocate expert slots from a memory pool whose budget is a hard limit (`allocate`);
+- copy host weights into a slot on a copy stream, after a given compute point (`copy_async`),
+  returning an `Event`;
+- make its compute wait for a copy (`wait`), and mark points of its compute (`record`);
+- move small tensors between host and device (`to_device`, `to_host`).
+
+`CudaAccelerator` maps these to a CUDA copy stream and events. `EmulatedAccelerator` is a test double
+with the same interface: device tensors are CPU tensors counted against its own pool, copies run on one
+worker thread (so the copy pipeline's ordering is exercised for real), and GPU experts run
+`dali::gpu_experts`' CPU kernel (the reference through the slot table). Its timings mean nothing; its
+counters and results do.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class ExpertMemoryError(RuntimeError):
+    """The expert memory budget cannot hold what was asked of it."""
+
+
+def parse_bytes(value: int | str) -> int:
+    """`12GiB`, `1.5 GB`, `512MiB`, `0`, or an int number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise TypeError(f"expert memory must be bytes (int) or a string like '12GiB', got {value!r}")
+    if isinstance(value, int):
+        number, unit = float(value), ""
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"expert memory {value!r}: expected a size like '12GiB', '512MB' or a number of bytes")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    else:
+        raise TypeError(f"expert memory must be bytes (int) or a string like '12GiB', got {type(value).__name__}")
+    if number < 0:
+        raise ValueError(f"expert memory must be >= 0, got {value!r}")
+    return int(number * _UNITS[unit])
+
+
+class MemoryPool:
+    """Counts the bytes the runtime allocates for experts; going over the budget is an error, never a
+    silent overrun."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = int(budget_bytes)
+        self.used_bytes = 0
+        self.peak_bytes = 0
+
+    def reserve(self, num_bytes: int, what: str) -> None:
+        if self.used_bytes + num_bytes > self.budget_bytes:
+            raise ExpertMemoryError(
+                f"{what} needs {num_bytes} bytes but only {self.budget_bytes - self.used_bytes} of the "
+                f"{self.budget_bytes}-byte expert budget are left"
+            )
+        self.used_bytes += num_bytes
+        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+
+    def release(self, num_bytes: int) -> None:
+        self.used_bytes -= num_bytes
+
+
+class Event:
+    """A point in the accelerator's work; `done()` without blocking, `synchronize()` to block the host."""
+
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        raise NotImplementedError
+
+
+class Accelerator:
+    """Interface of the device that runs GPU experts; see the module docstring."""
+
+    name = "accelerator"
+    emulated = False
+
+    def __init__(self, device: torch.device, budget_bytes: int):
+        self.device = torch.device(device)
+        self.pool = MemoryPool(budget_bytes)
+
+    def allocate(self, shape, dtype: torch.dtype, what: str) -> torch.Tensor:
+        """An uninitialised tensor on the device, counted against the expert budget."""
+        num_bytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        self.pool.reserve(num_bytes, what)
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def copy_async(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event:
+        """Copy host `src` into device `dst` on the copy stream, once `after` (a compute point) is reached."""
+        raise NotImplementedError
+
+    def record(self) -> Event:
+        """The current point of the compute stream."""
+        raise NotImplementedError
+
+    def wait(self, event: Event) -> None:
+        """Compute issued from now on runs after `event` (the host does not block where it need not)."""
+        raise NotImplementedError
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to("cpu")
+
+    def synchronize(self) -> None:
+        raise NotImplementedError
+
+    def prepare_host_weight(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The host tensor the copies will read (CUDA: pinned); may replace the original's storage."""
+        return tensor
+
+    def close(self) -> None:
+        pass
+
+
+class _DoneEvent(Event):
+    def done(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+DONE = _DoneEvent()
+
+
+class _FutureEvent(Event):
+    def __init__(self, future: Future):
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def synchronize(self) -> None:
+        self._future.result()  # re-raises a failed copy here
+
+
+class EmulatedAccelerator(Accelerator):
+    """CPU tensors play device memory; one worker thread plays the copy engine.
+
+    Compute runs synchronously in the calling thread, so a compute point is reached when it is recorded;
+    `wait` blocks the caller until the copy is done, which is what a device stream waiting on an event
+    amounts to for the host code that follows.
+    """
+
+    name = "emulated"
+    emulated = True
+
+    def __init__(self, budget_bytes: int):
+        super().__init__(torch.device("cpu"), budget_bytes)
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-emulated-copy")
+        self._lock = threading.Lock()
+        self._last: Future | None = None
+
+    def copy_async(self, dst, src, after):
+        if after is not None:
+            after.synchronize()  # emulated compute is synchronous: the point is already reached
+
+        def copy():
+            with torch.no_grad():  # grad mode is per thread; the copy is never part of a graph
+                dst.copy_(src)
+
+        with self._lock:
+            future = self._copier.submit(copy)
+            self._last = future
+        return _FutureEvent(future)
+
+    def record(self) -> Event:
+        return DONE
+
+    def wait(self, event: Event) -> None:
+        event.synchronize()
+
+    def to_device(self, tensor):
+        return tensor
+
+    def synchronize(self) -> None:
+        with self._lock:
+            last = self._last
+        if last is not None:
+            last.result()
+
+    def close(self) -> None:
+        self._copier.shutdown(wait=True)
+
+
+class _CudaEvent(Event):
+    def __init__(self, event):
+        self.event = event
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def synchronize(self) -> None:
+        self.event.synchronize()
+
+
+class CudaAccelerator(Accelerator):
+    """A CUDA device: a dedicated copy stream, events between it and the compute (current) stream."""
+
+    name = "cuda"
+
+    def __init__(self, device: torch.device | str, budget_bytes: int):
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"CudaAccelerator needs a cuda device, got {device}")
+        if not torch.cuda.is_available():
+            raise RuntimeError("offload to cuda: torch.cuda is not available on this machine (use device='emulated')")
+        super().__init__(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()),
+                         budget_bytes)
+        self.copy_stream = torch.cuda.Stream(device=self.device)
+
+    def copy_async(self, dst, src, after):
+        with torch.cuda.stream(self.copy_stream):
+            if after is not None:
+                self.copy_stream.wait_event(after.event)
+            with torch.no_grad():
+                dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return _CudaEvent(event)
+
+    def record(self) -> Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return _CudaEvent(event)
+
+    def wait(self, event: Event) -> None:
+        if isinstance(event, _CudaEvent):
+            torch.cuda.current_stream(self.device).wait_event(event.event)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def prepare_host_weight(self, tensor):
+        # Pinned memory makes the copies asynchronous DMA; pin_memory() returns a pinned copy, and the
+        # caller swaps it in for the original, which is then freed: never two full copies of a layer.
+        return tensor if tensor.is_pinned() else tensor.pin_memory()
+
+
+def make_accelerator(device: str | torch.device, budget_bytes: int) -> Accelerator:
+    """'cuda' / 'cuda:N' -> CudaAccelerator; 'emulated' -> EmulatedAccelerator (CPU-only test double)."""
+    if isinstance(device, str) and device == "emulated":
+        return EmulatedAccelerator(budget_bytes)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return CudaAccelerator(device, budget_bytes)
+    raise ValueError(f"offload: device must be 'cuda', 'cuda:N' or 'emulated' (the CPU test double), got {device}")

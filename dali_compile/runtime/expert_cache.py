@@ -1,0 +1,117 @@
+"""GPU expert memory: one pool of expert slots for all MoE layers, split into per-layer caches and
+staging slots shared by the layers.
+
+# N slots, E experts per layer, X = 2I (gated) or I
+
+    SlotPool     up [N, X, H] (transposed [N, H, X]), down [N, H, I] (transposed [N, I, H]), biases
+                 [N, X] and [N, H]: allocated once from the accelerator's budget (a hard limit).
+    LayerCache   the slots one layer owns: which expert sits in which slot, and the copy event each
+                 slot's contents become valid at.
+
+All layers share one pool so that a GPU expert kernel reads any layer's cache and staging slots
+through one slot table (`slot_of_expert[E]`, -1: not on the GPU). Only the copy into a slot
+changes its contents, and the runtime orders every copy after the compute that last read the slot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .accelerator import DONE, Accelerator, Event, ExpertMemoryError
+from .layer_spec import LayerSpec
+
+
+def expert_bytes(spec: LayerSpec) -> int:
+    """Bytes of one expert's weights (and biases): the size of one slot."""
+    return sum(t[0].numel() * t.element_size() for t in spec.tensors() if t is not None)
+
+
+def same_expert_shape(a: LayerSpec, b: LayerSpec) -> bool:
+    def kind(s: LayerSpec):
+        return s.dtype, s.layout.has_bias, [None if t is None else tuple(t.shape[1:]) for t in s.tensors()]
+
+    return kind(a) == kind(b)
+
+
+class SlotPool:
+    """`num_slots` expert-sized slots on the accelerator, shaped like `template`'s experts."""
+
+    def __init__(self, accelerator: Accelerator, template: LayerSpec, num_slots: int):
+        self.accelerator = accelerator
+        self.num_slots = num_slots
+        self.slot_bytes = expert_bytes(template)
+        self.tensors = tuple(
+            None if t is None else accelerator.allocate((num_slots, *t.shape[1:]), t.dtype, f"{num_slots} expert slots")
+            for t in template.tensors()
+        )
+        self.bytes_copied = 0
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self.tensors[0]
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self.tensors[1]
+
+    @property
+    def up_bias(self) -> torch.Tensor | None:
+        return self.tensors[2]
+
+    @property
+    def down_bias(self) -> torch.Tensor | None:
+        return self.tensors[3]
+
+    def load(self, slot: int, source: LayerSpec, expert: int, after: Event | None) -> Event:
+        """Copy expert `expert` of the host layer `source` into `slot`, after compute point `after`."""
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
+        events = [
+            self.accelerator.copy_async(dst[slot], src[expert].detach(), after)
+            for dst, src in zip(self.tensors, source.tensors(), strict=True)
+            if dst is not None
+        ]
+        self.bytes_copied += self.slot_bytes
+        return events[-1]  # the copy stream runs in order: the last copy done means all are
+
+
+class LayerCache:
+    """The cache slots of one layer: expert <-> slot, and when each slot's contents are valid."""
+
+    def __init__(self, pool: SlotPool, slots: list[int], num_experts: int):
+        self.pool = pool
+        self.slots = list(slots)
+        self.num_experts = num_experts
+        self.slot_of_expert = np.full(num_experts, -1, dtype=np.int32)
+        self.expert_in_slot: dict[int, int] = {}
+        self.ready: dict[int, Event] = {}  # slot -> the copy that fills it
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    def resident(self) -> np.ndarray:
+        return np.flatnonzero(self.slot_of_expert >= 0).astype(np.int64)
+
+    def install(self, expert: int, victim: int, source: LayerSpec, after: Event | None) -> int:
+        """Copy `expert` into the cache in place of `victim` (-1: a free slot); returns its slot."""
+        if self.slot_of_expert[expert] >= 0:
+            raise ValueError(f"expert {expert} is already cached")
+        if victim < 0:
+            free = [s for s in self.slots if s not in self.expert_in_slot]
+            if not free:
+                raise ExpertMemoryError(f"no free cache slot for expert {expert} ({self.capacity} slots)")
+            slot = free[0]
+        else:
+            slot = int(self.slot_of_expert[victim])
+            if slot < 0:
+                raise ValueError(f"victim expert {victim} is not cached")
+            self.slot_of_expert[victim] = -1
+        self.slot_of_expert[expert] = slot
+        self.expert_in_slot[slot] = expert
+        self.ready[slot] = self.pool.load(slot, source, expert, after)
+        return slot
+
+    def ready_event(self, expert: int) -> Event:
+        return self.ready.get(int(self.slot_of_expert[expert]), DONE)

@@ -1,0 +1,256 @@
+"""The hybrid runtime: each offloaded MoE layer's step, split between the CPU and the GPU.
+
+# T tokens, K top-k, E experts, H hidden
+
+Per layer and step (`HybridLayer.forward`, called by `dali::moe_hybrid` for an offloaded layer):
+
+1. count each expert's tokens (the routing comes to the host: planning needs it);
+2. ask the policy for a decision and check it (`policies.check_decision`);
+3. submit the CPU experts to the C++ runtime (asynchronous, GIL released);
+4. on the copy stream, copy admitted and staged experts into their slots, each after the compute that
+   last read the slot; meanwhile run the already-resident GPU experts (Triton on CUDA), then the
+   copied ones (in waves when there are more than staging slots);
+5. start the background copies the policy asked for (after this step's GPU work);
+6. wait for the CPU experts and combine: the CPU's and GPU's [T, K, H] fp32 contributions are
+   disjoint (exact zeros elsewhere), so their sum, then the sum over k in order, is the same number
+   whatever the split: results never depend on the policy or the budget beyond rounding.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from dali_compile.ops.cpu_experts import cpu_experts_submit, cpu_experts_wait
+from dali_compile.ops.gpu_experts import gpu_experts
+
+from .accelerator import Accelerator, Event, ExpertMemoryError
+from .expert_cache import LayerCache, SlotPool, expert_bytes, same_expert_shape
+from .layer_spec import LayerSpec
+from .planner import CostModel
+from .policies import Decision, LayerStep, Policy, check_decision
+from .registry import LayerRegistry, layer_registry
+from .stats import LayerStats, format_table, total
+
+
+class HybridRuntime:
+    """The offloaded MoE layers of one model: their caches, the shared staging slots, the policy."""
+
+    def __init__(self, accelerator: Accelerator, layers: list[tuple[str, LayerSpec]], policy: Policy,
+                 cost: CostModel | None, top_k: int, registry: LayerRegistry | None = None):
+        if not layers:
+            raise ValueError("offload: the model has no MoE experts layer dali can run")
+        template = layers[0][1]
+        for name, spec in layers[1:]:
+            if not same_expert_shape(spec, template):
+                raise ValueError(f"offload: MoE layer {name} has experts of another shape or dtype than "
+                                 f"{layers[0][0]}; layers of mixed expert shapes are not supported yet")
+        self.accelerator = accelerator
+        self.policy = policy
+        self.cost = cost
+        self.registry = registry or layer_registry()
+        self.num_experts = template.num_experts
+        self.slot_bytes = expert_bytes(template)
+        budget = accelerator.pool.budget_bytes
+        self.budget_slots = budget // self.slot_bytes
+        if policy.uses_gpu and self.budget_slots < 1:
+            raise ExpertMemoryError(
+                f"offload: the expert memory budget ({budget} bytes) is below one expert slot ({self.slot_bytes} "
+                f"bytes), the least policy {policy.name!r} needs to run an expert on the GPU; raise expert_memory "
+                "or use policy='all_cpu'"
+            )
+        self.slot_plan = policy.slot_plan(self.budget_slots, len(layers), self.num_experts, top_k)
+        if self.slot_plan.total > self.budget_slots or len(self.slot_plan.cache_slots) != len(layers):
+            raise ExpertMemoryError(f"policy {policy.name!r} planned {self.slot_plan} for {len(layers)} layers, "
+                                    f"over the budget of {self.budget_slots} slots")
+        self.pool = SlotPool(accelerator, template, self.slot_plan.total) if self.slot_plan.total else None
+        first_staging = sum(self.slot_plan.cache_slots)
+        self.staging_slots = list(range(first_staging, first_staging + self.slot_plan.staging_slots))
+        self.last_compute: Event | None = None  # the latest GPU compute point: copies into slots wait for it
+        self.layers: list[HybridLayer] = []
+        start = 0
+        for index, ((name, spec), count) in enumerate(zip(layers, self.slot_plan.cache_slots, strict=True)):
+            cache = LayerCache(self.pool, list(range(start, start + count)), self.num_experts)
+            start += count
+            for expert in policy.initial_cache(index, self.num_experts, count):
+                cache.install(expert, -1, spec, None)
+            self.layers.append(HybridLayer(self, index, name, spec, cache))
+        accelerator.synchronize()
+        self.handles = [self.registry.register(layer.spec) for layer in self.layers]
+        for handle, layer in zip(self.handles, self.layers, strict=True):
+            self.registry.attach(handle, layer)
+
+    def restore_slot(self, slot: int) -> None:
+        """Reload the cached expert that owns `slot` (after the slot was used as scratch, by profiling)."""
+        for layer in self.layers:
+            expert = layer.cache.expert_in_slot.get(slot)
+            if expert is not None:
+                layer.cache.ready[slot] = self.pool.load(slot, layer.spec, expert, None)
+        self.accelerator.synchronize()
+
+    def stats(self) -> dict:
+        """Per-layer and total counters (see `stats.LayerStats`), and the memory picture."""
+        layer_stats = [layer.stats for layer in self.layers]
+        return {
+            "policy": self.policy.name,
+            "accelerator": self.accelerator.name,
+            "budget_bytes": self.accelerator.pool.budget_bytes,
+            "expert_bytes_used": self.accelerator.pool.used_bytes,
+            "slot_bytes": self.slot_bytes,
+            "cache_slots": list(self.slot_plan.cache_slots),
+            "staging_slots": self.slot_plan.staging_slots,
+            "layers": {layer.name: s.as_dict() for layer, s in zip(self.layers, layer_stats, strict=True)},
+            "total": total(layer_stats).as_dict(),
+        }
+
+    def stats_table(self) -> str:
+        return format_table([layer.name for layer in self.layers], [layer.stats for layer in self.layers])
+
+    def reset_stats(self) -> None:
+        for layer in self.layers:
+            layer.stats = LayerStats()
+
+    def close(self) -> None:
+        """Detach the layers (their calls then fail clearly) and release the device memory."""
+        self.accelerator.synchronize()
+        for handle in self.handles:
+            self.registry.detach(handle)
+        self.accelerator.close()
+
+
+class HybridLayer:
+    """One offloaded MoE layer: `forward` is what `dali::moe_hybrid` runs for it."""
+
+    def __init__(self, runtime: HybridRuntime, index: int, name: str, spec: LayerSpec, cache: LayerCache):
+        self.runtime = runtime
+        self.index = index
+        self.name = name
+        self.spec = spec  # host weights: the CPU experts read them in place, copies read them
+        self.cache = cache
+        self.steps = 0
+        self.stats = LayerStats()
+
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        rt, acc, stats = self.runtime, self.runtime.accelerator, LayerStats()
+        start = time.perf_counter()
+        self._check(hidden)
+        E = self.spec.num_experts
+        host_ids = acc.to_host(topk_ids)
+        if host_ids.numel() and int(host_ids.min()) < 0:
+            raise IndexError(f"dali::moe_hybrid: negative expert id {int(host_ids.min())} for layer {self.name}")
+        counts = np.bincount(host_ids.reshape(-1).numpy(), minlength=E)
+        if counts.shape[0] > E:
+            raise IndexError(f"dali::moe_hybrid: expert id {counts.shape[0] - 1} out of range for layer {self.name} "
+                             f"with {E} experts")
+        experts = np.flatnonzero(counts).astype(np.int64)
+        cached = self.cache.slot_of_expert[experts] >= 0
+        step = LayerStep(self.index, self.steps, experts, counts[experts], cached, self.cache.resident(),
+                         self.cache.capacity, len(rt.staging_slots), E, rt.cost)
+        decision = rt.policy.decide(step)
+        check_decision(step, decision, rt.policy.name)
+        stats.plan_s = time.perf_counter() - start
+
+        on_gpu = np.asarray(decision.on_gpu)
+        cpu_set, gpu_set = experts[~on_gpu], experts[on_gpu]
+        job = None
+        if cpu_set.size:
+            cpu_started = time.perf_counter()
+            mask = torch.zeros(E, dtype=torch.bool)
+            mask[torch.from_numpy(cpu_set)] = True
+            host_hidden, host_weights = acc.to_host(hidden), acc.to_host(topk_weights)
+            job = (cpu_experts_submit(self.spec, host_hidden, host_ids, host_weights, mask), host_hidden, cpu_started)
+
+        gpu_started = time.perf_counter()
+        contributions = None
+        if gpu_set.size:
+            contributions = self._run_gpu(hidden, topk_ids, topk_weights, gpu_set, decision, stats)
+        stats.gpu_s = time.perf_counter() - gpu_started - stats.copy_wait_s
+        for expert, victim in decision.background:
+            self.cache.install(int(expert), int(victim), self.spec, rt.last_compute)
+            stats.copies += 1
+
+        if job is not None:
+            handle, host_hidden, cpu_started = job
+            waited = time.perf_counter()
+            cpu_part = acc.to_device(cpu_experts_wait(handle, host_hidden, host_ids))
+            stats.cpu_wait_s = time.perf_counter() - waited
+            stats.cpu_s = time.perf_counter() - cpu_started
+            contributions = cpu_part if contributions is None else contributions + cpu_part
+        if contributions is None:  # no token at all
+            contributions = torch.zeros(*topk_ids.shape, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        out = contributions.sum(dim=1).to(hidden.dtype)  # k in order, as moe_reference
+
+        stats.steps = 1
+        stats.hits, stats.misses = int(cached.sum()), int((~cached).sum())
+        stats.experts_cpu, stats.experts_gpu = int(cpu_set.size), int(gpu_set.size)
+        stats.tokens_cpu, stats.tokens_gpu = int(counts[cpu_set].sum()), int(counts[gpu_set].sum())
+        stats.bytes_copied = stats.copies * rt.slot_bytes
+        stats.total_s = time.perf_counter() - start
+        self.stats.add(stats)
+        self.steps += 1
+        return out
+
+    def _check(self, hidden: torch.Tensor) -> None:
+        acc = self.runtime.accelerator
+        if hidden.device != acc.device:
+            raise ValueError(f"dali::moe_hybrid: layer {self.name} is offloaded to {acc.name} ({acc.device}) but "
+                             f"hidden is on {hidden.device}")
+        if hidden.dtype != self.spec.dtype:
+            raise TypeError(f"dali::moe_hybrid: hidden is {hidden.dtype} but layer {self.name} weights are "
+                            f"{self.spec.dtype}")
+        if hidden.shape[1] != self.spec.hidden_size:
+            raise ValueError(f"dali::moe_hybrid: hidden size {hidden.shape[1]} does not match layer {self.name} "
+                             f"hidden size {self.spec.hidden_size}")
+
+    def _run_gpu(self, hidden, topk_ids, topk_weights, gpu_set, decision: Decision, stats: LayerStats):
+        """The GPU experts: resident ones first, while the copies of the others run; returns [T, K, H] fp32."""
+        rt, cache = self.runtime, self.cache
+        admitted = {int(e) for e, _ in decision.admit}
+        resident = [int(e) for e in gpu_set if cache.slot_of_expert[e] >= 0]
+        staged = [int(e) for e in gpu_set if cache.slot_of_expert[e] < 0 and int(e) not in admitted]
+        # Copies first (they run on the copy stream while the resident experts compute).
+        incoming = []  # (expert, slot, event) of this step's copies into cache slots
+        for expert, victim in decision.admit:
+            slot = cache.install(int(expert), int(victim), self.spec, rt.last_compute)
+            incoming.append((int(expert), slot, cache.ready[slot]))
+            stats.copies += 1
+        staging = rt.staging_slots
+        if staged and not staging:
+            raise ExpertMemoryError(f"layer {self.name}: {len(staged)} uncached GPU experts but no staging slot")
+        waves = [staged[i:i + len(staging)] for i in range(0, len(staged), len(staging))] if staged else []
+        pending = self._stage(waves[0], staging, stats) if waves else []
+
+        contributions = None
+        first_group = [(e, int(cache.slot_of_expert[e]), cache.ready_event(e)) for e in resident]
+        for group in (first_group, incoming + pending):
+            if group:
+                part = self._compute(hidden, topk_ids, topk_weights, group, stats)
+                contributions = part if contributions is None else contributions + part
+        for wave in waves[1:]:  # more staged experts than staging slots: refill after the last wave's compute
+            part = self._compute(hidden, topk_ids, topk_weights, self._stage(wave, staging, stats), stats)
+            contributions = contributions + part
+        return contributions
+
+    def _stage(self, wave: list[int], staging: list[int], stats: LayerStats) -> list[tuple[int, int, Event]]:
+        rt = self.runtime
+        group = []
+        for expert, slot in zip(wave, staging, strict=False):
+            group.append((expert, slot, rt.pool.load(slot, self.spec, expert, rt.last_compute)))
+            stats.copies += 1
+        return group
+
+    def _compute(self, hidden, topk_ids, topk_weights, group, stats: LayerStats) -> torch.Tensor:
+        rt, acc, pool = self.runtime, self.runtime.accelerator, self.runtime.pool
+        table = np.full(self.spec.num_experts, -1, dtype=np.int32)
+        waited = time.perf_counter()
+        for expert, slot, event in group:
+            table[expert] = slot
+            acc.wait(event)
+        stats.copy_wait_s += time.perf_counter() - waited
+        slot_table = acc.to_device(torch.from_numpy(table))
+        part = gpu_experts(hidden, topk_ids, topk_weights, pool.up, pool.down, pool.up_bias, pool.down_bias,
+                           slot_table, self.spec.layout)
+        rt.last_compute = acc.record()  # every later copy into a slot waits for this compute
+        return part

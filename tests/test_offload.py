@@ -1,0 +1,213 @@
+"""Offloaded models on the emulated accelerator: every policy and budget gives eager's answer.
+
+The emulated accelerator is the CUDA test double (runtime/accelerator.py): real slot pools within a
+budget, copies on a worker thread, GPU experts through `dali::gpu_experts`' reference. So these tests
+run the whole hybrid path of `dali::moe_hybrid` (plan, CPU submit/wait, staging, caches, combine).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from helpers import FP32_RTOL, compile_dali, relative_max_error
+
+import dali_compile
+from dali_compile.experts_interface import spec_of_module
+from dali_compile.offload import runtime_of
+from dali_compile.runtime.accelerator import ExpertMemoryError, parse_bytes
+from dali_compile.runtime.expert_cache import expert_bytes
+from dali_compile.runtime.planner import CostModel
+from dali_compile.runtime.policies import POLICIES
+from dali_compile.tiny_models import tiny_model
+
+FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")
+# A machine where the GPU is 10x faster than the CPU per expert and a copy costs half a CPU expert: every
+# policy then splits experts between the devices and copies some, so the tests see real mixes.
+COST = CostModel(workloads=(1, 8), cpu_seconds=(1.0, 4.0), gpu_seconds=(0.1, 0.2), transfer_seconds=0.5)
+PROMPT = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+@functools.cache
+def eager_results(family: str):
+    model = tiny_model(family)
+    with torch.no_grad():
+        logits = model(PROMPT).logits
+        tokens = model.generate(PROMPT, max_new_tokens=3, do_sample=False)
+    return logits, tokens
+
+
+def moe_geometry(model) -> tuple[int, int, int, int]:
+    """(slot bytes, MoE layers, experts per layer, top-k) of a tiny model."""
+    experts = [m for m in model.modules() if hasattr(m, "is_transposed")]
+    spec = spec_of_module(experts[0])
+    return expert_bytes(spec), len(experts), spec.num_experts, model.config.num_experts_per_tok
+
+
+def budget_bytes(model, budget: str) -> int:
+    """'none': only the staging slots (zero cached experts); 'some': half of every layer's experts cached;
+    'all': every expert fits."""
+    slot, layers, experts, top_k = moe_geometry(model)
+    cached = {"none": 0, "some": layers * experts // 2, "all": layers * experts}[budget]
+    return slot * (top_k + cached)
+
+
+@pytest.fixture
+def offloaded():
+    models = []
+
+    def make(family: str, **kwargs):
+        model = tiny_model(family)
+        kwargs.setdefault("expert_memory", budget_bytes(model, kwargs.pop("budget", "some")))
+        kwargs.setdefault("cost_model", COST)
+        models.append(dali_compile.offload(model, device="emulated", **kwargs))
+        return model
+
+    yield make
+    for model in models:
+        if getattr(model, "_dali_runtime", None) is not None:
+            dali_compile.release(model)
+
+
+@pytest.mark.parametrize("budget", ["none", "some", "all"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_policy_and_budget_matches_eager(offloaded, family, policy, budget):
+    want_logits, want_tokens = eager_results(family)
+    model = offloaded(family, policy=policy, budget=budget)
+    with torch.no_grad():
+        logits = model(PROMPT).logits  # prefill: 12 tokens
+        tokens = model.generate(PROMPT, max_new_tokens=3, do_sample=False)  # decode steps of 2 tokens
+    assert relative_max_error(logits, want_logits) <= FP32_RTOL
+    assert torch.equal(tokens, want_tokens)
+    runtime = runtime_of(model)
+    stats = dali_compile.offload_stats(model)
+    total = stats["total"]
+    assert runtime.accelerator.pool.peak_bytes <= runtime.accelerator.pool.budget_bytes
+    assert total["experts_cpu"] + total["experts_gpu"] == total["hits"] + total["misses"] > 0
+    assert total["bytes_copied"] == total["copies"] * stats["slot_bytes"]
+    if policy == "all_cpu" or (policy == "layerwise" and budget == "none"):
+        assert total["experts_gpu"] == 0 and total["copies"] == 0
+    if policy in ("on_demand", "lru"):
+        assert total["experts_cpu"] == 0
+    if budget == "all" and policy not in ("all_cpu", "on_demand"):
+        assert total["misses"] == 0  # everything cached from the start
+
+
+def test_some_budget_mixes_devices_and_copies(offloaded):
+    """The equality above must not be vacuous: with half the experts cached, dali puts experts on both
+    devices, on_demand copies every active expert, cache_cpu_miss copies misses in the background."""
+    totals = {}
+    for policy in ("dali", "on_demand", "cache_cpu_miss", "lru"):
+        model = offloaded("qwen3_moe", policy=policy)
+        with torch.no_grad():
+            model.generate(PROMPT, max_new_tokens=4, do_sample=False)
+        totals[policy] = dali_compile.offload_stats(model)["total"]
+        dali_compile.release(model)
+    assert totals["dali"]["experts_cpu"] > 0 and totals["dali"]["experts_gpu"] > 0
+    assert totals["on_demand"]["copies"] == totals["on_demand"]["experts_gpu"]
+    assert totals["cache_cpu_miss"]["copies"] > 0 and totals["cache_cpu_miss"]["experts_cpu"] > 0
+    assert totals["lru"]["copies"] > 0 and totals["lru"]["misses"] > 0
+
+
+def test_staging_waves_when_more_misses_than_slots(offloaded):
+    """on_demand with one staging slot runs every active expert through that slot, one wave each."""
+    model = tiny_model("qwen3_moe")
+    slot = moe_geometry(model)[0]
+    model = offloaded("qwen3_moe", policy="on_demand", expert_memory=slot)
+    want_logits, _ = eager_results("qwen3_moe")
+    with torch.no_grad():
+        logits = model(PROMPT).logits
+    assert relative_max_error(logits, want_logits) <= FP32_RTOL
+    assert dali_compile.offload_stats(model)["staging_slots"] == 1
+
+
+@pytest.mark.parametrize("policy", ["dali", "cache_cpu_miss"])
+def test_compiled_offloaded_model_matches_eager(offloaded, policy):
+    """torch.compile(backend="dali") on an offloaded model: one graph, the op calls the hybrid runtime."""
+    want_logits, want_tokens = eager_results("mixtral")
+    model = offloaded("mixtral", policy=policy)
+    compiled = compile_dali(model)
+    with torch.no_grad():
+        logits = compiled(PROMPT).logits
+    assert relative_max_error(logits, want_logits) <= FP32_RTOL
+    assert dali_compile.offload_stats(model)["total"]["steps"] == 2  # the compiled graph ran both MoE layers
+
+
+def test_hand_written_decode_loop_under_compile(offloaded):
+    from transformers import DynamicCache
+
+    reference = tiny_model("gpt_oss")
+    model = offloaded("gpt_oss", policy="lru")
+    forward = compile_dali(model.forward, dynamic=True)
+    outputs = []
+    for net in (reference.forward, forward):
+        cache, tokens, ids = DynamicCache(), [], PROMPT[:1]
+        with torch.no_grad():
+            for _ in range(4):
+                logits = net(input_ids=ids, past_key_values=cache, use_cache=True).logits
+                ids = logits[:, -1:].argmax(-1)
+                tokens.append(int(ids))
+        outputs.append(tokens)
+    assert outputs[0] == outputs[1]
+
+
+def test_budget_below_one_expert_is_a_clear_error():
+    model = tiny_model("mixtral")
+    slot = moe_geometry(model)[0]
+    with pytest.raises(ExpertMemoryError, match="below one expert slot"):
+        dali_compile.offload(model, device="emulated", expert_memory=slot - 1, policy="lru")
+    assert getattr(model, "_dali_runtime", None) is None
+
+
+def test_all_cpu_needs_no_expert_memory(offloaded):
+    model = offloaded("mixtral", policy="all_cpu", expert_memory=0)
+    with torch.no_grad():
+        logits = model(PROMPT).logits
+    assert relative_max_error(logits, eager_results("mixtral")[0]) <= FP32_RTOL
+    assert runtime_of(model).accelerator.pool.used_bytes == 0
+
+
+def test_bad_offload_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown policy 'fastest'"):
+        dali_compile.offload(tiny_model("mixtral"), device="emulated", expert_memory="1MiB", policy="fastest")
+    with pytest.raises(ValueError, match="device must be"):
+        dali_compile.offload(tiny_model("mixtral"), device="cpu", expert_memory="1MiB")
+    with pytest.raises(ValueError, match="expected a size"):
+        dali_compile.offload(tiny_model("mixtral"), device="emulated", expert_memory="lots")
+    with pytest.raises(ValueError, match="no fused experts module"):
+        dali_compile.offload(torch.nn.Linear(3, 3), device="emulated", expert_memory="1MiB")
+    model = dali_compile.offload(tiny_model("mixtral"), device="emulated", expert_memory="1MiB", cost_model=COST)
+    with pytest.raises(RuntimeError, match="already offloaded"):
+        dali_compile.offload(model, device="emulated", expert_memory="1MiB")
+    dali_compile.release(model)
+
+
+def test_parse_bytes():
+    assert parse_bytes("12GiB") == 12 * 2**30
+    assert parse_bytes("1.5 GB") == 1_500_000_000
+    assert parse_bytes(4096) == 4096
+    with pytest.raises(ValueError):
+        parse_bytes(-1)
+
+
+def test_hybrid_layer_rejects_wrong_device_and_dtype(offloaded):
+    model = offloaded("mixtral", policy="dali")
+    handle = runtime_of(model).handles[0]
+    ids = torch.zeros(3, 2, dtype=torch.int64)
+    weights = torch.ones(3, 2)
+    with pytest.raises(TypeError, match="bfloat16"):
+        torch.ops.dali.moe_hybrid(torch.randn(3, 32, dtype=torch.bfloat16), ids, weights, handle)
+    with pytest.raises(IndexError, match="out of range"):
+        torch.ops.dali.moe_hybrid(torch.randn(3, 32), ids + 8, weights, handle)
+
+
+def test_moe_hybrid_on_an_offloaded_layer_passes_opcheck(offloaded):
+    model = offloaded("mixtral", policy="dali")
+    handle = runtime_of(model).handles[0]
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 32, generator=generator)
+    ids = torch.randint(0, 8, (5, 2), generator=generator)
+    weights = torch.rand(5, 2, generator=generator)
+    torch.library.opcheck(torch.ops.dali.moe_hybrid.default, (hidden, ids, weights, handle))
