@@ -211,3 +211,28 @@ def test_moe_hybrid_on_an_offloaded_layer_passes_opcheck(offloaded):
     ids = torch.randint(0, 8, (5, 2), generator=generator)
     weights = torch.rand(5, 2, generator=generator)
     torch.library.opcheck(torch.ops.dali.moe_hybrid.default, (hidden, ids, weights, handle))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("budget", ["none", "some"])
+@pytest.mark.parametrize("policy", ["dali", "lru", "cache_cpu_miss", "on_demand", "threshold"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_cuda_offload_matches_eager(family, policy, budget):
+    """The same stories on a real GPU: pinned host experts, copy stream, Triton experts, eager and compiled."""
+    want_logits, want_tokens = eager_results(family)
+    model = tiny_model(family)
+    dali_compile.offload(model, device="cuda", expert_memory=budget_bytes(model, budget), policy=policy,
+                         cost_model=COST)
+    try:
+        prompt = PROMPT.cuda()
+        with torch.no_grad():
+            logits = model(prompt).logits
+            tokens = model.generate(prompt, max_new_tokens=3, do_sample=False)
+            compiled = compile_dali(model)(prompt).logits
+        assert relative_max_error(logits.cpu(), want_logits) <= 1e-4  # TF32-free fp32, other summation order
+        assert relative_max_error(compiled.cpu(), want_logits) <= 1e-4
+        assert torch.equal(tokens.cpu(), want_tokens)
+        assert all(p.is_pinned() for m in model.modules() if hasattr(m, "is_transposed") for p in m.parameters())
+    finally:
+        dali_compile.release(model)
