@@ -10,7 +10,7 @@
 from . import ops  # noqa: F401  (defines the dali::* ops)
 from .config import DaliConfig, DaliOptionError
 from .experts_interface import register_experts_interface
-from .offload import offload, offload_stats, release
+from .offload import offload, offload_stats, refresh_costs, release
 from .report import CompileReport, clear_reports, last_report, reports
 from .runtime import Activation, ExpertLayout, LayerSpec, layer_registry
 
@@ -28,6 +28,7 @@ __all__ = [
     "layer_registry",
     "offload",
     "offload_stats",
+    "refresh_costs",
     "release",
     "reports",
 ]

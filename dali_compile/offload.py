@@ -23,7 +23,6 @@ from .runtime.accelerator import make_accelerator, parse_bytes
 from .runtime.hybrid import HybridRuntime
 from .runtime.planner import CostModel
 from .runtime.policies import make_policy
-from .runtime.profiling import profiled_costs
 
 _RUNTIME_ATTRIBUTE = "_dali_runtime"
 
@@ -81,15 +80,9 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory
         specs = [(name, spec_of_module(m, name)) for name, m in modules]  # the pinned tensors
     model.set_experts_implementation(IMPLEMENTATION_NAME)
 
-    needs_cost = cost_model is None and chosen.needs_cost
     runtime = HybridRuntime(accelerator, specs, chosen, cost_model, _top_k(model))
-    if needs_cost:
-        if runtime.pool is None:
-            raise ValueError(f"offload: policy {policy!r} needs a cost model, and profiling needs one expert slot")
-        runtime.cost = profiled_costs(accelerator, specs[0][1], runtime.pool, runtime.pool.num_slots - 1,
-                                      refresh=refresh_costs)
-        # Profiling used the last slot as scratch: load back whatever the cache holds there.
-        runtime.restore_slot(runtime.pool.num_slots - 1)
+    if cost_model is None and chosen.needs_cost:
+        runtime.profile_costs(refresh=refresh_costs)
     setattr(model, _RUNTIME_ATTRIBUTE, runtime)
     return model
 
@@ -105,6 +98,11 @@ def offload_stats(model: nn.Module) -> dict:
     """Per-layer and total counters of an offloaded model: hits, misses, copies, bytes copied, experts and
     (token, expert) pairs on the CPU and GPU, seconds planning, computing, copying and waiting."""
     return runtime_of(model).stats()
+
+
+def refresh_costs(model: nn.Module) -> CostModel:
+    """Profile the offloaded model's cost model again (after a hardware or thread-count change) and store it."""
+    return runtime_of(model).profile_costs(refresh=True)
 
 
 def release(model: nn.Module) -> None:

@@ -153,6 +153,23 @@ def test_hand_written_decode_loop_under_compile(offloaded):
     assert outputs[0] == outputs[1]
 
 
+def test_dali_without_a_cost_model_profiles_once_and_refreshes_on_request(tmp_path, monkeypatch, offloaded):
+    from dali_compile.runtime import profiling
+
+    monkeypatch.setenv("DALI_COMPILE_CACHE", str(tmp_path))
+    calls = []
+    real_measure = profiling.measure_costs
+    monkeypatch.setattr(profiling, "measure_costs", lambda *args: calls.append(1) or real_measure(*args))
+    first = offloaded("mixtral", policy="dali", cost_model=None)
+    second = offloaded("mixtral", policy="threshold", cost_model=None)
+    assert len(calls) == 1  # the second start read the stored model
+    assert runtime_of(first).cost == runtime_of(second).cost
+    dali_compile.refresh_costs(first)
+    assert len(calls) == 2
+    with torch.no_grad():  # the scratch slot's cached expert was loaded back
+        assert relative_max_error(first(PROMPT).logits, eager_results("mixtral")[0]) <= FP32_RTOL
+
+
 def test_budget_below_one_expert_is_a_clear_error():
     model = tiny_model("mixtral")
     slot = moe_geometry(model)[0]

@@ -31,6 +31,7 @@ from .expert_cache import LayerCache, SlotPool, expert_bytes, same_expert_shape
 from .layer_spec import LayerSpec
 from .planner import CostModel
 from .policies import Decision, LayerStep, Policy, check_decision
+from .profiling import profiled_costs
 from .registry import LayerRegistry, layer_registry
 from .stats import LayerStats, format_table, total
 
@@ -82,8 +83,18 @@ class HybridRuntime:
         for handle, layer in zip(self.handles, self.layers, strict=True):
             self.registry.attach(handle, layer)
 
-    def restore_slot(self, slot: int) -> None:
-        """Reload the cached expert that owns `slot` (after the slot was used as scratch, by profiling)."""
+    def profile_costs(self, refresh: bool = False) -> CostModel:
+        """Measure (or read back the stored) cost model for this machine and expert shape; `refresh=True`
+        measures again. The pool's last slot is the scratch space; whatever it cached is loaded back."""
+        if self.pool is None:
+            raise ValueError(f"policy {self.policy.name!r} needs a cost model, and profiling needs one expert slot")
+        slot = self.pool.num_slots - 1
+        self.accelerator.synchronize()  # no copy may still be writing the scratch slot
+        self.cost = profiled_costs(self.accelerator, self.layers[0].spec, self.pool, slot, refresh=refresh)
+        self._restore_slot(slot)
+        return self.cost
+
+    def _restore_slot(self, slot: int) -> None:
         for layer in self.layers:
             expert = layer.cache.expert_in_slot.get(slot)
             if expert is not None:
