@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .experts_interface import IMPLEMENTATION_NAME, UnsupportedExpertsError, register_experts_interface, spec_of_module
 from .runtime.accelerator import make_accelerator, parse_bytes
-from .runtime.hybrid import HybridRuntime
+from .runtime.hybrid import HybridRuntime, plan_slots
 from .runtime.planner import CostModel
 from .runtime.policies import make_policy
 
@@ -72,6 +72,7 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory
         if spec.device.type != "cpu":
             raise ValueError(f"offload: load the model on the CPU first ({name} experts are on {spec.device})")
 
+    plan_slots(chosen, specs, budget, _top_k(model))  # refuse before anything about the model changes
     accelerator = make_accelerator(device, budget)
     expert_tensors = {id(t) for _, spec in specs for t in spec.tensors() if t is not None}
     _move_non_experts(model, accelerator.device, expert_tensors)

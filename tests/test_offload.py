@@ -176,6 +176,25 @@ def test_budget_below_one_expert_is_a_clear_error():
     with pytest.raises(ExpertMemoryError, match="below one expert slot"):
         dali_compile.offload(model, device="emulated", expert_memory=slot - 1, policy="lru")
     assert getattr(model, "_dali_runtime", None) is None
+    assert model.config._experts_implementation == "grouped_mm"  # refused before anything changed
+
+
+def test_release_frees_the_handles_and_the_host_experts():
+    import gc
+    import weakref
+
+    from dali_compile.runtime.registry import layer_registry
+
+    model = dali_compile.offload(tiny_model("mixtral"), device="emulated", expert_memory="1MiB", cost_model=COST)
+    handles = runtime_of(model).handles
+    experts = weakref.ref(model.model.layers[0].mlp.experts.down_proj)
+    dali_compile.release(model)
+    assert not any(handle in layer_registry() for handle in handles)
+    with pytest.raises(ValueError, match="not offloaded"):
+        dali_compile.offload_stats(model)
+    del model
+    gc.collect()
+    assert experts() is None  # nothing in dali_compile keeps the host experts alive
 
 
 def test_all_cpu_needs_no_expert_memory(offloaded):

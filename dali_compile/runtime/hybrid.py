@@ -30,10 +30,36 @@ from .accelerator import Accelerator, Event, ExpertMemoryError
 from .expert_cache import LayerCache, SlotPool, expert_bytes, same_expert_shape
 from .layer_spec import LayerSpec
 from .planner import CostModel
-from .policies import Decision, LayerStep, Policy, check_decision
+from .policies import Decision, LayerStep, Policy, SlotPlan, check_decision
 from .profiling import profiled_costs
 from .registry import LayerRegistry, layer_registry
 from .stats import LayerStats, format_table, total
+
+
+def plan_slots(policy: Policy, layers: list[tuple[str, LayerSpec]], budget_bytes: int, top_k: int) -> SlotPlan:
+    """The policy's split of the budget into cache and staging slots, after the checks that can refuse an
+    offload: no MoE layer, layers of mixed expert shapes, a budget below one expert slot (for a policy that
+    uses the GPU), a plan over budget. Touches nothing, so offload() calls it before changing the model."""
+    if not layers:
+        raise ValueError("offload: the model has no MoE experts layer dali can run")
+    template = layers[0][1]
+    for name, spec in layers[1:]:
+        if not same_expert_shape(spec, template):
+            raise ValueError(f"offload: MoE layer {name} has experts of another shape or dtype than "
+                             f"{layers[0][0]}; layers of mixed expert shapes are not supported yet")
+    slot_bytes = expert_bytes(template)
+    budget_slots = budget_bytes // slot_bytes
+    if policy.uses_gpu and budget_slots < 1:
+        raise ExpertMemoryError(
+            f"offload: the expert memory budget ({budget_bytes} bytes) is below one expert slot ({slot_bytes} "
+            f"bytes), the least policy {policy.name!r} needs to run an expert on the GPU; raise expert_memory "
+            "or use policy='all_cpu'"
+        )
+    plan = policy.slot_plan(budget_slots, len(layers), template.num_experts, top_k)
+    if plan.total > budget_slots or len(plan.cache_slots) != len(layers):
+        raise ExpertMemoryError(f"policy {policy.name!r} planned {plan} for {len(layers)} layers, "
+                                f"over the budget of {budget_slots} slots")
+    return plan
 
 
 class HybridRuntime:
@@ -41,31 +67,14 @@ class HybridRuntime:
 
     def __init__(self, accelerator: Accelerator, layers: list[tuple[str, LayerSpec]], policy: Policy,
                  cost: CostModel | None, top_k: int, registry: LayerRegistry | None = None):
-        if not layers:
-            raise ValueError("offload: the model has no MoE experts layer dali can run")
+        self.slot_plan = plan_slots(policy, layers, accelerator.pool.budget_bytes, top_k)
         template = layers[0][1]
-        for name, spec in layers[1:]:
-            if not same_expert_shape(spec, template):
-                raise ValueError(f"offload: MoE layer {name} has experts of another shape or dtype than "
-                                 f"{layers[0][0]}; layers of mixed expert shapes are not supported yet")
         self.accelerator = accelerator
         self.policy = policy
         self.cost = cost
         self.registry = registry or layer_registry()
         self.num_experts = template.num_experts
         self.slot_bytes = expert_bytes(template)
-        budget = accelerator.pool.budget_bytes
-        self.budget_slots = budget // self.slot_bytes
-        if policy.uses_gpu and self.budget_slots < 1:
-            raise ExpertMemoryError(
-                f"offload: the expert memory budget ({budget} bytes) is below one expert slot ({self.slot_bytes} "
-                f"bytes), the least policy {policy.name!r} needs to run an expert on the GPU; raise expert_memory "
-                "or use policy='all_cpu'"
-            )
-        self.slot_plan = policy.slot_plan(self.budget_slots, len(layers), self.num_experts, top_k)
-        if self.slot_plan.total > self.budget_slots or len(self.slot_plan.cache_slots) != len(layers):
-            raise ExpertMemoryError(f"policy {policy.name!r} planned {self.slot_plan} for {len(layers)} layers, "
-                                    f"over the budget of {self.budget_slots} slots")
         self.pool = SlotPool(accelerator, template, self.slot_plan.total) if self.slot_plan.total else None
         first_staging = sum(self.slot_plan.cache_slots)
         self.staging_slots = list(range(first_staging, first_staging + self.slot_plan.staging_slots))
@@ -124,10 +133,14 @@ class HybridRuntime:
             layer.stats = LayerStats()
 
     def close(self) -> None:
-        """Detach the layers (their calls then fail clearly) and release the device memory."""
+        """Release the layers' handles (a compiled graph still naming one then fails clearly; the registry
+        no longer holds the host experts) and the device memory."""
         self.accelerator.synchronize()
         for handle in self.handles:
-            self.registry.detach(handle)
+            self.registry.release(handle)
+        self.pool = None
+        for layer in self.layers:
+            layer.cache.pool = None
         self.accelerator.close()
 
 
