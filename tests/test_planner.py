@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dali_compile.runtime.planner import CostModel, exact_plan, greedy_plan, plan_times
+from dali_compile.runtime.planner import TABULATED_WORKLOADS, CostModel, exact_plan, greedy_plan, plan_times
 
 # A Mixtral-like machine (arXiv 2512.16473's RTX 4090 numbers, in ms): one expert costs 7.3 ms on the
 # CPU per token, 0.25 ms on the GPU, and 28 ms to copy over PCIe.
@@ -106,3 +109,105 @@ def test_greedy_never_worse_than_all_cpu_or_feasible_all_gpu_and_exact_is_best(p
         all_gpu = max(plan_times(workloads, cached, np.ones(len(experts), bool), cost))
         assert greedy.makespan <= all_gpu + 1e-9
     assert exact.makespan <= greedy.makespan + 1e-9
+
+
+# The greedy is tuned for speed (tabulated costs, a loop over Python floats). Its oracle is the greedy as
+# first written, numpy throughout; the two must agree to the bit: the same assignment and the same totals.
+
+
+def reference_greedy(workloads, cached, cost: CostModel, slots: int) -> tuple[np.ndarray, float, float]:
+    """(on_gpu, T_cpu, T_gpu): visit by |g - c| descending (stable argsort), GPU if it fits and keeps T_gpu <= T_cpu."""
+    cached = np.asarray(cached, dtype=bool)
+    cpu = cost.t_cpu(workloads)
+    gpu = np.maximum(np.where(cached, 0.0, cost.transfer_seconds), cost.t_gpu(workloads))
+    on_gpu = np.zeros(len(cpu), dtype=bool)
+    cpu_total = gpu_total = 0.0
+    copies_left = slots
+    for i in np.argsort(-np.abs(gpu - cpu), kind="stable").tolist():
+        if (cached[i] or copies_left > 0) and gpu_total + gpu[i] <= cpu_total + cpu[i]:
+            on_gpu[i] = True
+            gpu_total += gpu[i]
+            copies_left -= int(not cached[i])
+        else:
+            cpu_total += cpu[i]
+    return on_gpu, float(cpu[~on_gpu].sum()), float(gpu[on_gpu].sum())
+
+
+@st.composite
+def problems_with_ties(draw):
+    """Like `problems`, plus what the fast path must get right: ties (few distinct cost values, repeated
+    workloads), n past numpy's 8-way and 128-way summation blocks, workloads past the table (interpolated
+    per call), workload dtypes the lookup indexes with or falls back on, and fractional workloads."""
+    n = draw(st.integers(0, 140))
+    values = st.sampled_from((0.5, 1.0, 2.0, 7.3)) if draw(st.booleans()) else st.floats(0.0, 50.0)
+    cpu_points = sorted(draw(st.lists(values, min_size=3, max_size=3)))
+    gpu_points = draw(st.lists(values, min_size=3, max_size=3))  # unsorted: falling GPU costs extrapolate below 0
+    cost = CostModel((1, 8, 64), tuple(cpu_points), tuple(gpu_points), draw(st.sampled_from((0.0, 1.0, 28.0))))
+    top = draw(st.sampled_from((4, 200, TABULATED_WORKLOADS + 3)))
+    workloads = draw(st.lists(st.integers(1, top), min_size=n, max_size=n))
+    dtype = draw(st.sampled_from((np.int64, np.int32, np.uint16, np.uint64, np.float64)))
+    if dtype is np.uint16:
+        workloads = [min(w, 60000) for w in workloads]
+    workloads = np.array(workloads, dtype=dtype)
+    if dtype is np.float64 and n and draw(st.booleans()):
+        workloads[0] += 0.5  # a fractional workload (the interpolating path)
+    cached = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
+    return np.arange(n) + 100, workloads, cached, cost, draw(st.integers(0, n + 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems_with_ties())
+def test_greedy_equals_the_reference_to_the_bit(problem):
+    experts, workloads, cached, cost, slots = problem
+    plan = greedy_plan(*problem)
+    on_gpu, cpu_seconds, gpu_seconds = reference_greedy(workloads, cached, cost, slots)
+    assert plan.on_gpu.dtype == np.bool_ and plan.on_gpu.tolist() == on_gpu.tolist()
+    assert plan.experts.tolist() == experts.tolist()
+    assert (plan.cpu_seconds.hex(), plan.gpu_seconds.hex()) == (cpu_seconds.hex(), gpu_seconds.hex())
+    assert (plan.cpu_seconds, plan.gpu_seconds) == plan_times(workloads, cached, plan.on_gpu, cost)
+
+
+def test_all_equal_costs_keep_the_order_given():
+    """Eight identical cached experts tie on |g - c|: greedy visits them in the order given. Seven fit on the
+    GPU (7 x 1 ms <= 7.3 ms); the last one visited goes to the CPU, and that must be the last one given."""
+    cost = CostModel((1, 2), (7.3, 7.3), (1.0, 1.0), 28.0)
+    plan = greedy_plan(np.arange(8), np.ones(8, np.int64), np.ones(8, bool), cost, 0)
+    on_gpu, _, _ = reference_greedy(np.ones(8, np.int64), np.ones(8, bool), cost, 0)
+    assert plan.on_gpu.tolist() == on_gpu.tolist() == [True] * 7 + [False]
+
+
+def test_tabulated_costs_equal_interpolation_and_extrapolation():
+    """The cost table that greedy reads holds, for every integer workload, np.interp inside the profile and
+    the last segment's line past it: bit for bit, from the profile, not from t_cpu."""
+    cost = MIXTRAL_4090
+    w = np.arange(1, TABULATED_WORKLOADS + 1)
+    x = np.asarray(cost.workloads, dtype=np.float64)
+    for name, table in (("cpu_seconds", cost._table.cpu[1:]), ("gpu_seconds", cost._table.gpu[1:len(w) + 1])):
+        y = np.asarray(getattr(cost, name))
+        slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+        expected = np.where(w > x[-1], y[-1] + slope * (w - x[-1]), np.interp(w.astype(np.float64), x, y))
+        if name == "gpu_seconds":
+            expected = np.maximum(cost.transfer_seconds, expected)  # the uncached row includes the copy
+        assert np.array_equal(table, expected), name
+    assert cost._table.cpu[112] == cost.t_cpu(np.array([112]))[0] == pytest.approx(55.0 + 48 * 37 / 48)
+
+
+def test_workloads_past_the_table_are_interpolated():
+    """A prefill chunk bigger than the table: greedy interpolates per call and agrees with the reference."""
+    workloads = np.array([TABULATED_WORKLOADS + 1, 3 * TABULATED_WORKLOADS, 1])
+    args = (np.arange(3), workloads, np.zeros(3, bool), MIXTRAL_4090, 2)
+    on_gpu, cpu_seconds, gpu_seconds = reference_greedy(*args[1:])
+    plan = greedy_plan(*args)
+    assert plan.on_gpu.tolist() == on_gpu.tolist() == [True, True, False]
+    assert (plan.cpu_seconds, plan.gpu_seconds) == (cpu_seconds, gpu_seconds)
+
+
+def test_the_cost_table_is_invisible():
+    """The table is derived state: equality, hashing, repr, asdict and pickling see only the profile."""
+    twin = CostModel(**dataclasses.asdict(MIXTRAL_4090))
+    assert twin == MIXTRAL_4090 and hash(twin) == hash(MIXTRAL_4090)
+    assert set(dataclasses.asdict(twin)) == {"workloads", "cpu_seconds", "gpu_seconds", "transfer_seconds"}
+    assert "_table" not in repr(twin)
+    clone = pickle.loads(pickle.dumps(twin))
+    args = (np.arange(3), np.array([1, 64, 2]), np.array([False, False, True]))
+    assert greedy_plan(*args, clone, 1).on_gpu.tolist() == greedy_plan(*args, MIXTRAL_4090, 1).on_gpu.tolist()

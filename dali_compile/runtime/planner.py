@@ -16,6 +16,10 @@ GPU in one step (they need staging slots).
 `greedy_plan` is the paper's algorithm; `exact_plan` solves the same 0-1 problem
 exactly (for tests and for measuring plan quality). Both are pure functions of
 numpy arrays: no tensors, no devices.
+
+`greedy_plan` runs once per MoE layer per decode step, on a handful of experts, so
+numpy's per-call overhead would dominate it: the cost model tabulates its costs
+for integer workloads once, and the greedy loop runs over Python floats.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+# Integer workloads 1..this are tabulated (decode and most prefill chunks); larger ones are interpolated per call.
+TABULATED_WORKLOADS = 4096
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,8 @@ class CostModel:
                 raise ValueError(f"{name} must be {len(w)} finite non-negative times, got {getattr(self, name)}")
         if not (self.transfer_seconds >= 0 and np.isfinite(self.transfer_seconds)):
             raise ValueError(f"transfer_seconds must be finite and >= 0, got {self.transfer_seconds}")
+        # Not a dataclass field: equality, hashing, repr and asdict see only the profile.
+        object.__setattr__(self, "_table", _CostTable(self))
 
     def _interpolate(self, table, workloads) -> np.ndarray:
         x = np.asarray(self.workloads, dtype=np.float64)
@@ -63,6 +72,28 @@ class CostModel:
 
     def t_gpu(self, workloads) -> np.ndarray:
         return self._interpolate(self.gpu_seconds, workloads)
+
+
+class _CostTable:
+    """A cost model's per-expert costs for integer workloads 0..top, indexed by workload (row 0 unused).
+
+    Every entry is computed by the same numpy expressions as `_costs`, so a lookup equals the
+    interpolation bit for bit. Rows of `gpu` and `key` are [uncached, cached], flattened: the entry of
+    workload w and cached flag c sits at w + c * (top + 1).
+    """
+
+    __slots__ = ("top", "cpu", "gpu", "key")
+
+    def __init__(self, cost: CostModel):
+        self.top = TABULATED_WORKLOADS
+        workloads = np.arange(self.top + 1)
+        workloads[0] = 1  # never looked up (a workload is >= 1); keeps the row finite
+        cpu = cost.t_cpu(workloads)
+        t_gpu = cost.t_gpu(workloads)
+        gpu = np.concatenate([np.maximum(cost.transfer_seconds, t_gpu), np.maximum(0.0, t_gpu)])
+        self.cpu = cpu  # float64 [top + 1]
+        self.gpu = gpu  # float64 [2 * (top + 1)]: seconds on the GPU, the copy included when uncached
+        self.key = np.abs(gpu - np.tile(cpu, 2))  # float64 [2 * (top + 1)]: greedy's visiting order, descending
 
 
 @dataclass(frozen=True)
@@ -94,11 +125,15 @@ class _Costs:
     needs_copy: np.ndarray
 
 
+def _check_shapes(workloads: np.ndarray, cached: np.ndarray) -> None:
+    if workloads.shape != cached.shape or workloads.ndim != 1:
+        raise ValueError(f"workloads {workloads.shape} and cached {cached.shape} must be equal 1-D shapes")
+
+
 def _costs(workloads, cached, cost: CostModel) -> _Costs:
     workloads = np.asarray(workloads)
     cached = np.asarray(cached, dtype=bool)
-    if workloads.shape != cached.shape or workloads.ndim != 1:
-        raise ValueError(f"workloads {workloads.shape} and cached {cached.shape} must be equal 1-D shapes")
+    _check_shapes(workloads, cached)
     if np.any(workloads < 1):
         raise ValueError("an active expert has at least one token")
     transfer = np.where(cached, 0.0, cost.transfer_seconds)
@@ -119,26 +154,52 @@ def plan_times(workloads, cached, on_gpu, cost: CostModel) -> tuple[float, float
 def greedy_plan(experts, workloads, cached, cost: CostModel, max_uncached_on_gpu: int) -> Plan:
     """DALI's greedy assignment, with the GPU memory constraint added.
 
-    Experts are visited by |t_gpu - t_cpu| descending (the most device-sensitive
-    first); each goes to the GPU if that keeps T_gpu + g_i <= T_cpu + c_i, else to
-    the CPU. An uncached expert goes to the GPU only while staging slots remain.
+    experts: int [n]; workloads: int [n] (>= 1); cached: bool [n]. Experts are visited by
+    |t_gpu - t_cpu| descending (the most device-sensitive first, ties in the order given); each goes to
+    the GPU if that keeps T_gpu + g_i <= T_cpu + c_i, else to the CPU. An uncached expert goes to the
+    GPU only while staging slots remain.
     """
     if max_uncached_on_gpu < 0:
         raise ValueError(f"max_uncached_on_gpu must be >= 0, got {max_uncached_on_gpu}")
-    costs = _costs(workloads, cached, cost)
-    order = np.argsort(-np.abs(costs.gpu - costs.cpu), kind="stable")
-    on_gpu = np.zeros(len(order), dtype=bool)
+    workloads = np.asarray(workloads)
+    cached = np.asarray(cached, dtype=bool)
+    cpu, gpu, key = _tabulated_costs(workloads, cached, cost)
+    cpu_list, gpu_list, is_cached = cpu.tolist(), gpu.tolist(), cached.tolist()
+    on_gpu = bytearray(len(key))  # becomes the bool array without a copy
     cpu_total = gpu_total = 0.0
     copies_left = max_uncached_on_gpu
-    for i in order.tolist():
-        fits = not costs.needs_copy[i] or copies_left > 0
-        if fits and gpu_total + costs.gpu[i] <= cpu_total + costs.cpu[i]:
-            on_gpu[i] = True
-            gpu_total += costs.gpu[i]
-            copies_left -= int(costs.needs_copy[i])
+    # sorted() is stable with reverse=True too: equal keys keep the order given, as a stable argsort of -key.
+    for i in sorted(range(len(key)), key=key.__getitem__, reverse=True):
+        if (is_cached[i] or copies_left > 0) and gpu_total + gpu_list[i] <= cpu_total + cpu_list[i]:
+            on_gpu[i] = 1
+            gpu_total += gpu_list[i]
+            if not is_cached[i]:
+                copies_left -= 1
         else:
-            cpu_total += costs.cpu[i]
-    return _plan(experts, on_gpu, costs)
+            cpu_total += cpu_list[i]
+    # The plan's totals are numpy sums in index order (not the running totals above, summed in visiting
+    # order), so they equal plan_times' to the bit.
+    mask = np.frombuffer(on_gpu, dtype=bool)
+    return Plan(np.asarray(experts), mask, float(np.add.reduce(cpu[~mask])), float(np.add.reduce(gpu[mask])))
+
+
+def _tabulated_costs(workloads: np.ndarray, cached: np.ndarray, cost: CostModel):
+    """(cpu float64 [n], gpu float64 [n], |gpu - cpu| as a list): `_costs`' values, from the cost model's
+    table when every workload is an integer it holds, else interpolated."""
+    _check_shapes(workloads, cached)
+    table: _CostTable = cost._table
+    # uint64 is left out: uint64 + int64 indices would be float64.
+    integer = workloads.dtype.kind == "i" or (workloads.dtype.kind == "u" and workloads.dtype.itemsize < 8)
+    if integer and len(workloads) and min(workloads.tolist()) >= 1:
+        try:
+            cpu = table.cpu.take(workloads)  # raises IndexError past the table
+        except IndexError:
+            pass
+        else:
+            index = workloads + cached * (table.top + 1)
+            return cpu, table.gpu.take(index), table.key.take(index).tolist()
+    costs = _costs(workloads, cached, cost)  # fractional or very large workloads, errors, n = 0
+    return costs.cpu, costs.gpu, np.abs(costs.gpu - costs.cpu).tolist()
 
 
 def exact_plan(experts, workloads, cached, cost: CostModel, max_uncached_on_gpu: int) -> Plan:
