@@ -111,16 +111,19 @@ def test_some_budget_mixes_devices_and_copies(offloaded):
     assert totals["lru"]["copies"] > 0 and totals["lru"]["misses"] > 0
 
 
-def test_staging_waves_when_more_misses_than_slots(offloaded):
-    """on_demand with one staging slot runs every active expert through that slot, one wave each."""
+@pytest.mark.parametrize("slots", [1, 3, 4])
+def test_staging_chunks_when_more_misses_than_slots(offloaded, slots):
+    """on_demand with fewer staging slots than active experts runs them through the slots in double-buffered
+    chunks (one slot: one expert at a time); the answer is the same."""
     model = tiny_model("qwen3_moe")
     slot = moe_geometry(model)[0]
-    model = offloaded("qwen3_moe", policy="on_demand", expert_memory=slot)
+    model = offloaded("qwen3_moe", policy="on_demand", expert_memory=slots * slot)
     want_logits, _ = eager_results("qwen3_moe")
     with torch.no_grad():
         logits = model(PROMPT).logits
     assert relative_max_error(logits, want_logits) <= FP32_RTOL
-    assert dali_compile.offload_stats(model)["staging_slots"] == 1
+    stats = dali_compile.offload_stats(model)
+    assert stats["staging_slots"] == slots and stats["total"]["copies"] == stats["total"]["experts_gpu"]
 
 
 @pytest.mark.parametrize("policy", ["dali", "cache_cpu_miss"])

@@ -243,24 +243,32 @@ class HybridLayer:
         staging = rt.staging_slots
         if staged and not staging:
             raise ExpertMemoryError(f"layer {self.name}: {len(staged)} uncached GPU experts but no staging slot")
-        waves = [staged[i:i + len(staging)] for i in range(0, len(staged), len(staging))] if staged else []
-        pending = self._stage(waves[0], staging, stats) if waves else []
+        # Staged experts go through the staging slots in chunks, double-buffered: with two halves of the
+        # slots, chunk i + 1 is copied while chunk i computes, and chunk i + 2 reuses chunk i's half once
+        # that compute is recorded. With one staging slot each copy waits for the previous compute.
+        halves = [staging[: len(staging) // 2], staging[len(staging) // 2:]] if len(staging) >= 2 else [staging]
+        size = len(halves[0])
+        chunks = [staged[i:i + size] for i in range(0, len(staged), size)] if staged else []
+        pending = {i: self._stage(chunks[i], halves[i], stats) for i in range(min(len(halves), len(chunks)))}
 
         contributions = None
         first_group = [(e, int(cache.slot_of_expert[e]), cache.ready_event(e)) for e in resident]
-        for group in (first_group, incoming + pending):
+        for group in (first_group, incoming):
             if group:
                 part = self._compute(hidden, topk_ids, topk_weights, group, stats)
                 contributions = part if contributions is None else contributions + part
-        for wave in waves[1:]:  # more staged experts than staging slots: refill after the last wave's compute
-            part = self._compute(hidden, topk_ids, topk_weights, self._stage(wave, staging, stats), stats)
-            contributions = contributions + part
+        for i in range(len(chunks)):
+            part = self._compute(hidden, topk_ids, topk_weights, pending.pop(i), stats)
+            contributions = part if contributions is None else contributions + part
+            if i + len(halves) < len(chunks):  # refill this half after the compute just recorded
+                pending[i + len(halves)] = self._stage(chunks[i + len(halves)], halves[i % len(halves)], stats)
         return contributions
 
-    def _stage(self, wave: list[int], staging: list[int], stats: LayerStats) -> list[tuple[int, int, Event]]:
+    def _stage(self, chunk: list[int], slots: list[int], stats: LayerStats) -> list[tuple[int, int, Event]]:
+        """Copy `chunk` into `slots`, each copy after the latest GPU compute (the last reader of the slots)."""
         rt = self.runtime
         group = []
-        for expert, slot in zip(wave, staging, strict=False):
+        for expert, slot in zip(chunk, slots, strict=False):
             group.append((expert, slot, rt.pool.load(slot, self.spec, expert, rt.last_compute)))
             stats.copies += 1
         return group
