@@ -10,13 +10,16 @@
 from . import ops  # noqa: F401  (defines the dali::* ops)
 from .config import DaliConfig, DaliOptionError
 from .experts_interface import register_experts_interface
-from .offload import offload, offload_stats, refresh_costs, release
+from .offload import calibrate, load_calibration, offload, offload_stats, refresh_costs, release, save_calibration
 from .report import CompileReport, clear_reports, last_report, reports
 from .runtime import Activation, ExpertLayout, LayerSpec, layer_registry
 
 register_experts_interface()
 
 __all__ = [
+    "calibrate",
+    "load_calibration",
+    "save_calibration",
     "Activation",
     "CompileReport",
     "DaliConfig",

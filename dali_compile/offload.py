@@ -20,9 +20,10 @@ import torch.nn as nn
 
 from .experts_interface import IMPLEMENTATION_NAME, UnsupportedExpertsError, register_experts_interface, spec_of_module
 from .runtime.accelerator import make_accelerator, parse_bytes
-from .runtime.hybrid import HybridRuntime, plan_slots
+from .runtime.hybrid import HybridRuntime, fitting_prefetch_count, plan_slots
 from .runtime.planner import CostModel
 from .runtime.policies import make_policy
+from .runtime.prefetch import ResidualPredictor, default_prefetch_count, find_router, measure_residuals
 
 _RUNTIME_ATTRIBUTE = "_dali_runtime"
 
@@ -45,14 +46,18 @@ def _top_k(model: nn.Module) -> int:
 
 def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory: int | str = "12GiB",
             policy: str = "dali", cost_model: CostModel | None = None, refresh_costs: bool = False,
-            **policy_options) -> nn.Module:
+            prefetch: int | None = None, **policy_options) -> nn.Module:
     """Prepare `model` (a transformers MoE model, on the CPU) for hybrid CPU/GPU expert execution.
 
     device: 'cuda', 'cuda:N', or 'emulated' (CPU-only test double). expert_memory: the budget for
     expert slots on the device, bytes or a string like '12GiB' (a hard limit; below one expert is an
     error except for policy='all_cpu'). policy: 'dali' (default), 'all_cpu', 'layerwise', 'on_demand',
     'lru', 'cache_cpu_miss', 'threshold'; policy_options go to the policy. cost_model: skip profiling
-    (else measured on first use and stored; `refresh_costs=True` measures again). Returns the model.
+    (else measured on first use and stored; `refresh_costs=True` measures again). prefetch: P, the experts
+    of the next MoE layer copied early from a residual-corrected prediction (default for 'dali': 1 for 8
+    experts, 4 for 64 or more; 0 for the other policies); its 2P slots come out of the budget, and P shrinks
+    to leave the policy at least one slot. Calibrate the prediction with `dali_compile.calibrate(model)`.
+    Returns the model.
     """
     if getattr(model, _RUNTIME_ATTRIBUTE, None) is not None:
         raise RuntimeError("offload: this model is already offloaded (call dali_compile.release(model) first)")
@@ -72,7 +77,18 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory
         if spec.device.type != "cpu":
             raise ValueError(f"offload: load the model on the CPU first ({name} experts are on {spec.device})")
 
-    plan_slots(chosen, specs, budget, _top_k(model))  # refuse before anything about the model changes
+    if prefetch is None:
+        prefetch = default_prefetch_count(specs[0][1].num_experts) if policy == "dali" else 0
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"offload: prefetch must be an int >= 0, got {prefetch!r}")
+    prefetch = fitting_prefetch_count(chosen, specs, budget, prefetch)
+    predictor = None
+    if prefetch:
+        hidden_size = specs[0][1].hidden_size
+        routers = [find_router(model.get_submodule(name.rpartition(".")[0]), spec.num_experts, hidden_size)
+                   for name, spec in specs]
+        predictor = ResidualPredictor(routers, specs[0][1].num_experts, hidden_size)
+    plan_slots(chosen, specs, budget, _top_k(model), 2 * prefetch)  # refuse before anything about the model changes
     accelerator = make_accelerator(device, budget)
     expert_tensors = {id(t) for _, spec in specs for t in spec.tensors() if t is not None}
     _move_non_experts(model, accelerator.device, expert_tensors)
@@ -81,7 +97,8 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory
         specs = [(name, spec_of_module(m, name)) for name, m in modules]  # the pinned tensors
     model.set_experts_implementation(IMPLEMENTATION_NAME)
 
-    runtime = HybridRuntime(accelerator, specs, chosen, cost_model, _top_k(model))
+    runtime = HybridRuntime(accelerator, specs, chosen, cost_model, _top_k(model), predictor=predictor,
+                            prefetch=prefetch)
     if cost_model is None and chosen.needs_cost:
         runtime.profile_costs(refresh=refresh_costs)
     setattr(model, _RUNTIME_ATTRIBUTE, runtime)
@@ -104,6 +121,74 @@ def offload_stats(model: nn.Module) -> dict:
 def refresh_costs(model: nn.Module) -> CostModel:
     """Profile the offloaded model's cost model again (after a hardware or thread-count change) and store it."""
     return runtime_of(model).profile_costs(refresh=True)
+
+
+# A built-in calibration sample: plain English prose, for models whose tokenizer the user passes.
+SAMPLE_TEXT = (
+    "The river rose slowly through the night, and by morning the low fields near the village were under "
+    "water. Farmers moved their animals to the hills, while the children watched from the old stone bridge. "
+    "In the afternoon the rain stopped, the clouds broke apart, and the sun lit the flooded land like glass. "
+    "Everyone agreed that the harvest would be late this year, but nobody had been hurt, and that mattered most."
+)
+
+
+def calibrate(model: nn.Module, inputs=None, tokenizer=None) -> list[torch.Tensor]:
+    """Measure the residual vectors of the prefetch predictor on `inputs` and store them with the runtime.
+
+    inputs: a string or list of strings (needs `tokenizer`), token ids (LongTensor [T] or [B, T]), or None
+    for the built-in sample text (with `tokenizer`; without one, the sample's bytes taken as token ids
+    modulo the vocabulary, for tokenizer-less test models). Returns res_vec(l) for every MoE layer but the
+    last ([H] fp32 each); `save_calibration` / `load_calibration` keep them in a file.
+    """
+    runtime = runtime_of(model)
+    if runtime.predictor is None:
+        raise ValueError("calibrate: this model was offloaded without prefetching (prefetch=0)")
+    input_ids = _calibration_ids(model, SAMPLE_TEXT if inputs is None else inputs, tokenizer)
+    runtime.prefetching = False  # the predictor must not call routers while their inputs are captured
+    try:
+        residuals = measure_residuals(model, runtime.predictor.routers, input_ids)
+    finally:
+        runtime.prefetching = runtime.prefetch > 0
+    runtime.predictor.set_residuals([r.to(runtime.accelerator.device) for r in residuals])
+    return residuals
+
+
+def _calibration_ids(model: nn.Module, inputs, tokenizer) -> torch.Tensor:
+    if isinstance(inputs, torch.Tensor):
+        ids = inputs
+    elif isinstance(inputs, (str, list)):
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if tokenizer is not None:
+            ids = torch.tensor([t for text in texts for t in tokenizer(text)["input_ids"]], dtype=torch.long)
+        elif inputs is SAMPLE_TEXT:
+            vocab = model.config.vocab_size
+            ids = torch.tensor(list(SAMPLE_TEXT.encode()), dtype=torch.long) % vocab
+        else:
+            raise ValueError("calibrate: text needs a tokenizer (pass tokenizer=...), or pass token ids")
+    else:
+        raise TypeError(f"calibrate: inputs must be text, token ids or None, got {type(inputs).__name__}")
+    if ids.numel() < 1:
+        raise ValueError("calibrate: the calibration input is shorter than one token")
+    return ids.reshape(1, -1) if ids.dim() == 1 else ids
+
+
+def save_calibration(model: nn.Module, path) -> None:
+    """Write the predictor's residual vectors to `path` (torch.save of a list of [H] fp32 tensors)."""
+    runtime = runtime_of(model)
+    if runtime.predictor is None or any(r is None for r in runtime.predictor.residuals):
+        raise ValueError("save_calibration: the model has not been calibrated (dali_compile.calibrate)")
+    torch.save([r.cpu() for r in runtime.predictor.residuals], path)
+
+
+def load_calibration(model: nn.Module, path) -> None:
+    """Read residual vectors written by `save_calibration`; an error if they belong to another model."""
+    runtime = runtime_of(model)
+    if runtime.predictor is None:
+        raise ValueError("load_calibration: this model was offloaded without prefetching (prefetch=0)")
+    residuals = torch.load(path, weights_only=True)
+    if not isinstance(residuals, list) or not all(isinstance(r, torch.Tensor) for r in residuals):
+        raise ValueError(f"load_calibration: {path} is not a dali calibration file")
+    runtime.predictor.set_residuals([r.float().to(runtime.accelerator.device) for r in residuals])
 
 
 def release(model: nn.Module) -> None:

@@ -20,6 +20,7 @@ from dali_compile.runtime.accelerator import ExpertMemoryError, parse_bytes
 from dali_compile.runtime.expert_cache import expert_bytes
 from dali_compile.runtime.planner import CostModel
 from dali_compile.runtime.policies import POLICIES
+from dali_compile.runtime.prefetch import default_prefetch_count
 from dali_compile.tiny_models import tiny_model
 
 FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")
@@ -47,10 +48,10 @@ def moe_geometry(model) -> tuple[int, int, int, int]:
 
 def budget_bytes(model, budget: str) -> int:
     """'none': only the staging slots (zero cached experts); 'some': half of every layer's experts cached;
-    'all': every expert fits."""
+    'all': every expert fits (and dali's prefetch slots, which come out of the budget)."""
     slot, layers, experts, top_k = moe_geometry(model)
-    cached = {"none": 0, "some": layers * experts // 2, "all": layers * experts}[budget]
-    return slot * (top_k + cached)
+    cached = {"none": 0, "some": layers * experts // 2, "all": layers * experts + 2 * default_prefetch_count(experts)}
+    return slot * (top_k + cached[budget])
 
 
 @pytest.fixture

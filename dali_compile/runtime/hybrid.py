@@ -29,17 +29,20 @@ from dali_compile.ops.gpu_experts import gpu_experts
 from .accelerator import Accelerator, Event, ExpertMemoryError
 from .expert_cache import LayerCache, SlotPool, expert_bytes, same_expert_shape
 from .layer_spec import LayerSpec
-from .planner import CostModel
+from .planner import CostModel, greedy_plan
 from .policies import Decision, LayerStep, Policy, SlotPlan, check_decision
+from .prefetch import ResidualPredictor
 from .profiling import profiled_costs
 from .registry import LayerRegistry, layer_registry
 from .stats import LayerStats, format_table, total
 
 
-def plan_slots(policy: Policy, layers: list[tuple[str, LayerSpec]], budget_bytes: int, top_k: int) -> SlotPlan:
+def plan_slots(policy: Policy, layers: list[tuple[str, LayerSpec]], budget_bytes: int, top_k: int,
+               reserved_slots: int = 0) -> SlotPlan:
     """The policy's split of the budget into cache and staging slots, after the checks that can refuse an
     offload: no MoE layer, layers of mixed expert shapes, a budget below one expert slot (for a policy that
-    uses the GPU), a plan over budget. Touches nothing, so offload() calls it before changing the model."""
+    uses the GPU), a plan over budget. `reserved_slots` (prefetch slots) come off the budget first. Touches
+    nothing, so offload() calls it before changing the model."""
     if not layers:
         raise ValueError("offload: the model has no MoE experts layer dali can run")
     template = layers[0][1]
@@ -48,7 +51,7 @@ def plan_slots(policy: Policy, layers: list[tuple[str, LayerSpec]], budget_bytes
             raise ValueError(f"offload: MoE layer {name} has experts of another shape or dtype than "
                              f"{layers[0][0]}; layers of mixed expert shapes are not supported yet")
     slot_bytes = expert_bytes(template)
-    budget_slots = budget_bytes // slot_bytes
+    budget_slots = budget_bytes // slot_bytes - reserved_slots
     if policy.uses_gpu and budget_slots < 1:
         raise ExpertMemoryError(
             f"offload: the expert memory budget ({budget_bytes} bytes) is below one expert slot ({slot_bytes} "
@@ -62,12 +65,29 @@ def plan_slots(policy: Policy, layers: list[tuple[str, LayerSpec]], budget_bytes
     return plan
 
 
+def fitting_prefetch_count(policy: Policy, layers: list[tuple[str, LayerSpec]], budget_bytes: int,
+                           prefetch: int) -> int:
+    """P, reduced so that the two sets of P prefetch slots leave the policy at least one slot (0 for a policy
+    that never uses the GPU)."""
+    if not policy.uses_gpu or not layers or len(layers) < 2:
+        return 0
+    budget_slots = budget_bytes // expert_bytes(layers[0][1])
+    return max(0, min(prefetch, (budget_slots - 1) // 2))
+
+
 class HybridRuntime:
-    """The offloaded MoE layers of one model: their caches, the shared staging slots, the policy."""
+    """The offloaded MoE layers of one model: their caches, the shared staging slots, the prefetch slots,
+    the policy and the predictor.
+
+    Pool layout: [cache slots of layer 0, 1, ... | staging slots | prefetch set 0 | prefetch set 1]. Layer
+    l + 1's prefetched experts go into set (l + 1) % 2, so a prefetch never overwrites the slots the layer
+    running now reads."""
 
     def __init__(self, accelerator: Accelerator, layers: list[tuple[str, LayerSpec]], policy: Policy,
-                 cost: CostModel | None, top_k: int, registry: LayerRegistry | None = None):
-        self.slot_plan = plan_slots(policy, layers, accelerator.pool.budget_bytes, top_k)
+                 cost: CostModel | None, top_k: int, registry: LayerRegistry | None = None,
+                 predictor: ResidualPredictor | None = None, prefetch: int = 0):
+        self.prefetch = prefetch if predictor is not None else 0
+        self.slot_plan = plan_slots(policy, layers, accelerator.pool.budget_bytes, top_k, 2 * self.prefetch)
         template = layers[0][1]
         self.accelerator = accelerator
         self.policy = policy
@@ -75,9 +95,15 @@ class HybridRuntime:
         self.registry = registry or layer_registry()
         self.num_experts = template.num_experts
         self.slot_bytes = expert_bytes(template)
-        self.pool = SlotPool(accelerator, template, self.slot_plan.total) if self.slot_plan.total else None
+        total = self.slot_plan.total + 2 * self.prefetch
+        self.pool = SlotPool(accelerator, template, total) if total else None
         first_staging = sum(self.slot_plan.cache_slots)
         self.staging_slots = list(range(first_staging, first_staging + self.slot_plan.staging_slots))
+        first_prefetch = self.slot_plan.total
+        self.prefetch_sets = [list(range(first_prefetch + k * self.prefetch, first_prefetch + (k + 1) * self.prefetch))
+                              for k in range(2)]
+        self.predictor = predictor
+        self.prefetching = self.prefetch > 0
         self.last_compute: Event | None = None  # the latest GPU compute point: copies into slots wait for it
         self.layers: list[HybridLayer] = []
         start = 0
@@ -91,6 +117,28 @@ class HybridRuntime:
         self.handles = [self.registry.register(layer.spec) for layer in self.layers]
         for handle, layer in zip(self.handles, self.layers, strict=True):
             self.registry.attach(handle, layer)
+
+    def prefetch_for(self, index: int, gate_input: torch.Tensor) -> None:
+        """Predict layer `index`'s workload from the previous layer's gate input and start copying the top-P
+        experts the planner would put on the GPU that are not cached (those with the most predicted tokens)."""
+        started = time.perf_counter()
+        layer = self.layers[index]
+        counts = self.predictor.predict(index - 1, gate_input)
+        experts = np.flatnonzero(counts).astype(np.int64)
+        cached = layer.cache.slot_of_expert[experts] >= 0
+        if self.cost is not None and experts.size:
+            wanted = greedy_plan(experts, counts[experts], cached, self.cost, self.prefetch).on_gpu & ~cached
+        else:
+            wanted = ~cached
+        candidates = experts[wanted]
+        chosen = candidates[np.argsort(-counts[candidates], kind="stable")][: self.prefetch]
+        layer.prefetched = {}
+        for expert, slot in zip(chosen.tolist(), self.prefetch_sets[index % 2], strict=False):
+            layer.prefetched[expert] = (slot, self.pool.load(slot, layer.spec, expert, self.last_compute))
+        layer.stats.prefetches += len(layer.prefetched)
+        layer.stats.copies += len(layer.prefetched)
+        layer.stats.bytes_copied += len(layer.prefetched) * self.slot_bytes
+        layer.stats.plan_s += time.perf_counter() - started
 
     def profile_costs(self, refresh: bool = False) -> CostModel:
         """Measure (or read back the stored) cost model for this machine and expert shape; `refresh=True`
@@ -155,11 +203,14 @@ class HybridLayer:
         self.cache = cache
         self.steps = 0
         self.stats = LayerStats()
+        self.prefetched: dict[int, tuple[int, Event]] = {}  # expert -> (prefetch slot, its copy), this step only
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         rt, acc, stats = self.runtime, self.runtime.accelerator, LayerStats()
         start = time.perf_counter()
         self._check(hidden)
+        if rt.prefetching and self.index + 1 < len(rt.layers):
+            rt.prefetch_for(self.index + 1, hidden)  # the experts' input is the gate input here
         E = self.spec.num_experts
         host_ids = acc.to_host(topk_ids)
         if host_ids.numel() and int(host_ids.min()) < 0:
@@ -169,7 +220,10 @@ class HybridLayer:
             raise IndexError(f"dali::moe_hybrid: expert id {counts.shape[0] - 1} out of range for layer {self.name} "
                              f"with {E} experts")
         experts = np.flatnonzero(counts).astype(np.int64)
-        cached = self.cache.slot_of_expert[experts] >= 0
+        prefetched, self.prefetched = self.prefetched, {}
+        in_cache = self.cache.slot_of_expert[experts] >= 0
+        # A prefetched expert is on the device for this step: the policy sees it as cached (no copy needed).
+        cached = in_cache | np.isin(experts, list(prefetched)) if prefetched else in_cache
         step = LayerStep(self.index, self.steps, experts, counts[experts], cached, self.cache.resident(),
                          self.cache.capacity, len(rt.staging_slots), E, rt.cost)
         decision = rt.policy.decide(step)
@@ -189,7 +243,7 @@ class HybridLayer:
         gpu_started = time.perf_counter()
         contributions = None
         if gpu_set.size:
-            contributions = self._run_gpu(hidden, topk_ids, topk_weights, gpu_set, decision, stats)
+            contributions = self._run_gpu(hidden, topk_ids, topk_weights, gpu_set, decision, stats, prefetched)
         stats.gpu_s = time.perf_counter() - gpu_started - stats.copy_wait_s
         for expert, victim in decision.background:
             self.cache.install(int(expert), int(victim), self.spec, rt.last_compute)
@@ -207,10 +261,11 @@ class HybridLayer:
         out = contributions.sum(dim=1).to(hidden.dtype)  # k in order, as moe_reference
 
         stats.steps = 1
-        stats.hits, stats.misses = int(cached.sum()), int((~cached).sum())
+        stats.hits, stats.misses = int(in_cache.sum()), int((~in_cache).sum())
+        stats.prefetch_hits = len(set(prefetched) & set(experts.tolist()))
         stats.experts_cpu, stats.experts_gpu = int(cpu_set.size), int(gpu_set.size)
         stats.tokens_cpu, stats.tokens_gpu = int(counts[cpu_set].sum()), int(counts[gpu_set].sum())
-        stats.bytes_copied = stats.copies * rt.slot_bytes
+        stats.bytes_copied = stats.copies * rt.slot_bytes  # prefetch copies are added when issued
         stats.total_s = time.perf_counter() - start
         self.stats.add(stats)
         self.steps += 1
@@ -228,12 +283,16 @@ class HybridLayer:
             raise ValueError(f"dali::moe_hybrid: hidden size {hidden.shape[1]} does not match layer {self.name} "
                              f"hidden size {self.spec.hidden_size}")
 
-    def _run_gpu(self, hidden, topk_ids, topk_weights, gpu_set, decision: Decision, stats: LayerStats):
-        """The GPU experts: resident ones first, while the copies of the others run; returns [T, K, H] fp32."""
+    def _run_gpu(self, hidden, topk_ids, topk_weights, gpu_set, decision: Decision, stats: LayerStats, prefetched):
+        """The GPU experts: resident (cached or prefetched) ones first, while the copies of the others run;
+        returns [T, K, H] fp32."""
         rt, cache = self.runtime, self.cache
         admitted = {int(e) for e, _ in decision.admit}
         resident = [int(e) for e in gpu_set if cache.slot_of_expert[e] >= 0]
-        staged = [int(e) for e in gpu_set if cache.slot_of_expert[e] < 0 and int(e) not in admitted]
+        early = [int(e) for e in gpu_set if cache.slot_of_expert[e] < 0 and int(e) in prefetched
+                 and int(e) not in admitted]
+        staged = [int(e) for e in gpu_set
+                  if cache.slot_of_expert[e] < 0 and int(e) not in admitted and int(e) not in prefetched]
         # Copies first (they run on the copy stream while the resident experts compute).
         incoming = []  # (expert, slot, event) of this step's copies into cache slots
         for expert, victim in decision.admit:
@@ -253,6 +312,7 @@ class HybridLayer:
 
         contributions = None
         first_group = [(e, int(cache.slot_of_expert[e]), cache.ready_event(e)) for e in resident]
+        first_group += [(e, *prefetched[e]) for e in early]
         for group in (first_group, incoming):
             if group:
                 part = self._compute(hidden, topk_ids, topk_weights, group, stats)

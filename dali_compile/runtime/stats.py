@@ -15,7 +15,9 @@ class LayerStats:
     steps: int = 0
     hits: int = 0  # active experts found in the layer's cache
     misses: int = 0  # active experts not in the cache (run on the CPU or copied)
-    copies: int = 0  # experts copied to the device (staging, admissions, background)
+    copies: int = 0  # experts copied to the device (staging, admissions, background, prefetches)
+    prefetches: int = 0  # experts of this layer copied early by the previous layer's prediction
+    prefetch_hits: int = 0  # prefetched experts this layer's step really routed tokens to
     bytes_copied: int = 0
     experts_cpu: int = 0
     experts_gpu: int = 0

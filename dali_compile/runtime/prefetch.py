@@ -1,0 +1,100 @@
+"""Residual-based prefetching (DALI, arXiv 2602.03495): predict the next MoE layer's experts early.
+
+# L MoE layers, T tokens, H hidden, E experts
+
+While layer l runs, its gate input x_l is known. Layer l+1's gate input is x_{l+1} = x_l + (attention
+and MLP residual updates in between); their mean over calibration tokens, res_vec(l), corrects x_l
+towards it. The predictor applies layer l+1's own router module to x_l + res_vec(l), so every router
+form (softmax or sigmoid, bias, group-limited top-k) is applied exactly as the model applies it, and
+counts predicted tokens per expert. Without calibration res_vec = 0: the plain next-gate predictor.
+
+A wrong prediction only costs time: a prefetched expert is an exact copy of its weights in a slot
+counted against the expert budget, used only if layer l+1 really routes to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def default_prefetch_count(num_experts: int) -> int:
+    """P by expert count, as the paper: 1 for 8 experts, 4 for 64 or more (2 in between)."""
+    if num_experts <= 8:
+        return 1
+    return 4 if num_experts >= 64 else 2
+
+
+def find_router(block: nn.Module, num_experts: int, hidden_size: int) -> nn.Module:
+    """The MoE block's router: the child module with a [E, H] weight (named gate or router in transformers)."""
+    for child in block.children():
+        weight = getattr(child, "weight", None)
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (num_experts, hidden_size):
+            return child
+    raise ValueError(f"no router with a [{num_experts}, {hidden_size}] weight in {type(block).__name__}")
+
+
+def routed_ids(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The top-k expert ids [T, K] the router gives x [T, H] (the int tensor among its outputs)."""
+    out = router(x)
+    for tensor in out if isinstance(out, tuple) else (out,):
+        if isinstance(tensor, torch.Tensor) and not tensor.is_floating_point() and tensor.dim() == 2:
+            return tensor
+    raise ValueError(f"{type(router).__name__} returns no [T, K] integer expert ids")
+
+
+class ResidualPredictor:
+    """Predicts layer l+1's per-expert workload from layer l's gate input."""
+
+    def __init__(self, routers: list[nn.Module], num_experts: int, hidden_size: int):
+        self.routers = routers
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.residuals: list[torch.Tensor | None] = [None] * max(len(routers) - 1, 0)
+
+    def set_residuals(self, residuals: list[torch.Tensor]) -> None:
+        if len(residuals) != len(self.residuals):
+            raise ValueError(f"calibration has {len(residuals)} residual vectors, the model needs "
+                             f"{len(self.residuals)} (one per MoE layer but the last): calibrated on another model?")
+        for layer, res in enumerate(residuals):
+            if tuple(res.shape) != (self.hidden_size,):
+                raise ValueError(f"residual vector {layer} has shape {tuple(res.shape)}, the model's hidden size is "
+                                 f"{self.hidden_size}: calibrated on another model?")
+        self.residuals = list(residuals)
+
+    @torch.no_grad()
+    def predict(self, layer: int, gate_input: torch.Tensor) -> np.ndarray:
+        """Predicted tokens per expert [E] of layer `layer` + 1, from layer `layer`'s gate input [T, H]."""
+        x = gate_input.reshape(-1, self.hidden_size)
+        res = self.residuals[layer]
+        if res is not None:
+            x = x + res.to(device=x.device, dtype=x.dtype)
+        ids = routed_ids(self.routers[layer + 1], x)
+        return np.bincount(ids.reshape(-1).cpu().numpy(), minlength=self.num_experts)
+
+
+@torch.no_grad()
+def measure_residuals(model: nn.Module, routers: list[nn.Module], input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """res_vec(l) = mean over the calibration tokens of (gate input of layer l+1 - gate input of layer l),
+    captured at the routers' inputs while the model runs `input_ids`; fp32, on the CPU."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.numel() < 1 or input_ids.is_floating_point():
+        raise ValueError(f"calibration needs at least one token id, got a tensor of shape {tuple(input_ids.shape)}")
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(index):
+        def hook(module, args):
+            captured[index] = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+        return hook
+
+    handles = [router.register_forward_pre_hook(capture(i)) for i, router in enumerate(routers)]
+    try:
+        model(input_ids=input_ids.to(next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(captured) != len(routers):
+        raise RuntimeError(f"calibration saw {len(captured)} of {len(routers)} routers run")
+    return [(captured[l + 1] - captured[l]).mean(dim=0) for l in range(len(routers) - 1)]

@@ -1,0 +1,131 @@
+"""Residual-based prefetching: calibration, the predictor, and that prefetching never changes results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import FP32_RTOL, relative_max_error
+from test_offload import COST, PROMPT, eager_results, moe_geometry
+
+import dali_compile
+from dali_compile.offload import runtime_of
+from dali_compile.runtime.prefetch import find_router, routed_ids
+from dali_compile.tiny_models import tiny_model
+
+
+def offload_with_prefetch(family: str, prefetch: int = 2, cached_fraction: float = 0.25, **config):
+    model = tiny_model(family, **config)
+    slot, layers, experts, top_k = moe_geometry(model)
+    budget = slot * (top_k + int(cached_fraction * layers * experts) + 2 * prefetch)
+    return dali_compile.offload(model, device="emulated", expert_memory=budget, cost_model=COST, prefetch=prefetch)
+
+
+@pytest.fixture
+def release_after():
+    models = []
+    yield models.append
+    for model in models:
+        dali_compile.release(model)
+
+
+def gate_inputs(model, input_ids) -> list[torch.Tensor]:
+    """Each MoE layer's router input, captured independently of dali (forward hooks on the routers)."""
+    seen = []
+    routers = [m for m in model.modules() if type(m).__name__.endswith(("TopKRouter", "TopkRouter"))]
+    handles = [r.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+               for r in routers]
+    with torch.no_grad():
+        model(input_ids)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_calibration_reproduces_the_mean_gate_input_difference(family, release_after):
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(3))
+    want = gate_inputs(tiny_model(family), ids)
+    model = offload_with_prefetch(family)
+    release_after(model)
+    residuals = dali_compile.calibrate(model, ids)
+    assert len(residuals) == len(want) - 1 >= 1
+    for layer, res in enumerate(residuals):
+        assert res.shape == (model.config.hidden_size,)
+        expected = (want[layer + 1] - want[layer]).mean(dim=0)
+        assert torch.allclose(res, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_prefetching_never_changes_results(family, release_after):
+    want_logits, want_tokens = eager_results(family)
+    model = offload_with_prefetch(family)
+    release_after(model)
+    dali_compile.calibrate(model)  # the built-in sample
+    with torch.no_grad():
+        logits = model(PROMPT).logits
+        tokens = model.generate(PROMPT, max_new_tokens=3, do_sample=False)
+    assert relative_max_error(logits, want_logits) <= FP32_RTOL
+    assert torch.equal(tokens, want_tokens)
+    total = dali_compile.offload_stats(model)["total"]
+    assert total["prefetches"] > 0 and total["prefetch_hits"] > 0
+    runtime = runtime_of(model)
+    assert runtime.accelerator.pool.peak_bytes <= runtime.accelerator.pool.budget_bytes
+
+
+def test_a_wrong_prediction_only_costs_time(release_after):
+    """Residual vectors that send every prediction astray: prefetched experts are wasted, results unchanged."""
+    want_logits, _ = eager_results("qwen3_moe")
+    model = offload_with_prefetch("qwen3_moe")
+    release_after(model)
+    predictor = runtime_of(model).predictor
+    generator = torch.Generator().manual_seed(0)
+    predictor.set_residuals([torch.randn(32, generator=generator) * 100 for _ in predictor.residuals])
+    with torch.no_grad():
+        logits = model(PROMPT).logits
+    assert relative_max_error(logits, want_logits) <= FP32_RTOL
+    assert dali_compile.offload_stats(model)["total"]["prefetches"] > 0
+
+
+def test_the_predictor_applies_the_next_router_as_the_model_does(release_after):
+    """Without calibration the prediction is the plain next gate: layer 1's own routing of layer 0's input."""
+    model = offload_with_prefetch("deepseek_v3")  # sigmoid, correction bias, group-limited top-k
+    release_after(model)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    block = model.model.layers[2].mlp
+    router = find_router(block, 16, 32)
+    with torch.no_grad():
+        want = torch.bincount(routed_ids(router, x).reshape(-1), minlength=16).numpy()
+        _, _, ids = block.gate(x)
+    assert torch.equal(routed_ids(router, x), ids)
+    assert (runtime_of(model).predictor.predict(0, x) == want).all()
+
+
+def test_calibration_files_and_bad_input(tmp_path, release_after):
+    model = offload_with_prefetch("qwen3_moe")
+    release_after(model)
+    with pytest.raises(ValueError, match="not been calibrated"):
+        dali_compile.save_calibration(model, tmp_path / "c.pt")
+    dali_compile.calibrate(model)
+    dali_compile.save_calibration(model, tmp_path / "c.pt")
+    dali_compile.load_calibration(model, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="shorter than one token"):
+        dali_compile.calibrate(model, torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        dali_compile.calibrate(model, "some text")
+    other = offload_with_prefetch("qwen3_moe", num_hidden_layers=3)  # another layer count
+    release_after(other)
+    with pytest.raises(ValueError, match="another model"):
+        dali_compile.load_calibration(other, tmp_path / "c.pt")
+    torch.save([torch.zeros(7)], tmp_path / "wrong_hidden.pt")
+    with pytest.raises(ValueError, match="another model"):
+        dali_compile.load_calibration(model, tmp_path / "wrong_hidden.pt")
+
+
+def test_prefetch_slots_come_out_of_the_budget(release_after):
+    model = tiny_model("qwen3_moe")
+    slot, layers, experts, top_k = moe_geometry(model)
+    dali_compile.offload(model, device="emulated", expert_memory=slot * (top_k + 4), cost_model=COST, prefetch=2)
+    release_after(model)
+    stats = dali_compile.offload_stats(model)
+    assert sum(stats["cache_slots"]) + stats["staging_slots"] + 4 == top_k + 4
+    assert runtime_of(model).accelerator.pool.used_bytes == slot * (top_k + 4)
