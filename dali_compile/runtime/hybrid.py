@@ -104,6 +104,8 @@ class HybridRuntime:
                               for k in range(2)]
         self.predictor = predictor
         self.prefetching = self.prefetch > 0
+        # Optional observer of every step: recorder(layer_index, gate_input [T, H], topk_ids, topk_weights).
+        self.recorder = None
         self.last_compute: Event | None = None  # the latest GPU compute point: copies into slots wait for it
         self.layers: list[HybridLayer] = []
         start = 0
@@ -209,6 +211,8 @@ class HybridLayer:
         rt, acc, stats = self.runtime, self.runtime.accelerator, LayerStats()
         start = time.perf_counter()
         self._check(hidden)
+        if rt.recorder is not None:
+            rt.recorder(self.index, hidden, topk_ids, topk_weights)
         if rt.prefetching and self.index + 1 < len(rt.layers):
             rt.prefetch_for(self.index + 1, hidden)  # the experts' input is the gate input here
         E = self.spec.num_experts
