@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -23,6 +23,7 @@ from dali_compile.runtime.policies import (
     check_decision,
     make_policy,
 )
+from dali_compile.runtime.replay import counts_from_loads, replay_policy
 
 # The Mixtral-like machine of test_planner (RTX 4090, in ms): 7.3 ms per expert on the CPU for one token,
 # 0.25 ms on the GPU, 28 ms to copy. Copying pays off from 29 tokens: t_cpu(29) = 28.02 ms >= 28 ms.
@@ -34,65 +35,11 @@ MIXTRAL_4090 = CostModel(
 )
 
 
-@dataclass
-class Replay:
-    """What a policy did over a sequence of steps, with the runtime's counters."""
-
-    plan: SlotPlan
-    caches: list[set[int]]  # per layer: the resident experts at the end
-    trace: list[tuple[LayerStep, Decision]] = field(default_factory=list)
-    hits: int = 0  # active experts found in the cache
-    cpu_runs: int = 0  # active experts run on the CPU
-    admitted: int = 0  # misses copied into the cache for their own step
-    staged: int = 0  # misses copied into a staging slot for their own step
-    background: int = 0  # copies into the cache after a step
-    evictions: int = 0
-
-
-def replay(policy: Policy, steps, *, budget: int, num_experts: int = 8, top_k: int = 2, cost=MIXTRAL_4090) -> Replay:
-    """Run `steps` (each a list over layers of {expert: tokens}) through `policy` the way the runtime does:
-    split the budget, fill the caches, then per layer and step build the LayerStep from the resident set,
-    check the decision, and apply its admissions and background copies to the resident set."""
-    num_layers = len(steps[0]) if steps else 1
-    plan = policy.slot_plan(budget, num_layers, num_experts, top_k)
-    assert len(plan.cache_slots) == num_layers and plan.total <= budget and plan.staging_slots >= 0
-    assert all(0 <= slots <= num_experts for slots in plan.cache_slots)
-    caches = []
-    for layer, slots in enumerate(plan.cache_slots):
-        initial = policy.initial_cache(layer, num_experts, slots)
-        assert len(set(initial)) == len(initial) <= slots and all(0 <= e < num_experts for e in initial)
-        caches.append(set(initial))
-    run = Replay(plan, caches)
-    for index, layers in enumerate(steps):
-        for layer, loads in enumerate(layers):
-            cache = caches[layer]
-            experts = np.array(sorted(loads), dtype=np.int64)
-            step = LayerStep(
-                layer=layer,
-                step=index,
-                experts=experts,
-                workloads=np.array([loads[e] for e in experts.tolist()], dtype=np.int64),
-                cached=np.array([e in cache for e in experts.tolist()], dtype=bool),
-                resident=np.array(sorted(cache), dtype=np.int64),
-                cache_slots=plan.cache_slots[layer],
-                staging_slots=plan.staging_slots,
-                num_experts=num_experts,
-                cost=cost,
-            )
-            decision = policy.decide(step)
-            check_decision(step, decision, policy.name)
-            run.trace.append((step, decision))
-            run.hits += int(step.cached.sum())
-            run.cpu_runs += int((~decision.on_gpu).sum())
-            run.admitted += len(decision.admit)
-            run.staged += int((decision.on_gpu & ~step.cached).sum()) - len(decision.admit)
-            run.background += len(decision.background)
-            for expert, victim in decision.admit + decision.background:
-                run.evictions += victim != FREE_SLOT
-                cache.discard(victim)
-                cache.add(expert)
-            assert len(cache) <= plan.cache_slots[layer]
-    return run
+def replay(policy: Policy, steps, *, budget: int, num_experts: int = 8, top_k: int = 2, cost=MIXTRAL_4090):
+    """Run `steps` (each a list over layers of {expert: tokens}) through `policy` the way the runtime does
+    (`runtime.replay.replay_policy`: every decision checked, admissions and background copies applied)."""
+    counts = counts_from_loads(steps, num_experts)
+    return replay_policy(policy, counts, budget_slots=budget, top_k=top_k, cost=cost, keep_trace=True)
 
 
 def one_layer(*loads: dict[int, int]) -> list[list[dict[int, int]]]:
@@ -145,14 +92,57 @@ def test_dali_without_a_cost_model_is_a_clear_error():
         make_policy("dali").decide(layer_step([1], [1], [False], cost=None))
 
 
-def test_dali_keeps_its_initial_cache():
-    """The cache is static for now: whatever the routing, DALI copies nothing into it."""
-    run = replay(make_policy("dali"), one_layer({6: 64, 7: 64}, {6: 64, 7: 64}, {0: 1}), budget=4)
+def test_dali_with_a_static_cache_keeps_its_initial_cache():
+    """cache="static": whatever the routing, DALI copies nothing into the cache."""
+    steps = one_layer({6: 64, 7: 64}, {6: 64, 7: 64}, {0: 1}, {6: 9}, {7: 9})
+    run = replay(make_policy("dali", cache="static"), steps, budget=4)
     assert run.plan == SlotPlan((2,), 2)
     assert run.caches == [{0, 1}] and run.admitted == run.background == 0
-    # Each time one heavy miss is copied (28 ms) while the other runs on the CPU (55 ms): copying both
-    # would take 56 ms.
-    assert run.staged == 2 and run.cpu_runs == 2
+    # Each of the first two steps copies one heavy miss (28 ms) while the other runs on the CPU (55 ms):
+    # copying both would take 56 ms.
+    assert run.staged == 2 and run.experts_cpu == 2 + 2
+
+
+def test_dali_swaps_the_windows_busiest_uncached_expert_in_after_the_window():
+    """Mixtral-like layer (E = 8: w_size 4, u_size 1), cache {0, 1}. Window 1 (steps 0-3) routes most tokens
+    to expert 6, some to 0, none to 1: after step 3, 6 replaces 1 (the lowest score) in the background; the
+    next window's steps find it cached. Nothing moves before the window ends."""
+    steps = one_layer({6: 5, 0: 1}, {6: 3}, {6: 2, 7: 1}, {6: 4, 0: 2}, {6: 1}, {6: 1, 0: 1})
+    run = replay(make_policy("dali"), steps, budget=4)
+    backgrounds = [decision.background for _, decision in run.trace]
+    assert backgrounds == [(), (), (), ((6, 1),), (), ()]
+    hits = [step.cached.tolist() for step, _ in run.trace]
+    assert hits[3] == [True, False] and hits[4] == [True] and hits[5] == [True, True]
+    assert run.caches == [{0, 6}] and run.background == run.evictions == 1
+
+
+def test_dali_may_evict_an_expert_that_ran_on_the_gpu_in_the_same_step():
+    """w_size 1, u_size 1, cache {0} (one slot): step 0 runs cached 0 on the GPU (1 token) and uncached 5 on
+    the CPU (2 tokens: a copy would not pay off); 5 outscores 0, so the swap after the step evicts 0 (the
+    background copy waits for the step's GPU work)."""
+    step_loads = one_layer({0: 1, 5: 2})
+    run = replay(make_policy("dali", w_size=1, u_size=1), step_loads, budget=2, top_k=1)
+    ((step, decision),) = run.trace
+    assert step.cached.tolist() == [True, False] and decision.on_gpu.tolist() == [True, False]
+    assert decision.background == ((5, 0),) and run.caches == [{5}]
+
+
+def test_dali_window_defaults_follow_the_expert_count():
+    for num_experts, window in ((8, (4, 1)), (16, (4, 2)), (64, (4, 8)), (128, (4, 8))):
+        policy = make_policy("dali")
+        policy.slot_plan(10, 2, num_experts, 2)
+        assert (policy.replacement.w_size, policy.replacement.u_size) == window
+    policy = make_policy("dali", w_size=2)  # the other one still defaults
+    policy.slot_plan(10, 2, 64, 6)
+    assert (policy.replacement.w_size, policy.replacement.u_size) == (2, 8)
+
+
+def test_dali_lru_cache_copies_every_miss_after_its_step():
+    """cache="lru", cache {0, 1} (never used: the oldest, lower id first). Miss 5 replaces 0 after step 0,
+    miss 6 replaces 1 after step 1, and 5 hits at step 2."""
+    run = replay(make_policy("dali", cache="lru"), one_layer({5: 1}, {6: 1}, {5: 1}), budget=3, top_k=1)
+    assert [decision.background for _, decision in run.trace] == [((5, 0),), ((6, 1),), ()]
+    assert run.hits == 1 and run.caches == [{5, 6}]
 
 
 # --- all_cpu ---------------------------------------------------------------------------------------------
@@ -163,7 +153,7 @@ def test_all_cpu_with_budget_zero_is_fine():
     assert not policy.uses_gpu
     run = replay(policy, [[{0: 3, 5: 1}, {2: 7}]] * 3, budget=0)
     assert run.plan == SlotPlan((0, 0), 0)
-    assert run.cpu_runs == 9 and run.hits == run.staged == run.admitted == run.background == 0
+    assert run.experts_cpu == 9 and run.hits == run.staged == run.admitted == run.background == 0
 
 
 def test_all_cpu_ignores_a_large_budget():
@@ -181,7 +171,7 @@ def test_layerwise_with_budget_for_two_and_a_half_layers_caches_two_whole_layers
     assert run.caches == [set(range(8)), set(range(8)), set(), set()]
     on_gpu = [decision.on_gpu.tolist() for _, decision in run.trace[:4]]
     assert on_gpu == [[True, True], [True, True], [False, False], [False, False]]
-    assert run.hits == 8 and run.cpu_runs == 8 and run.staged == 0
+    assert run.hits == 8 and run.experts_cpu == 8 and run.staged == 0
 
 
 def test_layerwise_caps_at_the_number_of_layers_and_gives_small_budgets_nothing():
@@ -197,7 +187,7 @@ def test_on_demand_sends_everything_to_the_gpu():
     run = replay(make_policy("on_demand"), one_layer({0: 1, 3: 50, 5: 2}, {3: 1}), budget=3)
     assert run.plan == SlotPlan((0,), 3)
     assert all(decision.on_gpu.all() for _, decision in run.trace)
-    assert run.staged == 4 and run.cpu_runs == run.hits == run.admitted == 0
+    assert run.staged == 4 and run.experts_cpu == run.hits == run.admitted == 0
 
 
 def test_on_demand_staging_is_capped_at_the_experts_and_needs_a_slot():
@@ -256,7 +246,7 @@ def test_cache_cpu_miss_copies_at_most_quota_per_step_the_busiest_miss_first():
     (step1, first), (step2, second) = run.trace
     assert first.on_gpu.tolist() == [True, False, False] and first.background == ((6, 1),)
     assert second.on_gpu.tolist() == [False, True] and second.background == ((4, 0),)
-    assert run.hits == 2 and run.cpu_runs == 3 and run.staged == run.admitted == 0
+    assert run.hits == 2 and run.experts_cpu == 3 and run.staged == run.admitted == 0
     assert run.caches == [{4, 6}]
 
 
@@ -331,6 +321,10 @@ def test_every_policy_is_registered_under_its_name_and_documented():
         ("threshold", {"min_tokens": 0}, "min_tokens must be an int >= 1"),
         ("threshold", {"min_tokens": 2.5}, "min_tokens must be an int"),
         ("dali", {"exact": "yes"}, "exact must be a bool"),
+        ("dali", {"cache": "belady"}, "cache must be one of workload, static, lru, lfu"),
+        ("dali", {"cache": "static", "w_size": 2}, "w_size and u_size apply to cache='workload' only"),
+        ("dali", {"w_size": 0}, "w_size must be an int >= 1"),
+        ("dali", {"u_size": 1.5}, "u_size must be an int"),
     ],
 )
 def test_make_policy_rejects_unknown_names_and_bad_options(name, options, message):
@@ -371,6 +365,10 @@ def scenarios(draw, max_layers: int = 3):
 
 CASES = [
     ("dali", {}),  # exact=True is replayed by the test below, which checks it against greedy
+    ("dali", {"cache": "static"}),
+    ("dali", {"cache": "lru"}),
+    ("dali", {"cache": "lfu"}),
+    ("dali", {"w_size": 1, "u_size": 3}),  # a swap after every step, several at once
     ("all_cpu", {}),
     ("layerwise", {}),
     ("on_demand", {}),
@@ -418,7 +416,7 @@ def test_every_policy_places_each_active_expert_once_within_memory(name, options
 def test_dali_is_never_worse_than_all_cpu_or_a_feasible_all_gpu(scenario):
     """In its own cost model, every DALI step is at least as fast as running all active experts on the CPU,
     and as running them all on the GPU whenever that fits the staging slots; exact=True is never slower.
-    The cache is static, so both variants see the same cached experts at every step."""
+    The cache replacement depends on the routing alone, so both variants see the same cached experts."""
     greedy, exact = (
         replay(make_policy("dali", exact=flag), scenario.steps, budget=scenario.budget,
                num_experts=scenario.num_experts, top_k=scenario.top_k, cost=scenario.cost)

@@ -129,3 +129,18 @@ def test_prefetch_slots_come_out_of_the_budget(release_after):
     stats = dali_compile.offload_stats(model)
     assert sum(stats["cache_slots"]) + stats["staging_slots"] + 4 == top_k + 4
     assert runtime_of(model).accelerator.pool.used_bytes == slot * (top_k + 4)
+
+
+@pytest.mark.parametrize("policy", ["cache_cpu_miss", "layerwise", "lru", "threshold"])
+def test_prefetch_works_with_every_policy(policy, release_after):
+    """Prefetched experts are on the device for their step: policies without staging slots run them too."""
+    want_logits, want_tokens = eager_results("qwen3_moe")
+    model = tiny_model("qwen3_moe")
+    slot, layers, experts, top_k = moe_geometry(model)
+    dali_compile.offload(model, device="emulated", expert_memory=slot * (top_k + layers * experts // 2 + 4),
+                         policy=policy, cost_model=COST, prefetch=2)
+    release_after(model)
+    with torch.no_grad():
+        tokens = model.generate(PROMPT, max_new_tokens=3, do_sample=False)
+    assert torch.equal(tokens, want_tokens)
+    assert dali_compile.offload_stats(model)["total"]["prefetches"] > 0

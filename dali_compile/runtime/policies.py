@@ -26,9 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cache_replacement import (  # FREE_SLOT: the victim of an admission or swap into a free slot
+    CACHE_REPLACEMENTS,
+    FREE_SLOT,
+    CacheReplacement,
+    make_cache_replacement,
+)
 from .planner import CostModel, exact_plan, greedy_plan
-
-FREE_SLOT = -1  # the victim of an admission into a free cache slot
 
 
 class PolicyError(RuntimeError):
@@ -157,7 +161,9 @@ def check_decision(step: LayerStep, decision: Decision, policy_name: str = "poli
         if not 0 <= expert < step.num_experts:
             fail(f"background expert {expert} out of range [0, {step.num_experts})")
         take(int(expert), int(victim), "background")
-    staged = gpu_now - resident - {int(expert) for expert, _ in decision.admit}
+    # step.cached also covers experts already on the device for this step only (prefetched ones).
+    on_device = {int(e) for e, c in zip(step.experts.tolist(), step.cached.tolist(), strict=True) if c}
+    staged = gpu_now - resident - on_device - {int(expert) for expert, _ in decision.admit}
     if staged and step.staging_slots <= 0:  # waves need at least one slot to run in
         fail(f"experts {sorted(staged)} need staging slots, but this step has none")
 
@@ -222,26 +228,77 @@ def break_even_tokens(cost: CostModel, limit: int = 4096) -> int | None:
 
 class DaliPolicy(Policy):
     """DALI (arXiv 2602.03495): per layer and step, the greedy CPU/GPU assignment of `planner.greedy_plan`
-    (or the exact optimum with `exact=True`), with at most `staging_slots` uncached experts on the GPU.
+    (or the exact optimum with `exact=True`), with at most `staging_slots` uncached experts on the GPU; and
+    the cache replacement `cache` (see `cache_replacement`), whose swaps are copied in the background after
+    the step:
 
-    Slot split: the default (top_k staging slots, the rest spread over the layers' caches). The cache is
-    static for now: the first experts of each layer at start, no admissions, no background copies.
+    - "workload" (default): DALI's workload-aware replacement: each expert's tokens summed over a window of
+      `w_size` steps; at the window's end up to `u_size` of the highest-scoring uncached experts replace the
+      lowest-scoring cached ones. Both default by the layers' expert count E (`default_window`): (4, 1) for
+      E = 8 (Mixtral), (4, 8) for E >= 64 (DeepSeek-V2-Lite, Qwen3-30B-A3B), u = E // 8 in between.
+    - "static": the initial cache (the first experts of each layer) for good; no copies into it.
+    - "lru", "lfu": copy every miss after its step, evicting the least recently / frequently used.
+    - a `CacheReplacement` instance (e.g. `Belady` in a trace replay): used as is.
+
+    A swap may evict an expert that ran on the GPU in this step: background copies start after its GPU work.
+
+    Slot split: the default (top_k staging slots, the rest spread over the layers' caches).
     """
 
     name = "dali"
     needs_cost = True
 
-    def __init__(self, *, exact: bool = False):
+    def __init__(
+        self,
+        *,
+        exact: bool = False,
+        cache: str | CacheReplacement = "workload",
+        w_size: int | None = None,
+        u_size: int | None = None,
+    ):
         if not isinstance(exact, bool):
             raise ValueError(f"policy 'dali': option exact must be a bool, got {exact!r}")
         self.exact = exact
+        if isinstance(cache, CacheReplacement):
+            if w_size is not None or u_size is not None:
+                raise ValueError("policy 'dali': options w_size and u_size apply to cache='workload' only")
+            self.replacement: CacheReplacement | None = cache
+        else:
+            if cache not in CACHE_REPLACEMENTS:
+                raise ValueError(
+                    f"policy 'dali': option cache must be one of {', '.join(CACHE_REPLACEMENTS)} or a "
+                    f"CacheReplacement, got {cache!r}"
+                )
+            if cache != "workload" and (w_size is not None or u_size is not None):
+                raise ValueError(
+                    f"policy 'dali': options w_size and u_size apply to cache='workload' only, not cache={cache!r}"
+                )
+            for option, value in (("w_size", w_size), ("u_size", u_size)):
+                if value is not None:
+                    _int_option(self.name, option, value, 1)
+            self.replacement = None  # built once E is known (slot_plan or the first step)
+        self.cache = cache if isinstance(cache, str) else cache.name
+        self._options = {"w_size": w_size, "u_size": u_size}
+
+    def _replacement_for(self, num_experts: int) -> CacheReplacement:
+        if self.replacement is None:
+            options = self._options if self.cache == "workload" else {}
+            self.replacement = make_cache_replacement(self.cache, num_experts, **options)
+        return self.replacement
+
+    def slot_plan(self, budget_slots: int, num_layers: int, num_experts: int, top_k: int) -> SlotPlan:
+        self._replacement_for(num_experts)
+        return super().slot_plan(budget_slots, num_layers, num_experts, top_k)
 
     def decide(self, step: LayerStep) -> Decision:
         if step.cost is None:
             raise ValueError("policy 'dali' needs a profiled cost model, but LayerStep.cost is None")
         plan_fn = exact_plan if self.exact else greedy_plan
         plan = plan_fn(step.experts, step.workloads, step.cached, step.cost, max_uncached_on_gpu=step.staging_slots)
-        return Decision(plan.on_gpu)
+        swaps = self._replacement_for(step.num_experts).update(
+            step.layer, step.step, step.experts, step.workloads, step.resident, step.cache_slots
+        )
+        return Decision(plan.on_gpu, background=swaps)
 
 
 class AllCpuPolicy(Policy):

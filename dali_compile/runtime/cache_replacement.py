@@ -1,0 +1,312 @@
+"""Cache replacement: which experts a layer's GPU cache swaps in after a step, for later steps.
+
+# E experts per layer, n active experts in one layer's step, c resident experts, w workload (tokens)
+
+A `CacheReplacement` sees each layer's steps in order (the active experts, their workloads, and the
+experts resident at the step's start) and answers (expert, victim) swaps that the runtime copies in the
+background after the step: exactly the rules of `Decision.background` (see `policies.check_decision`):
+the expert is not resident and named once; the victim is resident and named once, or FREE_SLOT while the
+cache has free slots. A victim may have run on the GPU in this very step (the copy waits for that work).
+A hit is an active expert resident at the step's start; the swaps pay off from the next step on.
+
+- `WorkloadAware(w_size, u_size)`: DALI's policy (arXiv 2602.03495): per layer, each expert's tokens summed
+  over a window of w_size steps; at the window's end the u_size highest-scoring uncached experts replace the
+  u_size lowest-scoring cached ones; scores reset.
+- `Lru(quota)`, `Lfu(quota)`: the textbook policies, copying every miss after its step (`quota=None`) or at
+  most `quota` copies per step on average (to compare at an equal copy budget).
+- `Belady(future)`: Belady's MIN, offline (it reads the future): the ceiling of hit rate for replacement on
+  demand, with unlimited copies. For replay only.
+- `Static()`: never swaps.
+
+One instance keeps one state per layer; the runtime makes one policy (so one replacement) per model.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+FREE_SLOT = -1  # the victim of a swap into a free cache slot (as policies.FREE_SLOT)
+
+Swaps = tuple[tuple[int, int], ...]
+
+# DALI's (w_size, u_size): (4, 1) for 8-expert models (Mixtral), (4, 8) for 64- and 128-expert ones
+# (DeepSeek-V2-Lite, Qwen3-30B-A3B). In between, u_size grows with E: E // 8 clamped to [1, 8].
+DEFAULT_WINDOW = 4
+MAX_DEFAULT_UPDATE = 8
+
+
+def default_window(num_experts: int) -> tuple[int, int]:
+    """DALI's (w_size, u_size) for layers of `num_experts` experts: w = 4; u = E // 8 within [1, 8], so
+    (4, 1) for E = 8, (4, 2) for E = 16, (4, 4) for E = 32, (4, 8) for E >= 64."""
+    return DEFAULT_WINDOW, min(MAX_DEFAULT_UPDATE, max(1, num_experts // 8))
+
+
+def _check_int(owner: str, option: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{owner}: option {option} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_quota(owner: str, quota) -> float | None:
+    if quota is None:
+        return None
+    if (
+        isinstance(quota, bool)
+        or not isinstance(quota, (int, float, np.integer, np.floating))
+        or not (math.isfinite(quota) and quota >= 0)
+    ):
+        raise ValueError(f"{owner}: option quota must be None or a finite number >= 0, got {quota!r}")
+    return float(quota)
+
+
+def _pair(entering: list[int], free: int, victims: list[int]) -> Swaps:
+    """(expert, victim) for experts entering a cache: free slots first, then the victims in order."""
+    return tuple(zip(entering, [FREE_SLOT] * max(free, 0) + victims, strict=False))
+
+
+class CacheReplacement:
+    """Base class: a replacement answers `update` once per layer and step, in step order."""
+
+    name = "cache"
+
+    def update(
+        self, layer: int, step: int, experts: np.ndarray, workloads: np.ndarray, resident: np.ndarray, capacity: int
+    ) -> Swaps:
+        """Swaps to copy after this step.
+
+        layer: the MoE layer's index; step: how many steps this layer has run before this one;
+        experts: int64 [n] the active experts, ascending; workloads: int64 [n] their tokens (>= 1);
+        resident: int64 [c] the layer's cached experts at the step's start, ascending; capacity: its slots.
+        Returns ((expert, victim), ...), victim FREE_SLOT for a free slot.
+        """
+        raise NotImplementedError
+
+
+class Static(CacheReplacement):
+    """Never swaps: the cache keeps its initial experts."""
+
+    name = "static"
+
+    def update(self, layer, step, experts, workloads, resident, capacity) -> Swaps:
+        return ()
+
+
+class WorkloadAware(CacheReplacement):
+    """DALI's workload-aware replacement. Per layer, an expert's score is the tokens routed to it during the
+    current window of `w_size` steps. At the window's end (after steps w-1, 2w-1, ...), the highest-scoring
+    uncached experts fill the free slots, then replace the lowest-scoring cached ones, at most `u_size`
+    copies in all; then every score resets to 0.
+
+    The paper leaves ties open, and with a few tokens per window they are the rule (decode: scores of 1 or
+    2); they go by recency, the temporal correlation the window exploits: among equal scores the most
+    recently used expert comes in first and the least recently used one leaves first (then the lower id).
+    An uncached expert never comes in with a score of 0, nor in place of a cached one that scored at least
+    as much: such a swap would spend a copy without raising the cache's score.
+    """
+
+    name = "workload"
+
+    def __init__(self, w_size: int, u_size: int):
+        self.w_size = _check_int("cache 'workload'", "w_size", w_size, 1)
+        self.u_size = _check_int("cache 'workload'", "u_size", u_size, 1)
+        self._scores: dict[int, dict[int, int]] = {}  # layer -> expert -> tokens in the current window
+        self._last_use: dict[int, dict[int, int]] = {}  # layer -> expert -> its last step + 1 (0: never)
+
+    def update(self, layer, step, experts, workloads, resident, capacity) -> Swaps:
+        scores = self._scores.setdefault(layer, {})
+        uses = self._last_use.setdefault(layer, {})
+        for expert, tokens in zip(experts.tolist(), workloads.tolist(), strict=True):
+            scores[expert] = scores.get(expert, 0) + tokens
+            uses[expert] = step + 1
+        if (step + 1) % self.w_size:
+            return ()
+        self._scores[layer] = {}
+        cached = set(resident.tolist())
+        incoming = sorted(
+            (e for e, s in scores.items() if e not in cached and s > 0), key=lambda e: (-scores[e], -uses[e], e)
+        )
+        outgoing = sorted(cached, key=lambda e: (scores.get(e, 0), uses.get(e, 0), e))
+        swaps = []
+        for expert, victim in _pair(incoming[: self.u_size], capacity - len(cached), outgoing):
+            if victim != FREE_SLOT and scores[expert] <= scores.get(victim, 0):
+                break  # incoming scores only fall and outgoing ones only rise from here
+            swaps.append((expert, victim))
+        return tuple(swaps)
+
+
+class _Quota:
+    """A per-layer copy allowance of `quota` copies per step on average (a token bucket): each step adds
+    `quota` credits to a balance first capped at max(1, quota) (so a quiet stretch buys no burst beyond one
+    step's worth, or one copy), and each copy spends one credit. None: no limit."""
+
+    def __init__(self, quota: float | None):
+        self.quota = quota
+        self._credit: dict[int, float] = {}
+
+    def allowance(self, layer: int) -> int | None:
+        if self.quota is None:
+            return None
+        credit = min(self._credit.get(layer, 0.0), max(1.0, self.quota)) + self.quota
+        self._credit[layer] = credit
+        return int(credit + 1e-9)  # 4 x 0.25 is a whole copy despite rounding
+
+    def spend(self, layer: int, copies: int) -> None:
+        if self.quota is not None:
+            self._credit[layer] -= copies
+
+
+class _CopyOnMiss(CacheReplacement):
+    """Copy the step's misses after it (the busiest first, ties to the lower id; within the quota), each into
+    a free slot or in place of the resident expert that `_victim_order` puts first. An expert used in this
+    step is never evicted for another one used in it: the copy would buy nothing the cache does not have."""
+
+    def __init__(self, quota: float | None = None):
+        self._quota = _Quota(_check_quota(f"cache {self.name!r}", quota))
+
+    @property
+    def quota(self) -> float | None:
+        return self._quota.quota
+
+    def _record(self, layer: int, step: int, experts: np.ndarray, workloads: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _victim_order(self, layer: int, candidates: list[int]) -> list[int]:
+        raise NotImplementedError
+
+    def update(self, layer, step, experts, workloads, resident, capacity) -> Swaps:
+        self._record(layer, step, experts, workloads)
+        allowed = self._quota.allowance(layer)
+        # Python sets and lists: n and c are a handful, where numpy's set routines cost tens of microseconds.
+        cached = set(resident.tolist())
+        active = experts.tolist()
+        misses = [(e, w) for e, w in zip(active, workloads.tolist(), strict=True) if e not in cached]
+        entering = [e for e, _ in sorted(misses, key=lambda m: (-m[1], m[0]))][:allowed]
+        used = set(active)
+        idle = [e for e in cached if e not in used]
+        swaps = _pair(entering, capacity - len(cached), self._victim_order(layer, idle))
+        self._quota.spend(layer, len(swaps))
+        return swaps
+
+
+class Lru(_CopyOnMiss):
+    """Least recently used: the victim is the resident expert whose last step is the oldest (never used,
+    i.e. the initial cache, is oldest; ties to the lower id)."""
+
+    name = "lru"
+
+    def __init__(self, quota: float | None = None):
+        super().__init__(quota)
+        self._last_use: dict[int, dict[int, int]] = {}  # layer -> expert -> its last step + 1
+
+    def _record(self, layer, step, experts, workloads) -> None:
+        uses = self._last_use.setdefault(layer, {})
+        for expert in experts.tolist():
+            uses[expert] = step + 1
+
+    def _victim_order(self, layer, candidates) -> list[int]:
+        uses = self._last_use.get(layer, {})
+        return sorted(candidates, key=lambda e: (uses.get(e, 0), e))
+
+
+class Lfu(_CopyOnMiss):
+    """Least frequently used: the victim is the resident expert with the fewest tokens routed to it since the
+    start (counts are kept for uncached experts too: "perfect" LFU; ties to the least recently used, then the
+    lower id)."""
+
+    name = "lfu"
+
+    def __init__(self, quota: float | None = None):
+        super().__init__(quota)
+        self._tokens: dict[int, dict[int, int]] = {}
+        self._last_use: dict[int, dict[int, int]] = {}
+
+    def _record(self, layer, step, experts, workloads) -> None:
+        tokens = self._tokens.setdefault(layer, {})
+        uses = self._last_use.setdefault(layer, {})
+        for expert, count in zip(experts.tolist(), workloads.tolist(), strict=True):
+            tokens[expert] = tokens.get(expert, 0) + count
+            uses[expert] = step + 1
+
+    def _victim_order(self, layer, candidates) -> list[int]:
+        tokens, uses = self._tokens.get(layer, {}), self._last_use.get(layer, {})
+        return sorted(candidates, key=lambda e: (tokens.get(e, 0), uses.get(e, 0), e))
+
+
+class Belady(CacheReplacement):
+    """Belady's MIN, offline: after each step, the cache keeps the `capacity` experts among those resident and
+    this step's misses that are used again soonest (never again: not kept); ties keep a resident expert, then
+    the lower id. It copies only experts just missed (replacement on demand) and as many as it likes.
+
+    future: per layer, per step of that layer (in the order `update` sees them), the active experts. Each
+    `update` checks that it is called with exactly that step's experts, so a replay that drifts from the
+    future it was given fails loudly.
+    """
+
+    name = "belady"
+
+    def __init__(self, future: Sequence[Sequence[Sequence[int]]]):
+        self._future = [[np.asarray(s, dtype=np.int64) for s in layer] for layer in future]
+        self._uses: list[dict[int, list[int]]] = []  # layer -> expert -> its steps, ascending
+        for steps in self._future:
+            uses: dict[int, list[int]] = {}
+            for index, active in enumerate(steps):
+                for expert in active.tolist():
+                    uses.setdefault(expert, []).append(index)
+            self._uses.append(uses)
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray) -> Belady:
+        """The future of a routing given as counts int [S, L, E] (tokens per expert; a layer step without
+        tokens is skipped, as the replay skips it)."""
+        counts = np.asarray(counts)
+        return cls([[np.flatnonzero(row) for row in counts[:, layer] if row.any()] for layer in range(counts.shape[1])])
+
+    def _next_use(self, layer: int, expert: int, step: int) -> float:
+        uses = self._uses[layer].get(expert, [])
+        i = bisect.bisect_right(uses, step)
+        return uses[i] if i < len(uses) else math.inf
+
+    def update(self, layer, step, experts, workloads, resident, capacity) -> Swaps:
+        if layer >= len(self._future) or step >= len(self._future[layer]):
+            raise ValueError(f"cache 'belady': no future known for layer {layer}, step {step}")
+        if not np.array_equal(self._future[layer][step], experts):
+            raise ValueError(
+                f"cache 'belady': layer {layer} step {step} routes to {experts.tolist()}, but its "
+                f"future says {self._future[layer][step].tolist()}: the replay drifted from the trace"
+            )
+        cached = set(resident.tolist())
+        candidates = cached | set(experts.tolist())
+        ranked = sorted(candidates, key=lambda e: (self._next_use(layer, e, step), e not in cached, e))
+        keep = [e for e in ranked if e in cached or self._next_use(layer, e, step) < math.inf][:capacity]
+        entering = [e for e in keep if e not in cached]
+        victims = sorted(cached - set(keep), key=lambda e: (-self._next_use(layer, e, step), e))
+        return _pair(entering, capacity - len(cached), victims)
+
+
+CACHE_REPLACEMENTS = ("workload", "static", "lru", "lfu")  # by name; Belady needs its future, so no name
+
+
+def make_cache_replacement(
+    name: str, num_experts: int, *, w_size: int | None = None, u_size: int | None = None, quota: float | None = None
+) -> CacheReplacement:
+    """The replacement called `name` for layers of `num_experts` experts. `workload` takes w_size and u_size
+    (each defaults to `default_window(num_experts)`), `lru` and `lfu` take quota; a misplaced option is a
+    ValueError, as is an unknown name."""
+    if name not in CACHE_REPLACEMENTS:
+        raise ValueError(f"unknown cache replacement {name!r}; known: {', '.join(CACHE_REPLACEMENTS)}")
+    if name != "workload" and (w_size is not None or u_size is not None):
+        raise ValueError(f"cache {name!r} takes no w_size or u_size (only cache 'workload' does)")
+    if name not in ("lru", "lfu") and quota is not None:
+        raise ValueError(f"cache {name!r} takes no quota (only 'lru' and 'lfu' do)")
+    if name == "workload":
+        w, u = default_window(num_experts)
+        return WorkloadAware(w if w_size is None else w_size, u if u_size is None else u_size)
+    if name == "lru":
+        return Lru(quota)
+    if name == "lfu":
+        return Lfu(quota)
+    return Static()
