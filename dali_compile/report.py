@@ -39,6 +39,7 @@ class CompileReport:
     rewritten: list[RewrittenLayer] = field(default_factory=list)
     refused: list[RefusedLayer] = field(default_factory=list)
     inductor: bool = True
+    prefetch_hooks: list[int] = field(default_factory=list)  # layers whose gate input starts a prefetch
 
     @property
     def num_rewritten(self) -> int:
@@ -56,6 +57,8 @@ class CompileReport:
             )
         for r in self.refused:
             lines.append(f"  refused   {r.scope}: {r.reason}")
+        if self.prefetch_hooks:
+            lines.append(f"  prefetch hooks after the gate inputs of layers {self.prefetch_hooks}")
         return "\n".join(lines)
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from .context import PassContext
+from .insert_prefetch_hooks import insert_prefetch_hooks
 from .replace_moe_dispatch import replace_moe_dispatch
 
 PASSES = (
     replace_moe_dispatch,
+    insert_prefetch_hooks,
 )
 
 

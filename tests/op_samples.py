@@ -56,3 +56,14 @@ def _moe_hybrid_samples(register: Register) -> list[tuple]:
                 weights = torch.softmax(torch.randn(T, K, generator=gen), dim=-1).to(dtype)
                 samples.append((draw(T, H), ids, weights, handle))
     return samples
+
+
+@sample_builder("dali::prefetch_next")
+def _prefetch_next_samples(register: Register) -> list[tuple]:
+    """A registered layer without a runtime (the hook does nothing) at [T, H] and [B, S, H] gate inputs; the
+    offloaded case is opchecked in test_prefetch.py."""
+    E, H, I = 4, 16, 12  # noqa: E741
+    gen = torch.Generator().manual_seed(1)
+    handle = register(LayerSpec(ExpertLayout(Activation("silu")), torch.randn(E, 2 * I, H, generator=gen),
+                                torch.randn(E, H, I, generator=gen), name="opcheck-prefetch"))
+    return [(torch.randn(5, H, generator=gen), handle), (torch.randn(2, 3, H, generator=gen), handle)]

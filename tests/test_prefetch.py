@@ -144,3 +144,36 @@ def test_prefetch_works_with_every_policy(policy, release_after):
         tokens = model.generate(PROMPT, max_new_tokens=3, do_sample=False)
     assert torch.equal(tokens, want_tokens)
     assert dali_compile.offload_stats(model)["total"]["prefetches"] > 0
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_the_pass_inserts_one_prefetch_hook_per_moe_layer_but_the_last(release_after, inductor):
+    """Compiled: a dali::prefetch_next after each gate input but the last layer's, kept by inductor; it
+    prefetches before the layer's own step would (the runtime's fallback then does nothing), and results
+    stay eager's."""
+    from helpers import compile_dali
+
+    model = offload_with_prefetch("qwen3_moe", num_hidden_layers=3)
+    release_after(model)
+    reference = tiny_model("qwen3_moe", num_hidden_layers=3)
+    compiled = compile_dali(model, inductor=inductor)
+    with torch.no_grad():
+        want_logits = reference(PROMPT).logits
+        compiled(PROMPT)  # compile
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            logits = compiled(PROMPT).logits
+    assert sum(1 for e in prof.events() if e.name == "dali::prefetch_next") == 2
+    report = dali_compile.last_report()
+    runtime = runtime_of(model)
+    assert sorted(report.prefetch_hooks) == sorted(runtime.handles[:-1])
+    assert relative_max_error(logits, want_logits) <= FP32_RTOL
+    stats = dali_compile.offload_stats(model)["layers"]
+    names = [layer.name for layer in runtime.layers]
+    assert stats[names[0]]["prefetches"] == 0 and all(stats[n]["prefetches"] > 0 for n in names[1:])
+
+
+def test_prefetch_next_on_an_offloaded_layer_passes_opcheck(release_after):
+    model = offload_with_prefetch("qwen3_moe")
+    release_after(model)
+    handle = runtime_of(model).handles[0]
+    torch.library.opcheck(torch.ops.dali.prefetch_next.default, (torch.randn(4, 32), handle))

@@ -120,6 +120,18 @@ class HybridRuntime:
         for handle, layer in zip(self.handles, self.layers, strict=True):
             self.registry.attach(handle, layer)
 
+    def prefetch_from(self, index: int, gate_input: torch.Tensor) -> None:
+        """Prefetch for layer `index` + 1 from layer `index`'s gate input, once per step of layer `index`: the
+        graph hook (`dali::prefetch_next`) calls this early, the layer's own step calls it again as a
+        fallback (eager mode, or a graph without the hook), and the second call does nothing."""
+        if not self.prefetching or index + 1 >= len(self.layers):
+            return
+        source, target = self.layers[index], self.layers[index + 1]
+        if target.prefetched_at == source.steps:
+            return
+        target.prefetched_at = source.steps
+        self.prefetch_for(index + 1, gate_input)
+
     def prefetch_for(self, index: int, gate_input: torch.Tensor) -> None:
         """Predict layer `index`'s workload from the previous layer's gate input and start copying the top-P
         experts the planner would put on the GPU that are not cached (those with the most predicted tokens)."""
@@ -206,6 +218,7 @@ class HybridLayer:
         self.steps = 0
         self.stats = LayerStats()
         self.prefetched: dict[int, tuple[int, Event]] = {}  # expert -> (prefetch slot, its copy), this step only
+        self.prefetched_at = -1  # the previous layer's step that last prefetched for this layer
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         rt, acc, stats = self.runtime, self.runtime.accelerator, LayerStats()
@@ -213,8 +226,7 @@ class HybridLayer:
         self._check(hidden)
         if rt.recorder is not None:
             rt.recorder(self.index, hidden, topk_ids, topk_weights)
-        if rt.prefetching and self.index + 1 < len(rt.layers):
-            rt.prefetch_for(self.index + 1, hidden)  # the experts' input is the gate input here
+        rt.prefetch_from(self.index, hidden)  # the experts' input is the gate input here
         E = self.spec.num_experts
         host_ids = acc.to_host(topk_ids)
         if host_ids.numel() and int(host_ids.min()) < 0:
