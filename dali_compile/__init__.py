@@ -13,6 +13,7 @@ from .experts_interface import register_experts_interface
 from .offload import calibrate, load_calibration, offload, offload_stats, refresh_costs, release, save_calibration
 from .report import CompileReport, clear_reports, last_report, reports
 from .runtime import Activation, ExpertLayout, LayerSpec, layer_registry
+from .runtime.recorder import RoutingRecorder, record_routing
 
 register_experts_interface()
 
@@ -32,6 +33,8 @@ __all__ = [
     "offload",
     "offload_stats",
     "refresh_costs",
+    "record_routing",
     "release",
+    "RoutingRecorder",
     "reports",
 ]

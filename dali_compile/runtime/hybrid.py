@@ -94,6 +94,7 @@ class HybridRuntime:
         self.cost = cost
         self.registry = registry or layer_registry()
         self.num_experts = template.num_experts
+        self.top_k = top_k
         self.slot_bytes = expert_bytes(template)
         total = self.slot_plan.total + 2 * self.prefetch
         self.pool = SlotPool(accelerator, template, total) if total else None
@@ -137,7 +138,7 @@ class HybridRuntime:
         experts the planner would put on the GPU that are not cached (those with the most predicted tokens)."""
         started = time.perf_counter()
         layer = self.layers[index]
-        counts = self.predictor.predict(index - 1, gate_input)
+        counts, mass = self.predictor.predict(index - 1, gate_input)
         experts = np.flatnonzero(counts).astype(np.int64)
         cached = layer.cache.slot_of_expert[experts] >= 0
         if self.cost is not None and experts.size:
@@ -145,7 +146,8 @@ class HybridRuntime:
         else:
             wanted = ~cached
         candidates = experts[wanted]
-        chosen = candidates[np.argsort(-counts[candidates], kind="stable")][: self.prefetch]
+        # Most predicted tokens first, then most routing weight (ties are the rule at one token per step).
+        chosen = candidates[np.lexsort((-mass[candidates], -counts[candidates]))][: self.prefetch]
         layer.prefetched = {}
         for expert, slot in zip(chosen.tolist(), self.prefetch_sets[index % 2], strict=False):
             layer.prefetched[expert] = (slot, self.pool.load(slot, layer.spec, expert, self.last_compute))

@@ -35,13 +35,21 @@ def find_router(block: nn.Module, num_experts: int, hidden_size: int) -> nn.Modu
     raise ValueError(f"no router with a [{num_experts}, {hidden_size}] weight in {type(block).__name__}")
 
 
-def routed_ids(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The top-k expert ids [T, K] the router gives x [T, H] (the int tensor among its outputs)."""
+def routed(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The top-k expert ids [T, K] the router gives x [T, H] (the int tensor among its outputs) and their
+    routing weights [T, K] (the float output of the same shape; None if the router returns none)."""
     out = router(x)
-    for tensor in out if isinstance(out, tuple) else (out,):
-        if isinstance(tensor, torch.Tensor) and not tensor.is_floating_point() and tensor.dim() == 2:
-            return tensor
-    raise ValueError(f"{type(router).__name__} returns no [T, K] integer expert ids")
+    outputs = [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)]
+    ids = next((t for t in outputs if not t.is_floating_point() and t.dim() == 2), None)
+    if ids is None:
+        raise ValueError(f"{type(router).__name__} returns no [T, K] integer expert ids")
+    weights = next((t for t in outputs if t.is_floating_point() and t.shape == ids.shape), None)
+    return ids, weights
+
+
+def routed_ids(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The top-k expert ids [T, K] the router gives x [T, H]."""
+    return routed(router, x)[0]
 
 
 class ResidualPredictor:
@@ -64,14 +72,20 @@ class ResidualPredictor:
         self.residuals = list(residuals)
 
     @torch.no_grad()
-    def predict(self, layer: int, gate_input: torch.Tensor) -> np.ndarray:
-        """Predicted tokens per expert [E] of layer `layer` + 1, from layer `layer`'s gate input [T, H]."""
+    def predict(self, layer: int, gate_input: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted tokens per expert [E] of layer `layer` + 1 from layer `layer`'s gate input [T, H], and the
+        summed routing weight per expert [E] (to rank experts with equal counts: at one token per step every
+        predicted expert has one token)."""
         x = gate_input.reshape(-1, self.hidden_size)
         res = self.residuals[layer]
         if res is not None:
             x = x + res.to(device=x.device, dtype=x.dtype)
-        ids = routed_ids(self.routers[layer + 1], x)
-        return np.bincount(ids.reshape(-1).cpu().numpy(), minlength=self.num_experts)
+        ids, weights = routed(self.routers[layer + 1], x)
+        flat_ids = ids.reshape(-1).cpu().numpy()
+        counts = np.bincount(flat_ids, minlength=self.num_experts)
+        mass = (np.zeros(self.num_experts) if weights is None else
+                np.bincount(flat_ids, weights=weights.reshape(-1).float().cpu().numpy(), minlength=self.num_experts))
+        return counts, mass
 
 
 @torch.no_grad()
