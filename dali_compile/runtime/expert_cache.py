@@ -86,13 +86,18 @@ class LayerCache:
         self.slot_of_expert = np.full(num_experts, -1, dtype=np.int32)
         self.expert_in_slot: dict[int, int] = {}
         self.ready: dict[int, Event] = {}  # slot -> the copy that fills it
+        self._resident: np.ndarray | None = None  # sorted cached experts, rebuilt after an install
 
     @property
     def capacity(self) -> int:
         return len(self.slots)
 
     def resident(self) -> np.ndarray:
-        return np.flatnonzero(self.slot_of_expert >= 0).astype(np.int64)
+        """The cached experts, ascending (read-only: the same array until the next install)."""
+        if self._resident is None:
+            self._resident = np.flatnonzero(self.slot_of_expert >= 0).astype(np.int64)
+            self._resident.flags.writeable = False
+        return self._resident
 
     def install(self, expert: int, victim: int, source: LayerSpec, after: Event | None) -> int:
         """Copy `expert` into the cache in place of `victim` (-1: a free slot); returns its slot."""
@@ -110,6 +115,7 @@ class LayerCache:
             self.slot_of_expert[victim] = -1
         self.slot_of_expert[expert] = slot
         self.expert_in_slot[slot] = expert
+        self._resident = None
         self.ready[slot] = self.pool.load(slot, source, expert, after)
         return slot
 

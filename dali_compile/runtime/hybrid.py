@@ -231,9 +231,10 @@ class HybridLayer:
         rt.prefetch_from(self.index, hidden)  # the experts' input is the gate input here
         E = self.spec.num_experts
         host_ids = acc.to_host(topk_ids)
-        if host_ids.numel() and int(host_ids.min()) < 0:
-            raise IndexError(f"dali::moe_hybrid: negative expert id {int(host_ids.min())} for layer {self.name}")
-        counts = np.bincount(host_ids.reshape(-1).numpy(), minlength=E)
+        flat_ids = host_ids.reshape(-1).numpy()
+        if flat_ids.size and flat_ids.min() < 0:
+            raise IndexError(f"dali::moe_hybrid: negative expert id {int(flat_ids.min())} for layer {self.name}")
+        counts = np.bincount(flat_ids, minlength=E)
         if counts.shape[0] > E:
             raise IndexError(f"dali::moe_hybrid: expert id {counts.shape[0] - 1} out of range for layer {self.name} "
                              f"with {E} experts")

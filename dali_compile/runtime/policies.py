@@ -130,6 +130,13 @@ def check_decision(step: LayerStep, decision: Decision, policy_name: str = "poli
     on_gpu = np.asarray(decision.on_gpu)
     if on_gpu.dtype != np.bool_ or on_gpu.shape != step.experts.shape:
         fail(f"on_gpu must be bool {step.experts.shape}, got {on_gpu.dtype} {on_gpu.shape}")
+    if not decision.admit and not decision.background:
+        # The common step (no copies into the cache): only the staging rule applies. step.cached also
+        # covers experts already on the device for this step only (prefetched ones).
+        if step.staging_slots <= 0 and bool(np.any(on_gpu & ~step.cached)):
+            staged = sorted(step.experts[on_gpu & ~step.cached].tolist())
+            fail(f"experts {staged} need staging slots, but this step has none")
+        return
     active = {int(e): i for i, e in enumerate(step.experts.tolist())}
     resident = set(step.resident.tolist())
     gpu_now = {int(e) for e, g in zip(step.experts.tolist(), on_gpu.tolist(), strict=True) if g}
