@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dali_compile.runtime.planner import TABULATED_WORKLOADS, CostModel, exact_plan, greedy_plan, plan_times
@@ -155,9 +155,23 @@ def problems_with_ties(draw):
     return np.arange(n) + 100, workloads, cached, cost, draw(st.integers(0, n + 1))
 
 
-@settings(max_examples=300, deadline=None)
-@given(problems_with_ties())
-def test_greedy_equals_the_reference_to_the_bit(problem):
+@pytest.fixture(params=["native", "python"])
+def greedy_path(request, monkeypatch):
+    """greedy_plan through the C implementation (csrc/core/planner.cpp) and through the Python loop."""
+    from dali_compile.runtime import cpu_extension, planner
+
+    if request.param == "native":
+        if cpu_extension.greedy_plan_function() is None:
+            pytest.skip("the C++ extension is not built here")
+        monkeypatch.setattr(planner, "_native_function", cpu_extension.greedy_plan_function())
+    else:
+        monkeypatch.setattr(planner, "_native_function", False)
+    return request.param
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems_with_ties())
+def test_greedy_equals_the_reference_to_the_bit(greedy_path, problem):
     experts, workloads, cached, cost, slots = problem
     plan = greedy_plan(*problem)
     on_gpu, cpu_seconds, gpu_seconds = reference_greedy(workloads, cached, cost, slots)
@@ -211,3 +225,23 @@ def test_the_cost_table_is_invisible():
     clone = pickle.loads(pickle.dumps(twin))
     args = (np.arange(3), np.array([1, 64, 2]), np.array([False, False, True]))
     assert greedy_plan(*args, clone, 1).on_gpu.tolist() == greedy_plan(*args, MIXTRAL_4090, 1).on_gpu.tolist()
+
+
+def test_the_c_greedy_serves_integer_workloads_and_agrees_with_python(monkeypatch):
+    from dali_compile.runtime import cpu_extension, planner
+
+    native = cpu_extension.greedy_plan_function()
+    if native is None:
+        pytest.skip("the C++ extension is not built here")
+    monkeypatch.setattr(planner, "_native_function", native)
+    rng = np.random.default_rng(0)
+    for n in (1, 8, 128):
+        workloads, cached = rng.integers(1, 70, n), rng.random(n) < 0.4
+        fast = planner._native_greedy(np.arange(n), workloads, cached, MIXTRAL_4090, 3)
+        assert fast is not None
+        monkeypatch.setattr(planner, "_native_function", False)
+        slow = greedy_plan(np.arange(n), workloads, cached, MIXTRAL_4090, 3)
+        monkeypatch.setattr(planner, "_native_function", native)
+        assert fast.on_gpu.tolist() == slow.on_gpu.tolist() and fast.makespan == slow.makespan
+    assert planner._native_greedy(np.arange(2), np.array([1.5, 2.0]), np.zeros(2, bool), MIXTRAL_4090, 1) is None
+    assert planner._native_greedy(np.arange(1), np.array([10**6]), np.zeros(1, bool), MIXTRAL_4090, 1) is None

@@ -46,6 +46,7 @@ SOURCES = (
     "core/job_queue.cpp",
     "core/experts.cpp",
     "core/runtime.cpp",
+    "core/planner.cpp",
     "binding/cpu_experts_ops.cpp",
 )
 # No -march=native: the library must run on any x86-64 (ISA paths are picked at run time).
@@ -127,6 +128,8 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_cpu_set_dense_gemm_min_tokens.argtypes = [ctypes.c_int64]
     lib.dali_cpu_read_bandwidth_gbps.argtypes = [ctypes.c_int64, ctypes.c_int]
     lib.dali_cpu_read_bandwidth_gbps.restype = ctypes.c_double
+    lib.dali_greedy_plan.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
+    lib.dali_greedy_plan.restype = ctypes.c_int
     return lib
 
 
@@ -238,6 +241,12 @@ def set_dense_gemm_min_tokens(n: int) -> None:
 def read_bandwidth_gbps(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Streaming read bandwidth (GB/s) on the runtime's threads: the physical limit of a decode step."""
     return float(_require().dali_cpu_read_bandwidth_gbps(int(num_bytes), int(repeats)))
+
+
+def greedy_plan_function():
+    """The C greedy planner (`csrc/core/planner.cpp`), or None without the extension."""
+    lib = _loaded()
+    return None if lib is None else lib.dali_greedy_plan
 
 
 def last_region_threads() -> int:
