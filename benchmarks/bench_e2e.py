@@ -47,6 +47,7 @@ import torch
 
 import dali_compile
 from dali_compile.experts_interface import spec_of_module
+from dali_compile.offload import experts_modules
 from dali_compile.runtime import cpu_extension
 from dali_compile.runtime.expert_cache import expert_bytes
 from dali_compile.runtime.policies import POLICIES
@@ -160,8 +161,7 @@ def build_model(shape: ModelShape, dtype: torch.dtype, device: str):
 
 def expert_geometry(model) -> tuple[int, int, int, int]:
     """(bytes of one expert slot, MoE layers L, experts per layer E, top-k K)."""
-    experts = [m for m in model.modules() if hasattr(m, "is_transposed")
-               and isinstance(getattr(m, "down_proj", None), torch.Tensor) and m.down_proj.dim() == 3]
+    experts = [module for _, module in experts_modules(model)]
     spec = spec_of_module(experts[0])
     return expert_bytes(spec), len(experts), spec.num_experts, model.config.num_experts_per_tok
 

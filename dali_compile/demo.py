@@ -90,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def offload_part(args, model, prompt, eager_tokens: list[int]) -> bool:
-    from dali_compile.offload import runtime_of
+    from dali_compile.experts_interface import spec_of_module
+    from dali_compile.offload import experts_modules, runtime_of
+    from dali_compile.runtime.expert_cache import expert_bytes
 
     device = "cuda" if torch.cuda.is_available() else "emulated"
-    experts = [m for m in model.modules() if hasattr(m, "is_transposed")]
-    expert_bytes = sum(p[0].numel() * p.element_size() for p in experts[0].parameters())
+    experts = [module for _, module in experts_modules(model)]
+    slot_bytes = expert_bytes(spec_of_module(experts[0]))
     total = len(experts) * experts[0].num_experts
-    budget = int((args.expert_fraction * total + model.config.num_experts_per_tok) * expert_bytes)
+    budget = int((args.expert_fraction * total + model.config.num_experts_per_tok) * slot_bytes)
     note = " (CPU test double: timings mean nothing, counters do)" if device == "emulated" else ""
     print(f"\noffload: {device}{note}, policy {args.policy!r}, budget {budget / 1e6:.1f} MB = "
           f"{args.expert_fraction:.0%} of {total} experts "

@@ -28,7 +28,7 @@ from .runtime.prefetch import ResidualPredictor, default_prefetch_count, find_ro
 _RUNTIME_ATTRIBUTE = "_dali_runtime"
 
 
-def _experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """transformers' fused experts modules (they carry the attributes `use_experts_implementation` sets)."""
     return [(name, m) for name, m in model.named_modules()
             if hasattr(m, "is_transposed") and isinstance(getattr(m, "down_proj", None), torch.Tensor)
@@ -63,7 +63,7 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory
         raise RuntimeError("offload: this model is already offloaded (call dali_compile.release(model) first)")
     budget = parse_bytes(expert_memory)
     chosen = make_policy(policy, **policy_options)
-    modules = _experts_modules(model)
+    modules = experts_modules(model)
     if not modules:
         raise ValueError(f"offload: {type(model).__name__} has no fused experts module (transformers' "
                          "@use_experts_implementation); dali offloads those")

@@ -93,37 +93,35 @@ def moe_hybrid_reference_kernel(hidden, topk_ids, topk_weights, layer):
 torch.library.impl(NAME, "CompositeExplicitAutograd")(moe_hybrid_reference_kernel)
 
 
-def moe_hybrid_cuda_kernel(hidden, topk_ids, topk_weights, layer):
-    """An offloaded layer: its hybrid runtime. Otherwise all experts are resident on the GPU: the Triton
-    kernels over an identity slot table of the layer's weights."""
-    check_routing_shapes(hidden, topk_ids, topk_weights)
-    hybrid = layer_registry().attached(layer)
-    if hybrid is not None:
-        return hybrid.forward(hidden, topk_ids, topk_weights)
-    spec = layer_registry().get(layer)
-    check_against_layer(spec, layer, hidden, topk_ids)
+def _device_kernel(resident_contributions):
+    """A device kernel of the op: an offloaded layer goes to its hybrid runtime; otherwise every expert is
+    resident on this device and `resident_contributions(spec, hidden, topk_ids, topk_weights)` gives the
+    [T, K, H] fp32 slot contributions, summed over k in order, as moe_reference."""
+
+    def kernel(hidden, topk_ids, topk_weights, layer):
+        check_routing_shapes(hidden, topk_ids, topk_weights)
+        hybrid = layer_registry().attached(layer)
+        if hybrid is not None:
+            return hybrid.forward(hidden, topk_ids, topk_weights)
+        spec = layer_registry().get(layer)
+        check_against_layer(spec, layer, hidden, topk_ids)
+        return resident_contributions(spec, hidden, topk_ids, topk_weights).sum(dim=1).to(hidden.dtype)
+
+    return kernel
+
+
+def _triton_over_identity_slots(spec, hidden, topk_ids, topk_weights):
+    """All experts resident on the GPU: the Triton kernels over an identity slot table of the layer's weights."""
     identity = torch.arange(spec.num_experts, dtype=torch.int32, device=hidden.device)
-    contributions = gpu_experts(hidden, topk_ids, topk_weights, spec.up_weight, spec.down_weight,
-                                spec.up_bias, spec.down_bias, identity, spec.layout)  # [T, K, H] fp32
-    return contributions.sum(dim=1).to(hidden.dtype)  # k in order, as moe_reference
+    return gpu_experts(hidden, topk_ids, topk_weights, spec.up_weight, spec.down_weight,
+                       spec.up_bias, spec.down_bias, identity, spec.layout)
 
 
+# CUDA: the Triton kernels; CPU: the C++ runtime (`dali::cpu_experts`; its reference when not built). A layer
+# offloaded to CUDA or to the emulated accelerator (CPU tensors) runs its hybrid runtime on either.
+moe_hybrid_cuda_kernel = _device_kernel(_triton_over_identity_slots)
+moe_hybrid_cpu_kernel = _device_kernel(cpu_experts)
 torch.library.register_kernel(NAME, "cuda")(moe_hybrid_cuda_kernel)
-
-
-def moe_hybrid_cpu_kernel(hidden, topk_ids, topk_weights, layer):
-    """A layer offloaded to the emulated accelerator: its hybrid runtime. Otherwise every expert on the CPU:
-    the C++ runtime (`dali::cpu_experts`; its reference when not built)."""
-    check_routing_shapes(hidden, topk_ids, topk_weights)
-    hybrid = layer_registry().attached(layer)
-    if hybrid is not None:
-        return hybrid.forward(hidden, topk_ids, topk_weights)
-    spec = layer_registry().get(layer)
-    check_against_layer(spec, layer, hidden, topk_ids)
-    contributions = cpu_experts(spec, hidden, topk_ids, topk_weights)  # [T, K, H] fp32
-    return contributions.sum(dim=1).to(hidden.dtype)  # k in order, as moe_reference
-
-
 torch.library.register_kernel(NAME, "cpu")(moe_hybrid_cpu_kernel)
 
 

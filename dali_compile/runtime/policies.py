@@ -130,13 +130,15 @@ def check_decision(step: LayerStep, decision: Decision, policy_name: str = "poli
     on_gpu = np.asarray(decision.on_gpu)
     if on_gpu.dtype != np.bool_ or on_gpu.shape != step.experts.shape:
         fail(f"on_gpu must be bool {step.experts.shape}, got {on_gpu.dtype} {on_gpu.shape}")
+    # Staging: a GPU expert neither on the device for this step (step.cached also covers prefetched ones)
+    # nor admitted into the cache runs in a staging slot; waves need at least one.
+    staged = on_gpu & ~step.cached
+    if decision.admit:
+        staged &= ~np.isin(step.experts, [int(expert) for expert, _ in decision.admit])
+    if step.staging_slots <= 0 and bool(staged.any()):
+        fail(f"experts {sorted(step.experts[staged].tolist())} need staging slots, but this step has none")
     if not decision.admit and not decision.background:
-        # The common step (no copies into the cache): only the staging rule applies. step.cached also
-        # covers experts already on the device for this step only (prefetched ones).
-        if step.staging_slots <= 0 and bool(np.any(on_gpu & ~step.cached)):
-            staged = sorted(step.experts[on_gpu & ~step.cached].tolist())
-            fail(f"experts {staged} need staging slots, but this step has none")
-        return
+        return  # the common step: no copies into the cache
     active = {int(e): i for i, e in enumerate(step.experts.tolist())}
     resident = set(step.resident.tolist())
     gpu_now = {int(e) for e, g in zip(step.experts.tolist(), on_gpu.tolist(), strict=True) if g}
@@ -168,11 +170,6 @@ def check_decision(step: LayerStep, decision: Decision, policy_name: str = "poli
         if not 0 <= expert < step.num_experts:
             fail(f"background expert {expert} out of range [0, {step.num_experts})")
         take(int(expert), int(victim), "background")
-    # step.cached also covers experts already on the device for this step only (prefetched ones).
-    on_device = {int(e) for e, c in zip(step.experts.tolist(), step.cached.tolist(), strict=True) if c}
-    staged = gpu_now - resident - on_device - {int(expert) for expert, _ in decision.admit}
-    if staged and step.staging_slots <= 0:  # waves need at least one slot to run in
-        fail(f"experts {sorted(staged)} need staging slots, but this step has none")
 
 
 # ---------------------------------------------------------------------------------------------------
