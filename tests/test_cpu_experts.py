@@ -172,6 +172,29 @@ def test_isa_paths_agree(layout, dtype, isa):
         assert_matches(got, first)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_silu_at_extreme_gate_values(dtype, isa):
+    """The vectorised SiLU (its own exp, range-clamped) matches torch where exp over- or underflows:
+    gate pre-activations span about +-150, on every ISA path, for the streamed and the dense path."""
+    spec = make_spec(LAYOUTS["mixtral"], dtype, seed=5)
+    spec = LayerSpec(spec.layout, (spec.up_weight.float() * 60).to(dtype), spec.down_weight, name="extreme")
+    hidden, ids, weights = make_routing("zero_tokens", dtype, seed=5)
+    gates = hidden.float() @ spec.up_weight.float()[0, :I].T
+    assert gates.min() < -88 and gates.max() > 88, "the case must reach exp's overflow range"
+    want = reference(spec, hidden, ids, weights)
+    default = cpu_extension.get_dense_gemm_min_tokens()
+    try:
+        for name in cpu_extension.supported_isas():
+            isa(name)
+            for min_tokens in (0, 1):  # streamed kernels, then (fp32) the dense GEMM path
+                cpu_extension.set_dense_gemm_min_tokens(min_tokens)
+                got = run(spec, hidden, ids, weights)
+                assert torch.isfinite(got).all()
+                assert_matches(got, want)
+    finally:
+        cpu_extension.set_dense_gemm_min_tokens(default)
+
+
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
 def test_every_isa_path_is_compiled_in():
     """The AVX-512 path cannot run on an AVX2-only machine, but it must be in the library: one binary for all."""

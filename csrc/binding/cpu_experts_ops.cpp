@@ -4,6 +4,7 @@
 //
 // # T tokens, K top-k, E experts, H hidden, I intermediate, X = 2I (gated) or I
 // Narrow ATen headers (not ATen/ATen.h): this file dominates the extension's build time.
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -41,9 +42,16 @@ void aten_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, bool b_
   at::mm_out(result, lhs, rhs);
 }
 
+// at::parallel_for: the element-wise steps between two aten_gemm calls share the GEMM's threads.
+void aten_parallel(int64_t num_tasks, const std::function<void(int64_t)>& task) {
+  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) task(i);
+  });
+}
+
 void run(const PreparedCall& call) {
   run_experts(call.layer, call.routing, call.out.data_ptr<float>(), global_pool(), active_kernels(),
-              DenseGemm{&aten_gemm, dense_gemm_min_tokens()});
+              DenseGemm{&aten_gemm, dense_gemm_min_tokens(), &aten_parallel});
 }
 
 DType weight_dtype(const at::Tensor& t, const char* op) {

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "dtypes.h"
 #include "kernels.h"
@@ -60,6 +61,9 @@ struct DenseGemm {
              int64_t n, int64_t k) = nullptr;
   // fp32 experts with at least this many tokens use fn; <= 0 disables it.
   int64_t min_tokens = 0;
+  // Runs task(0) .. task(num_tasks - 1) on fn's threads (nullptr: on the caller), for the
+  // element-wise work between the GEMMs.
+  void (*parallel)(int64_t num_tasks, const std::function<void(int64_t)>& task) = nullptr;
 };
 
 // Whether any slot's expert is selected by the mask (false: the output is all zeros).

@@ -1,6 +1,8 @@
 // The AVX-512 path (F, BW, VL, DQ), plus vdpbf16ps dot products where the CPU has AVX-512 BF16.
 // Every function in the target regions may only run on such a CPU; runtime.cpp checks first.
+#include <cmath>
 #include <cstdint>
+#include <initializer_list>
 
 #include "dtypes.h"
 #include "isa.h"
@@ -35,6 +37,25 @@ struct Avx512 {
   static vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
   static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+  // As Avx2::exp (see there), with scalef for the 2^n.
+  static vec exp(vec x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vec r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    vec p = _mm512_set1_ps(1.0f / 5040.0f);
+    for (float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) {
+      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    return _mm512_scalef_ps(p, n);
+  }
+  static vec silu(vec g) {
+    const vec one = _mm512_set1_ps(1.0f);
+    const vec e = exp(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    return _mm512_mul_ps(g, _mm512_div_ps(one, _mm512_add_ps(one, e)));
+  }
   static float hsum(vec a) { return _mm512_reduce_add_ps(a); }
   static void store(float* p, vec a) { _mm512_storeu_ps(p, a); }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
@@ -134,6 +155,10 @@ void avx512_convert(DType stype, const void* src, int64_t count, float* dst) {
   convert_generic<Avx512>(stype, src, count, dst);
 }
 
+void avx512_silu_mul(const float* gate, const float* up, int64_t n, float* out) {
+  silu_mul_generic<Avx512>(gate, up, n, out);
+}
+
 }  // namespace
 }  // namespace dali_cpu
 
@@ -146,7 +171,7 @@ namespace dali_cpu {
 const KernelTable* avx512_kernels() {
   static const KernelTable table = [] {
     g_use_dpbf16 = cpu_has_avx512_bf16();
-    return KernelTable{Isa::kAvx512, avx512_dot_rows, avx512_axpy_rows, avx512_convert};
+    return KernelTable{Isa::kAvx512, avx512_dot_rows, avx512_axpy_rows, avx512_convert, avx512_silu_mul};
   }();
   return &table;
 }

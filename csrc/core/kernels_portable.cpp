@@ -1,5 +1,6 @@
 // The portable path: plain C++ over 8-float "vectors" that the compiler maps onto whatever SIMD the
 // baseline target has (SSE2 on x86-64, NEON on aarch64). Also the reference the other paths must match.
+#include <cmath>
 #include <cstdint>
 
 #include "dtypes.h"
@@ -37,6 +38,14 @@ struct Portable {
     for (int l = 0; l < kLanes; ++l) a.v[l] += b.v[l];
     return a;
   }
+  static vec mul(vec a, vec b) {
+    for (int l = 0; l < kLanes; ++l) a.v[l] *= b.v[l];
+    return a;
+  }
+  static vec silu(vec g) {
+    for (int l = 0; l < kLanes; ++l) g.v[l] = g.v[l] * (1.0f / (1.0f + std::exp(-g.v[l])));
+    return g;
+  }
   static float hsum(vec a) {
     return ((a.v[0] + a.v[4]) + (a.v[1] + a.v[5])) + ((a.v[2] + a.v[6]) + (a.v[3] + a.v[7]));
   }
@@ -57,7 +66,7 @@ void portable_dot_rows(DType wtype, const void* w, int64_t ldw, int64_t rows, in
 
 const KernelTable& portable_kernels() {
   static const KernelTable table{Isa::kPortable, portable_dot_rows, axpy_rows_generic<Portable>,
-                                 convert_generic<Portable>};
+                                 convert_generic<Portable>, silu_mul_generic<Portable>};
   return table;
 }
 

@@ -11,7 +11,8 @@
 // dtypes.h and the intrinsics must come first, before the target pragma.
 //
 // V provides: vec, kLanes, zero(), load(const float*|const BF16*|const F16*), broadcast(const float*),
-// fma(a, b, c) = a * b + c, add(a, b), hsum(vec), store(float*, vec), prefetch(const void*) (into L2).
+// fma(a, b, c) = a * b + c, add(a, b), mul(a, b), hsum(vec), store(float*, vec), prefetch(const void*)
+// (into L2), silu(vec) = g * (1 / (1 + exp(-g))) per lane.
 
 // R rows x N tokens of `out = x . w^T`, each dot product over the contiguous `len`. The R rows are
 // `ldw` elements apart and their outputs `orow` apart (see dot_rows_impl for why they interleave).
@@ -228,4 +229,19 @@ void convert_generic(DType stype, const void* src, int64_t count, float* dst) {
       convert_impl<V>(static_cast<const float*>(src), count, dst);
       break;
   }
+}
+
+// out[i] = silu(gate[i]) * up[i]. The tail goes through the same vector code (padded), so an
+// element's value never depends on where a block boundary fell: splitting experts or rows
+// differently (another placement, thread count) gives bit-identical results.
+template <class V>
+void silu_mul_generic(const float* gate, const float* up, int64_t n, float* out) {
+  constexpr int L = V::kLanes;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) V::store(out + i, V::mul(V::silu(V::load(gate + i)), V::load(up + i)));
+  if (i == n) return;
+  float g[L] = {}, u[L] = {}, o[L];
+  for (int64_t j = i; j < n; ++j) g[j - i] = gate[j], u[j - i] = up[j];
+  V::store(o, V::mul(V::silu(V::load(g)), V::load(u)));
+  for (int64_t j = i; j < n; ++j) out[j] = o[j - i];
 }
