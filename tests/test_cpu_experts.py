@@ -547,3 +547,42 @@ def test_runtime_of_a_decode_step_is_sane():
     for _ in range(20):
         run(spec, hidden, ids, weights)
     assert (time.perf_counter() - start) / 20 < 0.05
+
+
+def test_read_tensors_sums_every_whole_word():
+    """The benchmark's physical limit reads every 8-byte word of the given tensors exactly once."""
+    words = torch.randint(0, 1 << 40, (3 * (1 << 17) + 5,), dtype=torch.int64)  # crosses 1 MiB tasks
+    small = torch.arange(7, dtype=torch.int64)
+    want = (int(words.sum()) + int(small.sum())) % (1 << 64)
+    assert cpu_extension.read_tensors(words, small) == want
+    # A view that starts mid-word: its unaligned head and ragged tail are skipped.
+    halves = torch.arange(1, 20, dtype=torch.int32)  # 19 int32: the view below starts 4 bytes in
+    view = halves[1:]
+    assert view.data_ptr() % 8 == 4
+    pairs = halves[2:18].view(torch.int64)  # the whole words inside the view
+    assert cpu_extension.read_tensors(view) == int(pairs.sum())
+
+
+def test_read_tensors_refuses_strided_tensors():
+    with pytest.raises(ValueError, match="contiguous CPU tensors"):
+        cpu_extension.read_tensors(torch.zeros(4, 4).t())
+
+
+def test_cpu_benchmark_runs_and_writes_its_table(tmp_path):
+    """bench_cpu_experts end to end at its smallest (one point, one round): the columns it reports."""
+    import csv
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_cpu_experts as bench
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "cpu.csv"
+    bench.main(["--models", "olmoe", "--dtypes", "bf16", "--tokens", "1", "--repeats", "1", "--budget", "0",
+                "--min-bytes", "0", "--csv", str(out)])
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["model"] == "olmoe" and row["tokens_per_expert"] == "1"
+    for column in ("torch_ms", "ours_ms", "limit_ms", "speedup", "limit_speedup", "bandwidth_fraction"):
+        assert float(row[column]) > 0, column
+    assert float(row["speedup"]) == pytest.approx(float(row["torch_ms"]) / float(row["ours_ms"]))
+    assert float(row["max_rel_diff"]) < 2e-2  # bf16 outputs of both sides agree

@@ -38,4 +38,9 @@ void dali_cpu_set_dense_gemm_min_tokens(int64_t n);
 // Streaming read bandwidth of this machine in GB/s: every pool thread sums its share of a fresh
 // buffer of `bytes` (choose it much larger than the last-level cache); best of `repeats`.
 double dali_cpu_read_bandwidth_gbps(int64_t bytes, int repeats);
+// Reads buffers[0..count) (bytes[i] each) once on the pool threads, in the 1 MiB tasks of the probe
+// above, and returns a checksum: the physical limit for reading exactly those bytes (say, one
+// decode step's expert weights), to time beside the kernels that read them. Whole 8-byte words
+// only (a buffer's unaligned head and ragged tail are skipped).
+uint64_t dali_cpu_read_buffers(const void* const* buffers, const int64_t* bytes, int count);
 }

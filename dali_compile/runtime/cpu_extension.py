@@ -128,6 +128,8 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_cpu_set_dense_gemm_min_tokens.argtypes = [ctypes.c_int64]
     lib.dali_cpu_read_bandwidth_gbps.argtypes = [ctypes.c_int64, ctypes.c_int]
     lib.dali_cpu_read_bandwidth_gbps.restype = ctypes.c_double
+    lib.dali_cpu_read_buffers.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.dali_cpu_read_buffers.restype = ctypes.c_uint64
     lib.dali_greedy_plan.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.dali_greedy_plan.restype = ctypes.c_int
     return lib
@@ -241,6 +243,18 @@ def set_dense_gemm_min_tokens(n: int) -> None:
 def read_bandwidth_gbps(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Streaming read bandwidth (GB/s) on the runtime's threads: the physical limit of a decode step."""
     return float(_require().dali_cpu_read_bandwidth_gbps(int(num_bytes), int(repeats)))
+
+
+def read_tensors(*tensors) -> int:
+    """Reads every byte of the given CPU tensors once on the runtime's threads (as the bandwidth
+    probe does) and returns a checksum of their 8-byte words: the physical limit for reading exactly
+    those bytes, to time beside a kernel that reads them."""
+    for t in tensors:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"read_tensors: needs contiguous CPU tensors, got {t.device} {tuple(t.stride())}")
+    pointers = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_int64 * len(tensors))(*[t.numel() * t.element_size() for t in tensors])
+    return int(_require().dali_cpu_read_buffers(pointers, sizes, len(tensors)))
 
 
 def greedy_plan_function():
