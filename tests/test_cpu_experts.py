@@ -586,3 +586,32 @@ def test_cpu_benchmark_runs_and_writes_its_table(tmp_path):
         assert float(row[column]) > 0, column
     assert float(row["speedup"]) == pytest.approx(float(row["torch_ms"]) / float(row["ours_ms"]))
     assert float(row["max_rel_diff"]) < 2e-2  # bf16 outputs of both sides agree
+
+
+@pytest.mark.parametrize("min_tokens", [0, 1], ids=["streamed", "dense_gemm"])
+def test_large_call_buffers_are_right_and_reused(min_tokens):
+    """A prefill-sized fp32 call (output and gathered inputs of tens of MiB: huge-page hints, working
+    buffers above the retained size freed after the call), twice, then a small call on the same
+    thread: each equals the reference, so no buffer is reused stale or too small."""
+    gen = torch.Generator().manual_seed(21)
+    experts, hidden_size, inter = 4, 1024, 64
+    spec = LayerSpec(LAYOUTS["mixtral"], torch.randn(experts, 2 * inter, hidden_size, generator=gen) * 0.05,
+                     torch.randn(experts, hidden_size, inter, generator=gen) * 0.1, name="large")
+
+    def check(T, K):
+        hidden = torch.randn(T, hidden_size, generator=gen)
+        ids = torch.stack([torch.randperm(experts, generator=gen)[:K] for _ in range(T)])
+        weights = torch.softmax(torch.randn(T, K, generator=gen), dim=-1)
+        want = torch.zeros(T, K, hidden_size)
+        for e in range(experts):
+            t, k = (ids == e).nonzero(as_tuple=True)
+            want[t, k] = weights[t, k, None] * expert_forward(spec, e, hidden[t])
+        assert_matches(ops.cpu_experts(spec, hidden, ids, weights), want)
+
+    default = cpu_extension.get_dense_gemm_min_tokens()
+    try:
+        cpu_extension.set_dense_gemm_min_tokens(min_tokens)
+        for T, K in ((4200, 2), (3000, 2), (5, 2)):  # xs: 8400 x 1024 floats > the 32 MiB kept
+            check(T, K)
+    finally:
+        cpu_extension.set_dense_gemm_min_tokens(default)

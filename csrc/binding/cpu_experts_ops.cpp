@@ -202,6 +202,7 @@ std::shared_ptr<PreparedCall> prepare(const char* op, const at::Tensor& hidden, 
   R.expert_mask = call->mask.defined() ? call->mask.data_ptr<bool>() : nullptr;
 
   call->out = at::empty({R.tokens, R.top_k, H}, hidden.options().dtype(at::kFloat));
+  advise_huge_pages(call->out.data_ptr(), call->out.nbytes());
   return call;
 }
 

@@ -20,6 +20,10 @@
 #include <new>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace dali_cpu {
 
 namespace {
@@ -149,6 +153,7 @@ class AlignedFloats {
     if (count <= capacity_) return;
     data_.reset(static_cast<float*>(::operator new(sizeof(float) * count, std::align_val_t{64})));
     capacity_ = count;
+    advise_huge_pages(data_.get(), sizeof(float) * count);
   }
   float* data() { return data_.get(); }
   void release_above(int64_t count) {
@@ -422,6 +427,19 @@ class ExpertRun {
 };
 
 }  // namespace
+
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes < static_cast<int64_t>(2 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
 
 bool parse_activation(const char* name, Activation* out) {
   static const struct {

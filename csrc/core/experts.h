@@ -66,6 +66,11 @@ struct DenseGemm {
   void (*parallel)(int64_t num_tasks, const std::function<void(int64_t)>& task) = nullptr;
 };
 
+// Asks the kernel to back [data, data + bytes) with 2 MiB pages where it can (Linux, transparent
+// huge pages in "madvise" mode), before the memory is first touched: a fresh multi-MiB buffer
+// otherwise takes a page fault per 4 KiB. A hint only; small buffers and other systems: no-op.
+void advise_huge_pages(void* data, int64_t bytes);
+
 // Whether any slot's expert is selected by the mask (false: the output is all zeros).
 bool any_selected(const Routing& routing);
 
