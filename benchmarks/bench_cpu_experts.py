@@ -90,10 +90,13 @@ class Result:
 
 # Rounds alternate between the sides; within a round a side runs up to BLOCK calls back to back, as
 # consecutive MoE layers do, so its threads are warm as in a decode loop (slow calls run alone). The
-# pause between blocks lets the other side's spinning threads (torch's OpenMP pool, ours) go quiet.
+# pause between blocks lets the other side's spinning threads (torch's OpenMP pool, ours) go quiet:
+# 5 ms was too short for torch's OpenMP threads after its expert loop. The side that ran right after
+# torch (ours) then shared both cores with them: Qwen3 bf16 decode read at 81-85% of the limit with
+# torch in the rounds, 95-97% without it, and 109% with torch and a 50 ms pause.
 BLOCK = 4
 BLOCK_SECONDS = 0.25
-COOLDOWN_S = 0.005
+COOLDOWN_S = 0.05
 
 
 def paired_ms(fns, warmup: int, repeats: int, budget_s: float) -> list[float]:
