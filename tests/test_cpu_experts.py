@@ -229,18 +229,23 @@ def test_thread_counts(threads):
         cpu_extension.set_num_threads(default)
 
 
+@pytest.mark.parametrize("transposed_max_rows", [0, 1 << 20], ids=["plain_gemm", "transposed_gemm"])
 @pytest.mark.parametrize("layout", ["mixtral", "gpt_oss", "nemotron", "aria"])
-def test_dense_gemm_path_for_many_tokens(layout):
-    """fp32 experts with at least `min_tokens` tokens run as two ATen GEMMs; the rest stream, in the same call."""
+def test_dense_gemm_path_for_many_tokens(layout, transposed_max_rows):
+    """fp32 experts with at least `min_tokens` tokens run as two ATen GEMMs (either form: x . w^T, or
+    w . x^T and a transposing copy); the rest stream, in the same call."""
     default = cpu_extension.get_dense_gemm_min_tokens()
+    default_rows = cpu_extension.get_transposed_gemm_max_rows()
     spec = make_spec(LAYOUTS[layout], torch.float32, seed=11)
     hidden, ids, weights = make_routing("zero_tokens", torch.float32, seed=11)  # 2 to 30 tokens per expert
     counts = torch.bincount(ids.flatten(), minlength=E)
     try:
         cpu_extension.set_dense_gemm_min_tokens(int(counts[counts > 0].median()))  # some experts each way
+        cpu_extension.set_transposed_gemm_max_rows(transposed_max_rows)
         assert_matches(run(spec, hidden, ids, weights), reference(spec, hidden, ids, weights))
     finally:
         cpu_extension.set_dense_gemm_min_tokens(default)
+        cpu_extension.set_transposed_gemm_max_rows(default_rows)
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")

@@ -32,6 +32,8 @@ struct PreparedCall {
 };
 
 // ATen's fp32 GEMM (MKL/oneDNN, its own threads) for experts with many tokens; see DenseGemm.
+// Up to transposed_gemm_max_rows() rows it computes c^T = b^T . a^T (the weights as the left
+// operand, MKL's faster form there) into a per-thread buffer, then copies c^T's transpose into c.
 void aten_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, bool b_kn, float* c, int64_t ldc, int64_t m,
                int64_t n, int64_t k) {
   const auto fp32 = at::TensorOptions().dtype(at::kFloat);
@@ -39,7 +41,19 @@ void aten_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, bool b_
   const at::Tensor rhs = b_kn ? at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, fp32)
                               : at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, fp32).t();
   at::Tensor result = at::from_blob(c, {m, n}, {ldc, 1}, fp32);
-  at::mm_out(result, lhs, rhs);
+  if (m > transposed_gemm_max_rows()) {
+    at::mm_out(result, lhs, rhs);
+    return;
+  }
+  // Never destroyed: a thread_local tensor's destructor could run after ATen's at process exit.
+  thread_local at::Tensor* buffer = new at::Tensor();
+  if (!buffer->defined() || buffer->numel() < m * n) {
+    *buffer = at::empty({m * n}, fp32);
+    advise_huge_pages(buffer->data_ptr(), buffer->nbytes());
+  }
+  at::Tensor transposed = buffer->narrow(0, 0, m * n).view({n, m});
+  at::mm_out(transposed, rhs.t(), lhs.t());
+  result.copy_(transposed.t());
 }
 
 // at::parallel_for: the element-wise steps between two aten_gemm calls share the GEMM's threads.

@@ -42,6 +42,13 @@ std::atomic<const KernelTable*>& active_table() {
 constexpr int64_t kDefaultDenseGemmMinTokens = 256;
 std::atomic<int64_t> g_dense_gemm_min_tokens{kDefaultDenseGemmMinTokens};
 
+// Dense GEMMs with at most this many rows (tokens) are run as c^T = w . x^T plus one transposing
+// copy (see aten_gemm in the binding). MKL on the development machine (Zen 3, AVX2, 2 cores), the
+// copy included: +3 to +14% GFLOP/s at 256 rows for the four benchmark models' up and down
+// projections, about even at 512, -7 to -11% at 1024.
+constexpr int64_t kDefaultTransposedGemmMaxRows = 512;
+std::atomic<int64_t> g_transposed_gemm_max_rows{kDefaultTransposedGemmMaxRows};
+
 // The read side of the bandwidth probe sums 64-bit words the way the kernels read weights: four
 // interleaved streams over consecutive 8 KiB segments (four weight rows). One sequential stream per
 // thread reads measurably slower than that on some machines, which would understate the limit.
@@ -108,6 +115,8 @@ const KernelTable& active_kernels() { return *active_table().load(std::memory_or
 
 int64_t dense_gemm_min_tokens() { return g_dense_gemm_min_tokens.load(std::memory_order_relaxed); }
 
+int64_t transposed_gemm_max_rows() { return g_transposed_gemm_max_rows.load(std::memory_order_relaxed); }
+
 }  // namespace dali_cpu
 
 extern "C" {
@@ -144,6 +153,10 @@ int dali_cpu_last_region_threads() { return dali_cpu::global_pool().last_region_
 int64_t dali_cpu_get_dense_gemm_min_tokens() { return dali_cpu::dense_gemm_min_tokens(); }
 
 void dali_cpu_set_dense_gemm_min_tokens(int64_t n) { dali_cpu::g_dense_gemm_min_tokens.store(n); }
+
+int64_t dali_cpu_get_transposed_gemm_max_rows() { return dali_cpu::transposed_gemm_max_rows(); }
+
+void dali_cpu_set_transposed_gemm_max_rows(int64_t n) { dali_cpu::g_transposed_gemm_max_rows.store(n); }
 
 double dali_cpu_read_bandwidth_gbps(int64_t bytes, int repeats) {
   using Clock = std::chrono::steady_clock;

@@ -17,6 +17,8 @@ JobQueue& global_jobs();
 const KernelTable& active_kernels();
 // fp32 experts with at least this many tokens go to the dense GEMM (see DenseGemm); <= 0: never.
 int64_t dense_gemm_min_tokens();
+// Dense GEMMs with at most this many rows compute the transposed product (see aten_gemm); <= 0: never.
+int64_t transposed_gemm_max_rows();
 
 }  // namespace dali_cpu
 
@@ -35,6 +37,8 @@ int64_t dali_cpu_outstanding_jobs();
 int dali_cpu_last_region_threads();
 int64_t dali_cpu_get_dense_gemm_min_tokens();
 void dali_cpu_set_dense_gemm_min_tokens(int64_t n);
+int64_t dali_cpu_get_transposed_gemm_max_rows();
+void dali_cpu_set_transposed_gemm_max_rows(int64_t n);
 // Streaming read bandwidth of this machine in GB/s: every pool thread sums its share of a fresh
 // buffer of `bytes` (choose it much larger than the last-level cache); best of `repeats`.
 double dali_cpu_read_bandwidth_gbps(int64_t bytes, int repeats);

@@ -126,6 +126,8 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_cpu_last_region_threads.restype = ctypes.c_int
     lib.dali_cpu_get_dense_gemm_min_tokens.restype = ctypes.c_int64
     lib.dali_cpu_set_dense_gemm_min_tokens.argtypes = [ctypes.c_int64]
+    lib.dali_cpu_get_transposed_gemm_max_rows.restype = ctypes.c_int64
+    lib.dali_cpu_set_transposed_gemm_max_rows.argtypes = [ctypes.c_int64]
     lib.dali_cpu_read_bandwidth_gbps.argtypes = [ctypes.c_int64, ctypes.c_int]
     lib.dali_cpu_read_bandwidth_gbps.restype = ctypes.c_double
     lib.dali_cpu_read_buffers.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -238,6 +240,16 @@ def get_dense_gemm_min_tokens() -> int:
 def set_dense_gemm_min_tokens(n: int) -> None:
     """Set the crossover to ATen's GEMM for fp32 experts; n <= 0 never uses it."""
     _require().dali_cpu_set_dense_gemm_min_tokens(int(n))
+
+
+def get_transposed_gemm_max_rows() -> int:
+    """Dense GEMMs with at most this many token rows run as weights . x^T plus a transposing copy."""
+    return int(_require().dali_cpu_get_transposed_gemm_max_rows())
+
+
+def set_transposed_gemm_max_rows(n: int) -> None:
+    """Set the largest token count for the transposed dense GEMM form; n <= 0 never uses it."""
+    _require().dali_cpu_set_transposed_gemm_max_rows(int(n))
 
 
 def read_bandwidth_gbps(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
