@@ -15,6 +15,9 @@ through ctypes, so they are not ops:
     set_num_threads(n); get_num_threads() # the runtime's own pool; default: physical cores
     cpu_isa() -> "avx512" | "avx2" | "portable" | "reference" (no extension)
     set_isa("portable" | "avx2" | "avx512" | "auto")   # or env DALI_CPU_ISA before the first load
+    set_dense_gemm_min_tokens(n)          # fp32 experts with >= n tokens use ATen's GEMM
+    set_transposed_gemm_max_rows(n)       # ... as w . x^T plus a transposing copy up to n tokens
+    read_bandwidth_gbps(); read_tensors(*tensors)   # the physical limit, for benchmarks
 
 Env: DALI_CPU_EXTENSION=0 disables the extension (reference only), DALI_CPU_THREADS sets the
 initial thread count, DALI_CPU_ISA the initial ISA path.
