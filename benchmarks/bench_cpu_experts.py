@@ -45,25 +45,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from model_shapes import MODELS, ModelShape
 
 from dali_compile.ops import cpu_experts  # noqa: F401  (defines the dali::cpu_experts* ops)
 from dali_compile.runtime import cpu_extension
 
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    hidden: int  # H
-    intermediate: int  # I (one expert's)
-    top_k: int  # K: active experts of one token
-
-
-MODELS = (
-    ModelShape("mixtral-8x7b", 4096, 14336, 2),
-    ModelShape("qwen3-30b-a3b", 2048, 768, 8),
-    ModelShape("deepseek-v2-lite", 2048, 1408, 6),
-    ModelShape("olmoe", 2048, 1024, 8),
-)
 TOKENS_PER_EXPERT = (1, 4, 16, 64, 256)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -30,23 +30,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from model_shapes import MODELS, ModelShape
 
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    hidden: int  # H
-    intermediate: int  # I (one expert's)
-    experts: int  # E
-    top_k: int  # K
-
-
-MODELS = (
-    ModelShape("mixtral-8x7b", 4096, 14336, 8, 2),
-    ModelShape("qwen3-30b-a3b", 2048, 768, 128, 8),
-    ModelShape("deepseek-v2-lite", 2048, 1408, 64, 6),
-    ModelShape("olmoe", 2048, 1024, 64, 8),
-)
 TOKENS_PER_EXPERT = (1, 4, 16, 64, 256, 1024)
 DECODE_MAX_ROWS = 16  # up to here a point is bound by reading weights, beyond by the matmuls
 

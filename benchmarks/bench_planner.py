@@ -52,6 +52,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from model_shapes import ModelShape, model_shape
 
 from dali_compile.runtime.planner import CostModel, Plan, exact_plan, greedy_plan
 
@@ -62,25 +63,8 @@ FLAME_TRACE = "flame_moe_290m_routing.npz"
 MIXTRAL_DECODE_STREAMS = ("humaneval_p0", "humaneval_p1", "gsm8k_p0", "gsm8k_p1")
 
 
-@dataclass(frozen=True)
-class ExpertShape:
-    name: str
-    hidden: int  # H
-    intermediate: int  # I (one expert's)
-    experts: int  # E
-    top_k: int  # K
-
-    @property
-    def bytes(self) -> int:  # bf16 gate, up and down projections
-        return 3 * self.hidden * self.intermediate * 2
-
-    @property
-    def flop_per_token(self) -> int:
-        return 6 * self.hidden * self.intermediate
-
-
-MIXTRAL = ExpertShape("mixtral-8x7b", 4096, 14336, 8, 2)
-SHAPES = (MIXTRAL, ExpertShape("deepseek-v2-lite", 2048, 1408, 64, 6), ExpertShape("qwen3-30b-a3b", 2048, 768, 128, 8))
+MIXTRAL = model_shape("mixtral-8x7b")
+SHAPES = (MIXTRAL, model_shape("deepseek-v2-lite"), model_shape("qwen3-30b-a3b"))
 
 # RTX 4090 + 24-core Threadripper, from one Mixtral expert (arXiv 2512.16473); FLOP rates are assumptions.
 CPU_BYTES_PER_S = MIXTRAL.bytes / 7.3e-3
@@ -91,7 +75,7 @@ GPU_FLOP_PER_S = 80e12
 PROFILED_WORKLOADS = tuple(2**i for i in range(13))  # 1 .. 4096
 
 
-def roofline_cost_model(shape: ExpertShape) -> CostModel:
+def roofline_cost_model(shape: ModelShape) -> CostModel:
     """The module docstring's cost model for one expert of `shape`, in seconds."""
     w = np.asarray(PROFILED_WORKLOADS, dtype=np.float64)
     cpu = np.maximum(shape.bytes / CPU_BYTES_PER_S, w * shape.flop_per_token / CPU_FLOP_PER_S)
@@ -134,7 +118,7 @@ class OverheadResult:
     overhead_fraction_p10: float  # greedy_us / layer_ms_p10
 
 
-def random_problems(shape: ExpertShape, batch: int, count: int, cost: CostModel, rng) -> list[Problem]:
+def random_problems(shape: ModelShape, batch: int, count: int, cost: CostModel, rng) -> list[Problem]:
     cached_set = np.arange(shape.experts) < shape.experts // 2
     problems = []
     for _ in range(count):
