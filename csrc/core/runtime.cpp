@@ -53,6 +53,8 @@ std::atomic<int64_t> g_transposed_gemm_max_rows{kDefaultTransposedGemmMaxRows};
 // interleaved streams over consecutive 8 KiB segments (four weight rows). One sequential stream per
 // thread reads measurably slower than that on some machines, which would understate the limit.
 constexpr int64_t kSegmentWords = 1024;
+// Words per task of the read probes (1 MiB): each task reads its share as the segments above.
+constexpr int64_t kProbeTaskWords = int64_t{1} << 17;
 
 uint64_t sum_words_portable(const uint64_t* p, int64_t count) {
   uint64_t a = 0, b = 0, c = 0, d = 0;
@@ -162,36 +164,28 @@ double dali_cpu_read_bandwidth_gbps(int64_t bytes, int repeats) {
   using Clock = std::chrono::steady_clock;
   const int64_t words = bytes / 8;
   std::unique_ptr<uint64_t[]> buffer(new uint64_t[words]);
-  dali_cpu::ThreadPool& pool = dali_cpu::global_pool();
-  constexpr int64_t kChunk = int64_t{1} << 17;  // 1 MiB of words per task
-  const int64_t tasks = (words + kChunk - 1) / kChunk;
-  std::vector<uint64_t> sums(tasks);
-  auto pass = [&](bool fill) {
-    pool.parallel_for(tasks, [&](int64_t t) {
-      uint64_t* p = buffer.get() + t * kChunk;
-      const int64_t n = std::min(kChunk, words - t * kChunk);
-      if (fill) {
-        for (int64_t i = 0; i < n; ++i) p[i] = static_cast<uint64_t>(i);
-      } else {
-        sums[t] = dali_cpu::sum_words(p, n);
-      }
-    });
-  };
-  pass(true);  // touch every page first: page faults are not bandwidth
+  // Touch every page first (on the pool, in the read's tasks): page faults are not bandwidth.
+  const int64_t tasks = (words + dali_cpu::kProbeTaskWords - 1) / dali_cpu::kProbeTaskWords;
+  dali_cpu::global_pool().parallel_for(tasks, [&](int64_t t) {
+    uint64_t* p = buffer.get() + t * dali_cpu::kProbeTaskWords;
+    const int64_t n = std::min(dali_cpu::kProbeTaskWords, words - t * dali_cpu::kProbeTaskWords);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<uint64_t>(i);
+  });
+  const void* buffers[] = {buffer.get()};
+  const int64_t sizes[] = {words * 8};
   double best = 0.0;
+  volatile uint64_t sink = 0;  // keeps the sums (and so the reads) alive
   for (int r = 0; r < repeats; ++r) {
     const auto start = Clock::now();
-    pass(false);
+    sink = sink + dali_cpu_read_buffers(buffers, sizes, 1);
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
     best = std::max(best, static_cast<double>(words * 8) / seconds / 1e9);
   }
-  volatile uint64_t sink = 0;
-  for (uint64_t s : sums) sink = sink + s;  // keeps the sums (and so the reads) alive
   return best;
 }
 
 uint64_t dali_cpu_read_buffers(const void* const* buffers, const int64_t* bytes, int count) {
-  constexpr int64_t kChunk = int64_t{1} << 17;  // 1 MiB of words per task, as the probe above
+  constexpr int64_t kChunk = dali_cpu::kProbeTaskWords;
   struct Piece {
     const uint64_t* words;
     int64_t count;
