@@ -28,6 +28,9 @@ class DaliConfig:
     # Threads of the C++ CPU expert runtime's pool (0: leave it as it is, by default the physical cores
     # or DALI_CPU_THREADS). The pool is per process, so the last compile that sets it wins.
     cpu_threads: int = 0
+    # Send the graph's CPU linear layers (attention, routers, shared experts, dense MLPs, lm_head) to the
+    # runtime's dali::cpu_linear, so one thread pool runs the whole step (pass replace_cpu_linears).
+    cpu_linears: bool = True
 
     def __post_init__(self):
         if self.cpu_threads < 0:

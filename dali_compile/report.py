@@ -40,6 +40,7 @@ class CompileReport:
     refused: list[RefusedLayer] = field(default_factory=list)
     inductor: bool = True
     prefetch_hooks: list[int] = field(default_factory=list)  # layers whose gate input starts a prefetch
+    cpu_linears: int = 0  # linear calls sent to dali::cpu_linear
 
     @property
     def num_rewritten(self) -> int:
@@ -59,6 +60,8 @@ class CompileReport:
             lines.append(f"  refused   {r.scope}: {r.reason}")
         if self.prefetch_hooks:
             lines.append(f"  prefetch hooks after the gate inputs of layers {self.prefetch_hooks}")
+        if self.cpu_linears:
+            lines.append(f"  {self.cpu_linears} CPU linear(s) -> dali::cpu_linear")
         return "\n".join(lines)
 
 

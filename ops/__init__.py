@@ -1,6 +1,7 @@
 """`dali::*` custom ops: one op a file (schema, fake kernel, reference)."""
 
 from . import cpu_experts as _cpu_experts  # noqa: F401  (defines dali::cpu_experts[_submit|_wait])
+from . import cpu_linear as _cpu_linear  # noqa: F401  (defines dali::cpu_linear)
 from . import gpu_experts as _gpu_experts  # noqa: F401  (defines dali::gpu_experts)
 from . import moe_hybrid as _moe_hybrid  # noqa: F401  (defines dali::moe_hybrid)
 from . import prefetch_next as _prefetch_next  # noqa: F401  (defines dali::prefetch_next)

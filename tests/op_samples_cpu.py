@@ -15,6 +15,7 @@ import torch
 from op_samples import Register, sample_builder
 
 from dali_compile.ops import cpu_experts as _cpu_experts  # noqa: F401  (defines the dali::cpu_experts* ops)
+from dali_compile.ops import cpu_linear as _cpu_linear  # noqa: F401  (defines dali::cpu_linear)
 
 E, H, I, K = 4, 24, 12, 2  # noqa: E741
 
@@ -81,4 +82,19 @@ def _cpu_experts_wait_samples(register: Register) -> list[tuple]:
         args = _empty_job_args(gen, T)
         handle = torch.ops.dali.cpu_experts_submit(*args)
         samples.append((handle, args[0], args[1]))
+    return samples
+
+
+@sample_builder("dali::cpu_linear")
+def _cpu_linear_samples(register: Register) -> list[tuple]:
+    """Each dtype, decode (1 row) and a 3-D x, with and without bias, and a strided weight row."""
+    gen = torch.Generator().manual_seed(3)
+    samples = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = (torch.randn(12, 20, generator=gen) * 0.3).to(dtype)
+        b = (torch.randn(12, generator=gen) * 0.3).to(dtype)
+        samples.append(((torch.randn(1, 20, generator=gen)).to(dtype), w, None))
+        samples.append(((torch.randn(2, 3, 20, generator=gen)).to(dtype), w, b))
+    wide = torch.randn(12, 32, generator=gen)
+    samples.append((torch.randn(4, 20, generator=gen), wide[:, 4:24], None))
     return samples

@@ -221,8 +221,8 @@ def forward(self, L_x_ : torch.Tensor, L_self_modules_gate_parameters_weight_ : 
     l_self_modules_experts_parameters_w13_ = L_self_modules_experts_parameters_w13_
     l_self_modules_experts_parameters_w2_ = L_self_modules_experts_parameters_w2_
     flat = l_x_.reshape(-1, 8)
-    linear = torch._C._nn.linear(flat, l_self_modules_gate_parameters_weight_, None);  l_self_modules_gate_parameters_weight_ = None
-    scores = torch.nn.functional.softmax(linear, dim = -1);  linear = None
+    cpu_linear_default = torch.ops.dali.cpu_linear.default(flat, l_self_modules_gate_parameters_weight_, None);  l_self_modules_gate_parameters_weight_ = None
+    scores = torch.nn.functional.softmax(cpu_linear_default, dim = -1);  cpu_linear_default = None
     topk = torch.topk(scores, 2, dim = -1);  scores = None
     weights = topk[0]
     ids = topk[1];  topk = None

@@ -49,6 +49,11 @@ std::atomic<int64_t> g_dense_gemm_min_tokens{kDefaultDenseGemmMinTokens};
 constexpr int64_t kDefaultTransposedGemmMaxRows = 512;
 std::atomic<int64_t> g_transposed_gemm_max_rows{kDefaultTransposedGemmMaxRows};
 
+// dali::cpu_linear: rows from which ATen's fp32 GEMM beats the weight-streaming kernel (see
+// benchmarks/bench_cpu_linear.py). Set with set_linear_gemm_min_rows.
+constexpr int64_t kDefaultLinearGemmMinRows = 16;
+std::atomic<int64_t> g_linear_gemm_min_rows{kDefaultLinearGemmMinRows};
+
 // The read side of the bandwidth probe sums 64-bit words the way the kernels read weights: four
 // interleaved streams over consecutive 8 KiB segments (four weight rows). One sequential stream per
 // thread reads measurably slower than that on some machines, which would understate the limit.
@@ -119,6 +124,8 @@ int64_t dense_gemm_min_tokens() { return g_dense_gemm_min_tokens.load(std::memor
 
 int64_t transposed_gemm_max_rows() { return g_transposed_gemm_max_rows.load(std::memory_order_relaxed); }
 
+int64_t linear_gemm_min_rows() { return g_linear_gemm_min_rows.load(std::memory_order_relaxed); }
+
 }  // namespace dali_cpu
 
 extern "C" {
@@ -159,6 +166,10 @@ void dali_cpu_set_dense_gemm_min_tokens(int64_t n) { dali_cpu::g_dense_gemm_min_
 int64_t dali_cpu_get_transposed_gemm_max_rows() { return dali_cpu::transposed_gemm_max_rows(); }
 
 void dali_cpu_set_transposed_gemm_max_rows(int64_t n) { dali_cpu::g_transposed_gemm_max_rows.store(n); }
+
+int64_t dali_cpu_get_linear_gemm_min_rows() { return dali_cpu::linear_gemm_min_rows(); }
+
+void dali_cpu_set_linear_gemm_min_rows(int64_t n) { dali_cpu::g_linear_gemm_min_rows.store(n); }
 
 double dali_cpu_read_bandwidth_gbps(int64_t bytes, int repeats) {
   using Clock = std::chrono::steady_clock;

@@ -19,6 +19,8 @@ const KernelTable& active_kernels();
 int64_t dense_gemm_min_tokens();
 // Dense GEMMs with at most this many rows compute the transposed product (see aten_gemm); <= 0: never.
 int64_t transposed_gemm_max_rows();
+// dali::cpu_linear calls with at least this many rows go to ATen's fp32 GEMM; <= 0: never.
+int64_t linear_gemm_min_rows();
 
 }  // namespace dali_cpu
 
@@ -39,6 +41,8 @@ int64_t dali_cpu_get_dense_gemm_min_tokens();
 void dali_cpu_set_dense_gemm_min_tokens(int64_t n);
 int64_t dali_cpu_get_transposed_gemm_max_rows();
 void dali_cpu_set_transposed_gemm_max_rows(int64_t n);
+int64_t dali_cpu_get_linear_gemm_min_rows();
+void dali_cpu_set_linear_gemm_min_rows(int64_t n);
 // Streaming read bandwidth of this machine in GB/s: every pool thread sums its share of a fresh
 // buffer of `bytes` (choose it much larger than the last-level cache); best of `repeats`.
 double dali_cpu_read_bandwidth_gbps(int64_t bytes, int repeats);

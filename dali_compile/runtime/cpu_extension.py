@@ -4,9 +4,10 @@ The sources ship inside the package (`dali_compile.csrc`) and are compiled with
 `torch.utils.cpp_extension.load` against ATen headers only (no pybind11: about 12 s instead of a
 minute). The build directory is `$DALI_COMPILE_CACHE/<torch version>/cpu_ext`, by default under
 `~/.cache/dali_compile`; torch keys the build on the sources, so a later process just loads the
-library. Loading registers the CPU kernels of the `dali::cpu_experts*` ops (the schemas live in
-`dali_compile.ops.cpu_experts`). Without a compiler, or if the build fails, `cpu_extension_available()`
-returns False after one warning, and the ops run their PyTorch reference instead.
+library. Loading registers the CPU kernels of the `dali::cpu_experts*` and `dali::cpu_linear` ops (the
+schemas live in `dali_compile.ops.cpu_experts` and `dali_compile.ops.cpu_linear`). Without a compiler, or
+if the build fails, `cpu_extension_available()` returns False after one warning, and the ops run their
+PyTorch reference instead.
 
 Runtime controls (thread count, ISA path) are plain C functions of the same library, called
 through ctypes, so they are not ops:
@@ -17,6 +18,7 @@ through ctypes, so they are not ops:
     set_isa("portable" | "avx2" | "avx512" | "auto")   # or env DALI_CPU_ISA before the first load
     set_dense_gemm_min_tokens(n)          # fp32 experts with >= n tokens use ATen's GEMM
     set_transposed_gemm_max_rows(n)       # ... as w . x^T plus a transposing copy up to n tokens
+    set_linear_gemm_min_rows(n)           # dali::cpu_linear: ATen's fp32 GEMM from n rows on
     read_bandwidth_gbps(); read_tensors(*tensors)   # the physical limit, for benchmarks
 
 Env: DALI_CPU_EXTENSION=0 disables the extension (reference only), DALI_CPU_THREADS sets the
@@ -48,9 +50,11 @@ SOURCES = (
     "core/thread_pool.cpp",
     "core/job_queue.cpp",
     "core/experts.cpp",
+    "core/linear.cpp",
     "core/runtime.cpp",
     "core/planner.cpp",
     "binding/cpu_experts_ops.cpp",
+    "binding/linear_ops.cpp",
 )
 # No -march=native: the library must run on any x86-64 (ISA paths are picked at run time).
 EXTRA_CFLAGS = ("-O3", "-DNDEBUG")
@@ -131,6 +135,8 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_cpu_set_dense_gemm_min_tokens.argtypes = [ctypes.c_int64]
     lib.dali_cpu_get_transposed_gemm_max_rows.restype = ctypes.c_int64
     lib.dali_cpu_set_transposed_gemm_max_rows.argtypes = [ctypes.c_int64]
+    lib.dali_cpu_get_linear_gemm_min_rows.restype = ctypes.c_int64
+    lib.dali_cpu_set_linear_gemm_min_rows.argtypes = [ctypes.c_int64]
     lib.dali_cpu_read_bandwidth_gbps.argtypes = [ctypes.c_int64, ctypes.c_int]
     lib.dali_cpu_read_bandwidth_gbps.restype = ctypes.c_double
     lib.dali_cpu_read_buffers.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -253,6 +259,16 @@ def get_transposed_gemm_max_rows() -> int:
 def set_transposed_gemm_max_rows(n: int) -> None:
     """Set the largest token count for the transposed dense GEMM form; n <= 0 never uses it."""
     _require().dali_cpu_set_transposed_gemm_max_rows(int(n))
+
+
+def get_linear_gemm_min_rows() -> int:
+    """`dali::cpu_linear` calls with at least this many rows run ATen's fp32 GEMM instead of the streaming kernel."""
+    return int(_require().dali_cpu_get_linear_gemm_min_rows())
+
+
+def set_linear_gemm_min_rows(n: int) -> None:
+    """Set the row count from which `dali::cpu_linear` uses ATen's fp32 GEMM; n <= 0 never uses it."""
+    _require().dali_cpu_set_linear_gemm_min_rows(int(n))
 
 
 def read_bandwidth_gbps(num_bytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -1,0 +1,112 @@
+// ATen binding of the dense linear kernel: dali::cpu_linear (schema in ops/cpu_linear.py).
+//
+// # T rows (all leading dimensions of x flattened), N output features, C input features
+//
+// Up to linear_gemm_min_rows() - 1 rows the runtime's kernel reads the weight in place on the pool
+// (decode: weight-bound, one read of every byte). From that many rows on the matmul is compute-bound
+// and goes to ATen's fp32 GEMM (MKL): fp32 weights directly, 16-bit ones widened to fp32 chunk by
+// chunk first (a CPU without native bf16/fp16 dot products runs the 16-bit GEMM far slower).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "../core/experts.h"  // advise_huge_pages
+#include "../core/linear.h"
+#include "../core/runtime.h"
+
+namespace dali_cpu {
+namespace {
+
+constexpr const char* kOp = "dali::cpu_linear";
+// Widened weight chunks of at most this many fp32 values (16 MiB): bounded memory for any lm_head.
+constexpr int64_t kWidenedChunkFloats = int64_t{4} << 20;
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return DType::kF32;
+    case at::kBFloat16:
+      return DType::kBF16;
+    case at::kHalf:
+      return DType::kF16;
+    default:
+      TORCH_CHECK_TYPE(false, kOp, ": weight must be float32, bfloat16 or float16, got ", t);
+  }
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, kOp, ": weight must be 2-D [N, C], got shape ", weight.sizes());
+  to_dtype(weight.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, kOp, ": x must have at least one dimension");
+  TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), kOp, ": x is ", x.scalar_type(), " but weight is ",
+                   weight.scalar_type(), "; they must have the same dtype");
+  TORCH_CHECK_VALUE(x.size(-1) == weight.size(1), kOp, ": x has ", x.size(-1), " features but weight ",
+                    weight.sizes(), " expects ", weight.size(1));
+  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), kOp, ": x and weight must be CPU tensors, got ",
+                    x.device(), " and ", weight.device());
+  TORCH_CHECK_VALUE(weight.size(1) <= 1 || weight.stride(1) == 1, kOp, ": weight must have unit stride in its last "
+                    "dimension (strides ", weight.strides(), "); the kernel reads weights in place without copying");
+  TORCH_CHECK_VALUE(weight.size(0) <= 1 || weight.stride(0) >= weight.size(1), kOp, ": weight rows overlap (strides ",
+                    weight.strides(), " for shape ", weight.sizes(), ")");
+  if (!bias.has_value()) return;
+  TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(), kOp, ": bias is ", bias->scalar_type(),
+                   " but weight is ", weight.scalar_type());
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), kOp, ": bias must be [N] = [",
+                    weight.size(0), "], got ", bias->sizes());
+  TORCH_CHECK_VALUE(bias->device().is_cpu(), kOp, ": bias must be a CPU tensor, got ", bias->device());
+}
+
+// Compute-bound sizes: ATen's fp32 GEMM. 16-bit weights are widened a chunk of rows at a time into a
+// buffer kept by the calling thread.
+at::Tensor gemm_linear(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (weight.scalar_type() == at::kFloat) return at::linear(x2, weight, bias);
+  const int64_t T = x2.size(0), N = weight.size(0), C = weight.size(1);
+  const at::Tensor x32 = x2.to(at::kFloat);
+  at::Tensor out = at::empty({T, N}, x2.options().dtype(at::kFloat));
+  const int64_t chunk = std::max<int64_t>(1, std::min(N, kWidenedChunkFloats / std::max<int64_t>(1, C)));
+  // Never destroyed: a thread_local tensor's destructor could run after ATen's at process exit.
+  thread_local at::Tensor* buffer = new at::Tensor();
+  if (!buffer->defined() || buffer->numel() < chunk * C) {
+    *buffer = at::empty({chunk * C}, x2.options().dtype(at::kFloat));
+    advise_huge_pages(buffer->data_ptr(), buffer->nbytes());
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t nc = std::min(chunk, N - n0);
+    at::Tensor w32 = buffer->narrow(0, 0, nc * C).view({nc, C});
+    w32.copy_(weight.narrow(0, n0, nc));
+    out.narrow(1, n0, nc).copy_(at::mm(x32, w32.t()));
+  }
+  if (bias.has_value()) out.add_(*bias);
+  return out.to(x2.scalar_type());
+}
+
+at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_args(x, weight, bias);
+  const int64_t N = weight.size(0), C = weight.size(1);
+  at::Tensor x2 = x.reshape({-1, C});
+  if (C > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const int64_t T = x2.size(0);
+  const int64_t gemm_rows = linear_gemm_min_rows();
+  if (gemm_rows > 0 && T >= gemm_rows) return gemm_linear(x2, weight, bias).view(out_shape);
+
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  LinearWeights layer{to_dtype(weight.scalar_type()), N, C, weight.data_ptr(), weight.size(0) > 1 ? weight.stride(0) : C,
+                      b.defined() ? b.data_ptr() : nullptr};
+  LinearInput input{T, layer.dtype, x2.data_ptr(), T > 1 ? x2.stride(0) : C};
+  at::Tensor out = at::empty({T, N}, x.options().dtype(at::kFloat));
+  run_linear(layer, input, out.data_ptr<float>(), N, global_pool(), active_kernels());
+  if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
+  return out.view(out_shape);
+}
+
+}  // namespace
+}  // namespace dali_cpu
+
+TORCH_LIBRARY_IMPL(dali, CPU, m) { m.impl("cpu_linear", &dali_cpu::cpu_linear); }

@@ -1,0 +1,83 @@
+// run_linear: output features split into row blocks, one task each, every task streaming its block
+// of weight rows once per group of 3 rows of x (dot_rows), so a decode step's projections read each
+// weight byte once, on every thread of the pool.
+#include "linear.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace dali_cpu {
+
+namespace {
+
+// Tasks per thread: enough to balance threads that the OS or a busy neighbour slows down.
+constexpr int64_t kTasksPerThread = 4;
+// Row blocks are multiples of dot_rows' 4-row tile and at most this many rows (a few hundred KiB of
+// weights: long enough runs for the prefetchers, short enough to balance).
+constexpr int64_t kRowAlign = 4;
+constexpr int64_t kMaxBlockRows = 64;
+// With more than 3 rows of x, a block is read again for every 3 rows: keep it within L2 then.
+constexpr int64_t kReusedBlockBytes = 256 * 1024;
+
+int64_t choose_block(const LinearWeights& layer, int64_t rows, int threads) {
+  const int64_t n = layer.out_features;
+  const int64_t target_tasks = std::max<int64_t>(1, kTasksPerThread * threads);
+  int64_t block = (n + target_tasks - 1) / target_tasks;
+  block = (block + kRowAlign - 1) / kRowAlign * kRowAlign;
+  int64_t max_block = kMaxBlockRows;
+  if (rows > 3) {
+    const int64_t row_bytes = layer.in_features * dtype_size(layer.dtype);
+    max_block = std::max(kRowAlign, std::min(max_block, kReusedBlockBytes / std::max<int64_t>(1, row_bytes) /
+                                                            kRowAlign * kRowAlign));
+  }
+  return std::max<int64_t>(1, std::min({block, max_block, n}));
+}
+
+float bias_at(DType dtype, const void* bias, int64_t i) {
+  switch (dtype) {
+    case DType::kBF16:
+      return to_float(static_cast<const BF16*>(bias)[i]);
+    case DType::kF16:
+      return to_float(static_cast<const F16*>(bias)[i]);
+    default:
+      return static_cast<const float*>(bias)[i];
+  }
+}
+
+}  // namespace
+
+void run_linear(const LinearWeights& layer, const LinearInput& input, float* out, int64_t ldo, ThreadPool& pool,
+                const KernelTable& kernels) {
+  const int64_t T = input.rows, C = layer.in_features, N = layer.out_features;
+  if (T == 0 || N == 0) return;
+  // x widened to fp32 by the caller's thread: T x C values, a few KiB at decode.
+  thread_local std::vector<float> xs;
+  const float* x = static_cast<const float*>(input.x);
+  int64_t ldx = input.ldx;
+  if (input.dtype != DType::kF32) {
+    xs.resize(T * C);
+    for (int64_t t = 0; t < T; ++t) {
+      kernels.convert(input.dtype, static_cast<const char*>(input.x) + t * input.ldx * dtype_size(input.dtype), C,
+                      xs.data() + t * C);
+    }
+    x = xs.data();
+    ldx = C;
+  }
+  const bool exact_bf16 = input.dtype == DType::kBF16;
+  const int64_t block = choose_block(layer, T, pool.num_threads());
+  const int64_t blocks = (N + block - 1) / block;
+  const int64_t wsize = dtype_size(layer.dtype);
+  pool.parallel_for(blocks, [&](int64_t task) {
+    const int64_t n0 = task * block;
+    const int64_t bn = std::min(block, N - n0);
+    const void* w = static_cast<const char*>(layer.weight) + n0 * layer.ldw * wsize;
+    kernels.dot_rows(layer.dtype, w, layer.ldw, bn, C, x, ldx, T, exact_bf16, out + n0, ldo);
+    if (layer.bias == nullptr) return;
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = out + t * ldo + n0;
+      for (int64_t i = 0; i < bn; ++i) row[i] += bias_at(layer.dtype, layer.bias, n0 + i);
+    }
+  });
+}
+
+}  // namespace dali_cpu

@@ -1,0 +1,40 @@
+// A dense linear layer at decode sizes on the runtime's pool: the weight-bound matmuls of a step
+// (attention projections, routers, shared experts, dense MLPs, lm_head), weights read in place.
+//
+// # T rows (tokens), N output features, C input features
+//
+//   out[t, n] = sum_c x[t, c] * w[n, c] (+ bias[n])      fp32 accumulation
+//
+// w [N, C] in its own dtype, rows `ldw` elements apart, contiguous within a row; bias [N] in the
+// weight dtype (nullable); x [T, C] in `x_dtype`, rows `ldx` apart; out [T, N] fp32, rows `ldo` apart.
+#pragma once
+
+#include <cstdint>
+
+#include "dtypes.h"
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace dali_cpu {
+
+struct LinearWeights {
+  DType dtype;
+  int64_t out_features, in_features;  // N, C
+  const void* weight;
+  int64_t ldw;
+  const void* bias;  // nullable, contiguous
+};
+
+struct LinearInput {
+  int64_t rows;  // T
+  DType dtype;
+  const void* x;
+  int64_t ldx;
+};
+
+// Every output row block is a task on the pool; x is widened to fp32 once per call (per thread
+// scratch). Inputs must have been validated (shapes, dtypes).
+void run_linear(const LinearWeights& layer, const LinearInput& input, float* out, int64_t ldo, ThreadPool& pool,
+                const KernelTable& kernels);
+
+}  // namespace dali_cpu
