@@ -151,3 +151,34 @@ def test_fake_kernel_shape():
         w = mode.from_tensor(draw(5, 8, dtype=torch.bfloat16))
         out = cpu_linear(x, w)
     assert out.shape == (2, 3, 5) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+def test_synchronous_calls_run_on_atens_threads(gemm_rows):
+    """One thread budget: a step's synchronous calls use ATen's OpenMP team (capped by cpu_threads), so
+    torch.set_num_threads bounds them too; the runtime's own pool stays selectable and gives the same result."""
+    gemm_rows(0)
+    x, w = draw(1, 2048, dtype=torch.bfloat16, seed=17), draw(4096, 2048, dtype=torch.bfloat16, seed=18)
+    want = cpu_linear_reference(x, w, None)
+    torch_threads, pool_threads = torch.get_num_threads(), cpu_extension.get_num_threads()
+    assert cpu_extension.get_step_threads() == "aten"
+    try:
+        cpu_extension.set_num_threads(2)
+        torch.set_num_threads(1)
+        cpu_linear(x, w)
+        assert cpu_extension.last_region_threads() == 1  # ATen has one thread: so do we
+        torch.set_num_threads(2)
+        seen = set()
+        for _ in range(20):  # a busy host may not schedule the second thread in time for one region
+            assert rel_err(cpu_linear(x, w), want) <= RTOL[torch.bfloat16]
+            seen.add(cpu_extension.last_region_threads())
+        assert 2 in seen, f"ATen's two threads never both ran tasks: {seen}"
+        cpu_extension.set_step_threads("pool")
+        assert cpu_extension.get_step_threads() == "pool"
+        assert rel_err(cpu_linear(x, w), want) <= RTOL[torch.bfloat16]
+        with pytest.raises(ValueError, match="'aten' or 'pool'"):
+            cpu_extension.set_step_threads("omp")
+    finally:
+        cpu_extension.set_step_threads("aten")
+        torch.set_num_threads(torch_threads)
+        cpu_extension.set_num_threads(pool_threads)

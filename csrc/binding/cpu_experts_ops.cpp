@@ -63,8 +63,10 @@ void aten_parallel(int64_t num_tasks, const std::function<void(int64_t)>& task) 
   });
 }
 
-void run(const PreparedCall& call) {
-  run_experts(call.layer, call.routing, call.out.data_ptr<float>(), global_pool(), active_kernels(),
+// Synchronous calls run on step_parallel() (ATen's threads, shared with the rest of the step), async
+// jobs on the runtime's own pool: they run beside the caller's thread, which meanwhile drives the GPU.
+void run(const PreparedCall& call, Parallel& parallel) {
+  run_experts(call.layer, call.routing, call.out.data_ptr<float>(), parallel, active_kernels(),
               DenseGemm{&aten_gemm, dense_gemm_min_tokens(), &aten_parallel});
 }
 
@@ -227,7 +229,7 @@ at::Tensor cpu_experts(const at::Tensor& hidden, const at::Tensor& topk_ids, con
                        double limit) {
   auto call = prepare("dali::cpu_experts", hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask,
                       gated, interleaved, transposed, activation, alpha, limit);
-  run(*call);
+  run(*call, step_parallel());
   return call->out;
 }
 
@@ -247,7 +249,7 @@ at::Tensor cpu_experts_submit(const at::Tensor& hidden, const at::Tensor& topk_i
     // The closure owns `call` (and so every input tensor) until the job has run; the payload
     // hands the output to the waiter.
     auto out = std::make_shared<at::Tensor>(call->out);
-    handle = global_jobs().submit([call] { run(*call); }, out);
+    handle = global_jobs().submit([call] { run(*call, global_pool()); }, out);
   }
   return at::full({1}, handle, at::TensorOptions().dtype(at::kLong));
 }

@@ -101,7 +101,7 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::
                       b.defined() ? b.data_ptr() : nullptr};
   LinearInput input{T, layer.dtype, x2.data_ptr(), T > 1 ? x2.stride(0) : C};
   at::Tensor out = at::empty({T, N}, x.options().dtype(at::kFloat));
-  run_linear(layer, input, out.data_ptr<float>(), N, global_pool(), active_kernels());
+  run_linear(layer, input, out.data_ptr<float>(), N, step_parallel(), active_kernels());
   if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
   return out.view(out_shape);
 }

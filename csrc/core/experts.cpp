@@ -191,7 +191,7 @@ std::vector<float>& scratch() {
 
 class ExpertRun {
  public:
-  ExpertRun(const ExpertWeights& layer, const Routing& routing, float* out, ThreadPool& pool,
+  ExpertRun(const ExpertWeights& layer, const Routing& routing, float* out, Parallel& pool,
             const KernelTable& kernels, const DenseGemm& gemm)
       : L_(layer), R_(routing), out_(out), pool_(pool), k_(kernels), gemm_(gemm), plan_(plan_slots(layer, routing)) {}
 
@@ -413,7 +413,7 @@ class ExpertRun {
   const ExpertWeights& L_;
   const Routing& R_;
   float* out_;
-  ThreadPool& pool_;
+  Parallel& pool_;
   const KernelTable& k_;
   const DenseGemm& gemm_;
   SlotPlan plan_;
@@ -466,7 +466,7 @@ bool any_selected(const Routing& routing) {
   return false;
 }
 
-void run_experts(const ExpertWeights& layer, const Routing& routing, float* out, ThreadPool& pool,
+void run_experts(const ExpertWeights& layer, const Routing& routing, float* out, Parallel& pool,
                  const KernelTable& kernels, const DenseGemm& gemm) {
   ExpertRun(layer, routing, out, pool, kernels, gemm).run();
 }

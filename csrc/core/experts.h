@@ -16,7 +16,7 @@
 
 #include "dtypes.h"
 #include "kernels.h"
-#include "thread_pool.h"
+#include "parallel.h"
 
 namespace dali_cpu {
 
@@ -75,7 +75,7 @@ void advise_huge_pages(void* data, int64_t bytes);
 bool any_selected(const Routing& routing);
 
 // Writes out [T, K, H] fp32 (contiguous). Inputs must have been validated (ids in range, shapes).
-void run_experts(const ExpertWeights& layer, const Routing& routing, float* out, ThreadPool& pool,
+void run_experts(const ExpertWeights& layer, const Routing& routing, float* out, Parallel& pool,
                  const KernelTable& kernels, const DenseGemm& gemm = DenseGemm());
 
 }  // namespace dali_cpu

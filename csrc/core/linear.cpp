@@ -4,6 +4,7 @@
 #include "linear.h"
 
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 namespace dali_cpu {
@@ -18,6 +19,10 @@ constexpr int64_t kRowAlign = 4;
 constexpr int64_t kMaxBlockRows = 64;
 // With more than 3 rows of x, a block is read again for every 3 rows: keep it within L2 then.
 constexpr int64_t kReusedBlockBytes = 256 * 1024;
+// Below this much work (weight bytes times rows) the call runs on the caller's thread alone: a
+// parallel region's start and end barrier cost tens of microseconds when another thread has gone
+// to sleep, more than reading 64 KiB takes.
+constexpr int64_t kMinParallelBytes = 64 * 1024;
 
 int64_t choose_block(const LinearWeights& layer, int64_t rows, int threads) {
   const int64_t n = layer.out_features;
@@ -46,7 +51,7 @@ float bias_at(DType dtype, const void* bias, int64_t i) {
 
 }  // namespace
 
-void run_linear(const LinearWeights& layer, const LinearInput& input, float* out, int64_t ldo, ThreadPool& pool,
+void run_linear(const LinearWeights& layer, const LinearInput& input, float* out, int64_t ldo, Parallel& pool,
                 const KernelTable& kernels) {
   const int64_t T = input.rows, C = layer.in_features, N = layer.out_features;
   if (T == 0 || N == 0) return;
@@ -67,7 +72,7 @@ void run_linear(const LinearWeights& layer, const LinearInput& input, float* out
   const int64_t block = choose_block(layer, T, pool.num_threads());
   const int64_t blocks = (N + block - 1) / block;
   const int64_t wsize = dtype_size(layer.dtype);
-  pool.parallel_for(blocks, [&](int64_t task) {
+  const std::function<void(int64_t)> body = [&](int64_t task) {
     const int64_t n0 = task * block;
     const int64_t bn = std::min(block, N - n0);
     const void* w = static_cast<const char*>(layer.weight) + n0 * layer.ldw * wsize;
@@ -77,7 +82,12 @@ void run_linear(const LinearWeights& layer, const LinearInput& input, float* out
       float* row = out + t * ldo + n0;
       for (int64_t i = 0; i < bn; ++i) row[i] += bias_at(layer.dtype, layer.bias, n0 + i);
     }
-  });
+  };
+  if (N * C * wsize * T < kMinParallelBytes) {
+    for (int64_t task = 0; task < blocks; ++task) body(task);
+  } else {
+    pool.parallel_for(blocks, body);
+  }
 }
 
 }  // namespace dali_cpu

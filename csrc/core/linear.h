@@ -13,7 +13,7 @@
 
 #include "dtypes.h"
 #include "kernels.h"
-#include "thread_pool.h"
+#include "parallel.h"
 
 namespace dali_cpu {
 
@@ -34,7 +34,7 @@ struct LinearInput {
 
 // Every output row block is a task on the pool; x is widened to fp32 once per call (per thread
 // scratch). Inputs must have been validated (shapes, dtypes).
-void run_linear(const LinearWeights& layer, const LinearInput& input, float* out, int64_t ldo, ThreadPool& pool,
+void run_linear(const LinearWeights& layer, const LinearInput& input, float* out, int64_t ldo, Parallel& pool,
                 const KernelTable& kernels);
 
 }  // namespace dali_cpu

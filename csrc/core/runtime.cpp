@@ -113,6 +113,29 @@ ThreadPool& global_pool() {
   return *pool;
 }
 
+namespace {
+std::atomic<Parallel*>& step_parallel_slot() {
+  static std::atomic<Parallel*> slot{nullptr};
+  return slot;
+}
+}  // namespace
+
+Parallel& step_parallel() {
+  Parallel* parallel = step_parallel_slot().load(std::memory_order_acquire);
+  return parallel != nullptr ? *parallel : global_pool();
+}
+
+void set_step_parallel(Parallel* parallel) { step_parallel_slot().store(parallel, std::memory_order_release); }
+
+namespace {
+std::atomic<Parallel*> g_host_parallel{nullptr};
+}  // namespace
+
+void register_host_parallel(Parallel* parallel) {
+  g_host_parallel.store(parallel);
+  set_step_parallel(parallel);
+}
+
 JobQueue& global_jobs() {
   static JobQueue* jobs = new JobQueue();
   return *jobs;
@@ -155,9 +178,21 @@ int dali_cpu_set_isa(const char* name) {
   return 0;
 }
 
+int dali_cpu_set_step_on_host_threads(int on_host) {
+  dali_cpu::Parallel* host = dali_cpu::g_host_parallel.load();
+  if (host == nullptr) return -1;
+  dali_cpu::set_step_parallel(on_host ? host : nullptr);
+  return 0;
+}
+
+int dali_cpu_get_step_on_host_threads() {
+  dali_cpu::Parallel* host = dali_cpu::g_host_parallel.load();
+  return host != nullptr && &dali_cpu::step_parallel() == host ? 1 : 0;
+}
+
 int64_t dali_cpu_outstanding_jobs() { return dali_cpu::global_jobs().outstanding(); }
 
-int dali_cpu_last_region_threads() { return dali_cpu::global_pool().last_region_threads(); }
+int dali_cpu_last_region_threads() { return dali_cpu::step_parallel().last_region_threads(); }
 
 int64_t dali_cpu_get_dense_gemm_min_tokens() { return dali_cpu::dense_gemm_min_tokens(); }
 

@@ -11,7 +11,15 @@
 
 namespace dali_cpu {
 
+// The runtime's own pool: async jobs (and the bandwidth probes) run here, beside the caller's thread.
 ThreadPool& global_pool();
+// Where calls made on the step's own thread (the synchronous ops) run their regions: the host
+// framework's threads once the binding has registered them (ATen's, see binding/aten_parallel.cpp),
+// else the pool. One set of threads then serves the whole step.
+Parallel& step_parallel();
+void set_step_parallel(Parallel* parallel);
+// Registered by the binding: ATen's threads as an executor.
+void register_host_parallel(Parallel* parallel);
 JobQueue& global_jobs();
 // The kernel table of the active ISA path (see dali_cpu_set_isa).
 const KernelTable& active_kernels();
@@ -35,7 +43,11 @@ const char* dali_cpu_best_isa();
 int dali_cpu_set_isa(const char* name);
 // Submitted jobs not yet waited on.
 int64_t dali_cpu_outstanding_jobs();
-// Threads that ran tasks in the pool's latest parallel region (diagnostic for tests).
+// Which threads run the synchronous ops: 1 = the host framework's (ATen's; the default once
+// registered), 0 = the runtime's own pool. Returns -1 if no host executor is registered.
+int dali_cpu_set_step_on_host_threads(int on_host);
+int dali_cpu_get_step_on_host_threads();
+// Threads that ran tasks in the latest region of step_parallel() (diagnostic for tests).
 int dali_cpu_last_region_threads();
 int64_t dali_cpu_get_dense_gemm_min_tokens();
 void dali_cpu_set_dense_gemm_min_tokens(int64_t n);

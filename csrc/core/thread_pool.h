@@ -15,22 +15,24 @@
 #include <thread>
 #include <vector>
 
+#include "parallel.h"
+
 namespace dali_cpu {
 
-class ThreadPool {
+class ThreadPool : public Parallel {
  public:
   // num_threads counts the calling thread: a pool of n starts n - 1 workers.
   explicit ThreadPool(int num_threads);
-  ~ThreadPool();
+  ~ThreadPool() override;
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
-  int num_threads();
+  int num_threads() override;
   // Waits for the running region, then restarts the workers.
   void resize(int num_threads);
-  void parallel_for(int64_t num_tasks, const std::function<void(int64_t)>& task);
+  void parallel_for(int64_t num_tasks, const std::function<void(int64_t)>& task) override;
   // Threads (caller included) that ran at least one task of the latest region: a diagnostic.
-  int last_region_threads();
+  int last_region_threads() override;
 
  private:
   void start_workers(int num_threads);

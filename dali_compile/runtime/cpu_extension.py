@@ -55,9 +55,14 @@ SOURCES = (
     "core/planner.cpp",
     "binding/cpu_experts_ops.cpp",
     "binding/linear_ops.cpp",
+    "binding/aten_parallel.cpp",
 )
 # No -march=native: the library must run on any x86-64 (ISA paths are picked at run time).
-EXTRA_CFLAGS = ("-O3", "-DNDEBUG")
+# -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into our
+# library; without the flag it runs serially. The libgomp it links against is the one torch already
+# loaded (same soname), so ATen's kernels and ours share one OpenMP runtime and one thread team.
+EXTRA_CFLAGS = ("-O3", "-DNDEBUG", "-fopenmp")
+EXTRA_LDFLAGS = ("-fopenmp",)
 ISA_NAMES = ("portable", "avx2", "avx512")
 # torch's build lock is a plain file: one left behind by a killed build would block every later load.
 STALE_LOCK_SECONDS = 600
@@ -113,6 +118,7 @@ def _build_and_load() -> ctypes.CDLL:
         name=LIBRARY_NAME,
         sources=source_paths(),
         extra_cflags=list(EXTRA_CFLAGS),
+        extra_ldflags=list(EXTRA_LDFLAGS),
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,
@@ -135,6 +141,9 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_cpu_set_dense_gemm_min_tokens.argtypes = [ctypes.c_int64]
     lib.dali_cpu_get_transposed_gemm_max_rows.restype = ctypes.c_int64
     lib.dali_cpu_set_transposed_gemm_max_rows.argtypes = [ctypes.c_int64]
+    lib.dali_cpu_set_step_on_host_threads.argtypes = [ctypes.c_int]
+    lib.dali_cpu_set_step_on_host_threads.restype = ctypes.c_int
+    lib.dali_cpu_get_step_on_host_threads.restype = ctypes.c_int
     lib.dali_cpu_get_linear_gemm_min_rows.restype = ctypes.c_int64
     lib.dali_cpu_set_linear_gemm_min_rows.argtypes = [ctypes.c_int64]
     lib.dali_cpu_read_bandwidth_gbps.argtypes = [ctypes.c_int64, ctypes.c_int]
@@ -259,6 +268,20 @@ def get_transposed_gemm_max_rows() -> int:
 def set_transposed_gemm_max_rows(n: int) -> None:
     """Set the largest token count for the transposed dense GEMM form; n <= 0 never uses it."""
     _require().dali_cpu_set_transposed_gemm_max_rows(int(n))
+
+
+def set_step_threads(kind: str) -> None:
+    """Which threads run the synchronous ops (a compiled step's experts and linears): "aten" (default:
+    ATen's OpenMP threads, shared with the rest of the step) or "pool" (the runtime's own pool)."""
+    if kind not in ("aten", "pool"):
+        raise ValueError(f"set_step_threads: choose 'aten' or 'pool', got {kind!r}")
+    if _require().dali_cpu_set_step_on_host_threads(1 if kind == "aten" else 0) != 0:
+        raise RuntimeError("set_step_threads: the library registered no ATen executor")
+
+
+def get_step_threads() -> str:
+    """'aten' or 'pool': see set_step_threads."""
+    return "aten" if _require().dali_cpu_get_step_on_host_threads() else "pool"
 
 
 def get_linear_gemm_min_rows() -> int:
