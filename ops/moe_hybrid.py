@@ -53,8 +53,12 @@ def check_routing_shapes(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weig
         raise ValueError(f"{NAME}: hidden, topk_ids and topk_weights are on different devices: {devices}")
 
 
-def check_against_layer(spec: LayerSpec, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor) -> None:
-    """Checks against the layer's weights; these need the runtime, so only real kernels run them."""
+def check_against_layer(
+    spec: LayerSpec, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, check_ids: bool = True
+) -> None:
+    """Checks against the layer's weights; these need the runtime, so only real kernels run them. The id
+    range costs two reductions and a sync: a kernel that checks ids itself skips it (check_ids=False) and
+    runs this again, ids included, to name the layer when the kernel refuses them."""
     if hidden.shape[1] != spec.hidden_size:
         raise ValueError(
             f"{NAME}: hidden size {hidden.shape[1]} does not match layer {layer} ({spec.name}) "
@@ -66,7 +70,7 @@ def check_against_layer(spec: LayerSpec, layer: int, hidden: torch.Tensor, topk_
         raise ValueError(
             f"{NAME}: hidden is on {hidden.device} but layer {layer} ({spec.name}) weights are on {spec.device}"
         )
-    if topk_ids.numel():
+    if check_ids and topk_ids.numel():
         low, high = int(topk_ids.min()), int(topk_ids.max())
         if low < 0 or high >= spec.num_experts:
             bad = low if low < 0 else high
@@ -93,10 +97,12 @@ def moe_hybrid_reference_kernel(hidden, topk_ids, topk_weights, layer):
 torch.library.impl(NAME, "CompositeExplicitAutograd")(moe_hybrid_reference_kernel)
 
 
-def _device_kernel(resident_contributions):
+def _device_kernel(resident_contributions, checks_ids: bool):
     """A device kernel of the op: an offloaded layer goes to its hybrid runtime; otherwise every expert is
     resident on this device and `resident_contributions(spec, hidden, topk_ids, topk_weights)` gives the
-    [T, K, H] fp32 slot contributions, summed over k in order, as moe_reference."""
+    [T, K, H] fp32 slot contributions, summed over k in order, as moe_reference. `checks_ids`: it raises
+    IndexError for an id out of range itself (the C++ runtime does), so the per-step id reductions are
+    only run to word the error."""
 
     def kernel(hidden, topk_ids, topk_weights, layer):
         check_routing_shapes(hidden, topk_ids, topk_weights)
@@ -104,8 +110,13 @@ def _device_kernel(resident_contributions):
         if hybrid is not None:
             return hybrid.forward(hidden, topk_ids, topk_weights)
         spec = layer_registry().get(layer)
-        check_against_layer(spec, layer, hidden, topk_ids)
-        return resident_contributions(spec, hidden, topk_ids, topk_weights).sum(dim=1).to(hidden.dtype)
+        check_against_layer(spec, layer, hidden, topk_ids, check_ids=not checks_ids)
+        try:
+            contributions = resident_contributions(spec, hidden, topk_ids, topk_weights)
+        except IndexError:
+            check_against_layer(spec, layer, hidden, topk_ids)  # raises, naming the layer
+            raise
+        return contributions.sum(dim=1).to(hidden.dtype)
 
     return kernel
 
@@ -119,8 +130,8 @@ def _triton_over_identity_slots(spec, hidden, topk_ids, topk_weights):
 
 # CUDA: the Triton kernels; CPU: the C++ runtime (`dali::cpu_experts`; its reference when not built). A layer
 # offloaded to CUDA or to the emulated accelerator (CPU tensors) runs its hybrid runtime on either.
-moe_hybrid_cuda_kernel = _device_kernel(_triton_over_identity_slots)
-moe_hybrid_cpu_kernel = _device_kernel(cpu_experts)
+moe_hybrid_cuda_kernel = _device_kernel(_triton_over_identity_slots, checks_ids=False)
+moe_hybrid_cpu_kernel = _device_kernel(cpu_experts, checks_ids=True)
 torch.library.register_kernel(NAME, "cuda")(moe_hybrid_cuda_kernel)
 torch.library.register_kernel(NAME, "cpu")(moe_hybrid_cpu_kernel)
 

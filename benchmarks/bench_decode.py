@@ -1,0 +1,569 @@
+"""Benchmark: whole decode steps and prefills of MoE models on the CPU, eager and inductor against the dali backend.
+
+# B batch, S tokens already in the KV cache, P prompt tokens, E experts, K top-k, H hidden, I one expert's intermediate
+
+    python benchmarks/bench_decode.py                    # all models, bf16 fp32, B 1 4, S 32 512, P 64 512
+    python benchmarks/bench_decode.py --models qwen3 --dtypes bf16 --batch 1 --kv 512 --prefill 512
+    python benchmarks/bench_decode.py --paths eager dali --repeats 9 --csv /tmp/decode.csv --no-plot
+    python benchmarks/bench_decode.py --models tiny --paths eager dali --dali-no-inductor   # smoke run (the test's)
+
+Models (SHAPES): real shapes, 1-2 layers, vocab 512, random weights (default init), from transformers configs;
+`tiny` is for smoke runs. Paths share one model's parameter tensors; compiled ones use dynamic=False:
+eager (transformers' "eager" experts loop, not compiled), inductor-grouped / inductor-batched (backend inductor,
+grouped_mm / batched_mm experts), dali (backend dali, grouped_mm experts rewritten into dali::moe_hybrid).
+Inductor's C++ kernels get `cpp.enable_kernel_profile` (nanoseconds per call) so the profiler sees them as ops.
+
+Decode step: model(input_ids [B, 1], cache of S tokens, use_cache=True, logits_to_keep=1); the cache comes from
+one eager prefill of S + 1 tokens cropped to S, each path steps on its own copy, cropped back to S after every
+step (untimed). Prefill: B=1, P tokens, an empty DynamicCache. A path's first call (it compiles) is its check:
+max |logits - eager's| / max |eager's| (bf16 rounding: reported, not judged). Then --warmup calls, then
+--repeats rounds interleaving the paths (drifting load hits all alike): each runs a block of up to 4 steps,
+50 ms of sleep between blocks so OpenMP threads go quiet; the median per step, and the 1-minute load average.
+vs_best_torch = the best of eager / inductor ms / the path's ms. With dali, "dali-pool" is the same compiled
+model with its synchronous kernels on the runtime's own pool instead of ATen's threads (one thread budget off).
+Floor (decode), timed in the same rounds by `cpu_extension.read_tensors`: the weight bytes a step reads, i.e.
+every parameter but the experts and the embedding table, the tokens' embedding rows, and per MoE layer the
+distinct experts routed to (pre-hooks on the experts modules in eager's check). floor = floor_ms / ms.
+Breakdown of dali's decode step, from --profile-steps profiled steps after the timed rounds: top-level ops
+(operators or inductor kernels with no operator above; annotations such as "Torch-Compiled Region" are seen
+through) grouped as experts (dali::moe_hybrid, dali::cpu_experts*), dense (dali::cpu_linear, aten::mm, addmm,
+linear, matmul, bmm), attention (scaled_dot_product, attention or softmax in the name: the router's softmax
+too), other; overhead = wall time minus all top-level ops (Python, dynamo guards, graph glue).
+Prefill GFLOP/s counts matmuls only (attention scores and values ignored): 2 * rows * in * out per 2-D weight
+but the embedding (LM head: 1 row) + 2 * P * K * 3 * H * I for the experts; gemm = torch.mm of 2048x2048 fp32
+matrices in the same rounds. Prints tables, writes a CSV and, when matplotlib imports, a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import gc
+import inspect
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import transformers
+from transformers import DynamicCache
+
+import dali_compile
+from dali_compile.runtime import cpu_extension
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# path -> (experts implementation, torch.compile backend or None for eager)
+PATHS = {
+    "eager": ("eager", None),
+    "inductor-grouped": ("grouped_mm", "inductor"),
+    "inductor-batched": ("batched_mm", "inductor"),
+    "dali": ("grouped_mm", "dali"),
+}
+TORCH_PATHS = ("eager", "inductor-grouped", "inductor-batched")
+BLOCK = 4  # steps back to back per path and round (fewer when a step takes over BLOCK_SECONDS / BLOCK)
+BLOCK_SECONDS = 0.25
+COOLDOWN_S = 0.05  # between blocks: the previous path's OpenMP threads stop spinning
+GEMM_N = 2048
+NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    config_class: str
+    hidden: int  # H
+    intermediate: int  # I, one expert's
+    experts: int  # E
+    top_k: int  # K
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    vocab: int = 512
+
+    def config(self):
+        family = {
+            "OlmoeConfig": dict(intermediate_size=self.intermediate, num_experts=self.experts),
+            "Qwen3MoeConfig": dict(intermediate_size=self.intermediate, moe_intermediate_size=self.intermediate,
+                                   num_experts=self.experts, norm_topk_prob=True),
+            "MixtralConfig": dict(intermediate_size=self.intermediate, num_local_experts=self.experts),
+        }[self.config_class]
+        return getattr(transformers, self.config_class)(
+            vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
+            num_attention_heads=self.heads, num_key_value_heads=self.kv_heads, head_dim=self.head_dim,
+            num_experts_per_tok=self.top_k, tie_word_embeddings=False, max_position_embeddings=4096,
+            pad_token_id=None, bos_token_id=None, eos_token_id=None, **family)
+
+
+SHAPES = {
+    "olmoe": Shape("olmoe", "OlmoeConfig", 2048, 1024, 64, 8, 16, 16, 128, 2),
+    "qwen3": Shape("qwen3", "Qwen3MoeConfig", 2048, 768, 128, 8, 32, 4, 128, 2),
+    "mixtral": Shape("mixtral", "MixtralConfig", 4096, 14336, 8, 2, 32, 8, 128, 1),
+    "tiny": Shape("tiny", "Qwen3MoeConfig", 64, 32, 8, 2, 4, 2, 16, 2),  # smoke runs only
+}
+DEFAULT_MODELS = ("olmoe", "qwen3", "mixtral")
+
+
+@dataclass(frozen=True)
+class Row:
+    phase: str  # "decode" or "prefill"
+    model: str
+    dtype: str
+    batch: int
+    kv: int  # decode: tokens in the cache; prefill: 0
+    prompt: int  # prefill: prompt tokens; decode: 0
+    path: str
+    experts_impl: str
+    ms: float  # median per step
+    vs_best_torch: float  # best torch path's ms / ms
+    max_rel_err: float  # last-token logits against eager's
+    load: float  # 1-minute load average when the point finished
+    floor_ms: float = NAN  # decode: reading the step's weight bytes once, same rounds
+    floor_fraction: float = NAN  # floor_ms / ms
+    floor_mb: float = NAN
+    gflop_s: float = NAN  # prefill: matmul FLOPs / time
+    gemm_gflop_s: float = NAN  # prefill: torch.mm 2048^3 fp32, same rounds
+    gemm_fraction: float = NAN  # gflop_s / gemm_gflop_s
+    experts_ms: float = NAN  # dali decode rows: the profiled breakdown, ms per step
+    dense_ms: float = NAN
+    attention_ms: float = NAN
+    other_ms: float = NAN
+    overhead_ms: float = NAN
+    profiled_ms: float = NAN  # wall time of a profiled step
+    # the unprofiled step less the ops' profiled time, over the unprofiled step (the profiler's own cost
+    # lands in overhead_ms, not here)
+    overhead_share: float = NAN
+
+
+BREAKDOWN = ("experts", "dense", "attention", "other", "overhead")
+
+
+@dataclass(frozen=True)
+class Timed:
+    step: Callable[[], object]  # the timed call
+    reset: Callable[[], None] = lambda: None  # untimed, after every call
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models and paths
+
+
+def experts_modules(model) -> list[torch.nn.Module]:
+    """Modules owning stacked 3-D expert weights (transformers' experts modules)."""
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "down_proj", None), torch.nn.Parameter) and m.down_proj.dim() == 3]
+
+
+def build_base(shape: Shape, dtype: torch.dtype):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(shape.config(), dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def set_experts(model, implementation: str) -> str:
+    """The experts implementation actually in use (the config's default where `implementation` is unknown)."""
+    try:
+        model.set_experts_implementation(implementation)
+    except (KeyError, ValueError) as error:
+        print(f"experts implementation {implementation!r} unavailable ({error}); using the default")
+    return model.config._experts_implementation
+
+
+def build_paths(base, names, dali_inductor: bool) -> dict[str, tuple[Callable, str]]:
+    """name -> (callable, experts implementation); every model shares the base's parameter tensors."""
+    shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    paths = {}
+    for name in names:
+        implementation, backend = PATHS[name]
+        model = copy.deepcopy(base, memo=dict(shared))  # new modules and config, the same tensors
+        used = set_experts(model, implementation)
+        if backend == "dali":
+            model = torch.compile(model, backend="dali", dynamic=False, options={"inductor": dali_inductor})
+        elif backend is not None:
+            model = torch.compile(model, backend=backend, dynamic=False)
+        paths[name] = (model, used)
+    return paths
+
+
+def cache_keyword(model) -> str:
+    """`cache` where the installed transformers has renamed `past_key_values`, else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def filled_cache(model, prompt: torch.Tensor, keyword: str):
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prompt, **{keyword: cache}, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+def decode_timed(model, ids: torch.Tensor, cache, kv: int, keyword: str) -> Timed:
+    kwargs = {"input_ids": ids, keyword: cache, "use_cache": True, "logits_to_keep": 1}
+    return Timed(lambda: model(**kwargs).logits, lambda: cache.crop(kv - cache.get_seq_length()))
+
+
+def prefill_timed(model, prompt: torch.Tensor, config, keyword: str) -> Timed:
+    state = {"cache": DynamicCache(config=config)}
+
+    def step():
+        return model(input_ids=prompt, **{keyword: state["cache"]}, use_cache=True, logits_to_keep=1).logits
+
+    def reset():
+        state["cache"] = DynamicCache(config=config)
+
+    return Timed(step, reset)
+
+
+def routed_call(model, call: Timed) -> tuple[torch.Tensor, dict]:
+    """One call with the experts modules' routing recorded: (logits, {experts module: distinct expert ids})."""
+    routed = {}
+
+    def hook(module, args, kwargs):
+        ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        routed.setdefault(module, set()).update(ids.flatten().tolist())
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in experts_modules(model)]
+    try:
+        logits = call.step()
+        call.reset()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, routed
+
+
+def floor_tensors(model, ids: torch.Tensor, routed: dict) -> list[torch.Tensor]:
+    """The weights one decode step reads: dense weights, the tokens' embedding rows, the routed experts."""
+    embedding = model.get_input_embeddings().weight
+    expert_ids = {id(p) for m in experts_modules(model) for p in m.parameters(recurse=False)}
+    dense = [p for p in model.parameters() if p is not embedding and id(p) not in expert_ids]
+    rows = [embedding[t] for t in ids.flatten().unique().tolist()]
+    experts = [p[e] for m, chosen in routed.items() for e in sorted(chosen) for p in m.parameters(recurse=False)]
+    return [t.detach() for t in dense + rows + experts]
+
+
+def prefill_flops(model, tokens: int, top_k: int) -> int:
+    """Matmul FLOPs of a prefill with logits for the last token only (attention scores ignored)."""
+    experts = experts_modules(model)
+    expert_ids = {id(p) for m in experts for p in m.parameters(recurse=False)}
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    flops = 0
+    for p in model.parameters():
+        if p.dim() == 2 and p is not embedding and id(p) not in expert_ids:
+            flops += 2 * (1 if p is head else tokens) * p.numel()
+    per_token = sum(p[0].numel() for m in experts for p in m.parameters(recurse=False) if p.dim() == 3)
+    return flops + 2 * tokens * top_k * per_token
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing and profiling
+
+
+def timed_call(call: Timed) -> float:
+    start = time.perf_counter()
+    call.step()
+    elapsed = time.perf_counter() - start
+    call.reset()
+    return elapsed
+
+
+def interleaved_ms(calls: dict[str, Timed], warmup: int, repeats: int) -> dict[str, float]:
+    """Median ms per call of each side, over `repeats` rounds of blocks interleaved side by side."""
+    blocks = {}
+    for name, call in calls.items():
+        elapsed = min(timed_call(call) for _ in range(max(1, warmup)))
+        blocks[name] = max(1, min(BLOCK, int(BLOCK_SECONDS / elapsed)))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            time.sleep(COOLDOWN_S)
+            times[name].extend(timed_call(call) for _ in range(blocks[name]))
+    if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
+        print("warning: a path compiled during the timed rounds (raise --warmup)")
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def category(name: str) -> str:
+    if name.startswith(("dali::moe_hybrid", "dali::cpu_experts")):
+        return "experts"
+    if name in ("dali::cpu_linear", "aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm"):
+        return "dense"
+    if any(word in name for word in ("scaled_dot_product", "attention", "softmax")):
+        return "attention"
+    return "other"
+
+
+def is_op(name: str) -> bool:
+    """An operator or an inductor kernel, not a record_function annotation."""
+    return "::" in name or "cpp_fused" in name
+
+
+STEP_MARK = "bench_decode_step"
+
+
+def top_level_in_step(event) -> bool:
+    """An op inside a profiled step with no op above it (annotations such as dynamo's are seen through)."""
+    parent = event.cpu_parent
+    while parent is not None and parent.name != STEP_MARK:
+        if is_op(parent.name):
+            return False
+        parent = parent.cpu_parent
+    return parent is not None and is_op(event.name)
+
+
+def breakdown(call: Timed, steps: int) -> dict[str, float]:
+    """ms per step of each BREAKDOWN part and of the profiled step, from one profiled run of `steps` steps."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            with torch.profiler.record_function(STEP_MARK):
+                call.step()
+            call.reset()
+    parts = dict.fromkeys(BREAKDOWN, 0.0)
+    for event in prof.events():
+        if top_level_in_step(event):
+            parts[category(event.name)] += event.cpu_time_total
+    wall = sum(e.cpu_time_total for e in prof.events() if e.name == STEP_MARK)
+    parts["overhead"] = wall - sum(parts.values())
+    return {**{f"{k}_ms": v / 1e3 / steps for k, v in parts.items()}, "profiled_ms": wall / 1e3 / steps}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Points
+
+
+def on_runtime_pool(call: Timed) -> Timed:
+    """The same dali step with its synchronous kernels on the runtime's own pool instead of ATen's threads
+    (`cpu_extension.set_step_threads`): what one thread budget for the whole step gains."""
+
+    def step():
+        cpu_extension.set_step_threads("pool")
+        try:
+            return call.step()
+        finally:
+            cpu_extension.set_step_threads("aten")
+
+    return Timed(step, call.reset)
+
+
+def with_pool_variant(paths: dict, calls: dict[str, Timed], make) -> None:
+    """Adds "dali-pool" (a fresh call of dali's compiled model, see on_runtime_pool) to paths and calls."""
+    if "dali" in paths:
+        paths["dali-pool"] = (paths["dali"][0], paths["dali"][1] + " (pool)")
+        calls["dali-pool"] = on_runtime_pool(make(paths["dali"][0]))
+
+
+def check(calls: dict[str, Timed], reference: torch.Tensor) -> dict[str, float]:
+    """Each path's first call (it compiles): its logits' max relative error against eager's."""
+    errors = {}
+    for name, call in calls.items():
+        got = call.step().double()
+        call.reset()
+        errors[name] = float((got - reference.double()).abs().max() / reference.double().abs().max())
+    return errors
+
+
+def best_torch_ms(ms: dict[str, float]) -> float:
+    return min((ms[p] for p in TORCH_PATHS if p in ms), default=NAN)
+
+
+def decode_point(base, paths, model_name, dtype_name, batch, kv, args) -> list[Row]:
+    keyword = cache_keyword(base)
+    gen = torch.Generator().manual_seed(1000 * batch + kv)
+    ids = torch.randint(0, base.config.vocab_size, (batch, 1), generator=gen)
+    # kv + 1 tokens cropped to kv: the cache's tensors have the strides of every later step's cropped cache
+    cache = filled_cache(base, torch.randint(0, base.config.vocab_size, (batch, kv + 1), generator=gen), keyword)
+    cache.crop(-1)
+    reference, routed = routed_call(base, decode_timed(base, ids, copy.deepcopy(cache), kv, keyword))
+    calls = {name: decode_timed(m, ids, copy.deepcopy(cache), kv, keyword) for name, (m, _) in paths.items()}
+    paths = dict(paths)
+    with_pool_variant(paths, calls, lambda m: decode_timed(m, ids, copy.deepcopy(cache), kv, keyword))
+    errors = check(calls, reference)
+    report = dali_compile.last_report()
+    if "dali" in paths and report is not None:
+        print(f"  {str(report).splitlines()[0]}")
+    weights = floor_tensors(base, ids, routed)
+    calls["floor"] = Timed(lambda: cpu_extension.read_tensors(*weights))
+    ms = interleaved_ms(calls, args.warmup, args.repeats)
+    parts = breakdown(calls["dali"], args.profile_steps) if "dali" in paths else {}
+    if parts:
+        parts["overhead_share"] = (ms["dali"] - (parts["profiled_ms"] - parts["overhead_ms"])) / ms["dali"]
+    best, load = best_torch_ms(ms), os.getloadavg()[0]
+    floor_mb = sum(t.numel() * t.element_size() for t in weights) / 1e6
+    return [Row("decode", model_name, dtype_name, batch, kv, 0, name, used, ms[name], best / ms[name], errors[name],
+                load, ms["floor"], ms["floor"] / ms[name], floor_mb, **(parts if name == "dali" else {}))
+            for name, (_, used) in paths.items()]
+
+
+def prefill_point(base, paths, model_name, dtype_name, tokens, args) -> list[Row]:
+    keyword = cache_keyword(base)
+    prompt = torch.randint(0, base.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+    reference = prefill_timed(base, prompt, base.config, keyword).step()
+    calls = {name: prefill_timed(m, prompt, base.config, keyword) for name, (m, _) in paths.items()}
+    paths = dict(paths)
+    with_pool_variant(paths, calls, lambda m: prefill_timed(m, prompt, base.config, keyword))
+    errors = check(calls, reference)
+    a, b = torch.randn(GEMM_N, GEMM_N), torch.randn(GEMM_N, GEMM_N)
+    calls["gemm"] = Timed(lambda: torch.mm(a, b))
+    ms = interleaved_ms(calls, args.warmup, args.repeats)
+    flops, gemm_gflop_s = prefill_flops(base, tokens, base.config.num_experts_per_tok), 2 * GEMM_N**3 / ms["gemm"] / 1e6
+    best, load = best_torch_ms(ms), os.getloadavg()[0]
+    rows = []
+    for name, (_, used) in paths.items():
+        gflop_s = flops / ms[name] / 1e6
+        rows.append(Row("prefill", model_name, dtype_name, 1, 0, tokens, name, used, ms[name], best / ms[name],
+                        errors[name], load, gflop_s=gflop_s, gemm_gflop_s=gemm_gflop_s,
+                        gemm_fraction=gflop_s / gemm_gflop_s))
+    return rows
+
+
+def run_model(model_name: str, dtype_name: str, args) -> list[Row]:
+    torch._dynamo.reset()
+    dali_compile.clear_reports()
+    base = build_base(SHAPES[model_name], DTYPES[dtype_name])
+    paths = build_paths(base, args.paths, not args.dali_no_inductor)
+    rows = []
+    for batch in args.batch:
+        for kv in args.kv:
+            print(f"decode {model_name} {dtype_name} B={batch} kv={kv}", flush=True)
+            rows += decode_point(base, paths, model_name, dtype_name, batch, kv, args)
+    for tokens in args.prefill:
+        print(f"prefill {model_name} {dtype_name} P={tokens}", flush=True)
+        rows += prefill_point(base, paths, model_name, dtype_name, tokens, args)
+    del base, paths
+    gc.collect()
+    torch._dynamo.reset()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output
+
+
+def print_header() -> None:
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+          f"dali runtime: {cpu_extension.get_num_threads()} threads, ISA {cpu_extension.cpu_isa()}")
+    print("vs best = best torch path's ms / ms; floor = reading the step's weight bytes once (same rounds) / ms")
+
+
+def print_tables(rows: list[Row]) -> None:
+    print(f"\ndecode\n{'model':<8} {'dtype':<5} {'B':>2} {'kv':>5} {'path':<17} {'impl':<10} {'ms':>9} "
+          f"{'vs best':>7} {'floor ms':>8} {'floor':>6} {'MB':>7} {'rel err':>8} {'load':>5}")
+    for r in (r for r in rows if r.phase == "decode"):
+        print(f"{r.model:<8} {r.dtype:<5} {r.batch:>2} {r.kv:>5} {r.path:<17} {r.experts_impl:<10} {r.ms:>9.2f} "
+              f"{r.vs_best_torch:>6.2f}x {r.floor_ms:>8.2f} {r.floor_fraction:>6.0%} {r.floor_mb:>7.1f} "
+              f"{r.max_rel_err:>8.1e} {r.load:>5.1f}")
+    print("\ndali decode step breakdown (profiled; ms per step, share of the profiled step; overhead share of the "
+          "unprofiled step = its ms less the ops' profiled time)")
+    for r in (r for r in rows if r.phase == "decode" and not math.isnan(r.profiled_ms)):
+        parts = "  ".join(f"{p} {getattr(r, p + '_ms'):.2f} ({getattr(r, p + '_ms') / r.profiled_ms:.0%})"
+                          for p in BREAKDOWN)
+        print(f"{r.model:<8} {r.dtype:<5} B={r.batch} kv={r.kv}: step {r.profiled_ms:.2f}  {parts}  "
+              f"overhead share {r.overhead_share:.1%}")
+    print(f"\nprefill (B=1; GFLOP/s of the matmuls, attention ignored; gemm = torch.mm {GEMM_N}^3 fp32)\n"
+          f"{'model':<8} {'dtype':<5} {'P':>5} {'path':<17} {'ms':>9} {'vs best':>7} {'GFLOP/s':>8} "
+          f"{'gemm':>7} {'of gemm':>7} {'rel err':>8} {'load':>5}")
+    for r in (r for r in rows if r.phase == "prefill"):
+        print(f"{r.model:<8} {r.dtype:<5} {r.prompt:>5} {r.path:<17} {r.ms:>9.2f} {r.vs_best_torch:>6.2f}x "
+              f"{r.gflop_s:>8.1f} {r.gemm_gflop_s:>7.1f} {r.gemm_fraction:>7.1%} {r.max_rel_err:>8.1e} {r.load:>5.1f}")
+
+
+def write_csv(rows: list[Row], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(Row)])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    print(f"wrote {path}")
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """ms per path (bars, log scale) per point; decode and prefill panels, the decode floor as a dash."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot ({path}); `pip install matplotlib` to get one")
+        return
+    phases = [p for p in ("decode", "prefill") if any(r.phase == p for r in rows)]
+    fig, axes = plt.subplots(len(phases), 1, figsize=(12, 4 * len(phases)), squeeze=False)
+    for ax, phase in zip(axes[:, 0], phases, strict=True):
+        plot_phase(ax, [r for r in rows if r.phase == phase], phase)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def plot_phase(ax, rows: list[Row], phase: str) -> None:
+    points = list(dict.fromkeys((r.model, r.dtype, r.batch, r.kv, r.prompt) for r in rows))
+    paths = list(dict.fromkeys(r.path for r in rows))
+    width = 0.8 / len(paths)
+    for i, name in enumerate(paths):
+        ms = {(r.model, r.dtype, r.batch, r.kv, r.prompt): r.ms for r in rows if r.path == name}
+        ax.bar([x + i * width for x in range(len(points))], [ms.get(p, NAN) for p in points], width, label=name)
+    if phase == "decode":
+        floors = {(r.model, r.dtype, r.batch, r.kv, r.prompt): r.floor_ms for r in rows}
+        ax.scatter([x + 0.4 - width / 2 for x in range(len(points))], [floors[p] for p in points], marker="_",
+                   s=400, color="black", label="floor")
+    labels = [f"{m} {d}\nB={b} kv={kv}" if phase == "decode" else f"{m} {d}\nP={p}" for m, d, b, kv, p in points]
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(points))], labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per step" if phase == "decode" else "ms per prefill")
+    ax.set_title(phase)
+    ax.legend(fontsize=7)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(description=summary, epilog=details,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=list(SHAPES), default=list(DEFAULT_MODELS))
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 4], help="decode batch sizes")
+    parser.add_argument("--kv", nargs="+", type=int, default=[32, 512], help="tokens in the cache at each step")
+    parser.add_argument("--prefill", nargs="*", type=int, default=[64, 512], help="prompt lengths (B=1)")
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per point (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="calls per path after the correctness run")
+    parser.add_argument("--profile-steps", type=int, default=10, help="steps of dali's profiled breakdown")
+    parser.add_argument("--dali-no-inductor", action="store_true",
+                        help="dali option inductor=False: the rewritten graph runs as plain FX (fast compile)")
+    parser.add_argument("--csv", default="bench_decode.csv", help="output CSV (default: %(default)s)")
+    parser.add_argument("--plot", help="output PNG (default: the CSV's name with .png)")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    args.paths = [p for p in PATHS if p in args.paths]  # fixed order: torch paths first
+    args.plot = args.plot or os.path.splitext(args.csv)[0] + ".png"
+    return args
+
+
+def main(argv=None) -> list[Row]:
+    args = parse_args(argv)
+    if not cpu_extension.cpu_extension_available():
+        raise SystemExit("the C++ CPU runtime is not available (see the warning above): no floor to time")
+    # one graph per path, shape and phase; inductor's kernels visible to the profiler (restored on return)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    print_header()
+    rows = []
+    with (torch._dynamo.config.patch({limit: max(getattr(torch._dynamo.config, limit), 256)}),
+          torch._inductor.config.patch({"cpp.enable_kernel_profile": True}), torch.no_grad()):
+        for model_name in args.models:
+            for dtype_name in args.dtypes:
+                rows += run_model(model_name, dtype_name, args)
+    print_tables(rows)
+    write_csv(rows, args.csv)
+    if not args.no_plot:
+        plot(rows, args.plot)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

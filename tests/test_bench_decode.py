@@ -1,0 +1,69 @@
+"""bench_decode end to end at its smallest: the tiny model, one decode point and one prefill, eager and dali
+(dali without inductor and no inductor paths: their compiles take ~30 s each on 2 cores)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dali_compile.runtime import cpu_extension
+
+pytestmark = pytest.mark.skipif(not cpu_extension.cpu_extension_available(), reason="no C++ CPU runtime")
+
+DECODE_COLUMNS = ("ms", "vs_best_torch", "floor_ms", "floor_fraction", "floor_mb", "load")
+BREAKDOWN_COLUMNS = ("experts_ms", "dense_ms", "attention_ms", "other_ms", "overhead_ms", "profiled_ms")
+PREFILL_COLUMNS = ("ms", "vs_best_torch", "gflop_s", "gemm_gflop_s", "gemm_fraction")
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_decode
+
+    yield bench_decode
+    sys.modules.pop("bench_decode", None)
+
+
+def test_the_benchmark_writes_decode_and_prefill_rows(bench, tmp_path, capsys):
+    out = tmp_path / "decode.csv"
+    bench.main(["--models", "tiny", "--dtypes", "fp32", "--batch", "2", "--kv", "8", "--prefill", "8",
+                "--paths", "eager", "dali", "--dali-no-inductor", "--repeats", "1", "--warmup", "1",
+                "--profile-steps", "2", "--csv", str(out), "--no-plot"])
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["phase"], r["path"]) for r in rows] == [
+        ("decode", "eager"), ("decode", "dali"), ("prefill", "eager"), ("prefill", "dali")]
+    decode, prefill = {r["path"]: r for r in rows[:2]}, {r["path"]: r for r in rows[2:]}
+    for r in decode.values():
+        assert (r["model"], r["dtype"], r["batch"], r["kv"]) == ("tiny", "fp32", "2", "8")
+        assert all(float(r[c]) > 0 for c in DECODE_COLUMNS)
+        assert float(r["vs_best_torch"]) == pytest.approx(float(decode["eager"]["ms"]) / float(r["ms"]))
+        assert float(r["floor_fraction"]) == pytest.approx(float(r["floor_ms"]) / float(r["ms"]))
+        assert float(r["max_rel_err"]) < 1e-4  # fp32: the same math in another order
+    assert decode["eager"]["experts_impl"] == "eager" and decode["dali"]["experts_impl"] == "grouped_mm"
+    assert all(math.isnan(float(decode["eager"][c])) for c in BREAKDOWN_COLUMNS)  # the breakdown is dali's only
+    parts = [float(decode["dali"][c]) for c in BREAKDOWN_COLUMNS]
+    assert parts[0] > 0 and parts[1] > 0 and sum(parts[:5]) == pytest.approx(parts[5])
+    for r in prefill.values():
+        assert (r["batch"], r["prompt"]) == ("1", "8") and all(float(r[c]) > 0 for c in PREFILL_COLUMNS)
+        assert float(r["max_rel_err"]) < 1e-4
+    out_text = capsys.readouterr().out
+    assert "2 MoE layer(s) rewritten" in out_text  # both layers of the tiny model
+    assert "wrote" in out_text
+
+
+def test_the_floor_reads_dense_weights_embedding_rows_and_the_routed_experts(bench):
+    model = bench.build_base(bench.SHAPES["tiny"], bench.DTYPES["fp32"])
+    (first, second) = bench.experts_modules(model)
+    ids = torch.tensor([[3], [3], [5]])
+    tensors = bench.floor_tensors(model, ids, {first: {0, 2}, second: {7}})
+    shape = bench.SHAPES["tiny"]
+    expert = 3 * shape.hidden * shape.intermediate
+    dense = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in (*first.parameters(),
+                *second.parameters(), model.get_input_embeddings().weight))
+    assert sum(t.numel() for t in tensors) == dense + 2 * shape.hidden + 3 * expert
+    assert all(t.is_contiguous() for t in tensors)
