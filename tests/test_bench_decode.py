@@ -36,8 +36,9 @@ def test_the_benchmark_writes_decode_and_prefill_rows(bench, tmp_path, capsys):
                 "--profile-steps", "2", "--csv", str(out), "--no-plot"])
     rows = list(csv.DictReader(out.open()))
     assert [(r["phase"], r["path"]) for r in rows] == [
-        ("decode", "eager"), ("decode", "dali"), ("prefill", "eager"), ("prefill", "dali")]
-    decode, prefill = {r["path"]: r for r in rows[:2]}, {r["path"]: r for r in rows[2:]}
+        ("decode", "eager"), ("decode", "dali"), ("decode", "dali-pool"),
+        ("prefill", "eager"), ("prefill", "dali"), ("prefill", "dali-pool")]
+    decode, prefill = {r["path"]: r for r in rows[:3]}, {r["path"]: r for r in rows[3:]}
     for r in decode.values():
         assert (r["model"], r["dtype"], r["batch"], r["kv"]) == ("tiny", "fp32", "2", "8")
         assert all(float(r[c]) > 0 for c in DECODE_COLUMNS)
@@ -45,7 +46,10 @@ def test_the_benchmark_writes_decode_and_prefill_rows(bench, tmp_path, capsys):
         assert float(r["floor_fraction"]) == pytest.approx(float(r["floor_ms"]) / float(r["ms"]))
         assert float(r["max_rel_err"]) < 1e-4  # fp32: the same math in another order
     assert decode["eager"]["experts_impl"] == "eager" and decode["dali"]["experts_impl"] == "grouped_mm"
-    assert all(math.isnan(float(decode["eager"][c])) for c in BREAKDOWN_COLUMNS)  # the breakdown is dali's only
+    assert decode["dali-pool"]["experts_impl"] == "grouped_mm (pool)"
+    for path in ("eager", "dali-pool"):  # the breakdown is dali's only
+        assert all(math.isnan(float(decode[path][c])) for c in BREAKDOWN_COLUMNS)
+    assert 0 < float(decode["dali"]["overhead_share"]) < 1
     parts = [float(decode["dali"][c]) for c in BREAKDOWN_COLUMNS]
     assert parts[0] > 0 and parts[1] > 0 and sum(parts[:5]) == pytest.approx(parts[5])
     for r in prefill.values():

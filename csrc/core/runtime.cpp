@@ -49,9 +49,12 @@ std::atomic<int64_t> g_dense_gemm_min_tokens{kDefaultDenseGemmMinTokens};
 constexpr int64_t kDefaultTransposedGemmMaxRows = 512;
 std::atomic<int64_t> g_transposed_gemm_max_rows{kDefaultTransposedGemmMaxRows};
 
-// dali::cpu_linear: rows from which ATen's fp32 GEMM beats the weight-streaming kernel (see
-// benchmarks/bench_cpu_linear.py). Set with set_linear_gemm_min_rows.
-constexpr int64_t kDefaultLinearGemmMinRows = 16;
+// dali::cpu_linear: rows from which ATen's fp32 GEMM is used instead of the streaming kernel. Measured
+// on the 2-core AVX2 machine (benchmarks/bench_cpu_linear.py, 2048x2048 and 2048x4096): the streaming
+// kernel wins or ties up to 512 rows in bf16 (37 vs 47 ms at 512: the GEMM path also widens the
+// weight) and fp32 (within 2-5% of MKL at 256-512); at 1024 the two are within +-10% either way.
+// Set with set_linear_gemm_min_rows.
+constexpr int64_t kDefaultLinearGemmMinRows = 1024;
 std::atomic<int64_t> g_linear_gemm_min_rows{kDefaultLinearGemmMinRows};
 
 // The read side of the bandwidth probe sums 64-bit words the way the kernels read weights: four
