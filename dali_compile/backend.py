@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 
+import torch
 from torch.fx import GraphModule
 
 import dali_compile.ops  # noqa: F401  (defines the dali::* ops used in rewritten graphs)
@@ -60,10 +61,17 @@ def dali_backend(gm: GraphModule, example_inputs, options=None):
     if config.inductor:
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(gm, example_inputs)
+        compiled = compile_fx(gm, example_inputs, config_patches=_inductor_patches(config, example_inputs))
     else:
         compiled = gm.forward
     return _checking_bindings(compiled, ctx.bindings, ctx.registry)
+
+
+def _inductor_patches(config: DaliConfig, example_inputs) -> dict:
+    """cpp_wrapper for CPU graphs only: on CUDA tensors nothing changes."""
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    return {"cpp_wrapper": True} if config.cpp_wrapper and on_cpu else {}
 
 
 def _warn_graph_break_once() -> None:

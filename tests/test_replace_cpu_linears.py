@@ -131,3 +131,15 @@ def test_inductor_runs_the_op_and_equals_eager():
         want = module(x)
     assert calls == 2
     assert relative_max_error(got, want) <= FP32_RTOL
+
+
+def test_cpp_wrapper_only_for_cpu_graphs():
+    """Inductor's C++ wrapper is asked for when every graph input is on the CPU; other devices keep inductor's
+    defaults (on CUDA tensors nothing changes), and the option turns it off."""
+    from dali_compile.backend import _inductor_patches
+    from dali_compile.config import DaliConfig
+
+    cpu_inputs = [torch.zeros(2), 3, torch.zeros(1, dtype=torch.bfloat16)]
+    assert _inductor_patches(DaliConfig(), cpu_inputs) == {"cpp_wrapper": True}
+    assert _inductor_patches(DaliConfig(), [torch.zeros(2), torch.zeros(2, device="meta")]) == {}
+    assert _inductor_patches(DaliConfig(cpp_wrapper=False), cpu_inputs) == {}
