@@ -8,6 +8,18 @@ import torch
 import dali_compile
 
 
+@pytest.fixture(scope="module")
+def cpu_runtime():
+    """The C++ CPU runtime, built: tests of its kernels skip under DALI_CPU_EXTENSION=0 and fail if it cannot build."""
+    import os
+
+    from dali_compile.runtime import cpu_extension
+
+    if os.environ.get("DALI_CPU_EXTENSION") == "0":
+        pytest.skip("DALI_CPU_EXTENSION=0: the C++ runtime is disabled")
+    assert cpu_extension.cpu_extension_available(), "the C++ CPU runtime failed to build (see the warning)"
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from scratch, so graphs (and reports) never leak between tests."""

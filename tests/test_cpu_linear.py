@@ -21,11 +21,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native():
-    if os.environ.get("DALI_CPU_EXTENSION") == "0":
-        pytest.skip("DALI_CPU_EXTENSION=0: the C++ runtime is disabled")
-    assert cpu_extension.cpu_extension_available(), "the C++ CPU runtime failed to build (see the warning)"
+pytestmark = pytest.mark.usefixtures("cpu_runtime")
 
 
 @pytest.fixture

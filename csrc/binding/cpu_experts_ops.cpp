@@ -19,6 +19,7 @@
 
 #include "../core/experts.h"
 #include "../core/runtime.h"
+#include "aten_dtypes.h"
 
 namespace dali_cpu {
 namespace {
@@ -70,18 +71,7 @@ void run(const PreparedCall& call, Parallel& parallel) {
               DenseGemm{&aten_gemm, dense_gemm_min_tokens(), &aten_parallel});
 }
 
-DType weight_dtype(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return DType::kF32;
-    case at::kBFloat16:
-      return DType::kBF16;
-    case at::kHalf:
-      return DType::kF16;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": expert weights must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-}
+DType weight_dtype(const at::Tensor& t, const char* op) { return core_dtype(t.scalar_type(), op, "expert weights"); }
 
 std::string layout_name(bool gated, bool interleaved, bool transposed) {
   std::string name = gated ? (interleaved ? "gated, interleaved" : "gated, concatenated") : "no-gate";

@@ -16,6 +16,7 @@
 #include <optional>
 
 #include "../core/experts.h"  // advise_huge_pages
+#include "aten_dtypes.h"
 #include "../core/linear.h"
 #include "../core/runtime.h"
 
@@ -26,18 +27,7 @@ constexpr const char* kOp = "dali::cpu_linear";
 // Widened weight chunks of at most this many fp32 values (16 MiB): bounded memory for any lm_head.
 constexpr int64_t kWidenedChunkFloats = int64_t{4} << 20;
 
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return DType::kF32;
-    case at::kBFloat16:
-      return DType::kBF16;
-    case at::kHalf:
-      return DType::kF16;
-    default:
-      TORCH_CHECK_TYPE(false, kOp, ": weight must be float32, bfloat16 or float16, got ", t);
-  }
-}
+DType to_dtype(at::ScalarType t) { return core_dtype(t, kOp, "weight"); }
 
 void check_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(weight.dim() == 2, kOp, ": weight must be 2-D [N, C], got shape ", weight.sizes());
