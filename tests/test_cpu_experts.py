@@ -616,3 +616,39 @@ def test_large_call_buffers_are_right_and_reused(min_tokens):
             check(T, K)
     finally:
         cpu_extension.set_dense_gemm_min_tokens(default)
+
+
+_NO_OPENMP_PROBE = textwrap.dedent(
+    """
+    import json, warnings
+    import torch
+    from dali_compile.runtime import cpu_extension
+    cpu_extension.EXTRA_CFLAGS = (*cpu_extension.EXTRA_CFLAGS, "-fno-such-flag-for-dali")  # a build that fails
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = cpu_extension.cpu_extension_available()
+    from dali_compile.ops.cpu_linear import cpu_linear, cpu_linear_reference
+    x, w = torch.randn(2, 64), torch.randn(96, 64)
+    print(json.dumps({
+        "available": available, "step_threads": cpu_extension.get_step_threads(),
+        "warnings": [str(m.message) for m in caught if issubclass(m.category, RuntimeWarning)],
+        "err": float((cpu_linear(x, w) - cpu_linear_reference(x, w, None)).abs().max()),
+    }))
+    """
+)
+
+
+def test_a_failed_openmp_build_falls_back_to_a_build_without_it(tmp_path):
+    """A compiler that rejects the OpenMP build (here: an unknown flag) still gets the C++ kernels, with the
+    synchronous calls on the runtime's own pool, and says so once."""
+    import json
+
+    env = {**os.environ, "DALI_COMPILE_CACHE": str(tmp_path), "DALI_CPU_EXTENSION": "1"}
+    done = subprocess.run([sys.executable, "-c", _NO_OPENMP_PROBE], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["available"] and result["step_threads"] == "pool", result
+    assert len(result["warnings"]) == 1 and "without" in result["warnings"][0], result
+    assert result["err"] < 1e-4
+    assert list((Path(tmp_path) / torch.__version__ / "cpu_ext" / "no_openmp").glob("*.so"))

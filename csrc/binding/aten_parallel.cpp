@@ -52,11 +52,14 @@ class AtenParallel final : public Parallel {
   std::atomic<int> last_threads_{0};
 };
 
-// Registered when the library loads; never destroyed (ops may run during interpreter exit).
+#if defined(_OPENMP)
+// Registered when the library loads; never destroyed (ops may run during interpreter exit). Built without
+// OpenMP, at::parallel_for's pragma would run serially: synchronous calls then stay on the pool.
 const bool registered = [] {
   register_host_parallel(new AtenParallel());
   return true;
 }();
+#endif
 
 }  // namespace
 }  // namespace dali_cpu

@@ -63,6 +63,9 @@ SOURCES = (
 # loaded (same soname), so ATen's kernels and ours share one OpenMP runtime and one thread team.
 EXTRA_CFLAGS = ("-O3", "-DNDEBUG", "-fopenmp")
 EXTRA_LDFLAGS = ("-fopenmp",)
+# A compiler without OpenMP (clang without libomp, say) builds without it, into its own folder: the kernels
+# are the same, but synchronous calls then run on the runtime's own pool (binding/aten_parallel.cpp).
+NO_OPENMP_CFLAGS = ("-O3", "-DNDEBUG")
 ISA_NAMES = ("portable", "avx2", "avx512")
 # torch's build lock is a plain file: one left behind by a killed build would block every later load.
 STALE_LOCK_SECONDS = 600
@@ -107,22 +110,34 @@ def _clear_stale_lock(build_dir: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-def _build_and_load() -> ctypes.CDLL:
+def _compile(build_dir: Path, cflags, ldflags) -> str:
     from torch.utils import cpp_extension
 
-    build_dir = cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     _clear_stale_lock(build_dir)
-    start = time.perf_counter()
-    path = cpp_extension.load(
+    return cpp_extension.load(
         name=LIBRARY_NAME,
         sources=source_paths(),
-        extra_cflags=list(EXTRA_CFLAGS),
-        extra_ldflags=list(EXTRA_LDFLAGS),
+        extra_cflags=list(cflags),
+        extra_ldflags=list(ldflags),
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,
     )
+
+
+def _build_and_load() -> ctypes.CDLL:
+    start = time.perf_counter()
+    try:
+        path = _compile(cache_dir(), EXTRA_CFLAGS, EXTRA_LDFLAGS)
+    except Exception as error:  # noqa: BLE001  (whatever failed, the build without OpenMP may not)
+        warnings.warn(
+            f"dali_compile: building the C++ CPU runtime with OpenMP failed ({type(error).__name__}); building it "
+            f"without: synchronous calls then run on the runtime's own threads beside ATen's",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        path = _compile(cache_dir() / "no_openmp", NO_OPENMP_CFLAGS, ())
     log.info("loaded %s in %.1f s", path, time.perf_counter() - start)
     global _library_path
     _library_path = path
