@@ -97,6 +97,18 @@ class Accelerator:
         self.pool.reserve(num_bytes, what)
         return torch.empty(shape, dtype=dtype, device=self.device)
 
+    def launch(self, fn, *args, **kwargs):
+        """Run `fn(*args, **kwargs)` on the compute stream, after the compute issued before it (and the
+        events it was told to `wait` for). Returns fn's result, or (asynchronous emulator) a placeholder
+        that a later `launch` may take as an argument (also inside a list or tuple) and that `result`
+        turns into the value. On CUDA fn itself only enqueues kernels, so it runs here."""
+        return fn(*args, **kwargs)
+
+    def result(self, value):
+        """`value` (a `launch` result) usable by the host: on CUDA the tensor itself, valid in stream
+        order; the asynchronous emulator blocks until its compute ran, re-raising what fn raised."""
+        return value
+
     def copy_async(self, dst: torch.Tensor, src: torch.Tensor, after: Event | None) -> Event:
         """Copy host `src` into device `dst` on the copy stream, once `after` (a compute point) is reached."""
         raise NotImplementedError
