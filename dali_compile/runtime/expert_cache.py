@@ -11,6 +11,11 @@ staging slots shared by the layers.
 All layers share one pool so that a GPU expert kernel reads any layer's cache and staging slots
 through one slot table (`slot_of_expert[E]`, -1: not on the GPU). Only the copy into a slot
 changes its contents, and the runtime orders every copy after the compute that last read the slot.
+
+The pool is the ground truth of what each slot holds (`SlotPool.contents`): a slot is marked unknown
+before a copy into it is issued and takes its new contents only once the copy is, so an exception or an
+interrupt at any point leaves no slot claiming weights it may not hold, and the tables of a step that
+failed half-way can be rebuilt from it (`LayerCache.resync`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ class SlotPool:
             for t in template.tensors()
         )
         self.bytes_copied = 0
+        # (owner, expert) each slot holds once its latest copy completes; None: free, or unknown.
+        self.contents: list[tuple[int, int] | None] = [None] * num_slots
+        self.loading: dict[int, Event] = {}  # slot -> its latest copy
 
     @property
     def up(self) -> torch.Tensor:
@@ -63,26 +71,47 @@ class SlotPool:
     def down_bias(self) -> torch.Tensor | None:
         return self.tensors[3]
 
-    def load(self, slot: int, source: LayerSpec, expert: int, after: Event | None) -> Event:
-        """Copy expert `expert` of the host layer `source` into `slot`, after compute point `after`."""
+    def load(self, slot: int, source: LayerSpec, expert: int, after: Event | None, owner: int | None = None) -> Event:
+        """Copy expert `expert` of the host layer `source` into `slot`, after compute point `after`; the slot
+        then holds (owner, expert) (None: a scratch copy nobody may read as an expert)."""
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")
+        self.contents[slot] = None  # from here until the copy is issued, nobody knows what the slot holds
         events = [
             self.accelerator.copy_async(dst[slot], src[expert].detach(), after)
             for dst, src in zip(self.tensors, source.tensors(), strict=True)
             if dst is not None
         ]
+        self.loading[slot] = events[-1]  # the copy stream runs in order: the last copy done means all are
+        self.contents[slot] = None if owner is None else (owner, expert)
         self.bytes_copied += self.slot_bytes
-        return events[-1]  # the copy stream runs in order: the last copy done means all are
+        return events[-1]
+
+    def holds(self, slot: int, owner: int, expert: int) -> bool:
+        return self.contents[slot] == (owner, expert)
+
+    def copy_event(self, slot: int) -> Event:
+        """The latest copy into `slot` (what a compute reading it must wait for)."""
+        return self.loading.get(slot, DONE)
+
+    def settle(self) -> None:
+        """After the accelerator has synchronized: a slot whose copy failed holds nothing known."""
+        for slot, event in list(self.loading.items()):
+            try:
+                event.synchronize()
+            except Exception:  # noqa: BLE001  (the copy's own error was reported where it happened)
+                self.contents[slot] = None
+        self.loading.clear()
 
 
 class LayerCache:
     """The cache slots of one layer: expert <-> slot, and when each slot's contents are valid."""
 
-    def __init__(self, pool: SlotPool, slots: list[int], num_experts: int):
+    def __init__(self, pool: SlotPool, slots: list[int], num_experts: int, owner: int | None = None):
         self.pool = pool
         self.slots = list(slots)
         self.num_experts = num_experts
+        self.owner = id(self) if owner is None else owner  # how the pool tags this cache's slots
         self.slot_of_expert = np.full(num_experts, -1, dtype=np.int32)
         self.expert_in_slot: dict[int, int] = {}
         self.ready: dict[int, Event] = {}  # slot -> the copy that fills it
@@ -112,12 +141,31 @@ class LayerCache:
             slot = int(self.slot_of_expert[victim])
             if slot < 0:
                 raise ValueError(f"victim expert {victim} is not cached")
+            # The victim leaves the tables before the copy starts overwriting it: if the copy raises, the
+            # slot is free, never "the victim" with half of another expert's weights.
             self.slot_of_expert[victim] = -1
+            del self.expert_in_slot[slot]
+            self.ready.pop(slot, None)
+            self._resident = None
+        event = self.pool.load(slot, source, expert, after, owner=self.owner)
         self.slot_of_expert[expert] = slot
         self.expert_in_slot[slot] = expert
+        self.ready[slot] = event
         self._resident = None
-        self.ready[slot] = self.pool.load(slot, source, expert, after)
         return slot
+
+    def resync(self) -> None:
+        """Rebuild the tables from what the pool says this cache's slots hold (after a step that failed or was
+        interrupted half-way, once the accelerator has synchronized and the pool has settled)."""
+        self.slot_of_expert[:] = -1
+        self.expert_in_slot.clear()
+        self.ready.clear()
+        for slot in self.slots:
+            held = self.pool.contents[slot]
+            if held is not None and held[0] == self.owner and self.slot_of_expert[held[1]] < 0:
+                self.slot_of_expert[held[1]] = slot
+                self.expert_in_slot[slot] = held[1]
+        self._resident = None
 
     def ready_event(self, expert: int) -> Event:
         return self.ready.get(int(self.slot_of_expert[expert]), DONE)

@@ -14,10 +14,25 @@ Per layer and step (`HybridLayer.forward`, called by `dali::moe_hybrid` for an o
 6. wait for the CPU experts and combine: the CPU's and GPU's [T, K, H] fp32 contributions are
    disjoint (exact zeros elsewhere), so their sum, then the sum over k in order, is the same number
    whatever the split: results never depend on the policy or the budget beyond rounding.
+
+Steps 3-6 run over the tokens in chunks of at most `max_step_tokens` (one decision for the whole step),
+so the transient memory of a step is bounded whatever T is: on the device at most three fp32
+[chunk, K, H] buffers (the GPU contributions, the group being added, the CPU part), on the host one
+(the CPU job's output), besides the step's [T, H] output. The price of a chunk beyond the first is that
+the experts staged for this step are copied again; cached and prefetched ones are not.
+
+Reliability (`HybridRuntime.step`): one step at a time per runtime (a lock: threads sharing one
+offloaded model take turns layer step by layer step), and a step either completes or leaves the runtime
+consistent: whatever raised or interrupted it (a bad id, the policy, a copy, a kernel, Ctrl-C), the
+CPU job is waited for, the accelerator synchronized, and every cache's tables rebuilt from what its
+slots really hold (`SlotPool.contents`); every GPU compute checks that its slots hold the experts its
+table names, so a bookkeeping error is an exception, never a wrong answer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 import numpy as np
@@ -75,6 +90,16 @@ def fitting_prefetch_count(policy: Policy, layers: list[tuple[str, LayerSpec]], 
     return max(0, min(prefetch, (budget_slots - 1) // 2))
 
 
+# Transient memory per layer step (see the module docstring); 256 MiB is about 1,400 tokens of
+# Qwen3-30B-A3B (K 8, H 2048) per chunk, so decode and short prompts are never chunked.
+DEFAULT_TRANSIENT_BYTES = 256 * 2**20
+
+
+def step_chunk_tokens(transient_bytes: int, top_k: int, hidden_size: int) -> int:
+    """Tokens per chunk so that the step's three fp32 [chunk, K, H] device buffers fit `transient_bytes`."""
+    return max(1, int(transient_bytes) // (3 * 4 * top_k * hidden_size))
+
+
 class HybridRuntime:
     """The offloaded MoE layers of one model: their caches, the shared staging slots, the prefetch slots,
     the policy and the predictor.
@@ -85,7 +110,8 @@ class HybridRuntime:
 
     def __init__(self, accelerator: Accelerator, layers: list[tuple[str, LayerSpec]], policy: Policy,
                  cost: CostModel | None, top_k: int, registry: LayerRegistry | None = None,
-                 predictor: ResidualPredictor | None = None, prefetch: int = 0):
+                 predictor: ResidualPredictor | None = None, prefetch: int = 0,
+                 transient_bytes: int = DEFAULT_TRANSIENT_BYTES):
         self.prefetch = prefetch if predictor is not None else 0
         self.slot_plan = plan_slots(policy, layers, accelerator.pool.budget_bytes, top_k, 2 * self.prefetch)
         template = layers[0][1]
@@ -96,6 +122,7 @@ class HybridRuntime:
         self.num_experts = template.num_experts
         self.top_k = top_k
         self.slot_bytes = expert_bytes(template)
+        self.max_step_tokens = step_chunk_tokens(transient_bytes, top_k, template.hidden_size)
         total = self.slot_plan.total + 2 * self.prefetch
         self.pool = SlotPool(accelerator, template, total) if total else None
         first_staging = sum(self.slot_plan.cache_slots)
@@ -108,10 +135,15 @@ class HybridRuntime:
         # Optional observer of every step: recorder(layer_index, gate_input [T, H], topk_ids, topk_weights).
         self.recorder = None
         self.last_compute: Event | None = None  # the latest GPU compute point: copies into slots wait for it
+        # One step (a layer's forward, or a prefetch from the graph's hook) at a time; reentrant because a
+        # layer's step issues its successor's prefetch itself when the graph has no hook.
+        self._lock = threading.RLock()
+        self._unfinished = False  # a step began and has not completed (nor been recovered from)
+        self._pending_job = None  # (layer, CPU job) submitted and not yet waited on
         self.layers: list[HybridLayer] = []
         start = 0
         for index, ((name, spec), count) in enumerate(zip(layers, self.slot_plan.cache_slots, strict=True)):
-            cache = LayerCache(self.pool, list(range(start, start + count)), self.num_experts)
+            cache = LayerCache(self.pool, list(range(start, start + count)), self.num_experts, owner=index)
             start += count
             for expert in policy.initial_cache(index, self.num_experts, count):
                 cache.install(expert, -1, spec, None)
@@ -121,17 +153,84 @@ class HybridRuntime:
         for handle, layer in zip(self.handles, self.layers, strict=True):
             self.registry.attach(handle, layer)
 
+    @contextlib.contextmanager
+    def step(self):
+        """Hold the runtime for one step; repair what an earlier step left half-done, and if this one raises
+        (or is interrupted), repair before the exception propagates. The repair itself may be interrupted:
+        then the flag stays set and the next step repairs again."""
+        with self._lock:
+            if self._unfinished:
+                self.recover()
+            self._unfinished = True
+            try:
+                yield
+            except BaseException:
+                self.recover()
+                raise
+            self._unfinished = False
+
+    def recover(self) -> None:
+        """Bring the runtime back to a consistent state after a step that did not complete: no CPU job left
+        queued, no copy in flight, each cache's tables equal to what its slots hold, no prefetch pending."""
+        pending, self._pending_job = self._pending_job, None
+        if pending is not None:
+            layer, job = pending
+            with contextlib.suppress(Exception):  # the failed step's result is dropped anyway
+                layer._wait_cpu(job)
+        with contextlib.suppress(Exception):  # a failed copy shows up here again; settle() handles its slot
+            self.accelerator.synchronize()
+        if self.pool is not None:
+            self.pool.settle()
+        for layer in self.layers:
+            layer.cache.resync()
+            layer.prefetched = {}
+            layer.prefetched_at = -1
+        self.last_compute = None
+        self._unfinished = False
+
+    def check_slots(self, weights: bool = True) -> None:
+        """Raise RuntimeError unless every cache's tables agree with the pool's record of its slots and, with
+        `weights`, every cached slot holds exactly the host weights of its expert (synchronizes; a test and
+        debugging aid)."""
+        with self._lock:
+            self.accelerator.synchronize()
+            for layer in self.layers:
+                cache = layer.cache
+                for slot in cache.slots:
+                    expert = cache.expert_in_slot.get(slot)
+                    held = self.pool.contents[slot]
+                    if expert is None:
+                        if held is not None and held[0] == layer.index:
+                            raise RuntimeError(f"layer {layer.name}: slot {slot} holds expert {held[1]}, the table "
+                                               "says it is free")
+                        continue
+                    if int(cache.slot_of_expert[expert]) != slot or held != (layer.index, expert):
+                        raise RuntimeError(f"layer {layer.name}: the table puts expert {expert} in slot {slot}, the "
+                                           f"pool says the slot holds {held}")
+                    if weights:
+                        for dst, src in zip(self.pool.tensors, layer.spec.tensors(), strict=True):
+                            if dst is not None and not torch.equal(self.accelerator.to_host(dst[slot]),
+                                                                   src[expert].detach()):
+                                raise RuntimeError(f"layer {layer.name}: slot {slot} does not hold expert {expert}'s "
+                                                   "weights")
+
     def prefetch_from(self, index: int, gate_input: torch.Tensor) -> None:
         """Prefetch for layer `index` + 1 from layer `index`'s gate input, once per step of layer `index`: the
         graph hook (`dali::prefetch_next`) calls this early, the layer's own step calls it again as a
         fallback (eager mode, or a graph without the hook), and the second call does nothing."""
         if not self.prefetching or index + 1 >= len(self.layers):
             return
+        with self.step():
+            self._prefetch_once(index, gate_input)
+
+    def _prefetch_once(self, index: int, gate_input: torch.Tensor) -> None:
+        if not self.prefetching or index + 1 >= len(self.layers):
+            return
         source, target = self.layers[index], self.layers[index + 1]
         if target.prefetched_at == source.steps:
             return
-        target.prefetched_at = source.steps
         self.prefetch_for(index + 1, gate_input)
+        target.prefetched_at = source.steps  # only once the copies are issued: a failed prefetch is retried
 
     def prefetch_for(self, index: int, gate_input: torch.Tensor) -> None:
         """Predict layer `index`'s workload from the previous layer's gate input and start copying the top-P
@@ -150,7 +249,8 @@ class HybridRuntime:
         chosen = candidates[np.lexsort((-mass[candidates], -counts[candidates]))][: self.prefetch]
         layer.prefetched = {}
         for expert, slot in zip(chosen.tolist(), self.prefetch_sets[index % 2], strict=False):
-            layer.prefetched[expert] = (slot, self.pool.load(slot, layer.spec, expert, self.last_compute))
+            self.pool.load(slot, layer.spec, expert, self.last_compute, owner=index)
+            layer.prefetched[expert] = slot
         layer.stats.prefetches += len(layer.prefetched)
         layer.stats.copies += len(layer.prefetched)
         layer.stats.bytes_copied += len(layer.prefetched) * self.slot_bytes
@@ -161,17 +261,20 @@ class HybridRuntime:
         measures again. The pool's last slot is the scratch space; whatever it cached is loaded back."""
         if self.pool is None:
             raise ValueError(f"policy {self.policy.name!r} needs a cost model, and profiling needs one expert slot")
-        slot = self.pool.num_slots - 1
-        self.accelerator.synchronize()  # no copy may still be writing the scratch slot
-        self.cost = profiled_costs(self.accelerator, self.layers[0].spec, self.pool, slot, refresh=refresh)
-        self._restore_slot(slot)
+        with self.step():
+            slot = self.pool.num_slots - 1
+            self.accelerator.synchronize()  # no copy may still be writing the scratch slot
+            try:
+                self.cost = profiled_costs(self.accelerator, self.layers[0].spec, self.pool, slot, refresh=refresh)
+            finally:
+                self._restore_slot(slot)
         return self.cost
 
     def _restore_slot(self, slot: int) -> None:
         for layer in self.layers:
             expert = layer.cache.expert_in_slot.get(slot)
             if expert is not None:
-                layer.cache.ready[slot] = self.pool.load(slot, layer.spec, expert, None)
+                layer.cache.ready[slot] = self.pool.load(slot, layer.spec, expert, None, owner=layer.index)
         self.accelerator.synchronize()
 
     def stats(self) -> dict:
@@ -185,6 +288,7 @@ class HybridRuntime:
             "slot_bytes": self.slot_bytes,
             "cache_slots": list(self.slot_plan.cache_slots),
             "staging_slots": self.slot_plan.staging_slots,
+            "max_step_tokens": self.max_step_tokens,
             "layers": {layer.name: s.as_dict() for layer, s in zip(self.layers, layer_stats, strict=True)},
             "total": total(layer_stats).as_dict(),
         }
@@ -199,13 +303,16 @@ class HybridRuntime:
     def close(self) -> None:
         """Release the layers' handles (a compiled graph still naming one then fails clearly; the registry
         no longer holds the host experts) and the device memory."""
-        self.accelerator.synchronize()
-        for handle in self.handles:
-            self.registry.release(handle)
-        self.pool = None
-        for layer in self.layers:
-            layer.cache.pool = None
-        self.accelerator.close()
+        with self._lock:
+            if self._unfinished:
+                self.recover()
+            self.accelerator.synchronize()
+            for handle in self.handles:
+                self.registry.release(handle)
+            self.pool = None
+            for layer in self.layers:
+                layer.cache.pool = None
+            self.accelerator.close()
 
 
 class HybridLayer:
@@ -219,16 +326,20 @@ class HybridLayer:
         self.cache = cache
         self.steps = 0
         self.stats = LayerStats()
-        self.prefetched: dict[int, tuple[int, Event]] = {}  # expert -> (prefetch slot, its copy), this step only
+        self.prefetched: dict[int, int] = {}  # expert -> prefetch slot, for this layer's next step only
         self.prefetched_at = -1  # the previous layer's step that last prefetched for this layer
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        with self.runtime.step():
+            return self._step(hidden, topk_ids, topk_weights)
+
+    def _step(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         rt, acc, stats = self.runtime, self.runtime.accelerator, LayerStats()
         start = time.perf_counter()
         self._check(hidden)
         if rt.recorder is not None:
             rt.recorder(self.index, hidden, topk_ids, topk_weights)
-        rt.prefetch_from(self.index, hidden)  # the experts' input is the gate input here
+        rt._prefetch_once(self.index, hidden)  # the experts' input is the gate input here
         E = self.spec.num_experts
         host_ids = acc.to_host(topk_ids)
         flat_ids = host_ids.reshape(-1).numpy()
@@ -239,7 +350,7 @@ class HybridLayer:
             raise IndexError(f"dali::moe_hybrid: expert id {counts.shape[0] - 1} out of range for layer {self.name} "
                              f"with {E} experts")
         experts = np.flatnonzero(counts).astype(np.int64)
-        prefetched, self.prefetched = self.prefetched, {}
+        prefetched = self._take_prefetched()
         in_cache = self.cache.slot_of_expert[experts] >= 0
         # A prefetched expert is on the device for this step: the policy sees it as cached (no copy needed).
         cached = in_cache | np.isin(experts, list(prefetched)) if prefetched else in_cache
@@ -251,33 +362,41 @@ class HybridLayer:
 
         on_gpu = np.asarray(decision.on_gpu)
         cpu_set, gpu_set = experts[~on_gpu], experts[on_gpu]
-        job = None
+        mask = host_hidden = host_weights = None
         if cpu_set.size:
-            cpu_started = time.perf_counter()
             mask = torch.zeros(E, dtype=torch.bool)
             mask[torch.from_numpy(cpu_set)] = True
             host_hidden, host_weights = acc.to_host(hidden), acc.to_host(topk_weights)
-            job = (cpu_experts_submit(self.spec, host_hidden, host_ids, host_weights, mask), host_hidden, cpu_started)
-
-        gpu_started = time.perf_counter()
-        contributions = None
-        if gpu_set.size:
-            contributions = self._run_gpu(hidden, topk_ids, topk_weights, gpu_set, decision, stats, prefetched)
-        stats.gpu_s = time.perf_counter() - gpu_started - stats.copy_wait_s
+        out = torch.empty_like(hidden)
+        T, chunk = hidden.shape[0], rt.max_step_tokens
+        last = None
+        for first in range(0, T, chunk):
+            rows = slice(first, min(first + chunk, T))
+            job = None
+            if cpu_set.size:
+                cpu_started = time.perf_counter()
+                job = self._submit_cpu(host_hidden[rows], host_ids[rows], host_weights[rows], mask)
+            gpu_started = time.perf_counter()
+            copy_wait = stats.copy_wait_s
+            contributions = None
+            if gpu_set.size:
+                admit = decision.admit if first == 0 else ()  # later chunks find the admitted experts cached
+                contributions = self._run_gpu(hidden[rows], topk_ids[rows], topk_weights[rows], gpu_set, admit,
+                                              stats, prefetched)
+            stats.gpu_s += time.perf_counter() - gpu_started - (stats.copy_wait_s - copy_wait)
+            if job is not None:
+                waited = time.perf_counter()
+                cpu_part = acc.to_device(self._wait_cpu(job))
+                stats.cpu_wait_s += time.perf_counter() - waited
+                stats.cpu_s += time.perf_counter() - cpu_started
+                contributions = cpu_part if contributions is None else acc.launch(torch.Tensor.add_, contributions,
+                                                                                   cpu_part)
+            last = acc.launch(_sum_over_k_into, out[rows], contributions)  # k in order, as moe_reference
         for expert, victim in decision.background:
             self.cache.install(int(expert), int(victim), self.spec, rt.last_compute)
             stats.copies += 1
-
-        if job is not None:
-            handle, host_hidden, cpu_started = job
-            waited = time.perf_counter()
-            cpu_part = acc.to_device(cpu_experts_wait(handle, host_hidden, host_ids))
-            stats.cpu_wait_s = time.perf_counter() - waited
-            stats.cpu_s = time.perf_counter() - cpu_started
-            contributions = cpu_part if contributions is None else contributions + cpu_part
-        if contributions is None:  # no token at all
-            contributions = torch.zeros(*topk_ids.shape, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-        out = contributions.sum(dim=1).to(hidden.dtype)  # k in order, as moe_reference
+        if last is not None:
+            acc.result(last)  # the compute stream has written every chunk of `out`
 
         stats.steps = 1
         stats.hits, stats.misses = int(in_cache.sum()), int((~in_cache).sum())
@@ -289,6 +408,27 @@ class HybridLayer:
         self.stats.add(stats)
         self.steps += 1
         return out
+
+    def _take_prefetched(self) -> dict[int, int]:
+        """This step's prefetched experts (expert -> slot), those whose slot still holds them: a prefetch
+        issued for a step that never ran may since have been overwritten by another layer's."""
+        prefetched, self.prefetched = self.prefetched, {}
+        pool = self.runtime.pool
+        return {e: slot for e, slot in prefetched.items() if pool.holds(slot, self.index, e)}
+
+    def _submit_cpu(self, host_hidden, host_ids, host_weights, mask):
+        """Queue the CPU experts (returns at once); the runtime remembers the job until it is waited on, so a
+        step that fails in between still waits for it (`HybridRuntime.recover`)."""
+        handle = cpu_experts_submit(self.spec, host_hidden, host_ids, host_weights, mask)
+        job = (handle, host_hidden, host_ids, host_weights, mask)
+        self.runtime._pending_job = (self, job)
+        return job
+
+    def _wait_cpu(self, job) -> torch.Tensor:
+        handle, host_hidden, host_ids, host_weights, mask = job
+        result = cpu_experts_wait(handle, host_hidden, host_ids)
+        self.runtime._pending_job = None
+        return result
 
     def _check(self, hidden: torch.Tensor) -> None:
         acc = self.runtime.accelerator
@@ -302,21 +442,20 @@ class HybridLayer:
             raise ValueError(f"dali::moe_hybrid: hidden size {hidden.shape[1]} does not match layer {self.name} "
                              f"hidden size {self.spec.hidden_size}")
 
-    def _run_gpu(self, hidden, topk_ids, topk_weights, gpu_set, decision: Decision, stats: LayerStats, prefetched):
+    def _run_gpu(self, hidden, topk_ids, topk_weights, gpu_set, admit, stats: LayerStats, prefetched):
         """The GPU experts: resident (cached or prefetched) ones first, while the copies of the others run;
-        returns [T, K, H] fp32."""
+        returns [T, K, H] fp32 (a value of the compute stream)."""
         rt, cache = self.runtime, self.cache
-        admitted = {int(e) for e, _ in decision.admit}
+        admitted = {int(e) for e, _ in admit}
         resident = [int(e) for e in gpu_set if cache.slot_of_expert[e] >= 0]
         early = [int(e) for e in gpu_set if cache.slot_of_expert[e] < 0 and int(e) in prefetched
                  and int(e) not in admitted]
         staged = [int(e) for e in gpu_set
                   if cache.slot_of_expert[e] < 0 and int(e) not in admitted and int(e) not in prefetched]
         # Copies first (they run on the copy stream while the resident experts compute).
-        incoming = []  # (expert, slot, event) of this step's copies into cache slots
-        for expert, victim in decision.admit:
-            slot = cache.install(int(expert), int(victim), self.spec, rt.last_compute)
-            incoming.append((int(expert), slot, cache.ready[slot]))
+        incoming = []  # (expert, slot) of this step's copies into cache slots
+        for expert, victim in admit:
+            incoming.append((int(expert), cache.install(int(expert), int(victim), self.spec, rt.last_compute)))
             stats.copies += 1
         staging = rt.staging_slots
         if staged and not staging:
@@ -330,38 +469,57 @@ class HybridLayer:
         pending = {i: self._stage(chunks[i], halves[i], stats) for i in range(min(len(halves), len(chunks)))}
 
         contributions = None
-        first_group = [(e, int(cache.slot_of_expert[e]), cache.ready_event(e)) for e in resident]
-        first_group += [(e, *prefetched[e]) for e in early]
-        for group in (first_group, incoming):
+        first_group = [(e, int(cache.slot_of_expert[e])) for e in resident] + [(e, prefetched[e]) for e in early]
+        groups = [first_group, incoming]
+        for group in groups:
             if group:
-                part = self._compute(hidden, topk_ids, topk_weights, group, stats)
-                contributions = part if contributions is None else contributions + part
+                contributions = self._accumulate(contributions, self._compute(hidden, topk_ids, topk_weights,
+                                                                              group, stats))
         for i in range(len(chunks)):
             part = self._compute(hidden, topk_ids, topk_weights, pending.pop(i), stats)
-            contributions = part if contributions is None else contributions + part
+            contributions = self._accumulate(contributions, part)
             if i + len(halves) < len(chunks):  # refill this half after the compute just recorded
                 pending[i + len(halves)] = self._stage(chunks[i + len(halves)], halves[i % len(halves)], stats)
         return contributions
 
-    def _stage(self, chunk: list[int], slots: list[int], stats: LayerStats) -> list[tuple[int, int, Event]]:
+    def _accumulate(self, contributions, part):
+        """Groups cover disjoint (token, k) entries, zeros elsewhere: adding them in place is exact."""
+        if contributions is None:
+            return part
+        return self.runtime.accelerator.launch(torch.Tensor.add_, contributions, part)
+
+    def _stage(self, chunk: list[int], slots: list[int], stats: LayerStats) -> list[tuple[int, int]]:
         """Copy `chunk` into `slots`, each copy after the latest GPU compute (the last reader of the slots)."""
         rt = self.runtime
         group = []
         for expert, slot in zip(chunk, slots, strict=False):
-            group.append((expert, slot, rt.pool.load(slot, self.spec, expert, rt.last_compute)))
+            rt.pool.load(slot, self.spec, expert, rt.last_compute, owner=self.index)
+            group.append((expert, slot))
             stats.copies += 1
         return group
 
-    def _compute(self, hidden, topk_ids, topk_weights, group, stats: LayerStats) -> torch.Tensor:
+    def _compute(self, hidden, topk_ids, topk_weights, group: list[tuple[int, int]], stats: LayerStats):
+        """The experts of `group` ((expert, slot) pairs) on the compute stream, after their copies; [T, K, H]."""
         rt, acc, pool = self.runtime, self.runtime.accelerator, self.runtime.pool
         table = np.full(self.spec.num_experts, -1, dtype=np.int32)
         waited = time.perf_counter()
-        for expert, slot, event in group:
+        for expert, slot in group:
+            if not pool.holds(slot, self.index, expert):
+                raise RuntimeError(f"dali: internal error: layer {self.name} would compute expert {expert} from slot "
+                                   f"{slot}, which holds {pool.contents[slot]} (please report this)")
             table[expert] = slot
-            acc.wait(event)
+            acc.wait(pool.copy_event(slot))
         stats.copy_wait_s += time.perf_counter() - waited
         slot_table = acc.to_device(torch.from_numpy(table))
-        part = gpu_experts(hidden, topk_ids, topk_weights, pool.up, pool.down, pool.up_bias, pool.down_bias,
-                           slot_table, self.spec.layout)
-        rt.last_compute = acc.record()  # every later copy into a slot waits for this compute
-        return part
+        try:
+            return acc.launch(gpu_experts, hidden, topk_ids, topk_weights, pool.up, pool.down, pool.up_bias,
+                              pool.down_bias, slot_table, self.spec.layout)
+        finally:
+            rt.last_compute = acc.record()  # every later copy into a slot waits for this compute
+
+
+def _sum_over_k_into(out: torch.Tensor, contributions: torch.Tensor | None) -> torch.Tensor:
+    """out [T, H] (model dtype) = contributions [T, K, H] fp32 summed over k in order; no contribution: 0."""
+    if contributions is None:
+        return out.zero_()
+    return out.copy_(contributions.sum(dim=1))
