@@ -27,3 +27,13 @@ def _fresh_dynamo():
     dali_compile.clear_reports()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(params=["sync", "async"])
+def emulated_mode(request, monkeypatch):
+    """Runs a test in both modes of the emulated accelerator (`DALI_EMULATED_MODE`, read whenever
+    device='emulated' makes one): synchronous, and asynchronous (compute and copies on worker threads with
+    seeded random delays, so a missing wait gives wrong numbers). Use it module-wide with
+    `pytestmark = pytest.mark.usefixtures("emulated_mode")`."""
+    monkeypatch.setenv("DALI_EMULATED_MODE", request.param)
+    return request.param

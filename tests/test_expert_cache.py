@@ -13,6 +13,9 @@ from dali_compile.runtime.accelerator import EmulatedAccelerator, ExpertMemoryEr
 from dali_compile.runtime.expert_cache import LayerCache, SlotPool, expert_bytes
 from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
 
+# Each test runs on both modes of the emulated accelerator (synchronous, asynchronous with random delays).
+pytestmark = pytest.mark.usefixtures("emulated_mode")
+
 E, H, I = 6, 8, 4  # noqa: E741
 
 

@@ -23,6 +23,9 @@ from dali_compile.runtime.policies import POLICIES
 from dali_compile.runtime.prefetch import default_prefetch_count
 from dali_compile.tiny_models import tiny_model
 
+# Each test runs on both modes of the emulated accelerator (synchronous, asynchronous with random delays).
+pytestmark = pytest.mark.usefixtures("emulated_mode")
+
 FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")
 # A machine where the GPU is 10x faster than the CPU per expert and a copy costs half a CPU expert: every
 # policy then splits experts between the devices and copies some, so the tests see real mixes.

@@ -12,6 +12,9 @@ from dali_compile.offload import runtime_of
 from dali_compile.runtime.prefetch import find_router, routed_ids
 from dali_compile.tiny_models import tiny_model
 
+# Each test runs on both modes of the emulated accelerator (synchronous, asynchronous with random delays).
+pytestmark = pytest.mark.usefixtures("emulated_mode")
+
 
 def offload_with_prefetch(family: str, prefetch: int = 2, cached_fraction: float = 0.25, **config):
     model = tiny_model(family, **config)

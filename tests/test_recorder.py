@@ -16,6 +16,9 @@ from dali_compile.runtime.prefetch import find_router, routed_ids
 from dali_compile.runtime.recorder import RoutingRecorder, expert_id_dtype, layer_number, record_routing
 from dali_compile.tiny_models import tiny_model
 
+# Each test runs on both modes of the emulated accelerator (synchronous, asynchronous with random delays).
+pytestmark = pytest.mark.usefixtures("emulated_mode")
+
 PROMPT = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(1))  # B=2 sequences, 6 tokens
 NEW_TOKENS = 3
 
