@@ -34,6 +34,10 @@ std::shared_ptr<void> JobQueue::wait(int64_t handle) {
   std::unique_lock<std::mutex> lock(mutex_);
   auto it = jobs_.find(handle);
   if (it == jobs_.end()) {
+    if (handle > 0 && handle < first_handle_) {
+      throw BadHandle("handle " + std::to_string(handle) +
+                      " was submitted before this process was forked: its job belongs to the parent process");
+    }
     if (handle > 0 && handle < next_handle_) {
       throw BadHandle("handle " + std::to_string(handle) + " was already waited on (each job is waited exactly once)");
     }

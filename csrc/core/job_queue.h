@@ -29,7 +29,8 @@ class JobQueue {
  public:
   using Work = std::function<void()>;
 
-  JobQueue() = default;
+  // first_handle > 1 in a forked child: the parent's handles stay recognisable (see wait()).
+  explicit JobQueue(int64_t first_handle = 1) : first_handle_(first_handle), next_handle_(first_handle) {}
   ~JobQueue();
   JobQueue(const JobQueue&) = delete;
   JobQueue& operator=(const JobQueue&) = delete;
@@ -40,6 +41,9 @@ class JobQueue {
   std::shared_ptr<void> wait(int64_t handle);
   // Jobs submitted and not yet waited on (finished or not).
   int64_t outstanding();
+  // The next handle, read without the mutex: only for a fork child's handler, where the thread that
+  // may have held the mutex does not exist (and no other thread does).
+  int64_t next_handle_in_fork_child() const { return next_handle_; }
 
  private:
   struct Job {
@@ -55,7 +59,8 @@ class JobQueue {
   std::condition_variable done_cv_;
   std::unordered_map<int64_t, std::shared_ptr<Job>> jobs_;
   std::deque<int64_t> queue_;
-  int64_t next_handle_ = 1;
+  const int64_t first_handle_;
+  int64_t next_handle_;
   bool stopping_ = false;
   std::thread runner_;  // started by the first submit
 };

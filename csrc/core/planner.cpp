@@ -12,13 +12,14 @@
 #include <numeric>
 #include <vector>
 
-extern "C" {
+#include "runtime.h"
 
-// on_gpu[i] = 1 for experts placed on the GPU. Returns 0, or -1 if a workload is outside [1, top]
-// (the caller then uses the Python path, which interpolates).
-int dali_greedy_plan(int64_t n, const int64_t* workloads, const uint8_t* cached, const double* cpu_table,
-                     const double* gpu_table, const double* key_table, int64_t top, int64_t max_uncached,
-                     uint8_t* on_gpu) {
+namespace dali_cpu {
+namespace {
+
+int greedy_plan(int64_t n, const int64_t* workloads, const uint8_t* cached, const double* cpu_table,
+                const double* gpu_table, const double* key_table, int64_t top, int64_t max_uncached,
+                uint8_t* on_gpu) {
   thread_local std::vector<int64_t> order;
   thread_local std::vector<int64_t> index;
   order.resize(n);
@@ -44,6 +45,23 @@ int dali_greedy_plan(int64_t n, const int64_t* workloads, const uint8_t* cached,
     }
   }
   return 0;
+}
+
+}  // namespace
+}  // namespace dali_cpu
+
+extern "C" {
+
+// on_gpu[i] = 1 for experts placed on the GPU. Returns 0, or -1 if a workload is outside [1, top] or
+// n < 0, or -99 if the scratch vectors could not be allocated (the caller then uses the Python path,
+// which interpolates; an exception must not unwind into ctypes).
+int dali_greedy_plan(int64_t n, const int64_t* workloads, const uint8_t* cached, const double* cpu_table,
+                     const double* gpu_table, const double* key_table, int64_t top, int64_t max_uncached,
+                     uint8_t* on_gpu) {
+  if (n < 0) return -1;
+  return dali_cpu::call_guarded(dali_cpu::kCppException, [=] {
+    return dali_cpu::greedy_plan(n, workloads, cached, cpu_table, gpu_table, key_table, top, max_uncached, on_gpu);
+  });
 }
 
 }  // extern "C"

@@ -1,5 +1,7 @@
 #include "runtime.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -110,10 +112,31 @@ uint64_t sum_words(const uint64_t* p, int64_t count) {
 }  // namespace
 
 // The pool and the queue are never destroyed: their threads must not be joined from static
-// destructors at interpreter exit (they may be parked in a region), and the OS reclaims them.
+// destructors at interpreter exit (they may be parked in a region), and the OS reclaims them. They
+// are created on first use, and again in a forked child (see forget_threads_after_fork).
+namespace {
+std::atomic<ThreadPool*> g_pool{nullptr};
+std::atomic<int> g_pool_threads{0};  // the size a (re)created pool gets; 0: hardware concurrency
+std::atomic<JobQueue*> g_jobs{nullptr};
+std::atomic<int64_t> g_first_handle{1};  // handles below this were issued before a fork
+
+// Creates the object on first use; a thread that loses the race deletes its own.
+template <class T, class Make>
+T& lazily(std::atomic<T*>& slot, Make make) {
+  T* current = slot.load(std::memory_order_acquire);
+  if (current != nullptr) return *current;
+  T* fresh = make();
+  if (slot.compare_exchange_strong(current, fresh, std::memory_order_acq_rel)) return *fresh;
+  delete fresh;
+  return *current;
+}
+}  // namespace
+
 ThreadPool& global_pool() {
-  static ThreadPool* pool = new ThreadPool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
-  return *pool;
+  return lazily(g_pool, [] {
+    const int size = g_pool_threads.load();
+    return new ThreadPool(size > 0 ? size : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  });
 }
 
 namespace {
@@ -140,9 +163,60 @@ void register_host_parallel(Parallel* parallel) {
 }
 
 JobQueue& global_jobs() {
-  static JobQueue* jobs = new JobQueue();
-  return *jobs;
+  return lazily(g_jobs, [] { return new JobQueue(g_first_handle.load()); });
 }
+
+namespace {
+
+// pthread_atfork child handler: runs in the child, which has only the forking thread. Only atomic
+// stores here (no allocation, no locks): the old pool and queue are leaked, since joining their
+// threads or taking their mutexes would wait forever.
+void forget_threads_after_fork() {
+  g_pool.store(nullptr);
+  JobQueue* jobs = g_jobs.exchange(nullptr);
+  if (jobs != nullptr) g_first_handle.store(jobs->next_handle_in_fork_child());
+  // ATen's OpenMP team did not come along either: synchronous calls run on the (fresh) pool.
+  set_step_parallel(nullptr);
+}
+
+// Registered when the library is loaded (a static initializer), before any thread of ours exists.
+const int g_fork_handler_registered = pthread_atfork(nullptr, nullptr, &forget_threads_after_fork);
+
+thread_local char g_last_error[512] = "";
+
+}  // namespace
+
+void set_last_error(const char* message) noexcept {
+  std::strncpy(g_last_error, message, sizeof(g_last_error) - 1);
+  g_last_error[sizeof(g_last_error) - 1] = '\0';
+}
+
+namespace {
+
+uint64_t read_buffers(const void* const* buffers, const int64_t* bytes, int count) {
+  constexpr int64_t kChunk = kProbeTaskWords;
+  struct Piece {
+    const uint64_t* words;
+    int64_t count;
+  };
+  std::vector<Piece> pieces;
+  for (int b = 0; b < count; ++b) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(buffers[b]);
+    const uintptr_t first = (begin + 7) / 8 * 8;
+    const int64_t words = std::max<int64_t>(0, (bytes[b] - static_cast<int64_t>(first - begin)) / 8);
+    for (int64_t w = 0; w < words; w += kChunk) {
+      pieces.push_back({reinterpret_cast<const uint64_t*>(first) + w, std::min(kChunk, words - w)});
+    }
+  }
+  std::vector<uint64_t> sums(pieces.size());
+  global_pool().parallel_for(static_cast<int64_t>(pieces.size()),
+                             [&](int64_t t) { sums[t] = sum_words(pieces[t].words, pieces[t].count); });
+  uint64_t total = 0;
+  for (uint64_t s : sums) total += s;
+  return total;
+}
+
+}  // namespace
 
 const KernelTable& active_kernels() { return *active_table().load(std::memory_order_acquire); }
 
@@ -156,12 +230,25 @@ int64_t linear_gemm_min_rows() { return g_linear_gemm_min_rows.load(std::memory_
 
 extern "C" {
 
-int dali_cpu_get_num_threads() { return dali_cpu::global_pool().num_threads(); }
+const char* dali_cpu_last_error() { return dali_cpu::g_last_error; }
+
+int dali_cpu_get_num_threads() {
+  return dali_cpu::call_guarded(dali_cpu::kCppException, [] { return dali_cpu::global_pool().num_threads(); });
+}
 
 int dali_cpu_set_num_threads(int n) {
-  if (n < 1) return -1;
-  dali_cpu::global_pool().resize(n);
-  return 0;
+  if (n < 1 || n > dali_cpu::kMaxThreads) return -1;
+  return dali_cpu::call_guarded(dali_cpu::kCppException, [n] {
+    dali_cpu::g_pool_threads.store(n);  // a pool created by the line below starts at this size
+    dali_cpu::ThreadPool& pool = dali_cpu::global_pool();
+    try {
+      if (pool.num_threads() != n) pool.resize(n);
+    } catch (...) {
+      dali_cpu::g_pool_threads.store(pool.num_threads());  // what the failed resize left
+      throw;
+    }
+    return 0;
+  });
 }
 
 const char* dali_cpu_isa() { return dali_cpu::isa_name(dali_cpu::active_kernels().isa); }
@@ -169,6 +256,7 @@ const char* dali_cpu_isa() { return dali_cpu::isa_name(dali_cpu::active_kernels(
 const char* dali_cpu_best_isa() { return dali_cpu::isa_name(dali_cpu::best_isa()); }
 
 int dali_cpu_set_isa(const char* name) {
+  if (name == nullptr) return -1;
   dali_cpu::Isa isa;
   if (std::strcmp(name, "auto") == 0) {
     isa = dali_cpu::best_isa();
@@ -193,9 +281,14 @@ int dali_cpu_get_step_on_host_threads() {
   return host != nullptr && &dali_cpu::step_parallel() == host ? 1 : 0;
 }
 
-int64_t dali_cpu_outstanding_jobs() { return dali_cpu::global_jobs().outstanding(); }
+int64_t dali_cpu_outstanding_jobs() {
+  return dali_cpu::call_guarded<int64_t>(dali_cpu::kCppException, [] { return dali_cpu::global_jobs().outstanding(); });
+}
 
-int dali_cpu_last_region_threads() { return dali_cpu::step_parallel().last_region_threads(); }
+int dali_cpu_last_region_threads() {
+  return dali_cpu::call_guarded(dali_cpu::kCppException,
+                                [] { return dali_cpu::step_parallel().last_region_threads(); });
+}
 
 int64_t dali_cpu_get_dense_gemm_min_tokens() { return dali_cpu::dense_gemm_min_tokens(); }
 
@@ -210,51 +303,40 @@ int64_t dali_cpu_get_linear_gemm_min_rows() { return dali_cpu::linear_gemm_min_r
 void dali_cpu_set_linear_gemm_min_rows(int64_t n) { dali_cpu::g_linear_gemm_min_rows.store(n); }
 
 double dali_cpu_read_bandwidth_gbps(int64_t bytes, int repeats) {
-  using Clock = std::chrono::steady_clock;
-  const int64_t words = bytes / 8;
-  std::unique_ptr<uint64_t[]> buffer(new uint64_t[words]);
-  // Touch every page first (on the pool, in the read's tasks): page faults are not bandwidth.
-  const int64_t tasks = (words + dali_cpu::kProbeTaskWords - 1) / dali_cpu::kProbeTaskWords;
-  dali_cpu::global_pool().parallel_for(tasks, [&](int64_t t) {
-    uint64_t* p = buffer.get() + t * dali_cpu::kProbeTaskWords;
-    const int64_t n = std::min(dali_cpu::kProbeTaskWords, words - t * dali_cpu::kProbeTaskWords);
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<uint64_t>(i);
-  });
-  const void* buffers[] = {buffer.get()};
-  const int64_t sizes[] = {words * 8};
-  double best = 0.0;
-  volatile uint64_t sink = 0;  // keeps the sums (and so the reads) alive
-  for (int r = 0; r < repeats; ++r) {
-    const auto start = Clock::now();
-    sink = sink + dali_cpu_read_buffers(buffers, sizes, 1);
-    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    best = std::max(best, static_cast<double>(words * 8) / seconds / 1e9);
+  if (bytes < 8 || repeats < 1) {
+    dali_cpu::set_last_error("read_bandwidth_gbps: needs bytes >= 8 and repeats >= 1");
+    return -1.0;
   }
-  return best;
+  return dali_cpu::call_guarded(-1.0, [bytes, repeats] {
+    using Clock = std::chrono::steady_clock;
+    const int64_t words = bytes / 8;
+    std::unique_ptr<uint64_t[]> buffer(new uint64_t[words]);
+    // Touch every page first (on the pool, in the read's tasks): page faults are not bandwidth.
+    const int64_t tasks = (words + dali_cpu::kProbeTaskWords - 1) / dali_cpu::kProbeTaskWords;
+    dali_cpu::global_pool().parallel_for(tasks, [&](int64_t t) {
+      uint64_t* p = buffer.get() + t * dali_cpu::kProbeTaskWords;
+      const int64_t n = std::min(dali_cpu::kProbeTaskWords, words - t * dali_cpu::kProbeTaskWords);
+      for (int64_t i = 0; i < n; ++i) p[i] = static_cast<uint64_t>(i);
+    });
+    const void* buffers[] = {buffer.get()};
+    const int64_t sizes[] = {words * 8};
+    double best = 0.0;
+    volatile uint64_t sink = 0;  // keeps the sums (and so the reads) alive
+    for (int r = 0; r < repeats; ++r) {
+      const auto start = Clock::now();
+      sink = sink + dali_cpu::read_buffers(buffers, sizes, 1);
+      const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+      best = std::max(best, static_cast<double>(words * 8) / seconds / 1e9);
+    }
+    return best;
+  });
 }
 
-uint64_t dali_cpu_read_buffers(const void* const* buffers, const int64_t* bytes, int count) {
-  constexpr int64_t kChunk = dali_cpu::kProbeTaskWords;
-  struct Piece {
-    const uint64_t* words;
-    int64_t count;
-  };
-  std::vector<Piece> pieces;
-  for (int b = 0; b < count; ++b) {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(buffers[b]);
-    const uintptr_t first = (begin + 7) / 8 * 8;
-    const int64_t words = std::max<int64_t>(0, (bytes[b] - static_cast<int64_t>(first - begin)) / 8);
-    for (int64_t w = 0; w < words; w += kChunk) {
-      pieces.push_back({reinterpret_cast<const uint64_t*>(first) + w, std::min(kChunk, words - w)});
-    }
-  }
-  std::vector<uint64_t> sums(pieces.size());
-  dali_cpu::global_pool().parallel_for(static_cast<int64_t>(pieces.size()), [&](int64_t t) {
-    sums[t] = dali_cpu::sum_words(pieces[t].words, pieces[t].count);
+int dali_cpu_read_buffers(const void* const* buffers, const int64_t* bytes, int count, uint64_t* checksum) {
+  return dali_cpu::call_guarded(dali_cpu::kCppException, [=] {
+    *checksum = dali_cpu::read_buffers(buffers, bytes, count);
+    return 0;
   });
-  uint64_t total = 0;
-  for (uint64_t s : sums) total += s;
-  return total;
 }
 
 }  // extern "C"

@@ -21,7 +21,14 @@ inline void cpu_relax() {
 
 }  // namespace
 
-ThreadPool::ThreadPool(int num_threads) { start_workers(num_threads); }
+ThreadPool::ThreadPool(int num_threads) {
+  try {
+    start_workers(num_threads);
+  } catch (...) {
+    stop_workers();  // a std::thread destroyed while joinable would terminate the process
+    throw;
+  }
+}
 
 ThreadPool::~ThreadPool() { stop_workers(); }
 
@@ -32,8 +39,21 @@ int ThreadPool::num_threads() {
 
 void ThreadPool::resize(int num_threads) {
   std::lock_guard<std::mutex> region(region_mutex_);
+  const int before = static_cast<int>(workers_.size()) + 1;  // workers_ changes only under region_mutex_
   stop_workers();
-  start_workers(num_threads);
+  try {
+    start_workers(num_threads);
+  } catch (...) {
+    // Thread creation failed part way (a system limit): back to the previous size, or at worst to
+    // the caller's thread alone, so the pool stays usable; the caller still gets the error.
+    stop_workers();
+    try {
+      start_workers(before);
+    } catch (...) {
+      stop_workers();
+    }
+    throw;
+  }
 }
 
 void ThreadPool::start_workers(int num_threads) {

@@ -21,14 +21,16 @@ namespace dali_cpu {
 
 class ThreadPool : public Parallel {
  public:
-  // num_threads counts the calling thread: a pool of n starts n - 1 workers.
+  // num_threads counts the calling thread: a pool of n starts n - 1 workers. Throws (with no
+  // thread left running) if they cannot be started.
   explicit ThreadPool(int num_threads);
   ~ThreadPool() override;
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int num_threads() override;
-  // Waits for the running region, then restarts the workers.
+  // Waits for the running region, then restarts the workers. If the threads cannot be started, the
+  // pool goes back to its previous size (or to the caller's thread alone) and the error propagates.
   void resize(int num_threads);
   void parallel_for(int64_t num_tasks, const std::function<void(int64_t)>& task) override;
   // Threads (caller included) that ran at least one task of the latest region: a diagnostic.

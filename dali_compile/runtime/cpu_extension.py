@@ -2,18 +2,31 @@
 
 The sources ship inside the package (`dali_compile.csrc`) and are compiled with
 `torch.utils.cpp_extension.load` against ATen headers only (no pybind11: about 12 s instead of a
-minute). The build directory is `$DALI_COMPILE_CACHE/<torch version>/cpu_ext`, by default under
-`~/.cache/dali_compile`; torch keys the build on the sources, so a later process just loads the
-library. Loading registers the CPU kernels of the `dali::cpu_experts*` and `dali::cpu_linear` ops (the
+minute). Loading registers the CPU kernels of the `dali::cpu_experts*` and `dali::cpu_linear` ops (the
 schemas live in `dali_compile.ops.cpu_experts` and `dali_compile.ops.cpu_linear`). Without a compiler, or
 if the build fails, `cpu_extension_available()` returns False after one warning, and the ops run their
 PyTorch reference instead.
 
+The build cache (`build_dir`): `$DALI_COMPILE_CACHE/<torch version>/cpu_ext-<key>`, by default under
+`~/.cache/dali_compile`, where the key hashes the sources' and headers' contents and location, the flags,
+the compiler (`$CXX`) and torch's version, so two versions of dali_compile (or of its flags) never
+overwrite each other's build; a later process with the same key just loads the library. Old folders are
+not removed. Safety, before anything is built or loaded:
+  - every folder from the cache root down is created with mode 0o700 and must be owned by this user
+    and not group/world-writable, and so must an existing library; otherwise `UnsafeCacheError` (the
+    extension then falls back to the reference with a warning naming the folder: a library that someone
+    else could have replaced is never loaded);
+  - compile + load run under an exclusive `fcntl.flock` on `<build dir>/dali_build.lock`. The kernel drops
+    it when its holder dies, so a killed build never blocks later processes; while holding it, a `lock`
+    file left by torch's own (pid-less) build lock is removed, since nobody else can be building. A live
+    holder is waited for at most BUILD_LOCK_TIMEOUT_SECONDS (then `BuildLockTimeout`, naming its pid).
+
 Runtime controls (thread count, ISA path) are plain C functions of the same library, called
-through ctypes, so they are not ops:
+through ctypes, so they are not ops. The C functions catch C++ exceptions themselves and return an
+error code (-99, with dali_cpu_last_error()), raised here as RuntimeError; bad values are ValueErrors.
 
     cpu_extension_available() -> bool     # builds/loads on the first call
-    set_num_threads(n); get_num_threads() # the runtime's own pool; default: physical cores
+    set_num_threads(n); get_num_threads() # the runtime's own pool, 1..MAX_THREADS; default: physical cores
     cpu_isa() -> "avx512" | "avx2" | "portable" | "reference" (no extension)
     set_isa("portable" | "avx2" | "avx512" | "auto")   # or env DALI_CPU_ISA before the first load
     set_dense_gemm_min_tokens(n)          # fp32 experts with >= n tokens use ATen's GEMM
@@ -23,17 +36,28 @@ through ctypes, so they are not ops:
 
 Env: DALI_CPU_EXTENSION=0 disables the extension (reference only), DALI_CPU_THREADS sets the
 initial thread count, DALI_CPU_ISA the initial ISA path.
+
+Fork: a child forked after the runtime's threads started gets a fresh pool and job queue on first use
+(csrc/core/runtime.h), and its synchronous calls run on that pool, since ATen's OpenMP team does not
+survive a fork (torch's own parallel ops hang in such a child unless it calls torch.set_num_threads(1)).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
+import hashlib
 import importlib.resources
 import logging
+import operator
 import os
+import stat
+import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -67,24 +91,108 @@ EXTRA_LDFLAGS = ("-fopenmp",)
 # are the same, but synchronous calls then run on the runtime's own pool (binding/aten_parallel.cpp).
 NO_OPENMP_CFLAGS = ("-O3", "-DNDEBUG")
 ISA_NAMES = ("portable", "avx2", "avx512")
-# torch's build lock is a plain file: one left behind by a killed build would block every later load.
-STALE_LOCK_SECONDS = 600
+# The pool's size limit, as kMaxThreads in csrc/core/runtime.h: catches a typo (10**9), not a policy.
+MAX_THREADS = 1024
+# C entry points return this when they caught a C++ exception (kCppException in csrc/core/runtime.h).
+CPP_EXCEPTION = -99
+# How long a process waits for another live process's build of the same folder (a build takes 1-2 min on
+# 2 cores). A dead holder's lock is released by the kernel at once, so this only bounds a stuck compiler.
+BUILD_LOCK_TIMEOUT_SECONDS = 1800
+# Bumped when the build folder's layout or the key's recipe changes.
+_KEY_VERSION = "1"
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _library_path: str | None = None
 _load_attempted = False
+# The owner every cache folder must have; a function so that tests can play another user.
+_current_uid = os.geteuid
+
+
+class UnsafeCacheError(RuntimeError):
+    """A cache folder or library that another user owns or could write to: it is never loaded from."""
+
+
+class BuildLockTimeout(TimeoutError):
+    """Another live process held the build lock longer than BUILD_LOCK_TIMEOUT_SECONDS."""
+
+
+def cache_root() -> Path:
+    """`$DALI_COMPILE_CACHE`, default `~/.cache/dali_compile`: the folder dali creates and checks."""
+    return Path(os.environ.get("DALI_COMPILE_CACHE") or os.path.join(Path.home(), ".cache", "dali_compile"))
 
 
 def cache_dir() -> Path:
-    """Where the compiled library lives: per torch version, since the ABI follows torch."""
-    root = os.environ.get("DALI_COMPILE_CACHE") or os.path.join(Path.home(), ".cache", "dali_compile")
-    return Path(root) / torch.__version__ / "cpu_ext"
+    """Per torch version (the ABI follows torch): holds the build folders and `cost_models.json`."""
+    return cache_root() / torch.__version__
 
 
 def source_paths() -> list[str]:
     root = importlib.resources.files("dali_compile.csrc")
     return [str(root.joinpath(*rel.split("/"))) for rel in SOURCES]
+
+
+def header_paths() -> list[str]:
+    """Every header of `csrc/` (part of the build key: ninja tracks them, the folder name must too)."""
+    root = Path(str(importlib.resources.files("dali_compile.csrc")))
+    return sorted(str(path) for path in root.rglob("*.h"))
+
+
+def build_key(sources: Sequence[str], headers: Sequence[str], cflags: Sequence[str],
+              ldflags: Sequence[str]) -> str:
+    """12 hex digits of a hash of everything that changes the library: file contents and places, flags,
+    compiler and torch."""
+    digest = hashlib.sha256()
+    parts = [_KEY_VERSION, torch.__version__, str(torch.version.git_version), sys.platform,
+             os.environ.get("CXX", ""), *cflags, "|", *ldflags]
+    for part in parts:
+        digest.update(part.encode() + b"\0")
+    for path in (*sources, "|", *headers):
+        digest.update(os.path.abspath(path).encode() + b"\0")
+        if path != "|":
+            digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def build_dir(sources: Sequence[str], headers: Sequence[str], cflags: Sequence[str], ldflags: Sequence[str],
+              stem: str = "cpu_ext") -> Path:
+    """`<cache_dir()>/<stem>-<build_key>`: one folder per distinct build."""
+    return cache_dir() / f"{stem}-{build_key(sources, headers, cflags, ldflags)}"
+
+
+def check_private(path: Path) -> None:
+    """Raises UnsafeCacheError unless `path` is owned by this user and not group- or world-writable."""
+    info = path.lstat()
+    problems = []
+    if stat.S_ISLNK(info.st_mode):
+        problems.append("is a symbolic link")
+    if info.st_uid != _current_uid():
+        problems.append(f"is owned by uid {info.st_uid}, not this user (uid {_current_uid()})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problems.append(f"is writable by group or others (mode {stat.S_IMODE(info.st_mode):o})")
+    if problems:
+        raise UnsafeCacheError(
+            f"dali_compile's cache {path} {' and '.join(problems)}: another user could replace the compiled "
+            f"library, so it is not used. Fix it (chmod 700, chown to yourself) or point DALI_COMPILE_CACHE to a "
+            f"private folder")
+
+
+def make_private_dirs(path: Path) -> Path:
+    """Creates `path` and the folders between it and `cache_root()` with mode 0o700 (the root's own parents as
+    usual) and checks each of them, existing or new, with check_private."""
+    root = cache_root()
+    path = Path(path)
+    chain = [path, *path.parents]
+    chain = chain[: chain.index(root) + 1] if root in chain else [path]
+    for folder in reversed(chain):
+        if folder == root:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        check_private(folder)
+    return path
 
 
 def physical_cores() -> int:
@@ -99,37 +207,77 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _clear_stale_lock(build_dir: Path) -> None:
-    lock = build_dir / "lock"
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """Holds `<directory>/dali_build.lock` exclusively (an flock: released by the kernel if this process
+    dies), waiting at most BUILD_LOCK_TIMEOUT_SECONDS for a live holder. The file records the holder's pid,
+    for the messages only."""
+    path = directory / "dali_build.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_SECONDS:
-        log.warning("removing stale build lock %s (%.0f s old)", lock, age)
+        deadline = time.monotonic() + BUILD_LOCK_TIMEOUT_SECONDS
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() > deadline:
+                    raise BuildLockTimeout(
+                        f"the build in {directory} has been held by process {holder} for over "
+                        f"{BUILD_LOCK_TIMEOUT_SECONDS} s; stop it, or delete the folder") from None
+                if not announced:
+                    log.info("waiting for process %s, which builds %s", holder, directory)
+                    announced = True
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _remove_torch_lock(directory: Path) -> None:
+    # torch's FileBaton: created by a build, deleted when it ends, no owner recorded. Under our flock nobody
+    # else builds here, so one that exists was left by a killed build and would block cpp_extension forever.
+    lock = directory / "lock"
+    if lock.exists():
+        log.warning("removing %s, left by a killed build", lock)
         lock.unlink(missing_ok=True)
 
 
-def _compile(build_dir: Path, cflags, ldflags) -> str:
+def compile_library(sources: Sequence[str], cflags: Sequence[str] = EXTRA_CFLAGS,
+                    ldflags: Sequence[str] = EXTRA_LDFLAGS, *, name: str = LIBRARY_NAME,
+                    headers: Sequence[str] = (), stem: str = "cpu_ext") -> str:
+    """Builds `sources` (if this exact build is not cached yet) and loads the library into the process;
+    returns its path. Safe against other processes building the same folder at the same moment."""
     from torch.utils import cpp_extension
 
-    build_dir.mkdir(parents=True, exist_ok=True)
-    _clear_stale_lock(build_dir)
-    return cpp_extension.load(
-        name=LIBRARY_NAME,
-        sources=source_paths(),
-        extra_cflags=list(cflags),
-        extra_ldflags=list(ldflags),
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    directory = make_private_dirs(build_dir(sources, headers, cflags, ldflags, stem))
+    with build_lock(directory):
+        _remove_torch_lock(directory)
+        library = directory / f"{name}.so"
+        if library.exists():
+            check_private(library)
+        return cpp_extension.load(
+            name=name,
+            sources=list(sources),
+            extra_cflags=list(cflags),
+            extra_ldflags=list(ldflags),
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
 
 
 def _build_and_load() -> ctypes.CDLL:
     start = time.perf_counter()
+    sources, headers = source_paths(), header_paths()
     try:
-        path = _compile(cache_dir(), EXTRA_CFLAGS, EXTRA_LDFLAGS)
+        path = compile_library(sources, EXTRA_CFLAGS, EXTRA_LDFLAGS, headers=headers)
+    except (UnsafeCacheError, BuildLockTimeout):
+        raise  # not the compiler's fault: a build without OpenMP would meet the same
     except Exception as error:  # noqa: BLE001  (whatever failed, the build without OpenMP may not)
         warnings.warn(
             f"dali_compile: building the C++ CPU runtime with OpenMP failed ({type(error).__name__}); building it "
@@ -137,12 +285,13 @@ def _build_and_load() -> ctypes.CDLL:
             RuntimeWarning,
             stacklevel=4,
         )
-        path = _compile(cache_dir() / "no_openmp", NO_OPENMP_CFLAGS, ())
+        path = compile_library(sources, NO_OPENMP_CFLAGS, (), headers=headers, stem="cpu_ext_no_openmp")
     log.info("loaded %s in %.1f s", path, time.perf_counter() - start)
     global _library_path
     _library_path = path
     # The library is already loaded (registering the kernels); this only looks up its C functions.
     lib = ctypes.CDLL(path)
+    lib.dali_cpu_last_error.restype = ctypes.c_char_p
     lib.dali_cpu_get_num_threads.restype = ctypes.c_int
     lib.dali_cpu_set_num_threads.argtypes = [ctypes.c_int]
     lib.dali_cpu_set_num_threads.restype = ctypes.c_int
@@ -163,16 +312,39 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_cpu_set_linear_gemm_min_rows.argtypes = [ctypes.c_int64]
     lib.dali_cpu_read_bandwidth_gbps.argtypes = [ctypes.c_int64, ctypes.c_int]
     lib.dali_cpu_read_bandwidth_gbps.restype = ctypes.c_double
-    lib.dali_cpu_read_buffers.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    lib.dali_cpu_read_buffers.restype = ctypes.c_uint64
+    lib.dali_cpu_read_buffers.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                          ctypes.POINTER(ctypes.c_uint64)]
+    lib.dali_cpu_read_buffers.restype = ctypes.c_int
     lib.dali_greedy_plan.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.dali_greedy_plan.restype = ctypes.c_int
     return lib
 
 
+def _checked(lib: ctypes.CDLL, result: int, what: str) -> int:
+    """`result` of a C call, or a RuntimeError with the C++ exception it caught."""
+    if result == CPP_EXCEPTION:
+        raise RuntimeError(f"{what}: {lib.dali_cpu_last_error().decode(errors='replace')}")
+    return result
+
+
+def _set_num_threads(lib: ctypes.CDLL, n) -> None:
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise ValueError(f"set_num_threads: need an integer thread count, got {n!r}") from None
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"set_num_threads: need 1 <= n <= {MAX_THREADS} (MAX_THREADS), got {n}")
+    if _checked(lib, lib.dali_cpu_set_num_threads(n), f"set_num_threads({n}): could not start the threads") != 0:
+        raise ValueError(f"set_num_threads: the library rejected {n}")
+
+
 def _configure(lib: ctypes.CDLL) -> None:
     threads = os.environ.get("DALI_CPU_THREADS")
-    lib.dali_cpu_set_num_threads(int(threads) if threads else physical_cores())
+    try:
+        _set_num_threads(lib, int(threads) if threads else min(physical_cores(), MAX_THREADS))
+    except (ValueError, RuntimeError) as error:
+        warnings.warn(f"DALI_CPU_THREADS={threads!r} cannot be used ({error}); the pool keeps "
+                      f"{lib.dali_cpu_get_num_threads()} threads", RuntimeWarning, stacklevel=3)
     isa = os.environ.get("DALI_CPU_ISA")
     if isa and lib.dali_cpu_set_isa(isa.encode()) != 0:
         warnings.warn(
@@ -228,14 +400,15 @@ def _require() -> ctypes.CDLL:
 
 def get_num_threads() -> int:
     """Threads of the runtime's pool (including the calling thread)."""
-    return int(_require().dali_cpu_get_num_threads())
+    lib = _require()
+    return _checked(lib, lib.dali_cpu_get_num_threads(), "get_num_threads")
 
 
 def set_num_threads(n: int) -> None:
-    """Resize the runtime's pool; waits for the running parallel region, queued jobs continue with n threads."""
-    if int(n) < 1:
-        raise ValueError(f"set_num_threads: need at least 1 thread, got {n}")
-    _require().dali_cpu_set_num_threads(int(n))
+    """Resize the runtime's pool to n threads, 1 <= n <= MAX_THREADS (else ValueError); waits for the running
+    parallel region, queued jobs continue with n threads. If the system cannot start them (a thread or memory
+    limit), RuntimeError, and the pool keeps its previous size."""
+    _set_num_threads(_require(), n)
 
 
 def cpu_isa() -> str:
@@ -311,7 +484,11 @@ def set_linear_gemm_min_rows(n: int) -> None:
 
 def read_bandwidth_gbps(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Streaming read bandwidth (GB/s) on the runtime's threads: the physical limit of a decode step."""
-    return float(_require().dali_cpu_read_bandwidth_gbps(int(num_bytes), int(repeats)))
+    lib = _require()
+    gbps = float(lib.dali_cpu_read_bandwidth_gbps(int(num_bytes), int(repeats)))
+    if gbps < 0:
+        raise RuntimeError(f"read_bandwidth_gbps({num_bytes}, {repeats}): {lib.dali_cpu_last_error().decode()}")
+    return gbps
 
 
 def read_tensors(*tensors) -> int:
@@ -323,7 +500,9 @@ def read_tensors(*tensors) -> int:
             raise ValueError(f"read_tensors: needs contiguous CPU tensors, got {t.device} {tuple(t.stride())}")
     pointers = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
     sizes = (ctypes.c_int64 * len(tensors))(*[t.numel() * t.element_size() for t in tensors])
-    return int(_require().dali_cpu_read_buffers(pointers, sizes, len(tensors)))
+    lib, checksum = _require(), ctypes.c_uint64(0)
+    _checked(lib, lib.dali_cpu_read_buffers(pointers, sizes, len(tensors), ctypes.byref(checksum)), "read_tensors")
+    return int(checksum.value)
 
 
 def greedy_plan_function():
@@ -335,10 +514,10 @@ def greedy_plan_function():
 def last_region_threads() -> int:
     """Threads that ran tasks in the pool's latest parallel region (a diagnostic: 0 without the extension)."""
     lib = _loaded()
-    return 0 if lib is None else int(lib.dali_cpu_last_region_threads())
+    return 0 if lib is None else _checked(lib, lib.dali_cpu_last_region_threads(), "last_region_threads")
 
 
 def outstanding_jobs() -> int:
     """Async jobs submitted and not yet waited on (0 without the extension)."""
     lib = _loaded()
-    return 0 if lib is None else int(lib.dali_cpu_outstanding_jobs())
+    return 0 if lib is None else _checked(lib, lib.dali_cpu_outstanding_jobs(), "outstanding_jobs")
