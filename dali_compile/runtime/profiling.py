@@ -1,14 +1,27 @@
 """Warm-up profiling of the cost model: t_cpu(w), t_gpu(w) and one expert's copy, on this machine.
 
 Measured once per (accelerator, CPU runtime, expert shape, dtype, layout) and stored as JSON under
-the dali_compile cache directory, so a second start reads it back; `refresh=True` measures again.
+the dali_compile cache directory (`cost_models.json`), so a second start reads it back; `refresh=True`
+measures again. Several processes may share the store: each write is a read-modify-write under an flock
+on `cost_models.json.lock`, through a unique temporary file and an atomic rename, so readers see a whole
+file and concurrent writers keep each other's entries. A damaged store (not JSON, or not shaped as
+below) gives a warning and is treated as empty; damaged entries are dropped and measured again.
+
+    {"<key>": {"workloads": [int, ...], "cpu_seconds": [float, ...], "gpu_seconds": [float, ...],
+               "transfer_seconds": float}, ...}
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import math
+import os
 import statistics
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +48,65 @@ def _key(accelerator: Accelerator, spec: LayerSpec) -> str:
 
 
 def _store() -> Path:
-    return cpu_extension.cache_dir().parent / "cost_models.json"
+    return cpu_extension.cache_dir() / "cost_models.json"
+
+
+def _valid_entry(entry) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    lists = [entry.get(name) for name in ("workloads", "cpu_seconds", "gpu_seconds")]
+    if not all(isinstance(values, list) and values for values in lists) or len({len(v) for v in lists}) != 1:
+        return False
+    numbers = [*lists[1], *lists[2], entry.get("transfer_seconds")]
+    return (all(isinstance(w, int) and not isinstance(w, bool) for w in lists[0])
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in numbers))
+
+
+def _read_store(path: Path) -> dict:
+    """The stored entries that are well formed; a damaged file or entry warns and counts as absent."""
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        warnings.warn(f"dali_compile: ignoring the damaged cost-model store {path} ({error}); it is measured "
+                      f"again and rewritten", RuntimeWarning, stacklevel=3)
+        return {}
+    if not isinstance(stored, dict):
+        warnings.warn(f"dali_compile: ignoring the cost-model store {path}: a JSON object was expected, found "
+                      f"{type(stored).__name__}; it is measured again and rewritten", RuntimeWarning, stacklevel=3)
+        return {}
+    damaged = [key for key, entry in stored.items() if not _valid_entry(entry)]
+    if damaged:
+        warnings.warn(f"dali_compile: dropping {len(damaged)} damaged entries of {path} (measured again when "
+                      f"needed): {damaged[:3]}", RuntimeWarning, stacklevel=3)
+    return {key: entry for key, entry in stored.items() if key not in damaged}
+
+
+@contextlib.contextmanager
+def _store_lock(path: Path):
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and a small write; dropped if this process dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def _store_entry(path: Path, key: str, entry: dict) -> None:
+    """Adds `entry` under `key` to the store, keeping what other processes wrote meanwhile."""
+    cpu_extension.make_private_dirs(path.parent)
+    with _store_lock(path):
+        stored = _read_store(path)
+        stored[key] = entry
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as file:
+                json.dump(stored, file, indent=1)
+            os.replace(tmp, path)  # atomic: a reader sees the old or the new file, never half of one
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
 
 def _median_seconds(fn, synchronize) -> float:
@@ -77,21 +148,12 @@ def profiled_costs(accelerator: Accelerator, spec: LayerSpec, pool: SlotPool, sl
                    refresh: bool = False) -> CostModel:
     """The stored cost model for this machine and expert shape, measured now if absent or `refresh`."""
     key, path = _key(accelerator, spec), _store()
-    stored = {}
-    if path.exists():
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError):
-            stored = {}  # a damaged store is measured again, never trusted
-    if not refresh and key in stored:
-        entry = stored[key]
-        return CostModel(tuple(entry["workloads"]), tuple(entry["cpu_seconds"]), tuple(entry["gpu_seconds"]),
-                         float(entry["transfer_seconds"]))
-    cost = measure_costs(accelerator, spec, pool, slot)
-    stored[key] = {"workloads": list(cost.workloads), "cpu_seconds": list(cost.cpu_seconds),
-                   "gpu_seconds": list(cost.gpu_seconds), "transfer_seconds": cost.transfer_seconds}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stored, indent=1))
-    tmp.replace(path)  # atomic: a concurrent reader sees the old or the new file, never half of one
+    if not refresh:
+        entry = _read_store(path).get(key)
+        if entry is not None:
+            return CostModel(tuple(entry["workloads"]), tuple(entry["cpu_seconds"]), tuple(entry["gpu_seconds"]),
+                             float(entry["transfer_seconds"]))
+    cost = measure_costs(accelerator, spec, pool, slot)  # not under the lock: it takes seconds
+    _store_entry(path, key, {"workloads": list(cost.workloads), "cpu_seconds": list(cost.cpu_seconds),
+                             "gpu_seconds": list(cost.gpu_seconds), "transfer_seconds": cost.transfer_seconds})
     return cost
