@@ -426,7 +426,7 @@ class HybridLayer:
 
     def _wait_cpu(self, job) -> torch.Tensor:
         handle, host_hidden, host_ids, host_weights, mask = job
-        result = cpu_experts_wait(handle, host_hidden, host_ids)
+        result = cpu_experts_wait(handle, self.spec, host_hidden, host_ids, host_weights, mask)
         self.runtime._pending_job = None
         return result
 
@@ -476,8 +476,9 @@ class HybridLayer:
                 contributions = self._accumulate(contributions, self._compute(hidden, topk_ids, topk_weights,
                                                                               group, stats))
         for i in range(len(chunks)):
-            part = self._compute(hidden, topk_ids, topk_weights, pending.pop(i), stats)
-            contributions = self._accumulate(contributions, part)
+            # (no name for the part: it must be freed before the next one is allocated)
+            contributions = self._accumulate(contributions, self._compute(hidden, topk_ids, topk_weights,
+                                                                          pending.pop(i), stats))
             if i + len(halves) < len(chunks):  # refill this half after the compute just recorded
                 pending[i + len(halves)] = self._stage(chunks[i + len(halves)], halves[i % len(halves)], stats)
         return contributions
