@@ -220,7 +220,8 @@ def test_close_stops_the_workers_and_refuses_more_work():
 
 def test_an_accelerator_never_closed_stops_its_workers_when_collected():
     accelerator = EmulatedAccelerator(0, asynchronous=True)
-    accelerator.synchronize()
+    accelerator.result(accelerator.launch(lambda: None))  # the last item each worker ran holds the accelerator
+    accelerator.copy_async(torch.zeros(1), torch.ones(1), after=None).synchronize()
     threads = [accelerator._compute._thread, accelerator._copies._thread]
     del accelerator
     gc.collect()

@@ -245,10 +245,14 @@ def _resolved(value):
 def _run_stream(items: queue.SimpleQueue, rng: random.Random, max_delay_s: float) -> None:
     """A worker thread's loop: each item after a random delay, in order, until None. Items handle their
     own errors (they hold the event or placeholder to fail)."""
-    while (item := items.get()) is not None:
+    while True:
+        item = items.get()
+        if item is None:
+            return
         if max_delay_s > 0:
             time.sleep(rng.uniform(0.0, max_delay_s))
         item()
+        del item  # an item holds its accelerator: an idle worker must not, or it is never collected (stopped)
 
 
 class _Stream:
