@@ -371,3 +371,33 @@ def test_ten_thousand_decode_steps_keep_rss_flat(release_after):
     assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 10,000 steps"
     assert outstanding_cpu_jobs() == 0
     assert runtime.stats()["total"]["copies"] > 1_000  # the steps really copied and evicted
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_transient_memory_of_a_step_is_bounded_by_the_chunk():
+    """On a GPU: the device memory a step allocates beyond what it returns stays within three fp32
+    [chunk, K, H] buffers (plus the caching allocator's rounding), at T far beyond the chunk."""
+    model = tiny_model("mixtral", num_hidden_layers=2)
+    slot, num_layers, experts, top_k = moe_geometry(model)
+    dali_compile.offload(model, device="cuda", expert_memory=slot * (top_k + num_layers * experts // 4),
+                         policy="dali", cost_model=COST, prefetch=0)
+    try:
+        runtime = runtime_of(model)
+        layer = runtime.layers[0]
+        H, K = layer.spec.hidden_size, runtime.top_k
+        runtime.max_step_tokens = chunk = step_chunk_tokens(1 << 20, K, H)
+        for tokens in (chunk, 8 * chunk):
+            hidden = torch.randn(tokens, H, device="cuda")
+            ids = torch.stack([torch.randperm(experts)[:K] for _ in range(tokens)]).cuda()
+            weights = torch.rand(tokens, K, device="cuda")
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            with torch.no_grad():
+                out = layer.forward(hidden, ids, weights)
+            torch.cuda.synchronize()
+            transient = torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+            assert transient <= 3 * 4 * chunk * K * H + (2 << 20), f"T={tokens}: {transient} bytes"
+    finally:
+        dali_compile.release(model)
