@@ -5,7 +5,8 @@
     cpu_experts(hidden[T, H], topk_ids[T, K], topk_weights[T, K], up, down, up_bias?, down_bias?,
                 expert_mask[E]?, gated, interleaved, transposed, activation, alpha, limit) -> [T, K, H] fp32
     cpu_experts_submit(<same arguments>) -> handle [1] int64      (returns at once)
-    cpu_experts_wait(handle, hidden[T, H], topk_ids[T, K]) -> [T, K, H] fp32
+    cpu_experts_wait(handle, hidden, topk_ids, topk_weights, up, down, up_bias?, down_bias?,
+                     expert_mask?) -> [T, K, H] fp32                (the submit's very tensors)
 
     out[t, k] = topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t])   if expert_mask[topk_ids[t, k]]
               = 0                                                          otherwise
@@ -26,6 +27,12 @@ below load it on first use and otherwise run the PyTorch reference, which is als
 Handles: a positive handle names one queued job, which keeps its input tensors alive until it has
 run and must be waited on exactly once (an unknown or already waited handle is an error). Handle 0
 is the empty job, returned when no slot is selected for the CPU: it runs nothing and waits to zeros.
+
+Why the wait takes every tensor the job reads: the job reads them after the submit has returned, so
+in a compiled graph they must stay live and unchanged until the wait. Declared on the wait, they are
+(inductor frees or reuses a buffer after its last declared use, which would otherwise be the submit).
+The wait checks that they are the submit's very tensors (same data_ptr and shape), so a caller (or a
+compiler pass) that hands it copies gets a clear error instead of a race.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import itertools
 import threading
 
 import torch
+from torch._library.effects import EffectType
 
 from dali_compile.runtime import cpu_extension
 from dali_compile.runtime.layer_spec import ACTIVATIONS, CLAMPED_ACTIVATIONS, LayerSpec
@@ -45,14 +53,16 @@ NAME = "dali::cpu_experts"
 SUBMIT_NAME = "dali::cpu_experts_submit"
 WAIT_NAME = "dali::cpu_experts_wait"
 
-_ARGS = (
-    "(Tensor hidden, Tensor topk_ids, Tensor topk_weights, Tensor up, Tensor down, Tensor? up_bias, "
-    "Tensor? down_bias, Tensor? expert_mask, bool gated, bool interleaved, bool transposed, str activation, "
-    "float alpha, float limit)"
+# Every tensor a job reads, in the order both halves of the async pair take them.
+_TENSORS = (
+    "Tensor hidden, Tensor topk_ids, Tensor topk_weights, Tensor up, Tensor down, Tensor? up_bias, "
+    "Tensor? down_bias, Tensor? expert_mask"
 )
+_TENSOR_NAMES = ("hidden", "topk_ids", "topk_weights", "up", "down", "up_bias", "down_bias", "expert_mask")
+_ARGS = f"({_TENSORS}, bool gated, bool interleaved, bool transposed, str activation, float alpha, float limit)"
 define_op(NAME, _ARGS + " -> Tensor")
 define_op(SUBMIT_NAME, _ARGS + " -> Tensor")
-define_op(WAIT_NAME, "(Tensor handle, Tensor hidden, Tensor topk_ids) -> Tensor")
+define_op(WAIT_NAME, f"(Tensor handle, {_TENSORS}) -> Tensor")
 
 EMPTY_JOB = 0
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -123,8 +133,17 @@ def _cpu_experts_submit_fake(*args):
     return args[0].new_empty((1,), dtype=torch.int64)
 
 
+def _check_wait_shapes(hidden, topk_ids, topk_weights) -> None:
+    if hidden.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{WAIT_NAME}: hidden must be [T, H] and topk_ids [T, K], got "
+                         f"{tuple(hidden.shape)} and {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"{WAIT_NAME}: topk_weights must have the shape of topk_ids, got {tuple(topk_weights.shape)}")
+
+
 @torch.library.register_fake(WAIT_NAME)
-def _cpu_experts_wait_fake(handle, hidden, topk_ids):
+def _cpu_experts_wait_fake(handle, hidden, topk_ids, topk_weights, *weights_and_mask):
+    _check_wait_shapes(hidden, topk_ids, topk_weights)
     return hidden.new_empty((hidden.shape[0], topk_ids.shape[1], hidden.shape[1]), dtype=torch.float32)
 
 
@@ -160,28 +179,51 @@ def cpu_experts_reference(
     return out.view(T, K, hidden.shape[1])
 
 
+def _identities(tensors) -> tuple:
+    """(data_ptr, shape) of each job input, None for an absent optional one: what the wait compares."""
+    return tuple(None if t is None else (t.data_ptr(), tuple(t.shape)) for t in tensors)
+
+
+def _check_same_inputs(handle: int, submitted: tuple, given: tuple) -> None:
+    """Raises unless the wait was given the submit's very tensors (see the module docstring)."""
+    for name, want, got in zip(_TENSOR_NAMES, submitted, given, strict=True):
+        if want != got:
+            raise ValueError(
+                f"{WAIT_NAME}: {name} is not the tensor given to {SUBMIT_NAME} for handle {handle} "
+                f"((data_ptr, shape) submitted {want or 'absent'}, waited with {got or 'absent'}); "
+                "pass the submit's very tensors, so that they stay alive and unchanged until the job has read them"
+            )
+
+
 class _ReferenceJobs:
-    """Submit/wait for the reference path: the work runs at submit, the wait hands the result back once."""
+    """Submit/wait for the reference path: the work runs at submit, the wait hands the result back once,
+    after the same input check as the C++ wait."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._results: dict[int, torch.Tensor] = {}
+        self._results: dict[int, tuple[torch.Tensor, tuple]] = {}
         self._next = itertools.count(1)
 
-    def submit(self, result: torch.Tensor) -> int:
+    def submit(self, result: torch.Tensor, inputs: tuple) -> int:
         with self._lock:
             handle = next(self._next)
-            self._results[handle] = result
+            self._results[handle] = (result, _identities(inputs))
         return handle
 
-    def wait(self, handle: int) -> torch.Tensor:
+    def wait(self, handle: int, inputs: tuple) -> torch.Tensor:
         with self._lock:
             if handle in self._results:
-                return self._results.pop(handle)
+                result, submitted = self._results.pop(handle)
+                _check_same_inputs(handle, submitted, _identities(inputs))
+                return result
             issued = 0 < handle < next(self._next)  # burns a number; handles only need to be unique
         if issued:
             raise ValueError(f"{WAIT_NAME}: handle {handle} was already waited on (each job is waited exactly once)")
         raise ValueError(f"{WAIT_NAME}: unknown handle {handle} (not returned by {SUBMIT_NAME})")
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return len(self._results)
 
 
 _reference_jobs = _ReferenceJobs()
@@ -208,25 +250,39 @@ def _cpu_experts_submit_composite(*args):
     if expert_mask is not None and not bool(expert_mask[args[1].reshape(-1).long()].any()):
         handle = EMPTY_JOB
     else:
-        handle = _reference_jobs.submit(cpu_experts_reference(*args))
+        handle = _reference_jobs.submit(cpu_experts_reference(*args), args[:8])
     return torch.tensor([handle], dtype=torch.int64, device=args[0].device)
 
 
-def _cpu_experts_wait_composite(handle, hidden, topk_ids):
-    if _native(handle, hidden, topk_ids):
-        return torch.ops.dali.cpu_experts_wait.default(handle, hidden, topk_ids)
+def _cpu_experts_wait_composite(handle, *inputs):
+    if _native(handle, *inputs):
+        return torch.ops.dali.cpu_experts_wait.default(handle, *inputs)
     if handle.dtype != torch.int64 or handle.numel() != 1:
         raise ValueError(f"{WAIT_NAME}: handle must be the int64 [1] tensor returned by {SUBMIT_NAME}")
+    hidden, topk_ids, topk_weights = inputs[:3]
+    _check_wait_shapes(hidden, topk_ids, topk_weights)
     value = int(handle.item())
     if value == EMPTY_JOB:
         return hidden.new_zeros((hidden.shape[0], topk_ids.shape[1], hidden.shape[1]), dtype=torch.float32)
-    return _reference_jobs.wait(value)
+    return _reference_jobs.wait(value, inputs)
 
 
 # A kernel registered directly for CPU (the C++ one, once loaded) takes precedence over these.
 torch.library.impl(NAME, "CompositeExplicitAutograd")(_cpu_experts_composite)
 torch.library.impl(SUBMIT_NAME, "CompositeExplicitAutograd")(_cpu_experts_submit_composite)
 torch.library.impl(WAIT_NAME, "CompositeExplicitAutograd")(_cpu_experts_wait_composite)
+
+# Neither half of the pair may be dropped, merged or reordered against the other submits and waits.
+# - has_side_effect: FX's and inductor's dead-code elimination keep a call whose result is unused (an
+#   unused wait still consumes its job; otherwise the job would leak and later jobs queue behind it).
+# - An ORDERED effect: AOT autograd threads an effect token through every call (`with_effects`), so
+#   two calls with identical arguments still differ in their token. has_side_effect alone does not
+#   stop common-subexpression elimination: `fx_graph_cse` (run on the joint graph by the partitioner,
+#   and by inductor's freezing) compares target and arguments only, so two identical submits would
+#   become one job (and the two waits one wait). The token also keeps the calls in program order.
+for _op in (torch.ops.dali.cpu_experts_submit.default, torch.ops.dali.cpu_experts_wait.default):
+    torch.fx.node.has_side_effect(_op)
+    torch.library._register_effectful_op(_op, EffectType.ORDERED)
 
 
 def spec_args(spec: LayerSpec) -> tuple:
@@ -267,6 +323,20 @@ def cpu_experts_submit(
     )
 
 
-def cpu_experts_wait(handle: torch.Tensor, hidden: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """Block until the job is done (GIL released) and return its [T, K, H] fp32 contributions."""
-    return torch.ops.dali.cpu_experts_wait(handle, hidden, topk_ids)
+def cpu_experts_wait(
+    handle: torch.Tensor,
+    spec: LayerSpec,
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block until the job is done (GIL released) and return its [T, K, H] fp32 contributions.
+
+    spec, hidden [T, H], topk_ids [T, K], topk_weights [T, K] and expert_mask [E] must be the very
+    ones given to `cpu_experts_submit` (checked): the job reads them until it is done.
+    """
+    (up, down, up_bias, down_bias), _ = spec_args(spec)
+    return torch.ops.dali.cpu_experts_wait(
+        handle, hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask
+    )

@@ -75,13 +75,14 @@ def _cpu_experts_submit_samples(register: Register) -> list[tuple]:
 
 @sample_builder("dali::cpu_experts_wait")
 def _cpu_experts_wait_samples(register: Register) -> list[tuple]:
-    """Waits on the empty job, T in {1, 5}: zeros [T, K, H] fp32, like every real wait's result."""
+    """Waits on the empty job, T in {1, 5}, given every tensor the submit was: zeros [T, K, H] fp32, like
+    every real wait's result."""
     gen = torch.Generator().manual_seed(2)
     samples = []
     for T in (1, 5):
         args = _empty_job_args(gen, T)
         handle = torch.ops.dali.cpu_experts_submit(*args)
-        samples.append((handle, args[0], args[1]))
+        samples.append((handle, *args[:8]))
     return samples
 
 

@@ -8,7 +8,6 @@ slot must equal topk_weight * expert(hidden), every other slot exactly 0.
 
 from __future__ import annotations
 
-import gc
 import os
 import platform
 import shutil
@@ -354,29 +353,45 @@ def test_submit_then_wait_matches_sync_and_fake_metadata():
     hidden, ids, weights = make_routing("zero_tokens", torch.bfloat16, seed=6)
     handle = ops.cpu_experts_submit(spec, hidden, ids, weights)
     assert handle.dtype == torch.int64 and handle.shape == (1,) and int(handle) > 0
-    got = ops.cpu_experts_wait(handle, hidden, ids)
+    got = ops.cpu_experts_wait(handle, spec, hidden, ids, weights)
     assert_matches(got, reference(spec, hidden, ids, weights))
     torch.testing.assert_close(got, run(spec, hidden, ids, weights), rtol=0, atol=0)
     with torch._subclasses.FakeTensorMode() as mode:
-        fake = ops._cpu_experts_wait_fake(mode.from_tensor(handle), mode.from_tensor(hidden), mode.from_tensor(ids))
+        fake_args = [mode.from_tensor(t) if t is not None else None for t in _args(spec, hidden, ids, weights)[:8]]
+        fake = ops._cpu_experts_wait_fake(mode.from_tensor(handle), *fake_args)
     assert (fake.shape, fake.dtype, fake.stride()) == (got.shape, got.dtype, got.stride())
     assert cpu_extension.outstanding_jobs() == 0
 
 
-def test_job_keeps_its_inputs_alive():
-    """The caller may drop every input right after submit: the queued job owns references."""
-    spec = make_spec(LAYOUTS["mixtral"], torch.float32, seed=7)
+def busy_job():
+    """A job of about a tenth of a second at the head of the queue: jobs submitted after it wait in the
+    queue (one runner, in order) while the test looks at them. Returns its handle and arguments."""
+    gen = torch.Generator().manual_seed(12)
+    up, down = torch.randn(4, 1024, 512, generator=gen) * 0.05, torch.randn(4, 512, 512, generator=gen) * 0.05
+    hidden, ids = torch.randn(256, 512, generator=gen), torch.randint(0, 4, (256, 4), generator=gen)
+    args = [hidden, ids, torch.rand(256, 4, generator=gen), up, down, None, None, None,
+            True, False, False, "silu", 0.0, 0.0]
+    return torch.ops.dali.cpu_experts_submit(*args), args
+
+
+def test_queued_job_holds_its_inputs_until_done():
+    """The job owns a reference to each input while it is queued (so they outlive a caller that fails
+    before its wait), and drops them once done: use counts rise at submit and are back after the wait."""
+    spec = make_spec(LAYOUTS["gpt_oss"], torch.float32, seed=7)  # biases too
     hidden, ids, weights = make_routing("k_equals_e", torch.float32, seed=7)
-    want = reference(spec, hidden, ids, weights)
-    shape_args = (torch.empty_like(hidden), torch.empty_like(ids))
-    (up, down, _, _), flags = ops.spec_args(spec)
-    up, down = up.clone(), down.clone()
-    handles = [torch.ops.dali.cpu_experts_submit(hidden.clone(), ids.clone(), weights.clone(), up.clone(),
-                                                 down.clone(), None, None, None, *flags) for _ in range(3)]
-    del up, down, spec
-    gc.collect()
-    for handle in handles:
-        assert_matches(torch.ops.dali.cpu_experts_wait(handle, *shape_args), want)
+    mask = torch.ones(E, dtype=torch.bool)
+    args = _args(spec, hidden, ids, weights, mask)
+    inputs = [t for t in args[:8] if t is not None]
+    assert len(inputs) == 8
+    before = [t._use_count() for t in inputs]
+    busy, busy_args = busy_job()
+    handle = torch.ops.dali.cpu_experts_submit(*args)
+    queued = [t._use_count() for t in inputs]
+    torch.ops.dali.cpu_experts_wait(busy, *busy_args[:8])
+    got = torch.ops.dali.cpu_experts_wait(handle, *args[:8])
+    assert all(q > b for q, b in zip(queued, before, strict=True)), (before, queued)
+    assert [t._use_count() for t in inputs] == before
+    assert_matches(got, reference(spec, hidden, ids, weights, mask))
 
 
 def test_concurrent_submits_waited_out_of_order():
@@ -392,8 +407,7 @@ def test_concurrent_submits_waited_out_of_order():
             keys = [(name, seed) for name in layouts] * 2
             handles = [(key, ops.cpu_experts_submit(cases[key], *routings[key])) for key in keys]
             for key, handle in reversed(handles):
-                hidden, ids, _ = routings[key]
-                assert_matches(ops.cpu_experts_wait(handle, hidden, ids), want[key])
+                assert_matches(ops.cpu_experts_wait(handle, cases[key], *routings[key]), want[key])
         except Exception as error:  # noqa: BLE001  (re-raised in the main thread)
             errors.append(error)
 
@@ -406,18 +420,40 @@ def test_concurrent_submits_waited_out_of_order():
     assert cpu_extension.outstanding_jobs() == 0
 
 
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (lambda a: a.__setitem__(0, a[0][:, :-1]), "hidden"),  # same data_ptr, other shape
+        (lambda a: a.__setitem__(1, a[1].clone()), "topk_ids"),  # equal values, another buffer
+        (lambda a: a.__setitem__(2, a[2].clone()), "topk_weights"),  # what buffer reuse would look like
+        (lambda a: a.__setitem__(4, a[4].clone()), "down"),
+        (lambda a: a.__setitem__(7, torch.ones(E, dtype=torch.bool)), "expert_mask"),  # absent at submit
+    ],
+    ids=["hidden_shape", "ids_copy", "weights_copy", "down_copy", "mask_added"],
+)
+def test_wait_refuses_other_tensors_than_the_submits(change, name):
+    """The job reads its inputs until it is done: the wait must be given the submit's very tensors."""
+    spec = make_spec(LAYOUTS["mixtral"], torch.float32)
+    args = _args(spec, *make_routing("odd", torch.float32))
+    handle = torch.ops.dali.cpu_experts_submit(*args)
+    waited = list(args[:8])
+    change(waited)
+    with pytest.raises(ValueError, match=f"{name} is not the tensor given to dali::cpu_experts_submit"):
+        torch.ops.dali.cpu_experts_wait(handle, *waited)
+    with pytest.raises(ValueError, match="already waited"):  # the job is consumed, and the error said why
+        torch.ops.dali.cpu_experts_wait(handle, *args[:8])
+    assert cpu_extension.outstanding_jobs() == 0
+
+
 def test_wait_errors():
     spec = make_spec(LAYOUTS["mixtral"], torch.float32)
     hidden, ids, weights = make_routing("odd", torch.float32)
-    handle = ops.cpu_experts_submit(spec, hidden, ids, weights)
-    with pytest.raises(ValueError, match="result of shape"):  # wrong T: the job is consumed, and says why
-        ops.cpu_experts_wait(handle, hidden[:3], ids[:3])
-    with pytest.raises(ValueError, match="already waited"):
-        ops.cpu_experts_wait(handle, hidden, ids)
     with pytest.raises(ValueError, match="unknown handle"):
-        ops.cpu_experts_wait(torch.tensor([10**12]), hidden, ids)
+        ops.cpu_experts_wait(torch.tensor([10**12]), spec, hidden, ids, weights)
     with pytest.raises(ValueError, match="int64 \\[1\\]"):
-        ops.cpu_experts_wait(torch.tensor([1, 2]), hidden, ids)
+        ops.cpu_experts_wait(torch.tensor([1, 2]), spec, hidden, ids, weights)
+    with pytest.raises(ValueError, match="topk_weights must have the shape of topk_ids"):
+        ops.cpu_experts_wait(torch.tensor([0]), spec, hidden, ids, weights[:, :1])
 
 
 def test_empty_job_runs_nothing():
@@ -426,7 +462,7 @@ def test_empty_job_runs_nothing():
     handle = ops.cpu_experts_submit(spec, hidden, ids, weights, torch.zeros(E, dtype=torch.bool))
     assert int(handle) == ops.EMPTY_JOB
     for _ in range(2):  # the empty job may be waited on repeatedly
-        got = ops.cpu_experts_wait(handle, hidden, ids)
+        got = ops.cpu_experts_wait(handle, spec, hidden, ids, weights, torch.zeros(E, dtype=torch.bool))
         assert got.shape == (7, 2, H) and not got.any()
 
 
@@ -440,7 +476,7 @@ def test_inductor_keeps_submit_before_other_work_and_wait():
     def step(hidden, ids, weights, other):
         handle = torch.ops.dali.cpu_experts_submit(hidden, ids, weights, up, down, None, None, None, *flags)
         busy = torch.tanh(other @ other.T).sum(dim=1)  # stands in for the GPU experts
-        contributions = torch.ops.dali.cpu_experts_wait(handle, hidden, ids)
+        contributions = torch.ops.dali.cpu_experts_wait(handle, hidden, ids, weights, up, down, None, None, None)
         return contributions.sum(dim=1) + busy[: hidden.shape[0], None]
 
     other = torch.randn(16, 16)
@@ -477,9 +513,9 @@ _PROBE = textwrap.dedent(
     want = ops.cpu_experts_reference(hidden, ids, weights, up, down, ub, db, None, *flags)
     sync = ops.cpu_experts(spec, hidden, ids, weights)
     handle = ops.cpu_experts_submit(spec, hidden, ids, weights)
-    waited = ops.cpu_experts_wait(handle, hidden, ids)
+    waited = ops.cpu_experts_wait(handle, spec, hidden, ids, weights)
     try:
-        ops.cpu_experts_wait(handle, hidden, ids)
+        ops.cpu_experts_wait(handle, spec, hidden, ids, weights)
         double_wait = "no error"
     except ValueError as error:
         double_wait = str(error)

@@ -13,9 +13,12 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <array>
 #include <memory>
 #include <optional>
+#include <ostream>
 #include <string>
+#include <vector>
 
 #include "../core/experts.h"
 #include "../core/runtime.h"
@@ -227,6 +230,53 @@ at::Tensor cpu_experts(const at::Tensor& hidden, const at::Tensor& topk_ids, con
 // result is all zeros. It is the only handle that may be waited on more than once.
 constexpr int64_t kEmptyJob = 0;
 
+// The tensors a job reads, in schema order; dali::cpu_experts_wait takes them all again, so that a
+// compiled graph keeps them live and unchanged until the job is done (see ops/cpu_experts.py).
+constexpr const char* kInputNames[] = {"hidden", "topk_ids", "topk_weights", "up",
+                                       "down",   "up_bias",  "down_bias",    "expert_mask"};
+constexpr size_t kNumInputs = sizeof(kInputNames) / sizeof(kInputNames[0]);
+
+// What the wait compares: the very tensor (data_ptr and shape), or absent for an optional one.
+struct InputIdentity {
+  bool present = false;
+  const void* data = nullptr;
+  std::vector<int64_t> sizes;
+
+  explicit InputIdentity(const at::Tensor* t) {
+    if (t == nullptr) return;
+    present = true;
+    data = t->data_ptr();
+    sizes = t->sizes().vec();
+  }
+  bool operator==(const InputIdentity& o) const {
+    return present == o.present && data == o.data && sizes == o.sizes;
+  }
+};
+
+using InputIdentities = std::array<InputIdentity, kNumInputs>;
+
+std::ostream& operator<<(std::ostream& out, const InputIdentity& id) {
+  if (!id.present) return out << "absent";
+  return out << "(" << id.data << ", " << at::IntArrayRef(id.sizes) << ")";
+}
+
+const at::Tensor* present(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+InputIdentities identities(const at::Tensor& hidden, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                           const at::Tensor& up, const at::Tensor& down, const std::optional<at::Tensor>& up_bias,
+                           const std::optional<at::Tensor>& down_bias, const std::optional<at::Tensor>& expert_mask) {
+  return {InputIdentity(&hidden),           InputIdentity(&topk_ids),
+          InputIdentity(&topk_weights),     InputIdentity(&up),
+          InputIdentity(&down),             InputIdentity(present(up_bias)),
+          InputIdentity(present(down_bias)), InputIdentity(present(expert_mask))};
+}
+
+// What a job hands its waiter: the output, and the inputs the submit was given to check the wait's against.
+struct JobResult {
+  at::Tensor out;  // [T, K, H] fp32
+  InputIdentities inputs;
+};
+
 at::Tensor cpu_experts_submit(const at::Tensor& hidden, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                               const at::Tensor& up, const at::Tensor& down, const std::optional<at::Tensor>& up_bias,
                               const std::optional<at::Tensor>& down_bias,
@@ -236,35 +286,48 @@ at::Tensor cpu_experts_submit(const at::Tensor& hidden, const at::Tensor& topk_i
                       expert_mask, gated, interleaved, transposed, activation, alpha, limit);
   int64_t handle = kEmptyJob;
   if (any_selected(call->routing)) {
-    // The closure owns `call` (and so every input tensor) until the job has run; the payload
-    // hands the output to the waiter.
-    auto out = std::make_shared<at::Tensor>(call->out);
-    handle = global_jobs().submit([call] { run(*call, global_pool()); }, out);
+    // The closure owns `call` (and so every input tensor) until the job has run: the caller may drop
+    // its references. The payload hands the output to the waiter, with what the wait checks.
+    auto result = std::make_shared<JobResult>(JobResult{
+        call->out, identities(hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask)});
+    handle = global_jobs().submit([call] { run(*call, global_pool()); }, result);
   }
   return at::full({1}, handle, at::TensorOptions().dtype(at::kLong));
 }
 
-at::Tensor cpu_experts_wait(const at::Tensor& handle, const at::Tensor& hidden, const at::Tensor& topk_ids) {
+at::Tensor cpu_experts_wait(const at::Tensor& handle, const at::Tensor& hidden, const at::Tensor& topk_ids,
+                            const at::Tensor& topk_weights, const at::Tensor& up, const at::Tensor& down,
+                            const std::optional<at::Tensor>& up_bias, const std::optional<at::Tensor>& down_bias,
+                            const std::optional<at::Tensor>& expert_mask) {
   constexpr const char* op = "dali::cpu_experts_wait";
   TORCH_CHECK_VALUE(handle.scalar_type() == at::kLong && handle.numel() == 1 && handle.device().is_cpu(), op,
                     ": handle must be the int64 [1] CPU tensor returned by dali::cpu_experts_submit, got ",
                     handle.scalar_type(), " ", handle.sizes(), " on ", handle.device());
   TORCH_CHECK_VALUE(hidden.dim() == 2 && topk_ids.dim() == 2 && topk_ids.size(0) == hidden.size(0), op,
                     ": hidden must be [T, H] and topk_ids [T, K], got ", hidden.sizes(), " and ", topk_ids.sizes());
-  const std::vector<int64_t> expected{hidden.size(0), topk_ids.size(1), hidden.size(1)};
+  TORCH_CHECK_VALUE(topk_weights.sizes() == topk_ids.sizes(), op, ": topk_weights must have the shape of topk_ids ",
+                    topk_ids.sizes(), ", got ", topk_weights.sizes());
   const int64_t h = handle.item<int64_t>();
-  if (h == kEmptyJob) return at::zeros(expected, hidden.options().dtype(at::kFloat));
+  if (h == kEmptyJob) {
+    return at::zeros({hidden.size(0), topk_ids.size(1), hidden.size(1)}, hidden.options().dtype(at::kFloat));
+  }
   std::shared_ptr<void> payload;
   try {
     payload = global_jobs().wait(h);
   } catch (const BadHandle& e) {
     TORCH_CHECK_VALUE(false, op, ": ", e.what());
   }
-  at::Tensor out = *std::static_pointer_cast<at::Tensor>(payload);
-  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(expected), op, ": handle ", h, " computed a result of shape ",
-                    out.sizes(), " but hidden and topk_ids describe ", at::IntArrayRef(expected),
-                    "; pass the hidden and topk_ids given to the submit");
-  return out;
+  // The job is consumed either way: a mismatch below is the caller's error, reported once.
+  const JobResult& result = *std::static_pointer_cast<JobResult>(payload);
+  const InputIdentities given = identities(hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask);
+  for (size_t i = 0; i < kNumInputs; ++i) {
+    TORCH_CHECK_VALUE(given[i] == result.inputs[i], op, ": ", kInputNames[i],
+                      " is not the tensor given to dali::cpu_experts_submit for handle ", h,
+                      " ((data_ptr, shape) submitted ", result.inputs[i], ", waited with ", given[i],
+                      "); pass the submit's very tensors, so that they stay alive and unchanged until the job has "
+                      "read them");
+  }
+  return result.out;
 }
 
 }  // namespace
