@@ -258,3 +258,16 @@ def test_an_unsafe_cache_means_the_reference_with_one_clear_warning(tmp_path, mo
     assert len(caught) == 1
     assert cpu_extension.cpu_isa() == "reference"
     assert not list((tmp_path / "shared").rglob("*.so"))
+
+
+def test_a_linked_cache_root_is_judged_by_its_target(tmp_path, monkeypatch):
+    """~/.cache/dali_compile linked to a bigger disk is common: fine if the target is private, refused if not."""
+    target, link = tmp_path / "disk", tmp_path / "link"
+    target.mkdir(mode=0o700)
+    link.symlink_to(target)
+    monkeypatch.setenv("DALI_COMPILE_CACHE", str(link))
+    directory = cpu_extension.make_private_dirs(cpu_extension.build_dir([stand_in(tmp_path)], [], FLAGS, ()))
+    assert directory.resolve().parent.parent == target
+    target.chmod(0o777)
+    with pytest.raises(cpu_extension.UnsafeCacheError, match="is writable by group or others"):
+        cpu_extension.make_private_dirs(directory)
