@@ -323,7 +323,7 @@ def test_a_pipeline_missing_a_wait_or_an_after_gives_wrong_numbers(routed, broke
                   for _ in range(3)]
     finally:
         accelerator.close()
-    assert max(errors) > 1e-2, errors
+    assert any(not error <= 1e-2 for error in errors), errors  # NaN (a slot never written) counts as wrong
 
 
 # The same on a whole offloaded model: the runtime as written equals eager in the asynchronous mode, and
@@ -352,4 +352,4 @@ def test_an_offloaded_model_is_right_in_async_mode_and_wrong_without_its_waits(m
     if broken is None:
         assert max(errors) <= FP32_RTOL, errors
     else:
-        assert not max(errors) <= 1e-3, errors  # NaN (a slot never written) counts as wrong
+        assert any(not error <= 1e-3 for error in errors), errors  # NaN (a slot never written) counts as wrong

@@ -243,15 +243,18 @@ def _resolved(value):
 
 
 def _run_stream(items: queue.SimpleQueue, rng: random.Random, max_delay_s: float) -> None:
-    """A worker thread's loop: each item after a random delay, in order, until None. Items handle their
-    own errors (they hold the event or placeholder to fail)."""
+    """A worker thread's loop: items in order until None, each called with `pause` (a random delay) to
+    sleep where the emulated device would spend time. Items handle their own errors (they hold the event
+    or placeholder to fail)."""
+    def pause():
+        if max_delay_s > 0:
+            time.sleep(rng.uniform(0.0, max_delay_s))
+
     while True:
         item = items.get()
         if item is None:
             return
-        if max_delay_s > 0:
-            time.sleep(rng.uniform(0.0, max_delay_s))
-        item()
+        item(pause)
         del item  # an item holds its accelerator: an idle worker must not, or it is never collected (stopped)
 
 
@@ -270,7 +273,7 @@ class _Stream:
 
     def drain(self) -> None:
         reached = threading.Event()
-        self._items.put(reached.set)
+        self._items.put(lambda pause: reached.set())
         reached.wait()
 
     def close(self) -> None:
@@ -287,8 +290,10 @@ class EmulatedAccelerator(Accelerator):
     on an event amounts to for the host code that follows. Copies run on one worker thread.
 
     Asynchronous (`asynchronous=True`, or `DALI_EMULATED_MODE=async` when not given): compute and copies
-    each run on their own worker thread, every item after a random delay in [0, max_delay_s] drawn from
-    `seed`. `launch` returns a `Pending`, `record` an event its worker sets when it gets there, `wait`
+    each run on their own worker thread, with random delays in [0, max_delay_s] drawn from `seed`: before
+    each compute item, and in each copy between its `after` point and the copy itself (so that a compute
+    that does not wait for a copy and a copy that does not wait for a compute each lose the race about
+    half the time). `launch` returns a `Pending`, `record` an event its worker sets when it gets there, `wait`
     queues a wait on the compute stream without blocking the host, and a copy waits for its `after` point
     on the copy worker. A runtime that misses a `wait` (compute reads a slot before its copy) or an `after`
     (a copy overwrites a slot a queued compute still reads) then computes wrong numbers, as on a GPU.
@@ -316,7 +321,8 @@ class EmulatedAccelerator(Accelerator):
         pending = Pending(self._failures)
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()  # both are per thread
 
-        def run():
+        def run(pause):
+            pause()  # the launch latency: later host work overtakes it
             try:
                 if self._wait_failed is not None:  # what the slots hold is not what the runtime expects
                     failed, self._wait_failed = self._wait_failed, None
@@ -342,10 +348,11 @@ class EmulatedAccelerator(Accelerator):
         self._check_open()
         event = _StreamEvent(self._failures)
 
-        def copy():
+        def copy(pause):
             try:
                 if after is not None:
                     after._reached.wait() if isinstance(after, _StreamEvent) else after.synchronize()
+                pause()  # the transfer time, from when it may start: a compute that did not wait reads early
                 with torch.no_grad():  # grad mode is per thread; the copy is never part of a graph
                     dst.copy_(src)
             except BaseException as error:  # noqa: BLE001 - the host sees it at the event or synchronize()
@@ -362,7 +369,12 @@ class EmulatedAccelerator(Accelerator):
             return DONE
         self._check_open()
         event = _StreamEvent(self._failures)
-        self._compute.submit(event._set)
+
+        def reach(pause):
+            pause()
+            event._set()
+
+        self._compute.submit(reach)
         return event
 
     def wait(self, event: Event) -> None:
@@ -371,7 +383,8 @@ class EmulatedAccelerator(Accelerator):
             return
         self._check_open()
 
-        def wait():
+        def wait(pause):
+            pause()
             if isinstance(event, _StreamEvent):
                 event._reached.wait()
                 if event.error is not None:
@@ -470,9 +483,21 @@ class CudaAccelerator(Accelerator):
         torch.cuda.synchronize(self.device)
 
     def prepare_host_weight(self, tensor):
-        # Pinned memory makes the copies asynchronous DMA; pin_memory() returns a pinned copy, and the
-        # caller swaps it in for the original, which is then freed: never two full copies of a layer.
-        return tensor if tensor.is_pinned() else tensor.pin_memory()
+        # Pinned memory makes the copies asynchronous DMA. The storage is registered in place (no copy, no
+        # power-of-two rounding); `close` unregisters it. See runtime/host_memory.py for the fallback.
+        from .host_memory import HostRegistrations
+
+        if getattr(self, "host_memory", None) is None:
+            self.host_memory = HostRegistrations()
+        return self.host_memory.pin(tensor)
+
+    def close(self) -> None:
+        """Unregister the host experts once no copy reads them (the model keeps them, pageable again)."""
+        host_memory = getattr(self, "host_memory", None)
+        if host_memory is not None:
+            torch.cuda.synchronize(self.device)
+            host_memory.release()
+        super().close()
 
 
 def make_accelerator(device: str | torch.device, budget_bytes: int) -> Accelerator:
