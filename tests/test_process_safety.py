@@ -111,7 +111,7 @@ def test_a_bad_thread_count_in_the_environment_warns_and_keeps_the_default(cpu_r
 # ---- fork
 
 _FORK = """
-    import inspect, json, os, torch
+    import json, os, select, signal, torch
     from dali_compile import Activation, ExpertLayout, LayerSpec
     from dali_compile.ops import cpu_experts as ops
     from dali_compile.runtime import cpu_extension
@@ -120,10 +120,8 @@ _FORK = """
     spec = LayerSpec(ExpertLayout(Activation("silu")), torch.randn(4, 64, 256) * 0.1, torch.randn(4, 256, 32) * 0.1)
     hidden, ids, weights = torch.randn(9, 256), torch.randint(0, 4, (9, 2)), torch.rand(9, 2)
 
-    def wait(handle):  # the wait's signature is changing (it declares every input the job reads): either form
-        if "spec" in inspect.signature(ops.cpu_experts_wait).parameters:
-            return ops.cpu_experts_wait(handle, spec, hidden, ids, weights)
-        return ops.cpu_experts_wait(handle, hidden, ids)
+    def wait(handle):
+        return ops.cpu_experts_wait(handle, spec, hidden, ids, weights)
     (up, down, ub, db), flags = ops.spec_args(spec)
     want = ops.cpu_experts_reference(hidden, ids, weights, up, down, ub, db, None, *flags)
     scale = float(want.abs().max())
@@ -156,7 +154,11 @@ _FORK = """
         os.write(write, json.dumps(out).encode())
         os._exit(0)
     os.close(write)
-    child = json.loads(os.read(read, 1 << 16).decode())
+    if select.select([read], [], [], 120)[0]:
+        child = json.loads(os.read(read, 1 << 16).decode())
+    else:  # hung: kill it here, since the test's timeout would only kill this process
+        os.kill(pid, signal.SIGKILL)
+        child = {"error": "the forked child hung"}
     os.waitpid(pid, 0)
     parent_err = float((wait(pending) - want).abs().max()) / scale
     outstanding = cpu_extension.outstanding_jobs()
