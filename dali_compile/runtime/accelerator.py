@@ -222,7 +222,7 @@ class Pending:
 
     def _resolve(self):  # on the compute worker: launches run in order, so an earlier one has finished
         if self._error is not None:
-            raise RuntimeError("a launch took the result of a failed launch") from self._error
+            raise self._error  # the same error object: the host sees it once, wherever it surfaces first
         return self._value
 
     @classmethod
@@ -297,7 +297,8 @@ class EmulatedAccelerator(Accelerator):
     queues a wait on the compute stream without blocking the host, and a copy waits for its `after` point
     on the copy worker. A runtime that misses a `wait` (compute reads a slot before its copy) or an `after`
     (a copy overwrites a slot a queued compute still reads) then computes wrong numbers, as on a GPU.
-    Errors in a worker surface at `result` / `Event.synchronize` of what failed, or else at `synchronize`.
+    An error in a worker surfaces at `result` / `Event.synchronize` of what failed or of a launch that took
+    its result or waited for its copy (the same exception object), or else at `synchronize`; once only.
     """
 
     name = "emulated"
@@ -324,9 +325,9 @@ class EmulatedAccelerator(Accelerator):
         def run(pause):
             pause()  # the launch latency: later host work overtakes it
             try:
-                if self._wait_failed is not None:  # what the slots hold is not what the runtime expects
+                if self._wait_failed is not None:  # the slots do not hold what the runtime expects
                     failed, self._wait_failed = self._wait_failed, None
-                    raise RuntimeError("a launch ran after a wait on a failed copy") from failed
+                    raise failed
                 with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                     pending._value = fn(*_resolved(args), **{k: _resolved(v) for k, v in kwargs.items()})
             except BaseException as error:  # noqa: BLE001 - the host sees it at result() or synchronize()
