@@ -18,6 +18,7 @@ import dali_compile.ops  # noqa: F401  (defines the dali::* ops used in rewritte
 from dali_compile.config import DaliConfig
 from dali_compile.passes import PassContext, WeightBinding, run_passes
 from dali_compile.report import new_report, publish
+from dali_compile.runtime.layer_spec import LayerSpec
 from dali_compile.runtime.registry import LayerRegistry, layer_registry
 
 logger = logging.getLogger("dali_compile")
@@ -83,21 +84,42 @@ def _warn_graph_break_once() -> None:
 
 
 def _checking_bindings(compiled, bindings: list[WeightBinding], registry: LayerRegistry):
-    """Wrap the compiled graph so each call sees the tensors it was given, never stale ones."""
+    """Wrap the compiled graph so each call sees the tensors it was given, never another call's.
+
+    The graph names one handle per layer, but dynamo reuses it for every model instance of the same
+    structure (their parameters are graph inputs). Each call resolves its own expert tensors to their
+    handle (an offloaded instance's is attached to its own runtime) and redirects the graph's handles
+    there for this thread and call only: nothing shared changes per call, so two threads calling two
+    instances never see each other's experts. The wrapper holds handles and layouts, never tensors.
+    """
     if not bindings:
         return compiled
+    resolved: dict[tuple, int] = {}  # (binding, ids of the given tensors) -> their handle, checked on use
 
-    def refresh(args) -> None:
-        for binding in bindings:
-            spec = registry.get(binding.layer)
-            current = spec.tensors()
-            given = [None if i is None else args[i] for i in binding.input_indices]
-            if any(g is not c for g, c in zip(given, current, strict=True)):
-                registry.rebind(binding.layer, spec.with_tensors(*given))
+    def handle_for(binding: WeightBinding, given: list) -> int:
+        if registry.holds(binding.layer, given):
+            return binding.layer
+        key = (binding.layer, *map(id, given))
+        handle = resolved.get(key)
+        if handle is not None and registry.holds(handle, given):
+            return handle
+        if len(resolved) > 64 * len(bindings):  # ids of freed models' tensors: forget them
+            resolved.clear()
+        handle = registry.register(LayerSpec(binding.layout, *given, name=binding.name), weak=True)
+        resolved[key] = handle
+        return handle
 
     # Dynamo calls the backend's result with the graph inputs unpacked, inductor's too.
     def run(*args):
-        refresh(args)
-        return compiled(*args)
+        redirects = {}
+        for binding in bindings:
+            given = [None if i is None else args[i] for i in binding.input_indices]
+            handle = handle_for(binding, given)
+            if handle != binding.layer:
+                redirects[binding.layer] = handle
+        if not redirects:
+            return compiled(*args)
+        with registry.redirect(redirects):
+            return compiled(*args)
 
     return run

@@ -85,6 +85,8 @@ def _candidate_activations(constants: list[float], gated: bool) -> list[Activati
 
 
 def spec_of_module(experts: nn.Module, name: str = "") -> LayerSpec:
+    """The module's experts as a LayerSpec of its own Parameter objects (never views of them: the registry
+    holds them weakly, and a view would die at once)."""
     layout = layout_of_module(experts)
     up = experts.gate_up_proj if layout.gated else experts.up_proj
     up_bias = down_bias = None
@@ -106,7 +108,7 @@ def _layer_handle(experts: nn.Module) -> int:
     layout probe and the registry never enter the graph.
     """
     try:
-        return layer_registry().register(spec_of_module(experts))
+        return layer_registry().register(spec_of_module(experts), weak=True)  # the module owns its experts
     except UnsupportedExpertsError as error:
         key = type(experts).__name__
         if key not in _warned_fallback:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from dali_compile.config import DaliConfig
 from dali_compile.report import CompileReport
+from dali_compile.runtime.layer_spec import ExpertLayout
 from dali_compile.runtime.registry import LayerRegistry
 
 
@@ -14,12 +15,18 @@ class WeightBinding:
     """Graph input positions holding a rewritten layer's (up, down, up_bias, down_bias) tensors.
 
     The graph keeps those inputs; at each call the backend checks that they are
-    still the tensors the layer handle points at, and rebinds the handle if the
-    model's parameters were replaced, so a handle can never serve stale weights.
+    still the tensors the layer handle points at. When they are not (another
+    model instance behind the same graph, or replaced parameters), it resolves
+    them to their own handle, registering them with `layout` if needed, and
+    redirects `layer` there for that call and thread only, so a handle never
+    serves another call's weights. The registry holds the tensors weakly: the
+    graph keeps no model alive.
     """
 
     layer: int
     input_indices: tuple[int | None, ...]
+    layout: ExpertLayout
+    name: str = ""
 
 
 @dataclass

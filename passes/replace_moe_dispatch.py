@@ -51,7 +51,7 @@ def replace_moe_dispatch(gm: GraphModule, ctx: PassContext) -> GraphModule:
         spec = LayerSpec(layout, up, down, up_bias, down_bias, name=region.scope)
         if not ctx.config.rewrite:
             continue
-        handle = ctx.registry.register(spec)
+        handle = ctx.registry.register(spec, weak=True)  # the model owns its experts
         _rewrite(gm, region, handle)
         ctx.bindings.append(_binding(region, handle, spec))
         ctx.report.rewritten.append(
@@ -93,7 +93,8 @@ def _tensors_by_role(region: MoeRegion, roles) -> list:
 
 def _binding(region: MoeRegion, handle: int, spec: LayerSpec) -> WeightBinding:
     by_tensor = {id(w.value): w.input_index for w in region.owned}
-    return WeightBinding(handle, tuple(None if t is None else by_tensor[id(t)] for t in spec.tensors()))
+    indices = tuple(None if t is None else by_tensor[id(t)] for t in spec.tensors())
+    return WeightBinding(handle, indices, spec.layout, spec.name)
 
 
 def _rewrite(gm: GraphModule, region: MoeRegion, handle: int) -> None:
