@@ -15,6 +15,9 @@ against a test double of the GPU (its timings mean nothing, its counters do).
 
 from __future__ import annotations
 
+import gc
+import traceback
+
 import torch
 import torch.nn as nn
 
@@ -24,6 +27,7 @@ from .runtime.hybrid import HybridRuntime, fitting_prefetch_count, plan_slots
 from .runtime.planner import CostModel
 from .runtime.policies import make_policy
 from .runtime.prefetch import ResidualPredictor, default_prefetch_count, find_router, measure_residuals
+from .runtime.registry import layer_registry
 
 _RUNTIME_ATTRIBUTE = "_dali_runtime"
 
@@ -90,19 +94,100 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory
         predictor = ResidualPredictor(routers, specs[0][1].num_experts, hidden_size)
     plan_slots(chosen, specs, budget, _top_k(model), 2 * prefetch)  # refuse before anything about the model changes
     accelerator = make_accelerator(device, budget)
-    expert_tensors = {id(t) for _, spec in specs for t in spec.tensors() if t is not None}
-    _move_non_experts(model, accelerator.device, expert_tensors)
-    if accelerator.device.type != "cpu":
-        _pin_experts(modules, accelerator)
-        specs = [(name, spec_of_module(m, name)) for name, m in modules]  # the pinned tensors
-    model.set_experts_implementation(IMPLEMENTATION_NAME)
-
-    runtime = HybridRuntime(accelerator, specs, chosen, cost_model, _top_k(model), predictor=predictor,
-                            prefetch=prefetch)
-    if cost_model is None and chosen.needs_cost:
-        runtime.profile_costs(refresh=refresh_costs)
+    undo = _Undo(model, accelerator)
+    try:
+        runtime = _convert(model, modules, specs, accelerator, chosen, cost_model, refresh_costs, predictor,
+                           prefetch, undo)
+    except BaseException as error:  # Ctrl-C included: never leave a half-converted model
+        undo.roll_back(error)
+        raise
     setattr(model, _RUNTIME_ATTRIBUTE, runtime)
     return model
+
+
+def _convert(model, modules, specs, accelerator, policy, cost_model, refresh, predictor, prefetch,
+             undo: _Undo) -> HybridRuntime:
+    """The steps of `offload` that change the model, each recorded in `undo` before it starts."""
+    expert_tensors = {id(t) for _, spec in specs for t in spec.tensors() if t is not None}
+    _move_non_experts(model, accelerator.device, expert_tensors, undo)
+    _pin_experts(modules, accelerator)
+    specs = [(name, spec_of_module(m, name)) for name, m in modules]  # a pinned copy replaced a refused one
+    undo.specs = [spec for _, spec in specs]
+    undo.existing_handles = {layer_registry().lookup(spec) for spec in undo.specs} - {None}
+    undo.save_experts_implementation()
+    model.set_experts_implementation(IMPLEMENTATION_NAME)
+    runtime = HybridRuntime(accelerator, specs, policy, cost_model, _top_k(model), predictor=predictor,
+                            prefetch=prefetch)
+    undo.runtime = runtime
+    if cost_model is None and policy.needs_cost:
+        runtime.profile_costs(refresh=refresh)
+    return runtime
+
+
+class _Undo:
+    """What `offload` changed so far, and how to put it back: a failure at any step (pinning, the pool,
+    profiling, the runtime itself, Ctrl-C) leaves the model as it was, runnable eagerly and offloadable
+    again, with no runtime, handle, registration or pool memory left behind.
+
+    Expert tensors that CUDA refused to pin in place were replaced by pinned copies (same values, on the
+    CPU); they stay so: keeping the originals for a rollback would hold two full copies of the experts."""
+
+    def __init__(self, model: nn.Module, accelerator):
+        self.model = model
+        self.accelerator = accelerator
+        self.parameters: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its original data)
+        self.buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+        self.implementations: list[tuple[nn.Module, object]] | None = None
+        self.specs: list = []
+        self.existing_handles: set[int] = set()
+        self.runtime: HybridRuntime | None = None
+
+    def save_experts_implementation(self) -> None:
+        self.implementations = [(m, m.config._experts_implementation) for m in self.model.modules()
+                                if hasattr(m, "set_experts_implementation") and hasattr(m, "config")]
+
+    def roll_back(self, error: BaseException) -> None:
+        failures = []
+        for step in (self.accelerator.synchronize, self._release_handles, self.accelerator.close,
+                     self._restore_implementation, self._restore_tensors):
+            try:
+                step()
+            except Exception as failure:  # keep undoing; the original error is the one to raise
+                failures.append(f"{step.__name__}: {failure!r}")
+        if failures:
+            error.add_note("dali: offload's rollback also failed in " + "; ".join(failures))
+        # The traceback's frames hold the half-built runtime (its pool): let it go now, not when the
+        # caller drops the exception (a REPL keeps the last one).
+        if error.__traceback__ is not None:
+            traceback.clear_frames(error.__traceback__.tb_next)
+        self.runtime = None
+        gc.collect()  # the runtime's layers and the runtime refer to each other
+
+    def _release_handles(self) -> None:
+        """Handles the runtime registered (new ones) or attached to (existing ones, which a graph compiled
+        before the offload may name: kept). Not `runtime.close()`, which would release those too; the
+        runtime's pool goes with the runtime, which nothing refers to once these are gone."""
+        registry = layer_registry()
+        for spec in self.specs:
+            handle = registry.lookup(spec)
+            if handle is None:
+                continue
+            if handle in self.existing_handles:
+                registry.detach(handle)
+            else:
+                registry.release(handle)
+
+    def _restore_implementation(self) -> None:
+        for module, implementation in reversed(self.implementations or []):
+            if module.config._experts_implementation != implementation:
+                module.set_experts_implementation(implementation)
+
+    def _restore_tensors(self) -> None:
+        with torch.no_grad():
+            for param, data in self.parameters:
+                param.data = data
+            for module, name, buffer in self.buffers:
+                module._buffers[name] = buffer
 
 
 def runtime_of(model: nn.Module) -> HybridRuntime:
@@ -198,19 +283,30 @@ def release(model: nn.Module) -> None:
     setattr(model, _RUNTIME_ATTRIBUTE, None)
 
 
-def _move_non_experts(model: nn.Module, device: torch.device, expert_tensors: set[int]) -> None:
-    if device.type == "cpu":
-        return
+def _move_non_experts(model: nn.Module, device: torch.device, expert_tensors: set[int], undo: _Undo,
+                      move=None) -> None:
+    """Non-expert parameters and buffers to `device`, the originals kept in `undo` until offload succeeds.
+    `move(tensor)`: how a tensor gets there (default `.to(device)`, nothing for the CPU; tests pass a copy)."""
+    if move is None:
+        if device.type == "cpu":
+            return
+        move = lambda tensor: tensor.to(device)  # noqa: E731
     for module in model.modules():
         for param in module._parameters.values():
             if param is not None and id(param) not in expert_tensors:
-                param.data = param.data.to(device)
+                undo.parameters.append((param, param.data))
+                param.data = move(param.data)
         for name, buffer in module._buffers.items():
             if buffer is not None:
-                module._buffers[name] = buffer.to(device)
+                undo.buffers.append((module, name, buffer))
+                module._buffers[name] = move(buffer)
 
 
 def _pin_experts(modules, accelerator) -> None:
+    if accelerator.device.type == "cpu":  # the emulated device copies from plain host memory
+        return
     for _, module in modules:
         for param in module.parameters(recurse=False):
-            param.data = accelerator.prepare_host_weight(param.data)  # one tensor at a time: no full second copy
+            # In place where CUDA allows it (runtime/host_memory.py); a fallback copy replaces the original
+            # one tensor at a time: never two full copies of the experts.
+            param.data = accelerator.prepare_host_weight(param.data)
