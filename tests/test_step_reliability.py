@@ -133,6 +133,7 @@ SITES = [("policy", "dali"), ("copy", "dali"), ("copy_issued", "dali"), ("gpu_co
          ("cpu_wait", "cache_cpu_miss")]
 
 
+@pytest.mark.usefixtures("emulated_mode")  # both modes of the emulated accelerator
 @pytest.mark.parametrize("error", [InjectedFault("injected"), KeyboardInterrupt()], ids=["exception", "interrupt"])
 @pytest.mark.parametrize(("site", "policy"), SITES, ids=[s for s, _ in SITES])
 def test_a_failed_step_leaves_the_runtime_consistent(site, policy, error, monkeypatch, release_after):
@@ -154,6 +155,7 @@ def test_a_failed_step_leaves_the_runtime_consistent(site, policy, error, monkey
     assert outstanding_cpu_jobs() == 0
 
 
+@pytest.mark.usefixtures("emulated_mode")  # both modes of the emulated accelerator
 def test_a_prefetch_whose_step_failed_is_never_used(monkeypatch, release_after):
     """The reported case: layer 2 prefetches for layer 3, then raises; the next forward's earlier layers
     overwrite that prefetch set; layer 3 must not compute from it."""
@@ -182,6 +184,7 @@ def test_a_compute_from_a_slot_that_does_not_hold_its_expert_raises(release_afte
         layer.forward(hidden, torch.full((4, 2), expert), torch.full((4, 2), 0.5))
 
 
+@pytest.mark.usefixtures("emulated_mode")  # both modes of the emulated accelerator
 @pytest.mark.parametrize("chunk", [1, 5])
 def test_chunked_steps_equal_eager(chunk, release_after):
     model, want = offloaded_model("dali")
@@ -258,6 +261,7 @@ def test_transient_memory_of_a_step_is_bounded_by_the_chunk(monkeypatch, release
     assert step_peak_bytes(layer, 16 * chunk) > bound(16 * chunk)
 
 
+@pytest.mark.usefixtures("emulated_mode")  # both modes of the emulated accelerator
 def test_two_threads_generating_on_one_offloaded_model(release_after):
     model = tiny_model("mixtral", num_hidden_layers=4)
     prompts = [PROMPT[:1], PROMPT[1:]]
