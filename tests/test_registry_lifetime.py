@@ -148,15 +148,22 @@ def test_an_offloaded_model_deleted_without_release_frees_its_experts_and_runtim
 # -- two instances behind one compiled graph -----------------------------------------------------------
 
 
-def _two_instances(offloaded: bool):
+# How the two instances reach dali::moe_hybrid. "plain": the rewrite pass. "offloaded": offloaded, and the
+# rewrite pass (experts switched back to grouped_mm): one graph whose handle is attached to the first
+# instance's runtime. "offloaded_interface": offload's own "dali" experts interface, where dynamo guards on
+# the experts module's identity and compiles a graph per instance; both must be right either way.
+MODES = ["plain", "offloaded", "offloaded_interface"]
+
+
+def _two_instances(mode: str):
     models = [tiny_model("mixtral", seed=seed) for seed in (0, 1)]
     with torch.no_grad():
         wants = [m(PROMPT).logits for m in models]
-    if offloaded:
+    if mode != "plain":
         for m in models:
             dali_compile.offload(m, device="emulated", expert_memory="1MiB", policy="lru", cost_model=COST)
-            # The rewrite pass, not the experts interface (whose graphs are per instance): one graph for both.
-            m.set_experts_implementation("grouped_mm")
+            if mode == "offloaded":
+                m.set_experts_implementation("grouped_mm")
     return models, wants
 
 
@@ -164,8 +171,8 @@ def _two_instances(offloaded: bool):
 def two_instances():
     made = []
 
-    def make(offloaded: bool):
-        made.append(_two_instances(offloaded))
+    def make(mode: str):
+        made.append(_two_instances(mode))
         return made[-1]
 
     yield make
@@ -175,31 +182,31 @@ def two_instances():
                 dali_compile.release(m)
 
 
-@pytest.mark.parametrize("offloaded", [False, True])
-def test_one_graph_two_instances_alternately(two_instances, offloaded):
+@pytest.mark.parametrize("mode", MODES)
+def test_one_graph_two_instances_alternately(two_instances, mode):
     """Each call runs its own instance's experts; an offloaded one's runtime serves only its own calls."""
-    (a, b), wants = two_instances(offloaded)
+    (a, b), wants = two_instances(mode)
     graphs = []
     run = torch.compile(lambda m, x: m(x).logits, backend=_counting_backend(graphs))
     with torch.no_grad():
         for _ in range(2):
             for model, want in ((a, wants[0]), (b, wants[1])):
                 assert relative_max_error(run(model, PROMPT), want) <= FP32_RTOL
-    assert len(graphs) == 1  # the story needs one graph serving both
-    if offloaded:
+    assert len(graphs) == (2 if mode == "offloaded_interface" else 1)  # the story: one graph serving both
+    if mode != "plain":
         steps = [dali_compile.offload_stats(m)["total"]["steps"] for m in (a, b)]
         assert steps == [4, 4]  # 2 calls x 2 MoE layers each, on each instance's own runtime
 
 
-@pytest.mark.parametrize("offloaded", [False, True])
-def test_one_graph_two_instances_from_two_threads(two_instances, offloaded):
+@pytest.mark.parametrize("mode", MODES)
+def test_one_graph_two_instances_from_two_threads(two_instances, mode):
     """Each model is called from its own thread, 25 times, through one compiled graph."""
-    (a, b), wants = two_instances(offloaded)
+    (a, b), wants = two_instances(mode)
     graphs = []
     run = torch.compile(lambda m, x: m(x).logits, backend=_counting_backend(graphs))
     with torch.no_grad():
         run(a, PROMPT), run(b, PROMPT)  # compile first: the story is the calls, not concurrent compiles
-    assert len(graphs) == 1
+    assert len(graphs) == (2 if mode == "offloaded_interface" else 1)
     errors: list = []
     start = threading.Barrier(2)
 
