@@ -50,7 +50,7 @@ def _top_k(model: nn.Module) -> int:
 
 def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory: int | str = "12GiB",
             policy: str = "dali", cost_model: CostModel | None = None, refresh_costs: bool = False,
-            prefetch: int | None = None, **policy_options) -> nn.Module:
+            prefetch: int | None = None, transient_memory: int | str = "256MiB", **policy_options) -> nn.Module:
     """Prepare `model` (a transformers MoE model, on the CPU) for hybrid CPU/GPU expert execution.
 
     device: 'cuda', 'cuda:N', or 'emulated' (CPU-only test double). expert_memory: the budget for
@@ -61,11 +61,15 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory
     of the next MoE layer copied early from a residual-corrected prediction (default for 'dali': 1 for 8
     experts, 4 for 64 or more; 0 for the other policies); its 2P slots come out of the budget, and P shrinks
     to leave the policy at least one slot. Calibrate the prediction with `dali_compile.calibrate(model)`.
-    Returns the model.
+    transient_memory: the bound on one layer step's transient buffers (outside the expert budget): steps
+    with more tokens run in chunks that fit it (see runtime/hybrid.py). Returns the model.
     """
     if getattr(model, _RUNTIME_ATTRIBUTE, None) is not None:
         raise RuntimeError("offload: this model is already offloaded (call dali_compile.release(model) first)")
     budget = parse_bytes(expert_memory)
+    transient_bytes = parse_bytes(transient_memory)
+    if transient_bytes <= 0:
+        raise ValueError(f"offload: transient_memory must be above 0, got {transient_memory!r}")
     chosen = make_policy(policy, **policy_options)
     modules = experts_modules(model)
     if not modules:
@@ -97,7 +101,7 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory
     undo = _Undo(model, accelerator)
     try:
         runtime = _convert(model, modules, specs, accelerator, chosen, cost_model, refresh_costs, predictor,
-                           prefetch, undo)
+                           prefetch, transient_bytes, undo)
     except BaseException as error:  # Ctrl-C included: never leave a half-converted model
         undo.roll_back(error)
         raise
@@ -106,7 +110,7 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory
 
 
 def _convert(model, modules, specs, accelerator, policy, cost_model, refresh, predictor, prefetch,
-             undo: _Undo) -> HybridRuntime:
+             transient_bytes: int, undo: _Undo) -> HybridRuntime:
     """The steps of `offload` that change the model, each recorded in `undo` before it starts."""
     expert_tensors = {id(t) for _, spec in specs for t in spec.tensors() if t is not None}
     _move_non_experts(model, accelerator.device, expert_tensors, undo)
@@ -117,7 +121,7 @@ def _convert(model, modules, specs, accelerator, policy, cost_model, refresh, pr
     undo.save_experts_implementation()
     model.set_experts_implementation(IMPLEMENTATION_NAME)
     runtime = HybridRuntime(accelerator, specs, policy, cost_model, _top_k(model), predictor=predictor,
-                            prefetch=prefetch)
+                            prefetch=prefetch, transient_bytes=transient_bytes)
     undo.runtime = runtime
     if cost_model is None and policy.needs_cost:
         runtime.profile_costs(refresh=refresh)

@@ -197,6 +197,25 @@ def test_chunked_steps_equal_eager(chunk, release_after):
     runtime.check_slots()
 
 
+def test_the_transient_memory_option_sets_the_chunk(release_after):
+    model = tiny_model("mixtral", num_hidden_layers=2)
+    with torch.no_grad():
+        want = model(PROMPT).logits
+    slot, num_layers, experts, top_k = moe_geometry(model)
+    H = model.config.hidden_size
+    for bad in (0, "0MiB", -1, "lots"):
+        with pytest.raises(ValueError, match="transient_memory|expected a size|>= 0"):
+            dali_compile.offload(model, device="emulated", expert_memory=slot * (top_k + 4), cost_model=COST,
+                                 transient_memory=bad)
+    dali_compile.offload(model, device="emulated", expert_memory=slot * (top_k + 4), cost_model=COST,
+                         transient_memory=3 * 4 * top_k * H * 2)  # two tokens per chunk
+    release_after(model)
+    assert runtime_of(model).max_step_tokens == 2
+    assert dali_compile.offload_stats(model)["max_step_tokens"] == 2
+    with torch.no_grad():
+        assert relative_max_error(model(PROMPT).logits, want) <= FP32_RTOL
+
+
 class LiveBytes(TorchDispatchMode):
     """Peak bytes of the storages that ops allocate while the mode is on and that are still alive (views and
     in-place results of existing tensors, like slices of the slot pool, are not allocations; an op's own
