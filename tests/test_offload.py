@@ -130,7 +130,8 @@ def test_staging_chunks_when_more_misses_than_slots(offloaded, slots):
     assert stats["staging_slots"] == slots and stats["total"]["copies"] == stats["total"]["experts_gpu"]
 
 
-@pytest.mark.parametrize("policy,inductor", [("dali", True), ("cache_cpu_miss", False)])
+@pytest.mark.parametrize("policy,inductor", [pytest.param("dali", True, marks=pytest.mark.one_emulated_mode),
+                                             ("cache_cpu_miss", False)])
 def test_compiled_offloaded_model_matches_eager(offloaded, policy, inductor):
     """torch.compile(backend="dali") on an offloaded model: one graph, the op calls the hybrid runtime
     (inductor keeps the opaque op and its order)."""
@@ -143,6 +144,7 @@ def test_compiled_offloaded_model_matches_eager(offloaded, policy, inductor):
     assert dali_compile.offload_stats(model)["total"]["steps"] == 2  # the compiled graph ran both MoE layers
 
 
+@pytest.mark.one_emulated_mode
 def test_hand_written_decode_loop_under_compile(offloaded):
     from transformers import DynamicCache
 

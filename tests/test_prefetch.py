@@ -152,7 +152,7 @@ def test_prefetch_works_with_every_policy(policy, release_after):
     assert dali_compile.offload_stats(model)["total"]["prefetches"] > 0
 
 
-@pytest.mark.parametrize("inductor", [False, True])
+@pytest.mark.parametrize("inductor", [False, pytest.param(True, marks=pytest.mark.one_emulated_mode)])
 def test_the_pass_inserts_one_prefetch_hook_per_moe_layer_but_the_last(release_after, inductor):
     """Compiled: a dali::prefetch_next after each gate input but the last layer's, kept by inductor; it
     prefetches before the layer's own step would (the runtime's fallback then does nothing), and results
