@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from .experts_interface import IMPLEMENTATION_NAME, UnsupportedExpertsError, register_experts_interface, spec_of_module
 from .runtime.accelerator import make_accelerator, parse_bytes
-from .runtime.hybrid import HybridRuntime, fitting_prefetch_count, plan_slots
+from .runtime.expert_cache import fitting_prefetch_count, plan_slots
+from .runtime.hybrid import HybridRuntime
 from .runtime.planner import CostModel
 from .runtime.policies import make_policy
 from .runtime.prefetch import ResidualPredictor, default_prefetch_count, find_router, measure_residuals

@@ -21,14 +21,8 @@ from test_offload import COST, PROMPT, moe_geometry
 import dali_compile
 from dali_compile.ops.expert_math import moe_reference
 from dali_compile.ops.gpu_experts import gpu_experts
-from dali_compile.runtime.accelerator import (
-    DONE,
-    EmulatedAccelerator,
-    Event,
-    Pending,
-    emulated_mode,
-    make_accelerator,
-)
+from dali_compile.runtime.accelerator import DONE, Event, make_accelerator
+from dali_compile.runtime.emulated import EmulatedAccelerator, Pending, emulated_mode
 from dali_compile.runtime.expert_cache import SlotPool, expert_bytes
 from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
 from dali_compile.tiny_models import tiny_model

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dali_compile.runtime import profiling
-from dali_compile.runtime.accelerator import EmulatedAccelerator, ExpertMemoryError
+from dali_compile.runtime.accelerator import ExpertMemoryError
+from dali_compile.runtime.emulated import EmulatedAccelerator
 from dali_compile.runtime.expert_cache import LayerCache, SlotPool, expert_bytes
 from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
 

@@ -15,7 +15,8 @@ from helpers import FP32_RTOL, relative_max_error
 import dali_compile
 import dali_compile.offload  # noqa: F401  (the module, for monkeypatching; the package exports the function)
 from dali_compile.runtime import host_memory
-from dali_compile.runtime.accelerator import CudaAccelerator, EmulatedAccelerator
+from dali_compile.runtime.accelerator import CudaAccelerator
+from dali_compile.runtime.emulated import EmulatedAccelerator
 from dali_compile.runtime.host_memory import HostRegistrations
 from dali_compile.runtime.planner import CostModel
 from dali_compile.tiny_models import tiny_model

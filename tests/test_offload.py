@@ -1,6 +1,6 @@
 """Offloaded models on the emulated accelerator: every policy and budget gives eager's answer.
 
-The emulated accelerator is the CUDA test double (runtime/accelerator.py): real slot pools within a
+The emulated accelerator is the CUDA test double (runtime/emulated.py): real slot pools within a
 budget, copies on a worker thread, GPU experts through `dali::gpu_experts`' reference. So these tests
 run the whole hybrid path of `dali::moe_hybrid` (plan, CPU submit/wait, staging, caches, combine).
 """

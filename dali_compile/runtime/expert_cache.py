@@ -7,6 +7,8 @@ staging slots shared by the layers.
                  [N, X] and [N, H]: allocated once from the accelerator's budget (a hard limit).
     LayerCache   the slots one layer owns: which expert sits in which slot, and the copy event each
                  slot's contents become valid at.
+    plan_slots   the policy's split of a budget into cache and staging slots, with the checks that
+                 can refuse an offload before anything changes.
 
 All layers share one pool so that a GPU expert kernel reads any layer's cache and staging slots
 through one slot table (`slot_of_expert[E]`, -1: not on the GPU). Only the copy into a slot
@@ -25,6 +27,7 @@ import torch
 
 from .accelerator import DONE, Accelerator, Event, ExpertMemoryError
 from .layer_spec import LayerSpec
+from .policies import Policy, SlotPlan
 
 
 def expert_bytes(spec: LayerSpec) -> int:
@@ -169,3 +172,41 @@ class LayerCache:
 
     def ready_event(self, expert: int) -> Event:
         return self.ready.get(int(self.slot_of_expert[expert]), DONE)
+
+
+def plan_slots(policy: Policy, layers: list[tuple[str, LayerSpec]], budget_bytes: int, top_k: int,
+               reserved_slots: int = 0) -> SlotPlan:
+    """The policy's split of the budget into cache and staging slots, after the checks that can refuse an
+    offload: no MoE layer, layers of mixed expert shapes, a budget below one expert slot (for a policy that
+    uses the GPU), a plan over budget. `reserved_slots` (prefetch slots) come off the budget first. Touches
+    nothing, so offload() calls it before changing the model."""
+    if not layers:
+        raise ValueError("offload: the model has no MoE experts layer dali can run")
+    template = layers[0][1]
+    for name, spec in layers[1:]:
+        if not same_expert_shape(spec, template):
+            raise ValueError(f"offload: MoE layer {name} has experts of another shape or dtype than "
+                             f"{layers[0][0]}; layers of mixed expert shapes are not supported yet")
+    slot_bytes = expert_bytes(template)
+    budget_slots = budget_bytes // slot_bytes - reserved_slots
+    if policy.uses_gpu and budget_slots < 1:
+        raise ExpertMemoryError(
+            f"offload: the expert memory budget ({budget_bytes} bytes) is below one expert slot ({slot_bytes} "
+            f"bytes), the least policy {policy.name!r} needs to run an expert on the GPU; raise expert_memory "
+            "or use policy='all_cpu'"
+        )
+    plan = policy.slot_plan(budget_slots, len(layers), template.num_experts, top_k)
+    if plan.total > budget_slots or len(plan.cache_slots) != len(layers):
+        raise ExpertMemoryError(f"policy {policy.name!r} planned {plan} for {len(layers)} layers, "
+                                f"over the budget of {budget_slots} slots")
+    return plan
+
+
+def fitting_prefetch_count(policy: Policy, layers: list[tuple[str, LayerSpec]], budget_bytes: int,
+                           prefetch: int) -> int:
+    """P, reduced so that the two sets of P prefetch slots leave the policy at least one slot (0 for a policy
+    that never uses the GPU)."""
+    if not policy.uses_gpu or not layers or len(layers) < 2:
+        return 0
+    budget_slots = budget_bytes // expert_bytes(layers[0][1])
+    return max(0, min(prefetch, (budget_slots - 1) // 2))

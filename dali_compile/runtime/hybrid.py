@@ -42,53 +42,14 @@ from dali_compile.ops.cpu_experts import cpu_experts_submit, cpu_experts_wait
 from dali_compile.ops.gpu_experts import gpu_experts
 
 from .accelerator import Accelerator, Event, ExpertMemoryError
-from .expert_cache import LayerCache, SlotPool, expert_bytes, same_expert_shape
+from .expert_cache import LayerCache, SlotPool, expert_bytes, plan_slots
 from .layer_spec import LayerSpec
 from .planner import CostModel, greedy_plan
-from .policies import Decision, LayerStep, Policy, SlotPlan, check_decision
+from .policies import LayerStep, Policy, check_decision
 from .prefetch import ResidualPredictor
 from .profiling import profiled_costs
 from .registry import LayerRegistry, layer_registry
 from .stats import LayerStats, format_table, total
-
-
-def plan_slots(policy: Policy, layers: list[tuple[str, LayerSpec]], budget_bytes: int, top_k: int,
-               reserved_slots: int = 0) -> SlotPlan:
-    """The policy's split of the budget into cache and staging slots, after the checks that can refuse an
-    offload: no MoE layer, layers of mixed expert shapes, a budget below one expert slot (for a policy that
-    uses the GPU), a plan over budget. `reserved_slots` (prefetch slots) come off the budget first. Touches
-    nothing, so offload() calls it before changing the model."""
-    if not layers:
-        raise ValueError("offload: the model has no MoE experts layer dali can run")
-    template = layers[0][1]
-    for name, spec in layers[1:]:
-        if not same_expert_shape(spec, template):
-            raise ValueError(f"offload: MoE layer {name} has experts of another shape or dtype than "
-                             f"{layers[0][0]}; layers of mixed expert shapes are not supported yet")
-    slot_bytes = expert_bytes(template)
-    budget_slots = budget_bytes // slot_bytes - reserved_slots
-    if policy.uses_gpu and budget_slots < 1:
-        raise ExpertMemoryError(
-            f"offload: the expert memory budget ({budget_bytes} bytes) is below one expert slot ({slot_bytes} "
-            f"bytes), the least policy {policy.name!r} needs to run an expert on the GPU; raise expert_memory "
-            "or use policy='all_cpu'"
-        )
-    plan = policy.slot_plan(budget_slots, len(layers), template.num_experts, top_k)
-    if plan.total > budget_slots or len(plan.cache_slots) != len(layers):
-        raise ExpertMemoryError(f"policy {policy.name!r} planned {plan} for {len(layers)} layers, "
-                                f"over the budget of {budget_slots} slots")
-    return plan
-
-
-def fitting_prefetch_count(policy: Policy, layers: list[tuple[str, LayerSpec]], budget_bytes: int,
-                           prefetch: int) -> int:
-    """P, reduced so that the two sets of P prefetch slots leave the policy at least one slot (0 for a policy
-    that never uses the GPU)."""
-    if not policy.uses_gpu or not layers or len(layers) < 2:
-        return 0
-    budget_slots = budget_bytes // expert_bytes(layers[0][1])
-    return max(0, min(prefetch, (budget_slots - 1) // 2))
-
 
 # Transient memory per layer step (see the module docstring); 256 MiB is about 1,400 tokens of
 # Qwen3-30B-A3B (K 8, H 2048) per chunk, so decode and short prompts are never chunked.
