@@ -1,7 +1,7 @@
 """The build cache of the C++ runtime: hash-keyed folders, the inter-process build lock, the safety check.
 
 Builds here compile a tiny stand-in C++ source (about a second) through the same path as the real library
-(`cpu_extension.compile_library`): the locking and checks do not depend on what is compiled. The real
+(`build_cache.compile_library`): the locking and checks do not depend on what is compiled. The real
 sources are built from an empty cache once, in tests/test_cpu_experts.py. Every test points
 DALI_COMPILE_CACHE at its own tmp_path, and anything that could hang runs in a subprocess with a timeout.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dali_compile.runtime import cpu_extension
+from dali_compile.runtime import build_cache, cpu_extension
 
 TIMEOUT = 300  # seconds for any subprocess: far above a stand-in build, far below "forever"
 FLAGS = ("-O1",)
@@ -42,7 +42,7 @@ _BUILD = textwrap.dedent(
     import ctypes, json, os, sys, time
     from pathlib import Path
     from torch.utils import cpp_extension
-    from dali_compile.runtime import cpu_extension
+    from dali_compile.runtime import build_cache
 
     source, name, barrier = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     real_load, held = cpp_extension.load, []
@@ -58,7 +58,7 @@ _BUILD = textwrap.dedent(
     (barrier / f"ready-{os.getpid()}").touch()
     while not (barrier / "go").exists():
         time.sleep(0.01)
-    path = cpu_extension.compile_library([source], ("-O1",), (), name=name)
+    path = build_cache.compile_library([source], ("-O1",), (), name=name)
     print(json.dumps({"path": path, "answer": ctypes.CDLL(path).dali_test_answer(), "held": held}))
     """
 )
@@ -114,20 +114,20 @@ def test_builds_of_different_sources_or_flags_get_their_own_folders(tmp_path, mo
     assert [r["answer"] for r in reports] == [41, 42]
     assert Path(reports[0]["path"]).parent != Path(reports[1]["path"]).parent
     # The key also follows the flags, the headers' contents and torch's version (the folder above).
-    key = cpu_extension.build_key([sources[0]], [], FLAGS, ())
-    assert key != cpu_extension.build_key([sources[0]], [], ("-O2",), ())
-    assert key != cpu_extension.build_key([sources[0]], [sources[1]], FLAGS, ())
-    assert cpu_extension.build_dir([sources[0]], [], FLAGS, ()).parent == tmp_path / "cache" / torch.__version__
+    key = build_cache.build_key([sources[0]], [], FLAGS, ())
+    assert key != build_cache.build_key([sources[0]], [], ("-O2",), ())
+    assert key != build_cache.build_key([sources[0]], [sources[1]], FLAGS, ())
+    assert build_cache.build_dir([sources[0]], [], FLAGS, ()).parent == tmp_path / "cache" / torch.__version__
     monkeypatch.setattr(torch, "__version__", "0.0.0+other")
-    assert key != cpu_extension.build_key([sources[0]], [], FLAGS, ())
-    assert cpu_extension.build_dir([sources[0]], [], FLAGS, ()).parent == tmp_path / "cache" / "0.0.0+other"
+    assert key != build_cache.build_key([sources[0]], [], FLAGS, ())
+    assert build_cache.build_dir([sources[0]], [], FLAGS, ()).parent == tmp_path / "cache" / "0.0.0+other"
 
 
 _BUILD_ONCE = textwrap.dedent(
     """
     import ctypes, sys
-    from dali_compile.runtime import cpu_extension
-    path = cpu_extension.compile_library([sys.argv[1]], ("-O1",), (), name="dali_test_once")
+    from dali_compile.runtime import build_cache
+    path = build_cache.compile_library([sys.argv[1]], ("-O1",), (), name="dali_test_once")
     print(ctypes.CDLL(path).dali_test_answer())
     """
 )
@@ -144,7 +144,7 @@ def test_a_torch_lock_left_by_a_killed_build_is_removed(tmp_path, monkeypatch):
     wait for it forever; under dali's lock it is known to be stale, removed, and the build goes on."""
     monkeypatch.setenv("DALI_COMPILE_CACHE", str(tmp_path / "cache"))
     source = stand_in(tmp_path)
-    directory = cpu_extension.make_private_dirs(cpu_extension.build_dir([source], [], FLAGS, ()))
+    directory = build_cache.make_private_dirs(build_cache.build_dir([source], [], FLAGS, ()))
     (directory / "lock").write_text("")
     done = build_once(tmp_path, source)
     assert done.returncode == 0, done.stderr
@@ -156,8 +156,8 @@ _HOLD_LOCK = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from dali_compile.runtime import cpu_extension
-    with cpu_extension.build_lock(Path(sys.argv[1])):
+    from dali_compile.runtime import build_cache
+    with build_cache.build_lock(Path(sys.argv[1])):
         print("held", flush=True)
         time.sleep(600)
     """
@@ -174,7 +174,7 @@ def test_the_lock_of_a_build_killed_mid_way_is_released(tmp_path, monkeypatch):
     """A builder killed while holding dali's lock (SIGKILL: no cleanup at all) does not block the next one."""
     monkeypatch.setenv("DALI_COMPILE_CACHE", str(tmp_path / "cache"))
     source = stand_in(tmp_path)
-    directory = cpu_extension.make_private_dirs(cpu_extension.build_dir([source], [], FLAGS, ()))
+    directory = build_cache.make_private_dirs(build_cache.build_dir([source], [], FLAGS, ()))
     holder = hold_build_lock(directory)
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=TIMEOUT)
@@ -188,14 +188,14 @@ def test_a_live_holder_is_waited_for_a_bounded_time_and_named(tmp_path, monkeypa
     """A build that never ends (a stuck compiler) holds the lock: the next process gives up after
     BUILD_LOCK_TIMEOUT_SECONDS with an error naming the holder, instead of waiting forever."""
     monkeypatch.setenv("DALI_COMPILE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu_extension, "BUILD_LOCK_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(build_cache, "BUILD_LOCK_TIMEOUT_SECONDS", 0.5)
     source = stand_in(tmp_path)
-    directory = cpu_extension.make_private_dirs(cpu_extension.build_dir([source], [], FLAGS, ()))
+    directory = build_cache.make_private_dirs(build_cache.build_dir([source], [], FLAGS, ()))
     holder = hold_build_lock(directory)
     try:
         start = time.monotonic()
-        with pytest.raises(cpu_extension.BuildLockTimeout, match=f"held by process {holder.pid}"):
-            cpu_extension.compile_library([source], FLAGS, (), name="dali_test_waits")
+        with pytest.raises(build_cache.BuildLockTimeout, match=f"held by process {holder.pid}"):
+            build_cache.compile_library([source], FLAGS, (), name="dali_test_waits")
         assert time.monotonic() - start < 30
     finally:
         holder.kill()
@@ -206,7 +206,7 @@ def test_a_live_holder_is_waited_for_a_bounded_time_and_named(tmp_path, monkeypa
 def test_cache_folders_are_created_private(tmp_path, monkeypatch):
     root = tmp_path / "fresh" / "cache"
     monkeypatch.setenv("DALI_COMPILE_CACHE", str(root))
-    directory = cpu_extension.make_private_dirs(cpu_extension.build_dir([stand_in(tmp_path)], [], FLAGS, ()))
+    directory = build_cache.make_private_dirs(build_cache.build_dir([stand_in(tmp_path)], [], FLAGS, ()))
     for folder in (root, root / torch.__version__, directory):
         assert folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o700, folder
 
@@ -216,11 +216,11 @@ def test_a_world_writable_cache_is_refused(tmp_path, monkeypatch, where):
     """Anyone could swap the library in a world-writable folder: nothing is built or loaded from it."""
     monkeypatch.setenv("DALI_COMPILE_CACHE", str(tmp_path / "cache"))
     source = stand_in(tmp_path)
-    directory = cpu_extension.make_private_dirs(cpu_extension.build_dir([source], [], FLAGS, ()))
+    directory = build_cache.make_private_dirs(build_cache.build_dir([source], [], FLAGS, ()))
     unsafe = tmp_path / "cache" if where == "root" else directory
     unsafe.chmod(0o777)
-    with pytest.raises(cpu_extension.UnsafeCacheError, match=re.escape(f"{unsafe} is writable by group or others")):
-        cpu_extension.compile_library([source], FLAGS, (), name="dali_test_unsafe")
+    with pytest.raises(build_cache.UnsafeCacheError, match=re.escape(f"{unsafe} is writable by group or others")):
+        build_cache.compile_library([source], FLAGS, (), name="dali_test_unsafe")
     assert not list(directory.glob("*.so"))
 
 
@@ -229,20 +229,20 @@ def test_a_cache_owned_by_someone_else_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("DALI_COMPILE_CACHE", str(tmp_path / "cache"))
     source = stand_in(tmp_path)
     (tmp_path / "cache").mkdir(mode=0o700)
-    monkeypatch.setattr(cpu_extension, "_current_uid", lambda: os.geteuid() + 1)
-    with pytest.raises(cpu_extension.UnsafeCacheError, match=f"is owned by uid {os.geteuid()}, not this user"):
-        cpu_extension.compile_library([source], FLAGS, (), name="dali_test_foreign")
+    monkeypatch.setattr(build_cache, "_current_uid", lambda: os.geteuid() + 1)
+    with pytest.raises(build_cache.UnsafeCacheError, match=f"is owned by uid {os.geteuid()}, not this user"):
+        build_cache.compile_library([source], FLAGS, (), name="dali_test_foreign")
 
 
 def test_a_library_writable_by_others_is_not_loaded(tmp_path, monkeypatch):
     """A safe folder with a library file that others may write (copied in, say): refused before loading."""
     monkeypatch.setenv("DALI_COMPILE_CACHE", str(tmp_path / "cache"))
     source = stand_in(tmp_path)
-    directory = cpu_extension.make_private_dirs(cpu_extension.build_dir([source], [], FLAGS, ()))
+    directory = build_cache.make_private_dirs(build_cache.build_dir([source], [], FLAGS, ()))
     (directory / "dali_test_lib.so").write_bytes(b"not a library")
     (directory / "dali_test_lib.so").chmod(0o666)
-    with pytest.raises(cpu_extension.UnsafeCacheError, match="dali_test_lib.so is writable"):
-        cpu_extension.compile_library([source], FLAGS, (), name="dali_test_lib")
+    with pytest.raises(build_cache.UnsafeCacheError, match="dali_test_lib.so is writable"):
+        build_cache.compile_library([source], FLAGS, (), name="dali_test_lib")
 
 
 def test_an_unsafe_cache_means_the_reference_with_one_clear_warning(tmp_path, monkeypatch):
@@ -266,8 +266,8 @@ def test_a_linked_cache_root_is_judged_by_its_target(tmp_path, monkeypatch):
     target.mkdir(mode=0o700)
     link.symlink_to(target)
     monkeypatch.setenv("DALI_COMPILE_CACHE", str(link))
-    directory = cpu_extension.make_private_dirs(cpu_extension.build_dir([stand_in(tmp_path)], [], FLAGS, ()))
+    directory = build_cache.make_private_dirs(build_cache.build_dir([stand_in(tmp_path)], [], FLAGS, ()))
     assert directory.resolve().parent.parent == target
     target.chmod(0o777)
-    with pytest.raises(cpu_extension.UnsafeCacheError, match="is writable by group or others"):
-        cpu_extension.make_private_dirs(directory)
+    with pytest.raises(build_cache.UnsafeCacheError, match="is writable by group or others"):
+        build_cache.make_private_dirs(directory)

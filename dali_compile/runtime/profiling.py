@@ -29,7 +29,7 @@ import torch
 from dali_compile.ops.cpu_experts import cpu_experts
 from dali_compile.ops.gpu_experts import gpu_experts
 
-from . import cpu_extension
+from . import build_cache, cpu_extension
 from .accelerator import Accelerator
 from .expert_cache import SlotPool
 from .layer_spec import LayerSpec
@@ -48,7 +48,7 @@ def _key(accelerator: Accelerator, spec: LayerSpec) -> str:
 
 
 def _store() -> Path:
-    return cpu_extension.cache_dir() / "cost_models.json"
+    return build_cache.cache_dir() / "cost_models.json"
 
 
 def _valid_entry(entry) -> bool:
@@ -95,7 +95,7 @@ def _store_lock(path: Path):
 
 def _store_entry(path: Path, key: str, entry: dict) -> None:
     """Adds `entry` under `key` to the store, keeping what other processes wrote meanwhile."""
-    cpu_extension.make_private_dirs(path.parent)
+    build_cache.make_private_dirs(path.parent)
     with _store_lock(path):
         stored = _read_store(path)
         stored[key] = entry
