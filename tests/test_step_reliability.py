@@ -53,7 +53,7 @@ def offloaded_model(policy: str = "dali", layers: int = 4, cached_fraction: floa
     slot, num_layers, experts, top_k = moe_geometry(model)
     budget = slot * (top_k + int(cached_fraction * num_layers * experts) + 2 * prefetch)
     dali_compile.offload(model, device="emulated", expert_memory=budget, policy=policy, cost_model=COST,
-                         prefetch=prefetch if policy == "dali" else 0)
+                         prefetch=prefetch)  # prefetching on under every policy
     return model, want
 
 
@@ -153,6 +153,7 @@ def test_a_failed_step_leaves_the_runtime_consistent(site, policy, error, monkey
             assert relative_max_error(got, want) <= FP32_RTOL
     runtime.check_slots()
     assert outstanding_cpu_jobs() == 0
+    assert runtime.stats()["total"]["prefetches"] > 0  # prefetching was on
 
 
 @pytest.mark.usefixtures("emulated_mode")  # both modes of the emulated accelerator
@@ -376,7 +377,7 @@ def test_ten_thousand_decode_steps_keep_rss_flat(release_after):
     """10,000 one-token MoE layer steps with copies, evictions and CPU jobs on every step: resident memory
     after a 1,000-step warm-up grows by less than 8 MiB (the slack covers allocator and interpreter noise;
     a leak of one [K, H] fp32 buffer per step would be 2.5 MiB here, of one expert slot 60 MiB)."""
-    model, _ = offloaded_model("lru", layers=2, cached_fraction=0.25)
+    model, _ = offloaded_model("lru", layers=2, cached_fraction=0.25, prefetch=0)
     release_after(model)
     runtime = runtime_of(model)
     H, K, E = model.config.hidden_size, runtime.top_k, runtime.num_experts
