@@ -42,7 +42,6 @@ import argparse
 import copy
 import csv
 import gc
-import inspect
 import math
 import os
 import statistics
@@ -55,6 +54,7 @@ import transformers
 from transformers import DynamicCache
 
 import dali_compile
+from dali_compile.hf_compat import cache_keyword
 from dali_compile.runtime import cpu_extension
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -196,11 +196,6 @@ def build_paths(base, names, dali_inductor: bool) -> dict[str, tuple[Callable, s
             model = torch.compile(model, backend=backend, dynamic=False)
         paths[name] = (model, used)
     return paths
-
-
-def cache_keyword(model) -> str:
-    """`cache` where the installed transformers has renamed `past_key_values`, else `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def filled_cache(model, prompt: torch.Tensor, keyword: str):

@@ -47,6 +47,7 @@ import torch
 
 import dali_compile
 from dali_compile.experts_interface import spec_of_module
+from dali_compile.hf_compat import cache_keyword
 from dali_compile.offload import experts_modules
 from dali_compile.runtime import cpu_extension
 from dali_compile.runtime.expert_cache import expert_bytes
@@ -212,7 +213,8 @@ def run_trial(forward, prompt: torch.Tensor, steps: int, keep: int, sync, snapsh
     before = snapshot()
     sync()
     start = time.perf_counter()
-    out = forward(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    keyword = cache_keyword(forward)
+    out = forward(input_ids=prompt, **{keyword: cache}, use_cache=True, logits_to_keep=1)
     sync()
     prefill_s = time.perf_counter() - start
     middle = snapshot()
@@ -222,7 +224,7 @@ def run_trial(forward, prompt: torch.Tensor, steps: int, keep: int, sync, snapsh
     sync()
     start = time.perf_counter()
     for _ in range(steps):
-        out = forward(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = forward(input_ids=token, **{keyword: cache}, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
         if len(logits) < keep:

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import dali_compile
+from dali_compile.hf_compat import cache_keyword
 from dali_compile.tiny_models import FAMILIES, tiny_model
 
 # Big enough that the experts dominate the time, small enough to build in a second on 2 cores.
@@ -33,13 +34,14 @@ def greedy_decode(forward, model, prompt: torch.Tensor, new_tokens: int, desc: s
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    logits = forward(input_ids=prompt, past_key_values=cache, use_cache=True).logits
+    keyword = cache_keyword(model)
+    logits = forward(input_ids=prompt, **{keyword: cache}, use_cache=True).logits
     tokens = []
     start = time.perf_counter()
     for _ in tqdm(range(new_tokens), desc=desc, unit="tok", leave=False, file=sys.stdout):
         token = logits[:, -1:].argmax(-1)
         tokens.append(int(token))
-        logits = forward(input_ids=token, past_key_values=cache, use_cache=True).logits
+        logits = forward(input_ids=token, **{keyword: cache}, use_cache=True).logits
     return tokens, new_tokens / (time.perf_counter() - start)
 
 

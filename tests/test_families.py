@@ -13,6 +13,7 @@ from helpers import assert_close_to_eager, compile_dali, count_moe_calls, num_mo
 from transformers import DynamicCache, StaticCache
 
 import dali_compile
+from dali_compile.hf_compat import cache_keyword
 from dali_compile.tiny_models import available_families, tiny_model
 
 PREFILL_TOKENS = 8
@@ -27,7 +28,7 @@ def _prefill_cache(model, prompt):
     """A DynamicCache filled by an eager prefill of `prompt`, and the greedy next token."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        logits = model(prompt, past_key_values=cache, use_cache=True).logits
+        logits = model(prompt, **{cache_keyword(model): cache}, use_cache=True).logits
     return cache, logits[:, -1:].argmax(-1)
 
 
@@ -46,10 +47,10 @@ def test_logits_equal_eager(family, impl, dtype, phase):
     else:
         prompt = _inputs(vocab, PROMPT)
         cache, token = _prefill_cache(model, prompt)
-        kwargs = dict(input_ids=token, past_key_values=cache, use_cache=True)
+        kwargs = dict(input_ids=token, use_cache=True, **{cache_keyword(model): cache})
         if truth_model is not None:
             truth_cache, _ = _prefill_cache(truth_model, prompt)
-            truth_kwargs = dict(input_ids=token, past_key_values=truth_cache, use_cache=True)
+            truth_kwargs = dict(input_ids=token, use_cache=True, **{cache_keyword(model): truth_cache})
     with torch.no_grad():
         eager = model(**copy.deepcopy(kwargs)).logits
         truth = truth_model(**truth_kwargs).logits if truth_model is not None else None
@@ -81,15 +82,15 @@ def test_generate_same_tokens(family):
 def _static_cache_decode(forward, model, prompt: torch.Tensor, steps: int) -> list[int]:
     """A hand-written greedy loop over a StaticCache: prefill, then one token at a time."""
     cache = StaticCache(config=model.config, max_cache_len=32)
-    length = prompt.shape[1]
-    logits = forward(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(length),
+    length, keyword = prompt.shape[1], cache_keyword(model)
+    logits = forward(input_ids=prompt, **{keyword: cache}, cache_position=torch.arange(length),
                      use_cache=True).logits
     tokens = []
     for step in range(steps):
         token = logits[:, -1:].argmax(-1)
         tokens.append(int(token))
         position = torch.tensor([length + step])
-        logits = forward(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        logits = forward(input_ids=token, **{keyword: cache}, cache_position=position, use_cache=True).logits
     return tokens
 
 

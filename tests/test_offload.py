@@ -15,6 +15,7 @@ from helpers import FP32_RTOL, compile_dali, relative_max_error
 
 import dali_compile
 from dali_compile.experts_interface import spec_of_module
+from dali_compile.hf_compat import cache_keyword
 from dali_compile.offload import runtime_of
 from dali_compile.runtime.accelerator import ExpertMemoryError, parse_bytes
 from dali_compile.runtime.expert_cache import expert_bytes
@@ -156,7 +157,7 @@ def test_hand_written_decode_loop_under_compile(offloaded):
         cache, tokens, ids = DynamicCache(), [], PROMPT[:1]
         with torch.no_grad():
             for _ in range(4):
-                logits = net(input_ids=ids, past_key_values=cache, use_cache=True).logits
+                logits = net(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}).logits
                 ids = logits[:, -1:].argmax(-1)
                 tokens.append(int(ids))
         outputs.append(tokens)

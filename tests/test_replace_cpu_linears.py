@@ -13,6 +13,7 @@ from helpers import FP32_RTOL, assert_close_to_eager, compile_dali, relative_max
 from transformers import DynamicCache
 
 import dali_compile
+from dali_compile.hf_compat import cache_keyword
 from dali_compile.tiny_models import tiny_model
 
 
@@ -38,11 +39,11 @@ def test_every_linear_of_a_decode_step_runs_on_the_runtime(dtype):
     ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, use_cache=True, **{cache_keyword(model): cache})
         step = ids[:, -1:]
 
         def decode(m):
-            return m(step, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+            return m(step, use_cache=True, **{cache_keyword(model): copy.deepcopy(cache)}).logits
 
         eager = decode(model)
         compiled = compile_dali(model)
