@@ -5,8 +5,8 @@ staging slots shared by the layers.
 
     SlotPool     up [N, X, H] (transposed [N, H, X]), down [N, H, I] (transposed [N, I, H]), biases
                  [N, X] and [N, H]: allocated once from the accelerator's budget (a hard limit).
-    LayerCache   the slots one layer owns: which expert sits in which slot, and the copy event each
-                 slot's contents become valid at.
+    LayerCache   the slots one layer owns: which expert sits in which slot (the pool keeps each slot's
+                 latest copy event).
     plan_slots   the policy's split of a budget into cache and staging slots, with the checks that
                  can refuse an offload before anything changes.
 
@@ -108,7 +108,7 @@ class SlotPool:
 
 
 class LayerCache:
-    """The cache slots of one layer: expert <-> slot, and when each slot's contents are valid."""
+    """The cache slots of one layer: expert <-> slot."""
 
     def __init__(self, pool: SlotPool, slots: list[int], num_experts: int, owner: int | None = None):
         self.pool = pool
@@ -117,7 +117,6 @@ class LayerCache:
         self.owner = id(self) if owner is None else owner  # how the pool tags this cache's slots
         self.slot_of_expert = np.full(num_experts, -1, dtype=np.int32)
         self.expert_in_slot: dict[int, int] = {}
-        self.ready: dict[int, Event] = {}  # slot -> the copy that fills it
         self._resident: np.ndarray | None = None  # sorted cached experts, rebuilt after an install
 
     @property
@@ -148,12 +147,10 @@ class LayerCache:
             # slot is free, never "the victim" with half of another expert's weights.
             self.slot_of_expert[victim] = -1
             del self.expert_in_slot[slot]
-            self.ready.pop(slot, None)
             self._resident = None
-        event = self.pool.load(slot, source, expert, after, owner=self.owner)
+        self.pool.load(slot, source, expert, after, owner=self.owner)  # its event: pool.copy_event(slot)
         self.slot_of_expert[expert] = slot
         self.expert_in_slot[slot] = expert
-        self.ready[slot] = event
         self._resident = None
         return slot
 
@@ -162,7 +159,6 @@ class LayerCache:
         interrupted half-way, once the accelerator has synchronized and the pool has settled)."""
         self.slot_of_expert[:] = -1
         self.expert_in_slot.clear()
-        self.ready.clear()
         for slot in self.slots:
             held = self.pool.contents[slot]
             if held is not None and held[0] == self.owner and self.slot_of_expert[held[1]] < 0:
@@ -170,8 +166,6 @@ class LayerCache:
                 self.expert_in_slot[slot] = held[1]
         self._resident = None
 
-    def ready_event(self, expert: int) -> Event:
-        return self.ready.get(int(self.slot_of_expert[expert]), DONE)
 
 
 def plan_slots(policy: Policy, layers: list[tuple[str, LayerSpec]], budget_bytes: int, top_k: int,

@@ -235,7 +235,7 @@ class HybridRuntime:
         for layer in self.layers:
             expert = layer.cache.expert_in_slot.get(slot)
             if expert is not None:
-                layer.cache.ready[slot] = self.pool.load(slot, layer.spec, expert, None, owner=layer.index)
+                self.pool.load(slot, layer.spec, expert, None, owner=layer.index)
         self.accelerator.synchronize()
 
     def stats(self) -> dict:
