@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from dali_compile.runtime import cpu_extension
 from dali_compile.runtime.layer_spec import LayerSpec
 from dali_compile.runtime.registry import layer_registry
 
@@ -97,12 +98,13 @@ def moe_hybrid_reference_kernel(hidden, topk_ids, topk_weights, layer):
 torch.library.impl(NAME, "CompositeExplicitAutograd")(moe_hybrid_reference_kernel)
 
 
-def _device_kernel(resident_contributions, checks_ids: bool):
+def _device_kernel(resident_contributions, checks_ids: bool, publish=None):
     """A device kernel of the op: an offloaded layer goes to its hybrid runtime; otherwise every expert is
     resident on this device and `resident_contributions(spec, hidden, topk_ids, topk_weights)` gives the
     [T, K, H] fp32 slot contributions, summed over k in order, as moe_reference. `checks_ids`: it raises
     IndexError for an id out of range itself (the C++ runtime does), so the per-step id reductions are
-    only run to word the error."""
+    only run to word the error. `publish(handle, spec)`: after a resident call, hands the layer to a
+    faster kernel that serves its later calls (see the CPU kernel below)."""
 
     def kernel(hidden, topk_ids, topk_weights, layer):
         check_routing_shapes(hidden, topk_ids, topk_weights)
@@ -116,6 +118,8 @@ def _device_kernel(resident_contributions, checks_ids: bool):
         except IndexError:
             check_against_layer(spec, layer, hidden, topk_ids)  # raises, naming the layer
             raise
+        if publish is not None:
+            layer_registry().publish_if_resident(layer, publish)
         return contributions.sum(dim=1).to(hidden.dtype)
 
     return kernel
@@ -130,8 +134,11 @@ def _triton_over_identity_slots(spec, hidden, topk_ids, topk_weights):
 
 # CUDA: the Triton kernels; CPU: the C++ runtime (`dali::cpu_experts`; its reference when not built). A layer
 # offloaded to CUDA or to the emulated accelerator (CPU tensors) runs its hybrid runtime on either.
+# On the CPU, a layer served resident is published to the C++ library's own kernel for the op
+# (csrc/binding/resident_layers.cpp, registered for AutogradCPU, so it runs before this one): its later calls
+# skip Python (about 120 us a layer per step) with the same arithmetic, and come back here for anything else.
 moe_hybrid_cuda_kernel = _device_kernel(_triton_over_identity_slots, checks_ids=False)
-moe_hybrid_cpu_kernel = _device_kernel(cpu_experts, checks_ids=True)
+moe_hybrid_cpu_kernel = _device_kernel(cpu_experts, checks_ids=True, publish=cpu_extension.publish_resident_layer)
 torch.library.register_kernel(NAME, "cuda")(moe_hybrid_cuda_kernel)
 torch.library.register_kernel(NAME, "cpu")(moe_hybrid_cpu_kernel)
 

@@ -23,6 +23,7 @@
 #include "../core/experts.h"
 #include "../core/runtime.h"
 #include "aten_dtypes.h"
+#include "cpu_experts_call.h"
 
 namespace dali_cpu {
 namespace {
@@ -215,16 +216,6 @@ std::shared_ptr<PreparedCall> prepare(const char* op, const at::Tensor& hidden, 
   return call;
 }
 
-at::Tensor cpu_experts(const at::Tensor& hidden, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                       const at::Tensor& up, const at::Tensor& down, const std::optional<at::Tensor>& up_bias,
-                       const std::optional<at::Tensor>& down_bias, const std::optional<at::Tensor>& expert_mask,
-                       bool gated, bool interleaved, bool transposed, c10::string_view activation, double alpha,
-                       double limit) {
-  auto call = prepare("dali::cpu_experts", hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask,
-                      gated, interleaved, transposed, activation, alpha, limit);
-  run(*call, step_parallel());
-  return call->out;
-}
 
 // Handle 0 is the empty job: no slot was selected for the CPU, so there is nothing to run and the
 // result is all zeros. It is the only handle that may be waited on more than once.
@@ -331,6 +322,18 @@ at::Tensor cpu_experts_wait(const at::Tensor& handle, const at::Tensor& hidden, 
 }
 
 }  // namespace
+
+at::Tensor cpu_experts(const at::Tensor& hidden, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                       const at::Tensor& up, const at::Tensor& down, const std::optional<at::Tensor>& up_bias,
+                       const std::optional<at::Tensor>& down_bias, const std::optional<at::Tensor>& expert_mask,
+                       bool gated, bool interleaved, bool transposed, c10::string_view activation, double alpha,
+                       double limit) {
+  auto call = prepare("dali::cpu_experts", hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask,
+                      gated, interleaved, transposed, activation, alpha, limit);
+  run(*call, step_parallel());
+  return call->out;
+}
+
 }  // namespace dali_cpu
 
 TORCH_LIBRARY_IMPL(dali, CPU, m) {

@@ -7,7 +7,12 @@
 // and goes to ATen's fp32 GEMM (MKL): fp32 weights directly, 16-bit ones widened to fp32 chunk by
 // chunk first (a CPU without native bf16/fp16 dot products runs the 16-bit GEMM far slower).
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/matmul.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
@@ -96,7 +101,35 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::
   return out.view(out_shape);
 }
 
+using CpuLinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
+
+bool any_requires_grad(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return x.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->defined() && bias->requires_grad());
+}
+
+// The op's autograd kernel for CPU tensors, in C++: a decode step calls the op hundreds of times, and
+// the Python autograd kernel (ops/cpu_linear.py, still the one for other devices and for the reference
+// path before this library loads) cost about 30 us a call even when nothing needs a gradient.
+//   - No gradient needed (inference, no_grad): straight down to the kernels below autograd, modes
+//     such as FakeTensor and functionalization included.
+//   - A gradient needed: the same math in differentiable ATen ops (fp32 accumulation, one rounding),
+//     so autograd records it as it records any linear.
+at::Tensor cpu_linear_autograd(c10::DispatchKeySet keys, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias) {
+  if (!at::GradMode::is_enabled() || !any_requires_grad(x, weight, bias)) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("dali::cpu_linear", "").typed<CpuLinearSignature>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.redispatch(keys & c10::after_autograd_keyset, x, weight, bias);
+  }
+  check_args(x, weight, bias);
+  at::Tensor out = at::matmul(x.to(at::kFloat), weight.to(at::kFloat).t());
+  if (bias.has_value() && bias->defined()) out = at::add(out, bias->to(at::kFloat));
+  return out.to(x.scalar_type());
+}
+
 }  // namespace
 }  // namespace dali_cpu
 
 TORCH_LIBRARY_IMPL(dali, CPU, m) { m.impl("cpu_linear", &dali_cpu::cpu_linear); }
+TORCH_LIBRARY_IMPL(dali, AutogradCPU, m) { m.impl("cpu_linear", TORCH_FN(dali_cpu::cpu_linear_autograd)); }

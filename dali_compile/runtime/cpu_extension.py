@@ -68,6 +68,7 @@ SOURCES = (
     "binding/cpu_experts_ops.cpp",
     "binding/linear_ops.cpp",
     "binding/aten_parallel.cpp",
+    "binding/resident_layers.cpp",
 )
 # No -march=native: the library must run on any x86-64 (ISA paths are picked at run time).
 # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into our
@@ -88,6 +89,9 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _library_path: str | None = None
 _load_attempted = False
+# Registry redirects active in any thread (see pause_resident_layers).
+_redirects_active = 0
+_redirect_lock = threading.Lock()
 
 
 def source_paths() -> list[str]:
@@ -160,6 +164,13 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_cpu_read_buffers.restype = ctypes.c_int
     lib.dali_greedy_plan.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.dali_greedy_plan.restype = ctypes.c_int
+    lib.dali_cpu_resident_publish.argtypes = [ctypes.c_int64] + [ctypes.c_ssize_t] * 4 + [ctypes.c_int] * 3 + [
+        ctypes.c_char_p, ctypes.c_double, ctypes.c_double]
+    lib.dali_cpu_resident_publish.restype = ctypes.c_int
+    lib.dali_cpu_resident_forget.restype = None
+    lib.dali_cpu_resident_pause.argtypes = [ctypes.c_int]
+    lib.dali_cpu_resident_pause.restype = None
+    lib.dali_cpu_resident_count.restype = ctypes.c_int
     return lib
 
 
@@ -220,7 +231,12 @@ def _loaded() -> ctypes.CDLL | None:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        _load_attempted = True
+        # Under the redirect lock: a redirect entered before this point is counted in the library, one entered
+        # after it sees the library (pause_resident_layers).
+        with _redirect_lock:
+            if _library is not None:
+                _library.dali_cpu_resident_pause(_redirects_active)
+            _load_attempted = True
         return _library
 
 
@@ -364,3 +380,57 @@ def outstanding_jobs() -> int:
     """Async jobs submitted and not yet waited on (0 without the extension)."""
     lib = _loaded()
     return 0 if lib is None else _checked(lib, lib.dali_cpu_outstanding_jobs(), "outstanding_jobs")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resident layers: dali::moe_hybrid served in C++ (csrc/binding/resident_layers.cpp). None of these
+# loads the library: before it is loaded, nothing was published and there is nothing to forget.
+
+
+def _if_loaded() -> ctypes.CDLL | None:
+    return _library if _load_attempted else None
+
+
+def publish_resident_layer(handle: int, spec) -> None:
+    """Let the C++ kernel serve `dali::moe_hybrid(..., layer=handle)` from `spec`'s tensors (held weakly) until
+    `forget_resident_layers`. The caller (the op's Python kernel, under the registry's lock) has checked that
+    the layer is resident: registered, no runtime attached, no redirect on this thread."""
+    lib = _if_loaded()
+    if lib is None:
+        return
+    layout, act = spec.layout, spec.layout.activation
+
+    def impl(t) -> int:
+        return 0 if t is None else t._cdata  # the TensorImpl; C++ keeps a weak reference to it
+
+    status = lib.dali_cpu_resident_publish(
+        handle, impl(spec.up_weight), impl(spec.down_weight), impl(spec.up_bias), impl(spec.down_bias),
+        int(layout.gated), int(layout.interleaved), int(layout.transposed), act.name.encode(),
+        float(act.alpha or 0.0), float(act.limit or 0.0))
+    _checked(lib, status, "publish_resident_layer")
+
+
+def forget_resident_layers() -> None:
+    """Every later call goes through the layer registry again (until the Python kernel publishes anew)."""
+    lib = _if_loaded()
+    if lib is not None:
+        lib.dali_cpu_resident_forget()
+
+
+def pause_resident_layers(delta: int) -> None:
+    """+1 when a thread enters a registry redirect, -1 when it leaves: while any thread is inside one, no thread
+    uses published layers (a redirect is per thread, the C++ switch is per process: redirects are rare, so
+    the rest only waits for the Python kernel meanwhile). Kept here too, so a library loaded during a redirect
+    starts paused."""
+    global _redirects_active
+    with _redirect_lock:
+        _redirects_active += delta
+        lib = _if_loaded()
+        if lib is not None:
+            lib.dali_cpu_resident_pause(_redirects_active)
+
+
+def resident_layer_count() -> int:
+    """Layers the C++ kernel serves now (0 without the library)."""
+    lib = _if_loaded()
+    return 0 if lib is None else int(lib.dali_cpu_resident_count())

@@ -28,6 +28,7 @@ import dataclasses
 import threading
 import weakref
 
+from . import cpu_extension
 from .layer_spec import LayerSpec
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(LayerSpec))
@@ -49,6 +50,12 @@ def _checked_spec(layout, tensors, name: str) -> LayerSpec:
     for field, value in zip(_FIELDS, (layout, *tensors, name), strict=True):
         object.__setattr__(spec, field, value)
     return spec
+
+
+def _serving_changed() -> None:
+    """What serves some handle changed: the C++ kernel of `dali::moe_hybrid` must stop serving the layers the
+    Python kernel published to it (ops/moe_hybrid.py) and ask the registry again."""
+    cpu_extension.forget_resident_layers()
 
 
 class UnknownLayerError(KeyError):
@@ -182,6 +189,7 @@ class LayerRegistry:
             new = _Entry(handle, spec, _identity(spec), entry.spec is None, self._on_death(handle))
             new.runtime = entry.runtime
             self._entries[handle] = new
+            _serving_changed()
             # Another handle may already own these tensors; keep its entry so releasing it stays exact.
             self._by_identity.setdefault(new.key, handle)
 
@@ -194,12 +202,14 @@ class LayerRegistry:
         with self._locked():
             entry = self._entries[handle]
             entry.runtime = weakref.ref(runtime, self._on_death(handle))
+            _serving_changed()
 
     def detach(self, handle: int) -> None:
         with self._locked():
             entry = self._entries.get(handle)
             if entry is not None:
                 entry.runtime = None
+            _serving_changed()
 
     def attached(self, handle: int):
         """The runtime serving this layer, or None (then the op's device kernel runs it directly)."""
@@ -213,6 +223,23 @@ class LayerRegistry:
             raise self._unknown(handle, freed=True)
         return runtime
 
+    def publish_if_resident(self, handle: int, publish) -> None:
+        """Calls publish(handle, spec) under the lock if `handle` is served directly by its device kernel: registered,
+        its tensors alive, no runtime attached and no redirect on this thread. Every change to what serves a
+        handle (drop, rebind, attach, detach, clear) forgets what was published (`_serving_changed`)."""
+        if getattr(self._local, "redirects", None):
+            return
+        with self._locked():
+            entry = self._entries.get(handle)
+            if entry is None or entry.runtime is not None:
+                return
+            if entry.spec is not None:
+                publish(handle, entry.spec)
+                return
+            tensors = entry.tensors()
+            if tensors is not None:
+                publish(handle, _checked_spec(entry.layout, tensors, entry.name))
+
     # -- per-thread redirects -------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -220,9 +247,11 @@ class LayerRegistry:
         """For the calling thread and the duration of the block, resolve each key handle as its value."""
         previous = getattr(self._local, "redirects", None)
         self._local.redirects = {**previous, **handles} if previous else dict(handles)
+        cpu_extension.pause_resident_layers(+1)
         try:
             yield
         finally:
+            cpu_extension.pause_resident_layers(-1)
             self._local.redirects = previous
 
     def _redirected(self, handle: int) -> int:
@@ -238,6 +267,7 @@ class LayerRegistry:
     def clear(self) -> None:
         with self._locked():
             self._entries.clear()
+            _serving_changed()
             self._by_identity.clear()
             self._freed.clear()
             self._dying.clear()
@@ -319,6 +349,7 @@ class LayerRegistry:
         entry = self._entries.pop(handle, None)
         if entry is None:
             return
+        _serving_changed()
         if self._by_identity.get(entry.key) == handle:
             del self._by_identity[entry.key]
         if freed:
