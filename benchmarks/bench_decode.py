@@ -29,8 +29,11 @@ Breakdown of dali's decode step, from --profile-steps profiled steps after the t
 (operators or inductor kernels with no operator above; annotations such as "Torch-Compiled Region" are seen
 through) grouped as experts (dali::moe_hybrid, dali::cpu_experts*), dense (dali::cpu_linear, aten::mm, addmm,
 linear, matmul, bmm), attention (scaled_dot_product, attention or softmax in the name: the router's softmax
-too), other; overhead = wall time minus all top-level ops (Python, dynamo guards, graph glue), and its share
-of the step with the profiler's own cost per recorded event (timed on a loop of tiny ops) taken out.
+too), other; overhead = wall time minus all top-level ops (Python, dynamo guards, graph glue; the profiler's own
+cost included). Fixed cost (dali's overhead share): the dali step of the same structure (layers, experts, top-k,
+heads up to 4, vocab) with every width cut to a few dozen, timed in the same rounds: all a step costs beside
+reading weights (dynamo's guards, transformers' and the graph's Python, kernel calls, attention, glue), as a share
+of dali's step.
 Prefill GFLOP/s counts matmuls only (attention scores and values ignored): 2 * rows * in * out per 2-D weight
 but the embedding (LM head: 1 row) + 2 * P * K * 3 * H * I for the experts; gemm = torch.mm of 2048x2048 fp32
 matrices in the same rounds. Prints tables, writes a CSV and, when matplotlib imports, a PNG.
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import csv
 import gc
 import math
@@ -139,9 +143,8 @@ class Row:
     other_ms: float = NAN
     overhead_ms: float = NAN
     profiled_ms: float = NAN  # wall time of a profiled step
-    # overhead_ms less the profiler's own cost (events per step x its measured cost per event), over the
-    # profiled step less that cost: the share of a step spent outside any op
-    overhead_share: float = NAN
+    fixed_ms: float = NAN  # dali rows: the step of the same structure at tiny widths, same rounds
+    overhead_share: float = NAN  # fixed_ms / ms
 
 
 BREAKDOWN = ("experts", "dense", "attention", "other", "overhead")
@@ -161,6 +164,13 @@ def experts_modules(model) -> list[torch.nn.Module]:
     """Modules owning stacked 3-D expert weights (transformers' experts modules)."""
     return [m for m in model.modules()
             if isinstance(getattr(m, "down_proj", None), torch.nn.Parameter) and m.down_proj.dim() == 3]
+
+
+def fixed_cost_shape(shape: Shape) -> Shape:
+    """The same model structure with every width cut to a few dozen: its step costs what a step costs beside
+    reading weights."""
+    return dataclasses.replace(shape, hidden=64, intermediate=32, heads=min(shape.heads, 4),
+                               kv_heads=min(shape.kv_heads, 4), head_dim=16)
 
 
 def build_base(shape: Shape, dtype: torch.dtype):
@@ -332,40 +342,16 @@ def breakdown(call: Timed, steps: int) -> dict[str, float]:
             parts[category(event.name)] += event.cpu_time_total
     wall = sum(e.cpu_time_total for e in prof.events() if e.name == STEP_MARK)
     parts["overhead"] = wall - sum(parts.values())
-    # The profiler's own cost falls between ops, so it inflates "overhead": what is left without it.
-    events = sum(1 for e in prof.events() if e.name != STEP_MARK) / steps
-    unrecorded_overhead_ms = (parts["overhead"] / steps - events * profiler_cost_us()) / 1e3
-    return {**{f"{k}_ms": v / 1e3 / steps for k, v in parts.items()}, "profiled_ms": wall / 1e3 / steps,
-            "unrecorded_overhead_ms": unrecorded_overhead_ms}
+    return {**{f"{k}_ms": v / 1e3 / steps for k, v in parts.items()}, "profiled_ms": wall / 1e3 / steps}
 
 
 def dali_breakdown(calls: dict[str, Timed], ms: dict[str, float], steps: int) -> dict[str, float]:
     """The breakdown of dali's step, taken on dali-pywrapper when it runs (the C++ wrapper hides inductor's kernels
-    from the profiler). Its overhead share: the unrecorded overhead less what the C++ wrapper saves
-    (ms of dali-pywrapper - ms of dali, same rounds), over dali's ms."""
+    from the profiler), and the fixed cost's share of dali's step (see the module docstring)."""
     if "dali" not in calls:
         return {}
-    profiled = "dali-pywrapper" if "dali-pywrapper" in calls else "dali"
-    parts = breakdown(calls[profiled], steps)
-    overhead = parts.pop("unrecorded_overhead_ms") - (ms[profiled] - ms["dali"])
-    return {**parts, "overhead_share": overhead / ms["dali"]}
-
-
-def profiler_cost_us(calls: int = 2000) -> float:
-    """Microseconds the CPU profiler adds per recorded event: a loop of tiny adds with and without it."""
-    x = torch.zeros(1)
-
-    def loop() -> float:
-        start = time.perf_counter()
-        for _ in range(calls):
-            torch.add(x, x)
-        return time.perf_counter() - start
-
-    loop()
-    plain = min(loop() for _ in range(3))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        profiled = loop()
-    return max(0.0, (profiled - plain) * 1e6 / max(1, len(prof.events())))
+    parts = breakdown(calls["dali-pywrapper" if "dali-pywrapper" in calls else "dali"], steps)
+    return {**parts, "fixed_ms": ms["dali-fixed"], "overhead_share": ms["dali-fixed"] / ms["dali"]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,7 +393,7 @@ def best_torch_ms(ms: dict[str, float]) -> float:
     return min((ms[p] for p in TORCH_PATHS if p in ms), default=NAN)
 
 
-def decode_point(base, paths, model_name, dtype_name, batch, kv, args) -> list[Row]:
+def decode_point(base, paths, fixed, model_name, dtype_name, batch, kv, args) -> list[Row]:
     keyword = cache_keyword(base)
     gen = torch.Generator().manual_seed(1000 * batch + kv)
     ids = torch.randint(0, base.config.vocab_size, (batch, 1), generator=gen)
@@ -424,6 +410,11 @@ def decode_point(base, paths, model_name, dtype_name, batch, kv, args) -> list[R
         print(f"  {str(report).splitlines()[0]}")
     weights = floor_tensors(base, ids, routed)
     calls["floor"] = Timed(lambda: cpu_extension.read_tensors(*weights))
+    if fixed is not None:  # dali on the same structure at tiny widths (fixed_cost_shape)
+        fixed_cache = filled_cache(fixed, torch.randint(0, fixed.config.vocab_size, (batch, kv + 1), generator=gen),
+                                   keyword)
+        fixed_cache.crop(-1)
+        calls["dali-fixed"] = decode_timed(fixed, ids, fixed_cache, kv, keyword)
     ms = interleaved_ms(calls, args.warmup, args.repeats)
     parts = dali_breakdown(calls, ms, args.profile_steps)
     best, load = best_torch_ms(ms), os.getloadavg()[0]
@@ -460,15 +451,19 @@ def run_model(model_name: str, dtype_name: str, args) -> list[Row]:
     dali_compile.clear_reports()
     base = build_base(SHAPES[model_name], DTYPES[dtype_name])
     paths = build_paths(base, args.paths, not args.dali_no_inductor)
+    fixed = None
+    if "dali" in paths:
+        fixed_base = build_base(fixed_cost_shape(SHAPES[model_name]), DTYPES[dtype_name])
+        fixed = build_paths(fixed_base, ["dali"], not args.dali_no_inductor)["dali"][0]
     rows = []
     for batch in args.batch:
         for kv in args.kv:
             print(f"decode {model_name} {dtype_name} B={batch} kv={kv}", flush=True)
-            rows += decode_point(base, paths, model_name, dtype_name, batch, kv, args)
+            rows += decode_point(base, paths, fixed, model_name, dtype_name, batch, kv, args)
     for tokens in args.prefill:
         print(f"prefill {model_name} {dtype_name} P={tokens}", flush=True)
         rows += prefill_point(base, paths, model_name, dtype_name, tokens, args)
-    del base, paths
+    del base, paths, fixed
     gc.collect()
     torch._dynamo.reset()
     return rows
@@ -492,13 +487,12 @@ def print_tables(rows: list[Row]) -> None:
               f"{r.vs_best_torch:>6.2f}x {r.floor_ms:>8.2f} {r.floor_fraction:>6.0%} {r.floor_mb:>7.1f} "
               f"{r.max_rel_err:>8.1e} {r.load:>5.1f}")
     print("\ndali decode step breakdown (profiled on dali-pywrapper: ms per step, share of the profiled step); "
-          "overhead share of dali's step: outside any op, the profiler's own cost per event and what the C++ "
-          "wrapper saves taken out")
+          "fixed cost: dali's step of the same structure at tiny widths (same rounds), and its share of dali's step")
     for r in (r for r in rows if r.phase == "decode" and not math.isnan(r.profiled_ms)):
         parts = "  ".join(f"{p} {getattr(r, p + '_ms'):.2f} ({getattr(r, p + '_ms') / r.profiled_ms:.0%})"
                           for p in BREAKDOWN)
         print(f"{r.model:<8} {r.dtype:<5} B={r.batch} kv={r.kv}: step {r.profiled_ms:.2f}  {parts}  "
-              f"overhead share {r.overhead_share:.1%}")
+              f"fixed cost {r.fixed_ms:.2f} ms = {r.overhead_share:.1%} of the step")
     print(f"\nprefill (B=1; GFLOP/s of the matmuls, attention ignored; gemm = torch.mm {GEMM_N}^3 fp32)\n"
           f"{'model':<8} {'dtype':<5} {'P':>5} {'path':<17} {'ms':>9} {'vs best':>7} {'GFLOP/s':>8} "
           f"{'gemm':>7} {'of gemm':>7} {'rel err':>8} {'load':>5}")
