@@ -10,6 +10,7 @@
 from . import ops  # noqa: F401  (defines the dali::* ops)
 from .config import DaliConfig, DaliOptionError
 from .experts_interface import register_experts_interface
+from .quantization import QuantizedLinear, quantize
 from .offload import calibrate, load_calibration, offload, offload_stats, refresh_costs, release, save_calibration
 from .report import CompileReport, clear_reports, last_report, reports
 from .runtime import Activation, ExpertLayout, LayerSpec, layer_registry
@@ -32,6 +33,8 @@ __all__ = [
     "layer_registry",
     "offload",
     "offload_stats",
+    "quantize",
+    "QuantizedLinear",
     "refresh_costs",
     "record_routing",
     "release",

@@ -5,6 +5,7 @@ from . import cpu_linear as _cpu_linear  # noqa: F401  (defines dali::cpu_linear
 from . import gpu_experts as _gpu_experts  # noqa: F401  (defines dali::gpu_experts)
 from . import moe_hybrid as _moe_hybrid  # noqa: F401  (defines dali::moe_hybrid)
 from . import prefetch_next as _prefetch_next  # noqa: F401  (defines dali::prefetch_next)
+from . import quantized_linear as _quantized_linear  # noqa: F401  (defines dali::quantized_linear)
 from .expert_math import expert_forward, moe_reference
 from .library import all_op_names
 from .moe_hybrid import moe_hybrid
