@@ -16,6 +16,7 @@ from op_samples import Register, sample_builder
 
 from dali_compile.ops import cpu_experts as _cpu_experts  # noqa: F401  (defines the dali::cpu_experts* ops)
 from dali_compile.ops import cpu_linear as _cpu_linear  # noqa: F401  (defines dali::cpu_linear)
+from dali_compile.ops.quantized_linear import quantize_weight
 
 E, H, I, K = 4, 24, 12, 2  # noqa: E741
 
@@ -98,4 +99,18 @@ def _cpu_linear_samples(register: Register) -> list[tuple]:
         samples.append(((torch.randn(2, 3, 20, generator=gen)).to(dtype), w, b))
     wide = torch.randn(12, 32, generator=gen)
     samples.append((torch.randn(4, 20, generator=gen), wide[:, 4:24], None))
+    return samples
+
+
+@sample_builder("dali::quantized_linear")
+def _quantized_linear_samples(register: Register) -> list[tuple]:
+    """int8 and int4, whole-row and 8-column groups, each x dtype, decode (1 row) and a 3-D x with bias."""
+    gen = torch.Generator().manual_seed(4)
+    samples = []
+    for bits, group in ((8, 24), (8, 8), (4, 24), (4, 8)):
+        qweight, scales = quantize_weight(torch.randn(12, 24, generator=gen) * 0.3, bits, group)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            b = (torch.randn(12, generator=gen) * 0.3).to(dtype)
+            samples.append((torch.randn(1, 24, generator=gen).to(dtype), qweight, scales, None, bits, group))
+            samples.append((torch.randn(2, 3, 24, generator=gen).to(dtype), qweight, scales, b, bits, group))
     return samples

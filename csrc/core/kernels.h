@@ -14,6 +14,18 @@
 
 namespace dali_cpu {
 
+// A block of quantized weight rows in the formats of ops/quantized_linear.py (`len` columns a row):
+//   int8: codes int8 [rows, len], w[r, j] = code[r, j] * scale[r, j / group]
+//   int4: codes uint8 [rows, len / 2]; within each group starting at column c0, byte c0 / 2 + i holds
+//         column c0 + i in its low nibble and column c0 + group / 2 + i in its high nibble, as q + 8.
+struct QuantizedRows {
+  const void* codes;
+  int64_t ld;          // bytes between rows of codes (unit stride within a row)
+  const F16* scales;   // [rows, len / group]
+  int64_t lds;         // elements between rows of scales
+  int64_t group;       // G: divides len (even for int4)
+};
+
 struct KernelTable {
   Isa isa;
   // Row form, for weights stored [out, in] (the reduction is contiguous, ideal for streaming):
@@ -33,6 +45,15 @@ struct KernelTable {
   // activation of most MoE models, vectorised (a scalar exp per element costs ~5% of a large
   // fp32 expert whose GEMMs run elsewhere). out may alias gate or up.
   void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
+  // dot_rows over quantized weights, read in place: fp32 dots of x with each group's codes, times the
+  // group's scale, summed in fp32:
+  //   out[t * ldo + r] = sum_g scale[r, g] * sum_{j in group g} x[t * ldx + j] * q[r, j]
+  void (*dot_rows_int8)(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
+                        float* out, int64_t ldo);
+  void (*dot_rows_int4)(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
+                        float* out, int64_t ldo);
+  // dst[r * ldd + j] = w[r, j] in fp32 (exact: a code times an fp16 scale fits an fp32), bits 8 or 4.
+  void (*dequantize_rows)(int bits, const QuantizedRows& w, int64_t rows, int64_t len, float* dst, int64_t ldd);
 };
 
 const KernelTable& portable_kernels();

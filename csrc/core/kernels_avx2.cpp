@@ -27,7 +27,19 @@ struct Avx2 {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
   }
   static vec load(const F16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static vec load_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  // 8 packed bytes, each widened to a 32-bit lane by the load itself: the low nibble is a mask away,
+  // the high one a shift (nothing above it), so 16 codes cost 7 integer and conversion operations.
+  static void load_i4(const uint8_t* p, vec& low, vec& high) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i eight = _mm256_set1_epi32(8);
+    low = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(bytes, _mm256_set1_epi32(0x0F)), eight));
+    high = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bytes, 4), eight));
+  }
   static vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static vec broadcast(const F16* p) { return _mm256_set1_ps(_cvtsh_ss(p->bits)); }
   static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
   static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
   static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
@@ -79,6 +91,20 @@ void avx2_convert(DType stype, const void* src, int64_t count, float* dst) { con
 
 void avx2_silu_mul(const float* gate, const float* up, int64_t n, float* out) { silu_mul_generic<Avx2>(gate, up, n, out); }
 
+void avx2_dot_rows_int8(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
+                        float* out, int64_t ldo) {
+  dot_rows_int8_generic<Avx2>(w, rows, len, x, ldx, n, out, ldo);
+}
+
+void avx2_dot_rows_int4(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
+                        float* out, int64_t ldo) {
+  dot_rows_int4_generic<Avx2>(w, rows, len, x, ldx, n, out, ldo);
+}
+
+void avx2_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int64_t len, float* dst, int64_t ldd) {
+  dequantize_rows_generic<Avx2>(bits, w, rows, len, dst, ldd);
+}
+
 }  // namespace
 }  // namespace dali_cpu
 
@@ -88,7 +114,8 @@ namespace dali_cpu {
 
 // Compiled for the baseline target: callers may ask for the table before checking the CPU.
 const KernelTable* avx2_kernels() {
-  static const KernelTable table{Isa::kAvx2, avx2_dot_rows, avx2_axpy_rows, avx2_convert, avx2_silu_mul};
+  static const KernelTable table{Isa::kAvx2,         avx2_dot_rows,      avx2_axpy_rows,      avx2_convert,
+                                 avx2_silu_mul,      avx2_dot_rows_int8, avx2_dot_rows_int4, avx2_dequantize_rows};
   return &table;
 }
 

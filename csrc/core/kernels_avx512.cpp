@@ -34,7 +34,18 @@ struct Avx512 {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
   }
   static vec load(const F16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static vec load_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // As Avx2::load_i4, 16 packed bytes.
+  static void load_i4(const uint8_t* p, vec& low, vec& high) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i eight = _mm512_set1_epi32(8);
+    low = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)), eight));
+    high = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), eight));
+  }
   static vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static vec broadcast(const F16* p) { return _mm512_set1_ps(_cvtsh_ss(p->bits)); }
   static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
   static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
   static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
@@ -159,6 +170,20 @@ void avx512_silu_mul(const float* gate, const float* up, int64_t n, float* out) 
   silu_mul_generic<Avx512>(gate, up, n, out);
 }
 
+void avx512_dot_rows_int8(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
+                          float* out, int64_t ldo) {
+  dot_rows_int8_generic<Avx512>(w, rows, len, x, ldx, n, out, ldo);
+}
+
+void avx512_dot_rows_int4(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
+                          float* out, int64_t ldo) {
+  dot_rows_int4_generic<Avx512>(w, rows, len, x, ldx, n, out, ldo);
+}
+
+void avx512_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int64_t len, float* dst, int64_t ldd) {
+  dequantize_rows_generic<Avx512>(bits, w, rows, len, dst, ldd);
+}
+
 }  // namespace
 }  // namespace dali_cpu
 
@@ -171,7 +196,8 @@ namespace dali_cpu {
 const KernelTable* avx512_kernels() {
   static const KernelTable table = [] {
     g_use_dpbf16 = cpu_has_avx512_bf16();
-    return KernelTable{Isa::kAvx512, avx512_dot_rows, avx512_axpy_rows, avx512_convert, avx512_silu_mul};
+    return KernelTable{Isa::kAvx512,        avx512_dot_rows,        avx512_axpy_rows,      avx512_convert,
+                       avx512_silu_mul,     avx512_dot_rows_int8,   avx512_dot_rows_int4,  avx512_dequantize_rows};
   }();
   return &table;
 }

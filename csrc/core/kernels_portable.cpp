@@ -25,10 +25,25 @@ struct Portable {
     for (int l = 0; l < kLanes; ++l) r.v[l] = to_float(p[l]);
     return r;
   }
+  static vec load_i8(const int8_t* p) {
+    vec r;
+    for (int l = 0; l < kLanes; ++l) r.v[l] = static_cast<float>(p[l]);
+    return r;
+  }
+  static void load_i4(const uint8_t* p, vec& low, vec& high) {
+    for (int l = 0; l < kLanes; ++l) {
+      low.v[l] = static_cast<float>((p[l] & 0x0F) - 8);
+      high.v[l] = static_cast<float>((p[l] >> 4) - 8);
+    }
+  }
   static vec broadcast(const float* p) {
     vec r;
     for (int l = 0; l < kLanes; ++l) r.v[l] = *p;
     return r;
+  }
+  static vec broadcast(const F16* p) {
+    const float f = to_float(*p);
+    return broadcast(&f);
   }
   static vec fma(vec a, vec b, vec c) {
     for (int l = 0; l < kLanes; ++l) c.v[l] += a.v[l] * b.v[l];
@@ -65,8 +80,14 @@ void portable_dot_rows(DType wtype, const void* w, int64_t ldw, int64_t rows, in
 }  // namespace
 
 const KernelTable& portable_kernels() {
-  static const KernelTable table{Isa::kPortable, portable_dot_rows, axpy_rows_generic<Portable>,
-                                 convert_generic<Portable>, silu_mul_generic<Portable>};
+  static const KernelTable table{Isa::kPortable,
+                                 portable_dot_rows,
+                                 axpy_rows_generic<Portable>,
+                                 convert_generic<Portable>,
+                                 silu_mul_generic<Portable>,
+                                 dot_rows_int8_generic<Portable>,
+                                 dot_rows_int4_generic<Portable>,
+                                 dequantize_rows_generic<Portable>};
   return table;
 }
 

@@ -245,3 +245,183 @@ void silu_mul_generic(const float* gate, const float* up, int64_t n, float* out)
   V::store(o, V::mul(V::silu(V::load(g)), V::load(u)));
   for (int64_t j = i; j < n; ++j) out[j] = o[j - i];
 }
+
+// ---- Quantized weights (KernelTable::dot_rows_int8 / dot_rows_int4 / dequantize_rows) ----
+//
+// V also provides broadcast(const F16*) (a scale in every lane, converted by the hardware where it
+// can: the software conversion costs more than a small group's dot), load_i8(const int8_t*) -> vec
+// (kLanes codes as fp32) and
+// load_i4(const uint8_t*, vec& low, vec& high): kLanes packed bytes, their low nibbles minus 8 into
+// `low` and their high nibbles minus 8 into `high`. Thanks to the format's layout (a group's first
+// half in the low nibbles, its second half in the high ones) both come out as runs of consecutive
+// columns, so no lane shuffling is needed.
+
+// The scalar code of column k of a group: used for the columns past a group's last full vector.
+inline float int8_code(const uint8_t* codes, int64_t k) { return static_cast<float>(static_cast<int8_t>(codes[k])); }
+inline float low_nibble(uint8_t byte) { return static_cast<float>((byte & 0x0F) - 8); }
+inline float high_nibble(uint8_t byte) { return static_cast<float>((byte >> 4) - 8); }
+
+// R rows x N tokens of the quantized dot. Rows are `ldq` bytes (codes) and `lds` scales apart, outputs
+// `orow` apart (the quarter streams of dot_rows_impl). A group's partial dots stay in vectors and are
+// scaled once at the group's end: one FMA per group instead of a multiply per weight.
+template <class V, int Bits, int R, int N>
+inline void dot_tile_quantized(const uint8_t* q, int64_t ldq, const F16* s, int64_t lds, int64_t len, int64_t group,
+                               const float* x, int64_t ldx, float* out, int64_t ldo, int64_t orow) {
+  using vec = typename V::vec;
+  constexpr int L = V::kLanes;
+  const int64_t group_bytes = Bits == 8 ? group : group / 2;
+  vec total[R][N];
+  float tail[R][N];  // scaled dots of the columns past each group's last full vector
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < N; ++n) total[r][n] = V::zero(), tail[r][n] = 0.0f;
+  for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += group) {
+    const uint8_t* qg = q + (Bits == 8 ? c0 : c0 / 2);
+    const float* xg = x + c0;
+    vec acc[R][N];
+    for (int r = 0; r < R; ++r)
+      for (int n = 0; n < N; ++n) acc[r][n] = V::zero();
+    int64_t b = 0;
+    for (; b + L <= group_bytes; b += L) {
+      if constexpr (Bits == 8) {
+        vec xv[N];
+        for (int n = 0; n < N; ++n) xv[n] = V::load(xg + n * ldx + b);
+        for (int r = 0; r < R; ++r) {
+          const vec wv = V::load_i8(reinterpret_cast<const int8_t*>(qg + r * ldq + b));
+          for (int n = 0; n < N; ++n) acc[r][n] = V::fma(wv, xv[n], acc[r][n]);
+        }
+      } else {
+        vec xl[N], xh[N];
+        for (int n = 0; n < N; ++n) xl[n] = V::load(xg + n * ldx + b), xh[n] = V::load(xg + n * ldx + group_bytes + b);
+        for (int r = 0; r < R; ++r) {
+          vec low, high;
+          V::load_i4(qg + r * ldq + b, low, high);
+          for (int n = 0; n < N; ++n) acc[r][n] = V::fma(high, xh[n], V::fma(low, xl[n], acc[r][n]));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const vec sv = V::broadcast(s + r * lds + g);
+      for (int n = 0; n < N; ++n) {
+        total[r][n] = V::fma(acc[r][n], sv, total[r][n]);
+        if (b == group_bytes) continue;
+        const float scale = to_float(s[r * lds + g]);
+        float dot = 0.0f;
+        for (int64_t k = b; k < group_bytes; ++k) {
+          const uint8_t* row = qg + r * ldq;
+          const float* xn = xg + n * ldx;
+          dot += Bits == 8 ? int8_code(row, k) * xn[k]
+                           : low_nibble(row[k]) * xn[k] + high_nibble(row[k]) * xn[group_bytes + k];
+        }
+        tail[r][n] += scale * dot;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < N; ++n) out[n * ldo + r * orow] = V::hsum(total[r][n]) + tail[r][n];
+}
+
+template <class V, int Bits, int R>
+inline void dot_tile_quantized_n(int n, const uint8_t* q, int64_t ldq, const F16* s, int64_t lds, int64_t len,
+                                 int64_t group, const float* x, int64_t ldx, float* out, int64_t ldo, int64_t orow) {
+  switch (n) {
+    case 1:
+      dot_tile_quantized<V, Bits, R, 1>(q, ldq, s, lds, len, group, x, ldx, out, ldo, orow);
+      break;
+    case 2:
+      dot_tile_quantized<V, Bits, R, 2>(q, ldq, s, lds, len, group, x, ldx, out, ldo, orow);
+      break;
+    default:
+      dot_tile_quantized<V, Bits, R, 3>(q, ldq, s, lds, len, group, x, ldx, out, ldo, orow);
+      break;
+  }
+}
+
+// As dot_rows_impl: tiles of 4 rows from the block's 4 quarters (4 long sequential streams), three
+// tokens sharing each converted weight vector.
+template <class V, int Bits>
+void dot_rows_quantized(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
+                        float* out, int64_t ldo) {
+  const uint8_t* q = static_cast<const uint8_t*>(w.codes);
+  const int64_t quarter = rows / 4;
+  for (int64_t t = 0; t < n; t += 3) {
+    const int tn = static_cast<int>(n - t < 3 ? n - t : 3);
+    const float* xt = x + t * ldx;
+    float* ot = out + t * ldo;
+    for (int64_t r = 0; r < quarter; ++r) {
+      dot_tile_quantized_n<V, Bits, 4>(tn, q + r * w.ld, quarter * w.ld, w.scales + r * w.lds, quarter * w.lds, len,
+                                       w.group, xt, ldx, ot + r, ldo, quarter);
+    }
+    const int64_t r = 4 * quarter;
+    const uint8_t* qr = q + r * w.ld;
+    const F16* sr = w.scales + r * w.lds;
+    switch (rows - r) {
+      case 3:
+        dot_tile_quantized_n<V, Bits, 3>(tn, qr, w.ld, sr, w.lds, len, w.group, xt, ldx, ot + r, ldo, 1);
+        break;
+      case 2:
+        dot_tile_quantized_n<V, Bits, 2>(tn, qr, w.ld, sr, w.lds, len, w.group, xt, ldx, ot + r, ldo, 1);
+        break;
+      case 1:
+        dot_tile_quantized_n<V, Bits, 1>(tn, qr, w.ld, sr, w.lds, len, w.group, xt, ldx, ot + r, ldo, 1);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+template <class V>
+void dot_rows_int8_generic(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
+                           float* out, int64_t ldo) {
+  dot_rows_quantized<V, 8>(w, rows, len, x, ldx, n, out, ldo);
+}
+
+template <class V>
+void dot_rows_int4_generic(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
+                           float* out, int64_t ldo) {
+  dot_rows_quantized<V, 4>(w, rows, len, x, ldx, n, out, ldo);
+}
+
+// One row of weights in fp32, group by group (a code times its fp16 scale is exact in fp32).
+template <class V, int Bits>
+void dequantize_row(const uint8_t* q, const F16* s, int64_t len, int64_t group, float* dst) {
+  constexpr int L = V::kLanes;
+  const int64_t group_bytes = Bits == 8 ? group : group / 2;
+  for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += group) {
+    const uint8_t* qg = q + (Bits == 8 ? c0 : c0 / 2);
+    float* dg = dst + c0;
+    const typename V::vec sv = V::broadcast(s + g);
+    int64_t b = 0;
+    for (; b + L <= group_bytes; b += L) {
+      if constexpr (Bits == 8) {
+        V::store(dg + b, V::mul(V::load_i8(reinterpret_cast<const int8_t*>(qg + b)), sv));
+      } else {
+        typename V::vec low, high;
+        V::load_i4(qg + b, low, high);
+        V::store(dg + b, V::mul(low, sv));
+        V::store(dg + group_bytes + b, V::mul(high, sv));
+      }
+    }
+    const float scale = to_float(s[g]);
+    for (; b < group_bytes; ++b) {
+      if constexpr (Bits == 8) {
+        dg[b] = int8_code(qg, b) * scale;
+      } else {
+        dg[b] = low_nibble(qg[b]) * scale;
+        dg[group_bytes + b] = high_nibble(qg[b]) * scale;
+      }
+    }
+  }
+}
+
+template <class V>
+void dequantize_rows_generic(int bits, const QuantizedRows& w, int64_t rows, int64_t len, float* dst, int64_t ldd) {
+  const uint8_t* q = static_cast<const uint8_t*>(w.codes);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (bits == 8) {
+      dequantize_row<V, 8>(q + r * w.ld, w.scales + r * w.lds, len, w.group, dst + r * ldd);
+    } else {
+      dequantize_row<V, 4>(q + r * w.ld, w.scales + r * w.lds, len, w.group, dst + r * ldd);
+    }
+  }
+}

@@ -2,10 +2,10 @@
 
 The sources ship inside the package (`dali_compile.csrc`) and are compiled with
 `torch.utils.cpp_extension.load` against ATen headers only (no pybind11: about 12 s instead of a
-minute). Loading registers the CPU kernels of the `dali::cpu_experts*` and `dali::cpu_linear` ops (the
-schemas live in `dali_compile.ops.cpu_experts` and `dali_compile.ops.cpu_linear`). Without a compiler, or
-if the build fails, `cpu_extension_available()` returns False after one warning, and the ops run their
-PyTorch reference instead.
+minute). Loading registers the CPU kernels of the `dali::cpu_experts*`, `dali::cpu_linear` and
+`dali::quantized_linear` ops (the schemas live in `dali_compile.ops.cpu_experts`, `.cpu_linear` and
+`.quantized_linear`). Without a compiler, or if the build fails, `cpu_extension_available()` returns
+False after one warning, and the ops run their PyTorch reference instead.
 
 The build itself (`build_cache.compile_library`): a persistent per-user cache,
 `$DALI_COMPILE_CACHE/<torch version>/cpu_ext-<key>` (default under `~/.cache/dali_compile`), keyed by a hash
@@ -63,10 +63,12 @@ SOURCES = (
     "core/job_queue.cpp",
     "core/experts.cpp",
     "core/linear.cpp",
+    "core/quantized_linear.cpp",
     "core/runtime.cpp",
     "core/planner.cpp",
     "binding/cpu_experts_ops.cpp",
     "binding/linear_ops.cpp",
+    "binding/quantized_linear_ops.cpp",
     "binding/aten_parallel.cpp",
     "binding/resident_layers.cpp",
 )
