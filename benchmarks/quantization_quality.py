@@ -34,7 +34,8 @@ def load(directory: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     if not (directory / "model.safetensors").exists():
-        raise SystemExit(f"no trained model at {directory}: run `python benchmarks/train_tiny_moe.py --out {directory}`")
+        raise SystemExit(f"no trained model at {directory}: run "
+                         f"`python benchmarks/train_tiny_moe.py --out {directory}`")
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(dtype).eval()
 
 

@@ -10,8 +10,8 @@
 from . import ops  # noqa: F401  (defines the dali::* ops)
 from .config import DaliConfig, DaliOptionError
 from .experts_interface import register_experts_interface
-from .quantization import QuantizedLinear, quantize
 from .offload import calibrate, load_calibration, offload, offload_stats, refresh_costs, release, save_calibration
+from .quantization import QuantizedLinear, quantize
 from .report import CompileReport, clear_reports, last_report, reports
 from .runtime import Activation, ExpertLayout, LayerSpec, layer_registry
 from .runtime.recorder import RoutingRecorder, record_routing

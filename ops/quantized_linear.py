@@ -67,7 +67,9 @@ def check_args(x, qweight, scales, bias, bits: int, group_size: int) -> None:
         raise ValueError(f"{NAME}: x, qweight, scales and bias must be CPU tensors, got {sorted(devices)}")
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(
+    weight: torch.Tensor, bits: int, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(qweight, scales) of a float weight [N, C] in the format above; group_size None = one group per row.
     Scales are rounded to float16 first and the weight is quantized against the rounded scale, so dequantizing
     gives exactly q * scale. Works in fp32 on one row block at a time (no full fp32 copy of a large weight)."""

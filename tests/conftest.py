@@ -51,3 +51,14 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture
+def gemm_rows():
+    """Sets the dense kernels' streaming/GEMM crossover for the test body (call it with the row count), then
+    restores it."""
+    from dali_compile.runtime import cpu_extension
+
+    default = cpu_extension.get_linear_gemm_min_rows()
+    yield cpu_extension.set_linear_gemm_min_rows
+    cpu_extension.set_linear_gemm_min_rows(default)

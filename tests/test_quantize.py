@@ -82,7 +82,8 @@ def test_round_trip_error_is_half_a_step_and_requantizing_is_exact(bits, group):
 def test_quantized_bf16_weight_matches_its_fp32_quantization():
     w = torch.randn(8, 32).bfloat16()
     for bits in (8, 4):
-        assert all(torch.equal(a, b) for a, b in zip(quantize_weight(w, bits, 16), quantize_weight(w.float(), bits, 16)))
+        ours, fp32 = quantize_weight(w, bits, 16), quantize_weight(w.float(), bits, 16)
+        assert all(torch.equal(a, b) for a, b in zip(ours, fp32, strict=True))
 
 
 # ----------------------------------------------------------------------------- models

@@ -33,14 +33,6 @@ def isa(request):
     cpu_extension.set_isa("auto")
 
 
-@pytest.fixture
-def gemm_rows():
-    """Sets the streaming/GEMM crossover for the test body, then restores it."""
-    default = cpu_extension.get_linear_gemm_min_rows()
-    yield cpu_extension.set_linear_gemm_min_rows
-    cpu_extension.set_linear_gemm_min_rows(default)
-
-
 def draw(*shape, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=gen) * 0.3).to(dtype)

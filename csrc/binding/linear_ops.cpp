@@ -11,6 +11,7 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/linear.h>
@@ -20,8 +21,8 @@
 #include <algorithm>
 #include <optional>
 
-#include "../core/experts.h"  // advise_huge_pages
 #include "aten_dtypes.h"
+#include "chunked_gemm.h"
 #include "../core/linear.h"
 #include "../core/runtime.h"
 
@@ -29,8 +30,6 @@ namespace dali_cpu {
 namespace {
 
 constexpr const char* kOp = "dali::cpu_linear";
-// Widened weight chunks of at most this many fp32 values (16 MiB): bounded memory for any lm_head.
-constexpr int64_t kWidenedChunkFloats = int64_t{4} << 20;
 
 DType to_dtype(at::ScalarType t) { return core_dtype(t, kOp, "weight"); }
 
@@ -56,28 +55,13 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const std::option
   TORCH_CHECK_VALUE(bias->device().is_cpu(), kOp, ": bias must be a CPU tensor, got ", bias->device());
 }
 
-// Compute-bound sizes: ATen's fp32 GEMM. 16-bit weights are widened a chunk of rows at a time into a
-// buffer kept by the calling thread.
+// Compute-bound sizes: ATen's fp32 GEMM, 16-bit weights widened chunk by chunk (chunked_gemm.h).
 at::Tensor gemm_linear(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   if (weight.scalar_type() == at::kFloat) return at::linear(x2, weight, bias);
-  const int64_t T = x2.size(0), N = weight.size(0), C = weight.size(1);
-  const at::Tensor x32 = x2.to(at::kFloat);
-  at::Tensor out = at::empty({T, N}, x2.options().dtype(at::kFloat));
-  const int64_t chunk = std::max<int64_t>(1, std::min(N, kWidenedChunkFloats / std::max<int64_t>(1, C)));
-  // Never destroyed: a thread_local tensor's destructor could run after ATen's at process exit.
-  thread_local at::Tensor* buffer = new at::Tensor();
-  if (!buffer->defined() || buffer->numel() < chunk * C) {
-    *buffer = at::empty({chunk * C}, x2.options().dtype(at::kFloat));
-    advise_huge_pages(buffer->data_ptr(), buffer->nbytes());
-  }
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t nc = std::min(chunk, N - n0);
-    at::Tensor w32 = buffer->narrow(0, 0, nc * C).view({nc, C});
-    w32.copy_(weight.narrow(0, n0, nc));
-    out.narrow(1, n0, nc).copy_(at::mm(x32, w32.t()));
-  }
-  if (bias.has_value()) out.add_(*bias);
-  return out.to(x2.scalar_type());
+  const int64_t C = weight.size(1);
+  return chunked_fp32_gemm(x2, weight.size(0), [&](int64_t n0, int64_t rows, float* dst) {
+    at::from_blob(dst, {rows, C}, x2.options().dtype(at::kFloat)).copy_(weight.narrow(0, n0, rows));
+  }, bias);
 }
 
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -94,7 +78,7 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   LinearWeights layer{to_dtype(weight.scalar_type()), N, C, weight.data_ptr(), weight.size(0) > 1 ? weight.stride(0) : C,
                       b.defined() ? b.data_ptr() : nullptr};
-  LinearInput input{T, layer.dtype, x2.data_ptr(), T > 1 ? x2.stride(0) : C};
+  LinearInput input{T, layer.dtype, x2.data_ptr(), T > 1 ? x2.stride(0) : C, C};
   at::Tensor out = at::empty({T, N}, x.options().dtype(at::kFloat));
   run_linear(layer, input, out.data_ptr<float>(), N, step_parallel(), active_kernels());
   if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());

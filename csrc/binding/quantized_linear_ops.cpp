@@ -21,17 +21,15 @@
 #include <optional>
 #include <vector>
 
-#include "../core/experts.h"  // advise_huge_pages
 #include "../core/quantized_linear.h"
 #include "../core/runtime.h"
 #include "aten_dtypes.h"
+#include "chunked_gemm.h"
 
 namespace dali_cpu {
 namespace {
 
 constexpr const char* kOp = "dali::quantized_linear";
-// Dequantized weight chunks of at most this many fp32 values (16 MiB): bounded memory for any lm_head.
-constexpr int64_t kDequantizedChunkFloats = int64_t{4} << 20;
 
 int64_t in_features(const at::Tensor& qweight, int64_t bits) { return qweight.size(1) * (bits == 4 ? 2 : 1); }
 
@@ -82,28 +80,12 @@ QuantizedWeights describe(const at::Tensor& qweight, const at::Tensor& scales, c
                           bias.defined() ? bias.data_ptr() : nullptr};
 }
 
-// Compute-bound sizes: dequantize a chunk of weight rows at a time into a buffer kept by the calling
-// thread, then ATen's fp32 GEMM.
+// Compute-bound sizes: weight rows dequantized chunk by chunk (on the pool), then ATen's fp32 GEMM.
 at::Tensor gemm_quantized_linear(const at::Tensor& x2, const QuantizedWeights& layer,
                                  const std::optional<at::Tensor>& bias) {
-  const int64_t T = x2.size(0), N = layer.out_features, C = layer.in_features;
-  const at::Tensor x32 = x2.to(at::kFloat);
-  at::Tensor out = at::empty({T, N}, x2.options().dtype(at::kFloat));
-  const int64_t chunk = std::max<int64_t>(1, std::min(N, kDequantizedChunkFloats / std::max<int64_t>(1, C)));
-  // Never destroyed: a thread_local tensor's destructor could run after ATen's at process exit.
-  thread_local at::Tensor* buffer = new at::Tensor();
-  if (!buffer->defined() || buffer->numel() < chunk * C) {
-    *buffer = at::empty({chunk * C}, x2.options().dtype(at::kFloat));
-    advise_huge_pages(buffer->data_ptr(), buffer->nbytes());
-  }
-  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
-    const int64_t nc = std::min(chunk, N - n0);
-    at::Tensor w32 = buffer->narrow(0, 0, nc * C).view({nc, C});
-    dequantize_weight_rows(layer, n0, nc, w32.data_ptr<float>(), C, step_parallel(), active_kernels());
-    out.narrow(1, n0, nc).copy_(at::mm(x32, w32.t()));
-  }
-  if (bias.has_value()) out.add_(*bias);
-  return out.to(x2.scalar_type());
+  return chunked_fp32_gemm(x2, layer.out_features, [&](int64_t n0, int64_t rows, float* dst) {
+    dequantize_weight_rows(layer, n0, rows, dst, layer.in_features, step_parallel(), active_kernels());
+  }, bias);
 }
 
 at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -123,7 +105,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, cons
   const int64_t gemm_rows = linear_gemm_min_rows();
   if (gemm_rows > 0 && T >= gemm_rows) return gemm_quantized_linear(x2, layer, bias).view(out_shape);
 
-  LinearInput input{T, dtype, x2.data_ptr(), T > 1 ? x2.stride(0) : C};
+  LinearInput input{T, dtype, x2.data_ptr(), T > 1 ? x2.stride(0) : C, C};
   at::Tensor out = at::empty({T, N}, x.options().dtype(at::kFloat));
   run_quantized_linear(layer, input, out.data_ptr<float>(), N, step_parallel(), active_kernels());
   if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());

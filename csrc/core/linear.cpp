@@ -24,14 +24,12 @@ constexpr int64_t kReusedBlockBytes = 256 * 1024;
 // to sleep, more than reading 64 KiB takes.
 constexpr int64_t kMinParallelBytes = 64 * 1024;
 
-int64_t choose_block(const LinearWeights& layer, int64_t rows, int threads) {
-  const int64_t n = layer.out_features;
+int64_t choose_block(int64_t n, int64_t row_bytes, int64_t rows, int threads) {
   const int64_t target_tasks = std::max<int64_t>(1, kTasksPerThread * threads);
   int64_t block = (n + target_tasks - 1) / target_tasks;
   block = (block + kRowAlign - 1) / kRowAlign * kRowAlign;
   int64_t max_block = kMaxBlockRows;
   if (rows > 3) {
-    const int64_t row_bytes = layer.in_features * dtype_size(layer.dtype);
     max_block = std::max(kRowAlign, std::min(max_block, kReusedBlockBytes / std::max<int64_t>(1, row_bytes) /
                                                             kRowAlign * kRowAlign));
   }
@@ -51,15 +49,17 @@ float bias_at(DType dtype, const void* bias, int64_t i) {
 
 }  // namespace
 
-void run_linear(const LinearWeights& layer, const LinearInput& input, float* out, int64_t ldo, Parallel& pool,
-                const KernelTable& kernels) {
-  const int64_t T = input.rows, C = layer.in_features, N = layer.out_features;
+void run_row_blocks(int64_t out_features, int64_t row_bytes, const LinearInput& input, DType bias_dtype,
+                    const void* bias, float* out, int64_t ldo, Parallel& pool, const KernelTable& kernels,
+                    const RowBlockDot& dot) {
+  const int64_t T = input.rows, N = out_features;
   if (T == 0 || N == 0) return;
   // x widened to fp32 by the caller's thread: T x C values, a few KiB at decode.
   thread_local std::vector<float> xs;
   const float* x = static_cast<const float*>(input.x);
   int64_t ldx = input.ldx;
   if (input.dtype != DType::kF32) {
+    const int64_t C = input.features;
     xs.resize(T * C);
     for (int64_t t = 0; t < T; ++t) {
       kernels.convert(input.dtype, static_cast<const char*>(input.x) + t * input.ldx * dtype_size(input.dtype), C,
@@ -68,26 +68,35 @@ void run_linear(const LinearWeights& layer, const LinearInput& input, float* out
     x = xs.data();
     ldx = C;
   }
-  const bool exact_bf16 = input.dtype == DType::kBF16;
-  const int64_t block = choose_block(layer, T, pool.num_threads());
+  const int64_t block = choose_block(N, row_bytes, T, pool.num_threads());
   const int64_t blocks = (N + block - 1) / block;
-  const int64_t wsize = dtype_size(layer.dtype);
   const std::function<void(int64_t)> body = [&](int64_t task) {
     const int64_t n0 = task * block;
     const int64_t bn = std::min(block, N - n0);
-    const void* w = static_cast<const char*>(layer.weight) + n0 * layer.ldw * wsize;
-    kernels.dot_rows(layer.dtype, w, layer.ldw, bn, C, x, ldx, T, exact_bf16, out + n0, ldo);
-    if (layer.bias == nullptr) return;
+    dot(n0, bn, x, ldx);
+    if (bias == nullptr) return;
     for (int64_t t = 0; t < T; ++t) {
       float* row = out + t * ldo + n0;
-      for (int64_t i = 0; i < bn; ++i) row[i] += bias_at(layer.dtype, layer.bias, n0 + i);
+      for (int64_t i = 0; i < bn; ++i) row[i] += bias_at(bias_dtype, bias, n0 + i);
     }
   };
-  if (N * C * wsize * T < kMinParallelBytes) {
+  if (N * row_bytes * T < kMinParallelBytes) {
     for (int64_t task = 0; task < blocks; ++task) body(task);
   } else {
     pool.parallel_for(blocks, body);
   }
+}
+
+void run_linear(const LinearWeights& layer, const LinearInput& input, float* out, int64_t ldo, Parallel& pool,
+                const KernelTable& kernels) {
+  const int64_t wsize = dtype_size(layer.dtype);
+  const bool exact_bf16 = input.dtype == DType::kBF16;
+  run_row_blocks(layer.out_features, layer.in_features * wsize, input, layer.dtype, layer.bias, out, ldo, pool,
+                 kernels, [&](int64_t n0, int64_t rows, const float* x, int64_t ldx) {
+                   const void* w = static_cast<const char*>(layer.weight) + n0 * layer.ldw * wsize;
+                   kernels.dot_rows(layer.dtype, w, layer.ldw, rows, layer.in_features, x, ldx, input.rows,
+                                    exact_bf16, out + n0, ldo);
+                 });
 }
 
 }  // namespace dali_cpu

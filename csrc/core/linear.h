@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "dtypes.h"
 #include "kernels.h"
@@ -30,7 +31,17 @@ struct LinearInput {
   DType dtype;
   const void* x;
   int64_t ldx;
+  int64_t features;  // C
 };
+
+// The decode-size driver of every dense kernel (this file's and quantized_linear.h's): x widened to fp32
+// once per call (per-thread scratch), N output features split into row blocks of `row_bytes` weight
+// bytes per row, one task each on the pool (or the caller alone below a few dozen KiB of work), bias in
+// `bias_dtype` (nullable) added in fp32. dot(n0, rows, x, ldx) writes out[:, n0 .. n0 + rows).
+using RowBlockDot = std::function<void(int64_t n0, int64_t rows, const float* x, int64_t ldx)>;
+void run_row_blocks(int64_t out_features, int64_t row_bytes, const LinearInput& input, DType bias_dtype,
+                    const void* bias, float* out, int64_t ldo, Parallel& pool, const KernelTable& kernels,
+                    const RowBlockDot& dot);
 
 // Every output row block is a task on the pool; x is widened to fp32 once per call (per thread
 // scratch). Inputs must have been validated (shapes, dtypes).
