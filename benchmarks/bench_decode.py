@@ -10,7 +10,9 @@
 Models (SHAPES): real shapes, 1-2 layers, vocab 512, random weights (default init), from transformers configs;
 `tiny` is for smoke runs. Paths share one model's parameter tensors; compiled ones use dynamic=False:
 eager (transformers' "eager" experts loop, not compiled), inductor-grouped / inductor-batched (backend inductor,
-grouped_mm / batched_mm experts), dali (backend dali, grouped_mm experts rewritten into dali::moe_hybrid).
+grouped_mm / batched_mm experts), dali (backend dali, grouped_mm experts rewritten into dali::moe_hybrid),
+dali-int8dense / dali-int4dense (dali on a copy after `dali_compile.quantize(model, dense=...)`: the attention
+projections and lm_head in int8 / int4 g32; its floor counts the bytes it reads, codes and scales).
 Inductor's C++ kernels get `cpp.enable_kernel_profile` (nanoseconds per call) so the profiler sees them as ops.
 
 Decode step: model(input_ids [B, 1], cache of S tokens, use_cache=True, logits_to_keep=1); the cache comes from
@@ -71,7 +73,11 @@ PATHS = {
     # dali without inductor's C++ wrapper (option cpp_wrapper=False): the profiler sees inductor's kernels only
     # when they are called from Python, so dali's breakdown is taken on this one (see breakdown)
     "dali-pywrapper": ("grouped_mm", "dali-pywrapper"),
+    # dali on a copy whose dense linears (attention projections, lm_head; routers stay) are quantized
+    "dali-int8dense": ("grouped_mm", "dali"),
+    "dali-int4dense": ("grouped_mm", "dali"),
 }
+DENSE_FORMATS = {"dali-int8dense": "int8", "dali-int4dense": "int4"}  # path -> quantize(dense=...)
 TORCH_PATHS = ("eager", "inductor-grouped", "inductor-batched")
 BLOCK = 4  # steps back to back per path and round (fewer when a step takes over BLOCK_SECONDS / BLOCK)
 BLOCK_SECONDS = 0.25
@@ -196,6 +202,9 @@ def build_paths(base, names, dali_inductor: bool) -> dict[str, tuple[Callable, s
         implementation, backend = PATHS[name]
         model = copy.deepcopy(base, memo=dict(shared))  # new modules and config, the same tensors
         used = set_experts(model, implementation)
+        if name in DENSE_FORMATS:  # the copy's linears get quantized weights; the base keeps its own
+            dali_compile.quantize(model, dense=DENSE_FORMATS[name])
+            used += f" +{DENSE_FORMATS[name]} dense"
         if backend == "dali":
             model = torch.compile(model, backend="dali", dynamic=False, options={"inductor": dali_inductor})
         elif backend == "dali-pywrapper":
@@ -250,10 +259,12 @@ def routed_call(model, call: Timed) -> tuple[torch.Tensor, dict]:
 
 
 def floor_tensors(model, ids: torch.Tensor, routed: dict) -> list[torch.Tensor]:
-    """The weights one decode step reads: dense weights, the tokens' embedding rows, the routed experts."""
+    """The weights one decode step reads: dense weights (quantized ones as stored: codes and scales), the tokens'
+    embedding rows, the routed experts. `routed` is keyed by the experts modules of the model eager ran."""
     embedding = model.get_input_embeddings().weight
     expert_ids = {id(p) for m in experts_modules(model) for p in m.parameters(recurse=False)}
     dense = [p for p in model.parameters() if p is not embedding and id(p) not in expert_ids]
+    dense += [b for m in model.modules() if isinstance(m, dali_compile.QuantizedLinear) for b in m.buffers()]
     rows = [embedding[t] for t in ids.flatten().unique().tolist()]
     experts = [p[e] for m, chosen in routed.items() for e in sorted(chosen) for p in m.parameters(recurse=False)]
     return [t.detach() for t in dense + rows + experts]
@@ -408,8 +419,12 @@ def decode_point(base, paths, fixed, model_name, dtype_name, batch, kv, args) ->
     report = dali_compile.last_report()
     if "dali" in paths and report is not None:
         print(f"  {str(report).splitlines()[0]}")
-    weights = floor_tensors(base, ids, routed)
-    calls["floor"] = Timed(lambda: cpu_extension.read_tensors(*weights))
+    weights = {"floor": floor_tensors(base, ids, routed)}
+    for name in paths:  # a quantized path reads its own bytes: its own floor
+        if name in DENSE_FORMATS:
+            weights[f"floor {name}"] = floor_tensors(paths[name][0]._orig_mod, ids, routed)
+    for key, tensors in weights.items():
+        calls[key] = Timed(lambda tensors=tensors: cpu_extension.read_tensors(*tensors))
     if fixed is not None:  # dali on the same structure at tiny widths (fixed_cost_shape)
         fixed_cache = filled_cache(fixed, torch.randint(0, fixed.config.vocab_size, (batch, kv + 1), generator=gen),
                                    keyword)
@@ -418,10 +433,14 @@ def decode_point(base, paths, fixed, model_name, dtype_name, batch, kv, args) ->
     ms = interleaved_ms(calls, args.warmup, args.repeats)
     parts = dali_breakdown(calls, ms, args.profile_steps)
     best, load = best_torch_ms(ms), os.getloadavg()[0]
-    floor_mb = sum(t.numel() * t.element_size() for t in weights) / 1e6
-    return [Row("decode", model_name, dtype_name, batch, kv, 0, name, used, ms[name], best / ms[name], errors[name],
-                load, ms["floor"], ms["floor"] / ms[name], floor_mb, **(parts if name == "dali" else {}))
-            for name, (_, used) in paths.items()]
+    rows = []
+    for name, (_, used) in paths.items():
+        floor = f"floor {name}" if f"floor {name}" in weights else "floor"
+        floor_mb = sum(t.numel() * t.element_size() for t in weights[floor]) / 1e6
+        rows.append(Row("decode", model_name, dtype_name, batch, kv, 0, name, used, ms[name], best / ms[name],
+                        errors[name], load, ms[floor], ms[floor] / ms[name], floor_mb,
+                        **(parts if name == "dali" else {})))
+    return rows
 
 
 def prefill_point(base, paths, model_name, dtype_name, tokens, args) -> list[Row]:

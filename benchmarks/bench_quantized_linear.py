@@ -58,11 +58,13 @@ def bench_shape(shape, rows_list, groups, args) -> list[Result]:
         calls, limits = [], []
         for name, bits, group in formats(groups):
             if bits is None:
-                calls.append(cycling(lambda w: torch.ops.dali.cpu_linear(x, w[0], None), stored[name]))
+                calls.append(cycling(lambda w, x=x: torch.ops.dali.cpu_linear(x, w[0], None), stored[name]))
             else:
                 g = shape.in_features if group is None else group
-                calls.append(cycling(lambda w, b=bits, g=g: torch.ops.dali.quantized_linear(x, w[0], w[1], None, b, g),
-                                     stored[name]))
+                def quantized(w, x=x, b=bits, g=g):
+                    return torch.ops.dali.quantized_linear(x, w[0], w[1], None, b, g)
+
+                calls.append(cycling(quantized, stored[name]))
             limits.append(cycling(lambda w: cpu_extension.read_tensors(*w), stored[name]))
         ms = paired_ms(calls + limits, 2, args.repeats, args.budget)
         n = len(calls)
