@@ -13,6 +13,8 @@ device the fp32 reference.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from dali_compile.runtime import cpu_extension
@@ -98,6 +100,14 @@ def moe_hybrid_reference_kernel(hidden, topk_ids, topk_weights, layer):
 torch.library.impl(NAME, "CompositeExplicitAutograd")(moe_hybrid_reference_kernel)
 
 
+# The op is an inference op: its kernels run below autograd and no formula is registered, so a gradient asked
+# through it would be lost (on the CPU the C++ autograd kernel of resident layers hands such calls here).
+GRADIENT_WARNING = (
+    f"{NAME} has no autograd formula: no gradient flows through the routed experts. Run inference under "
+    "torch.no_grad() or torch.inference_mode(); training through the dali backend is not supported."
+)
+
+
 def _device_kernel(resident_contributions, checks_ids: bool, publish=None):
     """A device kernel of the op: an offloaded layer goes to its hybrid runtime; otherwise every expert is
     resident on this device and `resident_contributions(spec, hidden, topk_ids, topk_weights)` gives the
@@ -108,6 +118,8 @@ def _device_kernel(resident_contributions, checks_ids: bool, publish=None):
 
     def kernel(hidden, topk_ids, topk_weights, layer):
         check_routing_shapes(hidden, topk_ids, topk_weights)
+        if torch.is_grad_enabled() and (hidden.requires_grad or topk_weights.requires_grad):
+            warnings.warn(GRADIENT_WARNING, UserWarning, stacklevel=2)
         hybrid = layer_registry().attached(layer)
         if hybrid is not None:
             return hybrid.forward(hidden, topk_ids, topk_weights)

@@ -172,6 +172,18 @@ def test_fake_tensors_never_reach_the_kernel(registry):
         registry.release(handle)
 
 
+def test_a_gradient_request_warns_and_computes_the_same(registry):
+    """The op has no autograd formula: asked for a gradient, it says so (before, only backward warned)."""
+    handle = published(registry, make_spec(LAYOUTS["gated"]))
+    hidden, ids, weights = routing()
+    try:
+        with pytest.warns(UserWarning, match="no autograd formula"):
+            out = op(hidden.requires_grad_(), ids, weights, handle)
+        assert torch.equal(out.detach(), moe_hybrid_cpu_kernel(hidden.detach(), ids, weights, handle))
+    finally:
+        registry.release(handle)
+
+
 def test_cpu_linear_autograd_kernel_is_native():
     """The no-grad call goes from the C++ autograd kernel straight to the C++ kernel (no Python autograd)."""
     assert torch._C._dispatch_has_kernel_for_dispatch_key("dali::cpu_linear", "AutogradCPU")

@@ -14,7 +14,8 @@
 //   - while any thread is inside a registry redirect (another model instance behind the same graph);
 //   - tensors freed since publication (weak references), inputs the Python kernel would refuse (it
 //     raises the error a user should see), an id out of range (the Python kernel names the layer);
-//   - FakeTensor or any other mode or key between autograd and the CPU kernel, and gradients.
+//   - FakeTensor or any other mode or key between autograd and the CPU kernel, and gradients (the
+//     Python kernel warns that the op has none).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
