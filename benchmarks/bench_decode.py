@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import transformers
+from step_profile import BREAKDOWN, breakdown  # the sibling module
 from transformers import DynamicCache
 
 import dali_compile
@@ -151,9 +152,6 @@ class Row:
     profiled_ms: float = NAN  # wall time of a profiled step
     fixed_ms: float = NAN  # dali rows: the step of the same structure at tiny widths, same rounds
     overhead_share: float = NAN  # fixed_ms / ms
-
-
-BREAKDOWN = ("experts", "dense", "attention", "other", "overhead")
 
 
 @dataclass(frozen=True)
@@ -310,50 +308,6 @@ def interleaved_ms(calls: dict[str, Timed], warmup: int, repeats: int) -> dict[s
     if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
         print("warning: a path compiled during the timed rounds (raise --warmup)")
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
-
-
-def category(name: str) -> str:
-    if name.startswith(("dali::moe_hybrid", "dali::cpu_experts")):
-        return "experts"
-    if name in ("dali::cpu_linear", "aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm"):
-        return "dense"
-    if any(word in name for word in ("scaled_dot_product", "attention", "softmax")):
-        return "attention"
-    return "other"
-
-
-def is_op(name: str) -> bool:
-    """An operator or an inductor kernel, not a record_function annotation."""
-    return "::" in name or "cpp_fused" in name
-
-
-STEP_MARK = "bench_decode_step"
-
-
-def top_level_in_step(event) -> bool:
-    """An op inside a profiled step with no op above it (annotations such as dynamo's are seen through)."""
-    parent = event.cpu_parent
-    while parent is not None and parent.name != STEP_MARK:
-        if is_op(parent.name):
-            return False
-        parent = parent.cpu_parent
-    return parent is not None and is_op(event.name)
-
-
-def breakdown(call: Timed, steps: int) -> dict[str, float]:
-    """ms per step of each BREAKDOWN part and of the profiled step, from one profiled run of `steps` steps."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            with torch.profiler.record_function(STEP_MARK):
-                call.step()
-            call.reset()
-    parts = dict.fromkeys(BREAKDOWN, 0.0)
-    for event in prof.events():
-        if top_level_in_step(event):
-            parts[category(event.name)] += event.cpu_time_total
-    wall = sum(e.cpu_time_total for e in prof.events() if e.name == STEP_MARK)
-    parts["overhead"] = wall - sum(parts.values())
-    return {**{f"{k}_ms": v / 1e3 / steps for k, v in parts.items()}, "profiled_ms": wall / 1e3 / steps}
 
 
 def dali_breakdown(calls: dict[str, Timed], ms: dict[str, float], steps: int) -> dict[str, float]:
