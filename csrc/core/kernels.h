@@ -48,10 +48,9 @@ struct KernelTable {
   // dot_rows over quantized weights, read in place: fp32 dots of x with each group's codes, times the
   // group's scale, summed in fp32:
   //   out[t * ldo + r] = sum_g scale[r, g] * sum_{j in group g} x[t * ldx + j] * q[r, j]
-  void (*dot_rows_int8)(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
-                        float* out, int64_t ldo);
-  void (*dot_rows_int4)(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
-                        float* out, int64_t ldo);
+  // bits 8 or 4, as dequantize_rows.
+  void (*dot_rows_quantized)(int bits, const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx,
+                             int64_t n, float* out, int64_t ldo);
   // dst[r * ldd + j] = w[r, j] in fp32 (exact: a code times an fp16 scale fits an fp32), bits 8 or 4.
   void (*dequantize_rows)(int bits, const QuantizedRows& w, int64_t rows, int64_t len, float* dst, int64_t ldd);
 };

@@ -91,14 +91,9 @@ void avx2_convert(DType stype, const void* src, int64_t count, float* dst) { con
 
 void avx2_silu_mul(const float* gate, const float* up, int64_t n, float* out) { silu_mul_generic<Avx2>(gate, up, n, out); }
 
-void avx2_dot_rows_int8(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
-                        float* out, int64_t ldo) {
-  dot_rows_int8_generic<Avx2>(w, rows, len, x, ldx, n, out, ldo);
-}
-
-void avx2_dot_rows_int4(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
-                        float* out, int64_t ldo) {
-  dot_rows_int4_generic<Avx2>(w, rows, len, x, ldx, n, out, ldo);
+void avx2_dot_rows_quantized(int bits, const QuantizedRows& w, int64_t rows, int64_t len, const float* x,
+                             int64_t ldx, int64_t n, float* out, int64_t ldo) {
+  dot_rows_quantized_generic<Avx2>(bits, w, rows, len, x, ldx, n, out, ldo);
 }
 
 void avx2_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int64_t len, float* dst, int64_t ldd) {
@@ -115,7 +110,7 @@ namespace dali_cpu {
 // Compiled for the baseline target: callers may ask for the table before checking the CPU.
 const KernelTable* avx2_kernels() {
   static const KernelTable table{Isa::kAvx2,         avx2_dot_rows,      avx2_axpy_rows,      avx2_convert,
-                                 avx2_silu_mul,      avx2_dot_rows_int8, avx2_dot_rows_int4, avx2_dequantize_rows};
+                                 avx2_silu_mul,      avx2_dot_rows_quantized, avx2_dequantize_rows};
   return &table;
 }
 

@@ -170,14 +170,9 @@ void avx512_silu_mul(const float* gate, const float* up, int64_t n, float* out) 
   silu_mul_generic<Avx512>(gate, up, n, out);
 }
 
-void avx512_dot_rows_int8(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
-                          float* out, int64_t ldo) {
-  dot_rows_int8_generic<Avx512>(w, rows, len, x, ldx, n, out, ldo);
-}
-
-void avx512_dot_rows_int4(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
-                          float* out, int64_t ldo) {
-  dot_rows_int4_generic<Avx512>(w, rows, len, x, ldx, n, out, ldo);
+void avx512_dot_rows_quantized(int bits, const QuantizedRows& w, int64_t rows, int64_t len, const float* x,
+                               int64_t ldx, int64_t n, float* out, int64_t ldo) {
+  dot_rows_quantized_generic<Avx512>(bits, w, rows, len, x, ldx, n, out, ldo);
 }
 
 void avx512_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int64_t len, float* dst, int64_t ldd) {
@@ -197,7 +192,7 @@ const KernelTable* avx512_kernels() {
   static const KernelTable table = [] {
     g_use_dpbf16 = cpu_has_avx512_bf16();
     return KernelTable{Isa::kAvx512,        avx512_dot_rows,        avx512_axpy_rows,      avx512_convert,
-                       avx512_silu_mul,     avx512_dot_rows_int8,   avx512_dot_rows_int4,  avx512_dequantize_rows};
+                       avx512_silu_mul,     avx512_dot_rows_quantized,  avx512_dequantize_rows};
   }();
   return &table;
 }

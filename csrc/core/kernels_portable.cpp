@@ -85,8 +85,7 @@ const KernelTable& portable_kernels() {
                                  axpy_rows_generic<Portable>,
                                  convert_generic<Portable>,
                                  silu_mul_generic<Portable>,
-                                 dot_rows_int8_generic<Portable>,
-                                 dot_rows_int4_generic<Portable>,
+                                 dot_rows_quantized_generic<Portable>,
                                  dequantize_rows_generic<Portable>};
   return table;
 }

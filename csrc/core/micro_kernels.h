@@ -246,7 +246,7 @@ void silu_mul_generic(const float* gate, const float* up, int64_t n, float* out)
   for (int64_t j = i; j < n; ++j) out[j] = o[j - i];
 }
 
-// ---- Quantized weights (KernelTable::dot_rows_int8 / dot_rows_int4 / dequantize_rows) ----
+// ---- Quantized weights (KernelTable::dot_rows_quantized / dequantize_rows) ----
 //
 // V also provides broadcast(const F16*) (a scale in every lane, converted by the hardware where it
 // can: the software conversion costs more than a small group's dot), load_i8(const int8_t*) -> vec
@@ -371,15 +371,13 @@ void dot_rows_quantized(const QuantizedRows& w, int64_t rows, int64_t len, const
 }
 
 template <class V>
-void dot_rows_int8_generic(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
-                           float* out, int64_t ldo) {
-  dot_rows_quantized<V, 8>(w, rows, len, x, ldx, n, out, ldo);
-}
-
-template <class V>
-void dot_rows_int4_generic(const QuantizedRows& w, int64_t rows, int64_t len, const float* x, int64_t ldx, int64_t n,
-                           float* out, int64_t ldo) {
-  dot_rows_quantized<V, 4>(w, rows, len, x, ldx, n, out, ldo);
+void dot_rows_quantized_generic(int bits, const QuantizedRows& w, int64_t rows, int64_t len, const float* x,
+                                int64_t ldx, int64_t n, float* out, int64_t ldo) {
+  if (bits == 8) {
+    dot_rows_quantized<V, 8>(w, rows, len, x, ldx, n, out, ldo);
+  } else {
+    dot_rows_quantized<V, 4>(w, rows, len, x, ldx, n, out, ldo);
+  }
 }
 
 // One row of weights in fp32, group by group (a code times its fp16 scale is exact in fp32).

@@ -30,10 +30,10 @@ QuantizedRows rows_from(const QuantizedWeights& layer, int64_t n0) {
 
 void run_quantized_linear(const QuantizedWeights& layer, const LinearInput& input, float* out, int64_t ldo,
                           Parallel& pool, const KernelTable& kernels) {
-  const auto dot_rows = layer.bits == 8 ? kernels.dot_rows_int8 : kernels.dot_rows_int4;
   run_row_blocks(layer.out_features, code_bytes_per_row(layer), input, layer.bias_dtype, layer.bias, out, ldo, pool,
                  kernels, [&](int64_t n0, int64_t rows, const float* x, int64_t ldx) {
-                   dot_rows(rows_from(layer, n0), rows, layer.in_features, x, ldx, input.rows, out + n0, ldo);
+                   kernels.dot_rows_quantized(layer.bits, rows_from(layer, n0), rows, layer.in_features, x, ldx,
+                                              input.rows, out + n0, ldo);
                  });
 }
 
