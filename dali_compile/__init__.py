@@ -13,7 +13,7 @@ from .experts_interface import register_experts_interface
 from .offload import calibrate, load_calibration, offload, offload_stats, refresh_costs, release, save_calibration
 from .quantization import QuantizedLinear, quantize
 from .report import CompileReport, clear_reports, last_report, reports
-from .runtime import Activation, ExpertLayout, LayerSpec, layer_registry
+from .runtime import Activation, ExpertLayout, ExpertQuantization, LayerSpec, layer_registry
 from .runtime.recorder import RoutingRecorder, record_routing
 
 register_experts_interface()
@@ -27,6 +27,7 @@ __all__ = [
     "DaliConfig",
     "DaliOptionError",
     "ExpertLayout",
+    "ExpertQuantization",
     "LayerSpec",
     "clear_reports",
     "last_report",

@@ -20,15 +20,30 @@ import torch
 import torch.nn as nn
 
 from dali_compile.ops.expert_math import gate_and_activate
-from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
+from dali_compile.runtime.layer_spec import Activation, ExpertLayout, ExpertQuantization, LayerSpec
 from dali_compile.runtime.registry import layer_registry
 
 logger = logging.getLogger("dali_compile")
 
 IMPLEMENTATION_NAME = "dali"
 
+# Set by `dali_compile.quantize` on an experts module whose weights it replaced by codes and scales.
+QUANTIZATION_ATTRIBUTE = "dali_quantization"
+
+
 class UnsupportedExpertsError(NotImplementedError):
     pass
+
+
+def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """transformers' fused experts modules (they carry the attributes `use_experts_implementation` sets)."""
+    return [(name, m) for name, m in model.named_modules()
+            if hasattr(m, "is_transposed") and isinstance(getattr(m, "down_proj", None), torch.Tensor)
+            and m.down_proj.dim() == 3]
+
+
+def quantization_of_module(experts: nn.Module) -> ExpertQuantization | None:
+    return getattr(experts, QUANTIZATION_ATTRIBUTE, None)
 
 
 def layout_of_module(experts: nn.Module) -> ExpertLayout:
@@ -51,13 +66,17 @@ def layout_of_module(experts: nn.Module) -> ExpertLayout:
         has_bias=bool(getattr(experts, "has_bias", False)),
     )
     flags["interleaved"] = flags["gated"] and not getattr(experts, "is_concatenated", True)
+    quantization = quantization_of_module(experts)
     constants = sorted({float(v) for v in vars(experts).values() if isinstance(v, float)})
-    width = experts.down_proj.shape[1 if flags["transposed"] else 2] * (2 if flags["gated"] else 1)
+    intermediate = experts.down_proj.shape[1 if flags["transposed"] else 2]
+    if quantization is not None:
+        intermediate = quantization.columns(intermediate)
+    width = intermediate * (2 if flags["gated"] else 1)
     probe = _gate_probe(width, constants)
     with torch.no_grad():
         expected = experts._apply_gate(probe) if flags["gated"] else experts.act_fn(probe)
         for activation in _candidate_activations(constants, flags["gated"]):
-            layout = ExpertLayout(activation, **flags)
+            layout = ExpertLayout(activation, **flags, quantization=quantization)
             if torch.allclose(gate_and_activate(layout, probe), expected.float(), rtol=1e-4, atol=1e-5):
                 _LAYOUTS[experts] = layout
                 return layout
@@ -65,6 +84,11 @@ def layout_of_module(experts: nn.Module) -> ExpertLayout:
 
 
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def forget_layout(experts: nn.Module) -> None:
+    """Drop the module's cached layout (its weights changed form, e.g. quantized)."""
+    _LAYOUTS.pop(experts, None)
 
 
 def _gate_probe(width: int, constants: list[float]) -> torch.Tensor:
@@ -88,12 +112,22 @@ def spec_of_module(experts: nn.Module, name: str = "") -> LayerSpec:
     """The module's experts as a LayerSpec of its own Parameter objects (never views of them: the registry
     holds them weakly, and a view would die at once)."""
     layout = layout_of_module(experts)
-    up = experts.gate_up_proj if layout.gated else experts.up_proj
+    up_name = up_weight_name(experts)
+    up = getattr(experts, up_name)
     up_bias = down_bias = None
     if layout.has_bias:
-        up_bias = experts.gate_up_proj_bias if layout.gated else experts.up_proj_bias
+        up_bias = getattr(experts, f"{up_name}_bias")
         down_bias = experts.down_proj_bias
-    return LayerSpec(layout, up, experts.down_proj, up_bias, down_bias, name=name or type(experts).__name__)
+    up_scales = down_scales = None
+    if layout.quantization is not None:
+        up_scales, down_scales = getattr(experts, f"{up_name}_scales"), experts.down_proj_scales
+    return LayerSpec(layout, up, experts.down_proj, up_bias, down_bias, up_scales, down_scales,
+                     name=name or type(experts).__name__)
+
+
+def up_weight_name(experts: nn.Module) -> str:
+    """The attribute of the up projection: gate_up_proj (gated) or up_proj."""
+    return "gate_up_proj" if bool(getattr(experts, "has_gate", True)) else "up_proj"
 
 
 _UNSUPPORTED = -1

@@ -21,7 +21,13 @@ import traceback
 import torch
 import torch.nn as nn
 
-from .experts_interface import IMPLEMENTATION_NAME, UnsupportedExpertsError, register_experts_interface, spec_of_module
+from .experts_interface import (
+    IMPLEMENTATION_NAME,
+    UnsupportedExpertsError,
+    experts_modules,
+    register_experts_interface,
+    spec_of_module,
+)
 from .runtime.accelerator import make_accelerator, parse_bytes
 from .runtime.expert_cache import fitting_prefetch_count, plan_slots
 from .runtime.hybrid import HybridRuntime
@@ -31,13 +37,6 @@ from .runtime.prefetch import ResidualPredictor, default_prefetch_count, find_ro
 from .runtime.registry import layer_registry
 
 _RUNTIME_ATTRIBUTE = "_dali_runtime"
-
-
-def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """transformers' fused experts modules (they carry the attributes `use_experts_implementation` sets)."""
-    return [(name, m) for name, m in model.named_modules()
-            if hasattr(m, "is_transposed") and isinstance(getattr(m, "down_proj", None), torch.Tensor)
-            and m.down_proj.dim() == 3]
 
 
 def _top_k(model: nn.Module) -> int:
@@ -85,6 +84,11 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory
     for name, spec in specs:
         if spec.device.type != "cpu":
             raise ValueError(f"offload: load the model on the CPU first ({name} experts are on {spec.device})")
+        if spec.layout.quantization is not None:
+            raise NotImplementedError(
+                f"offload: {name} has int{spec.layout.quantization.bits} experts; the offload runtime's device kernels "
+                "do not take quantized experts yet. Run the quantized model on the CPU (eager or "
+                "torch.compile(model, backend='dali')), or offload a model quantized with experts=None")
 
     if prefetch is None:
         prefetch = default_prefetch_count(specs[0][1].num_experts) if policy == "dali" else 0

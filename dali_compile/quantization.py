@@ -1,6 +1,6 @@
 """`dali_compile.quantize(model, experts=..., dense=...)`: int8 / int4 weights, converted in place.
 
-    dali_compile.quantize(model, dense="int8")                  # attention, shared experts, dense MLPs, lm_head
+    dali_compile.quantize(model, experts="int4", dense="int8")  # routed experts int4, the rest int8
     dali_compile.quantize(model, dense="int4", group_size=64)
 
 `dense` is every `nn.Linear` of the model but the routers (a `*gate`/`*router` linear beside an
@@ -11,8 +11,15 @@ ops/quantized_linear.py and csrc/README.md). int8 has one scale per output row, 
 full-precision weight as soon as its quantized copy exists, so the model never holds a second full
 copy of its weights.
 
-Not there yet: `experts=` (the routed experts' own int8/int4 kernels, CPU and Triton) raises
-NotImplementedError; quantized linears run on the CPU only.
+`experts` is the routed experts of every transformers fused experts module: their weights become
+codes and float16 scales in the same module (parameters `gate_up_proj` / `up_proj` and `down_proj`
+hold the codes, `*_scales` the scales; transposed layouts are stored in row form), one expert at a
+time, and the model is switched to the "dali" experts implementation, whose `dali::moe_hybrid`
+runs them (the C++ CPU runtime reads the codes in place). Formats as for `dense`: int8 one scale per
+row, int4 one per `group_size` columns.
+
+Not there yet: quantized experts and linears run on the CPU only (eager, torch.compile, the C++
+runtime); the Triton kernels and `offload(...)` refuse them.
 
 Everything is checked before the first weight is converted: a bad value, a compiled or already
 quantized model, a weight dtype the kernels do not take or a group size that does not divide a
@@ -24,13 +31,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dali_compile.experts_interface import (
+    IMPLEMENTATION_NAME,
+    QUANTIZATION_ATTRIBUTE,
+    UnsupportedExpertsError,
+    experts_modules,
+    forget_layout,
+    layout_of_module,
+    quantization_of_module,
+    register_experts_interface,
+    up_weight_name,
+)
 from dali_compile.ops.quantized_linear import (
     ACTIVATION_DTYPES,
     QWEIGHT_DTYPES,
     SCALE_DTYPE,
     dequantize,
+    quantize_stacked,
     quantize_weight,
 )
+from dali_compile.runtime.layer_spec import ExpertQuantization
 
 FORMATS = {"int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 32  # int4
@@ -65,21 +85,23 @@ def quantize(model: nn.Module, experts: str | None = None, dense: str | None = N
              group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
     """Quantize `model`'s weights in place and return it; see the module docstring."""
     bits = _checked_format("dense", dense)
-    _checked_format("experts", experts)
-    if experts is not None:
-        raise NotImplementedError("dali_compile.quantize: experts='int8'/'int4' is not implemented yet; only dense= "
-                                  "is (the routed experts keep their dtype)")
+    expert_bits = _checked_format("experts", experts)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"dali_compile.quantize: group size {group_size!r} must be an even int >= 2")
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         raise TypeError("dali_compile.quantize: quantize the model before torch.compile, not the compiled wrapper")
-    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+    if any(isinstance(m, QuantizedLinear) or quantization_of_module(m) is not None for m in model.modules()):
         raise ValueError("dali_compile.quantize: this model is already quantized; quantize a full-precision model")
-    if bits is None:
-        return model
-    targets = _dense_linears(model)
+    targets = _dense_linears(model) if bits is not None else []
     for name, linear in targets:
         _check_layer(name, linear, bits, group_size)
+    expert_targets = _checked_experts(model, expert_bits, group_size) if expert_bits is not None else []
     for name, linear in targets:
         _replace(model, name, linear, bits, group_size)
+    for _, module in expert_targets:
+        _quantize_experts(module, expert_bits, group_size)
+    if expert_targets:
+        model.set_experts_implementation(IMPLEMENTATION_NAME)
     return model
 
 
@@ -129,3 +151,45 @@ def _replace(model: nn.Module, name: str, linear: nn.Linear, bits: int, group_si
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, quantized)
     linear.weight = None  # the full-precision weight goes now, not when the last reference to the module does
+
+
+def _checked_experts(model: nn.Module, bits: int, group_size: int) -> list[tuple[str, nn.Module]]:
+    """The fused experts modules to quantize, every one checked (nothing is changed here)."""
+    modules = experts_modules(model)
+    if not modules:
+        raise ValueError(f"dali_compile.quantize: {type(model).__name__} has no transformers fused experts module "
+                         "(@use_experts_implementation); experts= quantizes those")
+    if not hasattr(model, "set_experts_implementation") or not register_experts_interface():
+        raise RuntimeError("dali_compile.quantize: experts= needs a transformers version with the experts interface")
+    for name, module in modules:
+        try:
+            layout = layout_of_module(module)
+        except UnsupportedExpertsError as error:
+            raise ValueError(f"dali_compile.quantize: {name} is an experts module dali cannot run: {error}") from None
+        up, down = getattr(module, up_weight_name(module)), module.down_proj
+        if up.dtype not in ACTIVATION_DTYPES or down.dtype != up.dtype:
+            raise TypeError(f"dali_compile.quantize: {name} has {up.dtype} experts; the quantized kernels take "
+                            f"{', '.join(str(d) for d in ACTIVATION_DTYPES)} models")
+        if up.device.type != "cpu":
+            raise ValueError(f"dali_compile.quantize: {name} is on {up.device}; quantized experts run on the CPU only")
+        H, I = (down.shape[2], down.shape[1]) if layout.transposed else (down.shape[1], down.shape[2])
+        if bits == 4 and (H % group_size or I % group_size):
+            raise ValueError(f"dali_compile.quantize: {name} has hidden size {H} and intermediate size {I}; the int4 "
+                             f"group size {group_size} must divide both; choose a group_size that does")
+    return modules
+
+
+def _quantize_experts(module: nn.Module, bits: int, group_size: int) -> None:
+    """Replaces the module's up and down weights by codes and scales, one projection at a time (quantized expert by
+    expert): each full-precision tensor goes as soon as its codes exist."""
+    transposed = bool(module.is_transposed)
+    dtype = module.down_proj.dtype
+    for name in (up_weight_name(module), "down_proj"):
+        weight = getattr(module, name)
+        codes, scales = quantize_stacked(weight.detach(), bits, None if bits == 8 else group_size, transposed)
+        setattr(module, name, nn.Parameter(codes, requires_grad=False))
+        setattr(module, f"{name}_scales", nn.Parameter(scales, requires_grad=False))
+        del weight
+    module.is_transposed = False  # codes are in row form
+    setattr(module, QUANTIZATION_ATTRIBUTE, ExpertQuantization(bits, dtype))
+    forget_layout(module)  # the cached layout described the full-precision weights

@@ -3,10 +3,11 @@
 # T tokens, K top-k, E experts, H hidden, I intermediate, X = 2I (gated) or I
 
     cpu_experts(hidden[T, H], topk_ids[T, K], topk_weights[T, K], up, down, up_bias?, down_bias?,
-                expert_mask[E]?, gated, interleaved, transposed, activation, alpha, limit) -> [T, K, H] fp32
+                expert_mask[E]?, gated, interleaved, transposed, activation, alpha, limit,
+                up_scales?, down_scales?) -> [T, K, H] fp32
     cpu_experts_submit(<same arguments>) -> handle [1] int64      (returns at once)
     cpu_experts_wait(handle, hidden, topk_ids, topk_weights, up, down, up_bias?, down_bias?,
-                     expert_mask?) -> [T, K, H] fp32                (the submit's very tensors)
+                     expert_mask?, up_scales?, down_scales?) -> [T, K, H] fp32   (the submit's very tensors)
 
     out[t, k] = topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t])   if expert_mask[topk_ids[t, k]]
               = 0                                                          otherwise
@@ -19,6 +20,12 @@ interleaved (gate 0::2, up 1::2), exactly as `ExpertLayout` and `expert_math` de
 `alpha` only matters for clamped_swiglu, `limit` for clamped_swiglu and clamped_silu. hidden and
 the weights share one dtype (float32, bfloat16 or float16); ids are int64 or int32; topk_weights
 any float dtype.
+
+Quantized experts (`up_scales` and `down_scales` given, layer_spec's module docstring): up and down
+hold int8 codes (or uint8, two int4 codes a byte) in row form, [E, X, H * bits/8] and [E, H, I * bits/8],
+with float16 scales [E, X, H / G_up] and [E, H, I / G_down] (formats of ops/quantized_linear.py; bits
+from the codes' dtype, each group size from its scales' shape); hidden and the biases are float32,
+bfloat16 or float16.
 
 The schemas are declared here and only here. The CPU kernels are C++ (csrc/, registered when
 `dali_compile.runtime.cpu_extension` loads the library); the CompositeExplicitAutograd kernels
@@ -46,7 +53,7 @@ from torch._library.effects import EffectType
 from dali_compile.runtime import cpu_extension
 from dali_compile.runtime.layer_spec import ACTIVATIONS, CLAMPED_ACTIVATIONS, LayerSpec
 
-from .expert_math import gate_and_activate, layout_from_flags
+from .expert_math import dequantize_expert, gate_and_activate, layout_from_flags
 from .library import define_op
 
 NAME = "dali::cpu_experts"
@@ -58,19 +65,57 @@ _TENSORS = (
     "Tensor hidden, Tensor topk_ids, Tensor topk_weights, Tensor up, Tensor down, Tensor? up_bias, "
     "Tensor? down_bias, Tensor? expert_mask"
 )
-_TENSOR_NAMES = ("hidden", "topk_ids", "topk_weights", "up", "down", "up_bias", "down_bias", "expert_mask")
-_ARGS = f"({_TENSORS}, bool gated, bool interleaved, bool transposed, str activation, float alpha, float limit)"
+# The scales of quantized experts come last, with defaults, so that calls on plain experts name none.
+_SCALES = "Tensor? up_scales=None, Tensor? down_scales=None"
+_TENSOR_NAMES = ("hidden", "topk_ids", "topk_weights", "up", "down", "up_bias", "down_bias", "expert_mask",
+                 "up_scales", "down_scales")
+_FLAGS = "bool gated, bool interleaved, bool transposed, str activation, float alpha, float limit"
+_ARGS = f"({_TENSORS}, {_FLAGS}, {_SCALES})"
 define_op(NAME, _ARGS + " -> Tensor")
 define_op(SUBMIT_NAME, _ARGS + " -> Tensor")
-define_op(WAIT_NAME, f"(Tensor handle, {_TENSORS}) -> Tensor")
+define_op(WAIT_NAME, f"(Tensor handle, {_TENSORS}, {_SCALES}) -> Tensor")
 
 EMPTY_JOB = 0
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CODE_BITS = {torch.int8: 8, torch.uint8: 4}
+
+
+_NUM_ARGS = 16  # of the op and its submit; the wait takes a handle and _TENSOR_NAMES
+
+
+def _full(args, length: int = _NUM_ARGS) -> tuple:
+    """The arguments with trailing defaults filled in (the dispatcher leaves out trailing None scales)."""
+    return (*args, *(None,) * (length - len(args)))
+
+
+def _job_tensors(args) -> tuple:
+    """The tensors a call of the op or its submit reads, in the wait's order (args as the schema's)."""
+    args = _full(args)
+    return (*args[:8], *args[14:16])
+
+
+def _check_quantized(op, up, down, up_scales, down_scales, E, H, I, X) -> None:
+    if up_scales is None or down_scales is None:
+        raise ValueError(f"{op}: quantized experts need both up_scales and down_scales")
+    if up.dtype not in _CODE_BITS or down.dtype != up.dtype:
+        raise TypeError(f"{op}: quantized expert codes must both be int8 or both uint8 (int4), got {up.dtype} and "
+                        f"{down.dtype}")
+    bits = _CODE_BITS[up.dtype]
+    for name, codes, scales, rows, columns in (("up", up, up_scales, X, H), ("down", down, down_scales, H, I)):
+        want = (E, rows, columns * bits // 8)
+        if tuple(codes.shape) != want:
+            raise ValueError(f"{op}: int{bits} {name} codes have shape {tuple(codes.shape)} but {want} was expected")
+        groups = scales.shape[-1] if scales.dim() == 3 else 0
+        if (scales.dtype != torch.float16 or scales.dim() != 3 or tuple(scales.shape[:2]) != (E, rows) or not groups
+                or columns % groups or (bits == 4 and (columns // groups) % 2)):
+            raise ValueError(f"{op}: {name}_scales must be float16 [{E}, {rows}, {columns} / G] for a group size G "
+                             f"dividing {columns}" + (" (even for int4)" if bits == 4 else "")
+                             + f", got {scales.dtype} {tuple(scales.shape)}")
 
 
 def check_args(
     op, hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask,
-    gated, interleaved, transposed, activation,
+    gated, interleaved, transposed, activation, up_scales=None, down_scales=None,
 ) -> None:
     """The checks that need no data: shared by the fake kernels and the reference (C++ has its own)."""
     if hidden.dim() != 2:
@@ -85,9 +130,15 @@ def check_args(
         raise TypeError(f"{op}: topk_weights must be floating point, got {topk_weights.dtype}")
     if up.dim() != 3 or down.dim() != 3:
         raise ValueError(f"{op}: expert weights must be 3-D, got up {tuple(up.shape)} and down {tuple(down.shape)}")
-    if up.dtype not in _WEIGHT_DTYPES or down.dtype != up.dtype:
+    quantized = up_scales is not None or down_scales is not None
+    if quantized:
+        if transposed:
+            raise ValueError(f"{op}: quantized experts are stored in row form (transposed=False)")
+        if hidden.dtype not in _WEIGHT_DTYPES:
+            raise TypeError(f"{op}: hidden must be one of {_WEIGHT_DTYPES}, got {hidden.dtype}")
+    elif up.dtype not in _WEIGHT_DTYPES or down.dtype != up.dtype:
         raise TypeError(f"{op}: expert weights must share one of {_WEIGHT_DTYPES}, got {up.dtype} and {down.dtype}")
-    if hidden.dtype != up.dtype:
+    elif hidden.dtype != up.dtype:
         raise TypeError(f"{op}: hidden is {hidden.dtype} but the expert weights are {up.dtype}; they must match")
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
@@ -95,13 +146,20 @@ def check_args(
         raise ValueError(f"{op}: interleaved layouts and {'/'.join(CLAMPED_ACTIVATIONS)} need gated=True")
     E = up.shape[0]
     H, I = (down.shape[2], down.shape[1]) if transposed else (down.shape[1], down.shape[2])
+    if quantized and down.dtype == torch.uint8:
+        I *= 2
     X = 2 * I if gated else I
     if hidden.shape[1] != H:
         raise ValueError(f"{op}: hidden size {hidden.shape[1]} does not match the experts' {H}")
-    expected = {
-        "down": (tuple(down.shape), (E, I, H) if transposed else (E, H, I)),
-        "up": (tuple(up.shape), (E, H, X) if transposed else (E, X, H)),
-    }
+    expected = {}
+    if quantized:
+        _check_quantized(op, up, down, up_scales, down_scales, E, H, I, X)
+    else:
+        expected["down"] = (tuple(down.shape), (E, I, H) if transposed else (E, H, I))
+        expected["up"] = (tuple(up.shape), (E, H, X) if transposed else (E, X, H))
+    for bias in (up_bias, down_bias):
+        if bias is not None and bias.dtype != hidden.dtype:
+            raise TypeError(f"{op}: the expert biases must be in hidden's dtype {hidden.dtype}, got {bias.dtype}")
     if up_bias is not None:
         expected["up_bias"] = (tuple(up_bias.shape), (E, X))
     if down_bias is not None:
@@ -116,7 +174,8 @@ def check_args(
 
 
 def _check(op, args) -> None:
-    check_args(op, *args[:12])
+    args = _full(args)
+    check_args(op, *args[:12], *args[14:16])
 
 
 # Fake kernels: shapes only, never runtime state.
@@ -149,11 +208,12 @@ def _cpu_experts_wait_fake(handle, hidden, topk_ids, topk_weights, *weights_and_
 
 def cpu_experts_reference(
     hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask,
-    gated, interleaved, transposed, activation, alpha, limit,
+    gated, interleaved, transposed, activation, alpha, limit, up_scales=None, down_scales=None,
 ) -> torch.Tensor:
-    """The op in plain PyTorch, fp32 (`expert_math`'s gate/activation): oracle and fallback. Any device."""
+    """The op in plain PyTorch, fp32 (`expert_math`'s gate/activation; quantized experts dequantized):
+    oracle and fallback. Any device."""
     check_args(NAME, hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask,
-               gated, interleaved, transposed, activation)
+               gated, interleaved, transposed, activation, up_scales, down_scales)
     E = up.shape[0]
     if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= E):
         raise IndexError(f"{NAME}: expert id out of range for {E} experts: {topk_ids.tolist()}")
@@ -167,7 +227,12 @@ def cpu_experts_reference(
             continue
         rows = (flat_ids == expert).nonzero().squeeze(1)
         x = hidden[rows // K].float()
-        w_up, w_down = up[expert].float(), down[expert].float()
+        if up_scales is None:
+            w_up, w_down = up[expert].float(), down[expert].float()
+        else:
+            bits = _CODE_BITS[up.dtype]
+            w_up = dequantize_expert(up[expert], up_scales[expert], bits)
+            w_down = dequantize_expert(down[expert], down_scales[expert], bits)
         h = x @ w_up if transposed else x @ w_up.T
         if up_bias is not None:
             h = h + up_bias[expert].float()
@@ -238,23 +303,24 @@ def _native(*tensors) -> bool:
 
 
 def _cpu_experts_composite(*args):
-    if _native(*args[:8]):
+    if _native(*_job_tensors(args)):
         return torch.ops.dali.cpu_experts.default(*args)
-    return cpu_experts_reference(*args)
+    return cpu_experts_reference(*_full(args))
 
 
 def _cpu_experts_submit_composite(*args):
-    if _native(*args[:8]):
+    if _native(*_job_tensors(args)):
         return torch.ops.dali.cpu_experts_submit.default(*args)
     expert_mask = args[7]
     if expert_mask is not None and not bool(expert_mask[args[1].reshape(-1).long()].any()):
         handle = EMPTY_JOB
     else:
-        handle = _reference_jobs.submit(cpu_experts_reference(*args), args[:8])
+        handle = _reference_jobs.submit(cpu_experts_reference(*_full(args)), _job_tensors(args))
     return torch.tensor([handle], dtype=torch.int64, device=args[0].device)
 
 
 def _cpu_experts_wait_composite(handle, *inputs):
+    inputs = _full(inputs, len(_TENSOR_NAMES))
     if _native(handle, *inputs):
         return torch.ops.dali.cpu_experts_wait.default(handle, *inputs)
     if handle.dtype != torch.int64 or handle.numel() != 1:
@@ -286,12 +352,12 @@ for _op in (torch.ops.dali.cpu_experts_submit.default, torch.ops.dali.cpu_expert
 
 
 def spec_args(spec: LayerSpec) -> tuple:
-    """A layer's weights and layout as the op arguments after expert_mask: (up, down, up_bias, down_bias)
-    and (gated, interleaved, transposed, activation, alpha, limit)."""
+    """A layer's weights and layout as the op arguments: (up, down, up_bias, down_bias) after expert_mask,
+    (gated, interleaved, transposed, activation, alpha, limit) after them and (up_scales, down_scales) last."""
     layout, act = spec.layout, spec.layout.activation
     weights = (spec.up_weight, spec.down_weight, spec.up_bias, spec.down_bias)
     flags = (layout.gated, layout.interleaved, layout.transposed, act.name, act.alpha or 0.0, act.limit or 0.0)
-    return weights, flags
+    return weights, flags, (spec.up_scales, spec.down_scales)
 
 
 def cpu_experts(
@@ -305,8 +371,9 @@ def cpu_experts(
 
     hidden [T, H] in the layer's dtype, topk_ids [T, K] int64/int32, topk_weights [T, K] floating.
     """
-    (up, down, up_bias, down_bias), flags = spec_args(spec)
-    return torch.ops.dali.cpu_experts(hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask, *flags)
+    (up, down, up_bias, down_bias), flags, scales = spec_args(spec)
+    return torch.ops.dali.cpu_experts(hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask, *flags,
+                                      *scales)
 
 
 def cpu_experts_submit(
@@ -317,9 +384,9 @@ def cpu_experts_submit(
     expert_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Queue `cpu_experts` on the runtime's threads; returns a handle [1] int64 at once (GIL released)."""
-    (up, down, up_bias, down_bias), flags = spec_args(spec)
+    (up, down, up_bias, down_bias), flags, scales = spec_args(spec)
     return torch.ops.dali.cpu_experts_submit(
-        hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask, *flags
+        hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask, *flags, *scales
     )
 
 
@@ -336,7 +403,7 @@ def cpu_experts_wait(
     spec, hidden [T, H], topk_ids [T, K], topk_weights [T, K] and expert_mask [E] must be the very
     ones given to `cpu_experts_submit` (checked): the job reads them until it is done.
     """
-    (up, down, up_bias, down_bias), _ = spec_args(spec)
+    (up, down, up_bias, down_bias), _, scales = spec_args(spec)
     return torch.ops.dali.cpu_experts_wait(
-        handle, hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask
+        handle, hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask, *scales
     )

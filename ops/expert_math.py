@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from dali_compile.runtime.layer_spec import CLAMPED_ACTIVATIONS, Activation, ExpertLayout, LayerSpec
 
+from .quantized_linear import dequantize
+
 
 def layout_from_flags(gated: bool, interleaved: bool, transposed: bool, has_bias: bool, activation: str,
                       alpha: float, limit: float) -> ExpertLayout:
@@ -57,11 +59,25 @@ def gate_and_activate(layout: ExpertLayout, h: torch.Tensor) -> torch.Tensor:
     return apply_activation(act, gate) * up
 
 
+def dequantize_expert(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """One quantized expert matrix [rows, C] in fp32 (the group size follows from the scales' shape)."""
+    columns = codes.shape[1] * 8 // bits
+    return dequantize(codes, scales, bits, columns // scales.shape[1])
+
+
+def expert_weights(spec: LayerSpec, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) of one expert in fp32, as stored (transposed or not), quantized ones dequantized."""
+    quantization = spec.layout.quantization
+    if quantization is None:
+        return spec.up_weight[expert].float(), spec.down_weight[expert].float()
+    return (dequantize_expert(spec.up_weight[expert], spec.up_scales[expert], quantization.bits),
+            dequantize_expert(spec.down_weight[expert], spec.down_scales[expert], quantization.bits))
+
+
 def expert_forward(spec: LayerSpec, expert: int, x: torch.Tensor) -> torch.Tensor:
     """One expert on its tokens, all in fp32: x [n, H] fp32 -> [n, H] fp32."""
     layout = spec.layout
-    up = spec.up_weight[expert].float()
-    down = spec.down_weight[expert].float()
+    up, down = expert_weights(spec, expert)
     h = x @ up if layout.transposed else x @ up.T
     if layout.has_bias:
         h = h + spec.up_bias[expert].float()

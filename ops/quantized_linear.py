@@ -101,6 +101,21 @@ def quantize_weight(
     return qweight, scales
 
 
+def quantize_stacked(weight: torch.Tensor, bits: int, group_size: int | None = None,
+                     transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [E, rows, columns * bits / 8], scales [E, rows, groups]) of stacked expert weights [E, rows, columns]
+    (transposed: [E, columns, rows], quantized in row form), one expert at a time; group_size as quantize_weight."""
+    E = weight.shape[0]
+    rows, columns = (weight.shape[2], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[2])
+    group = columns if group_size is None else group_size
+    codes = torch.empty((E, rows, columns * bits // 8), dtype=QWEIGHT_DTYPES[bits], device=weight.device)
+    scales = torch.empty((E, rows, columns // group), dtype=SCALE_DTYPE, device=weight.device)
+    for expert in range(E):
+        matrix = weight[expert].T if transposed else weight[expert]
+        codes[expert], scales[expert] = quantize_weight(matrix, bits, group)
+    return codes, scales
+
+
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """The fp32 weight [N, C] a quantized one stands for (the formats above)."""
     N = qweight.shape[0]

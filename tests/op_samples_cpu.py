@@ -16,7 +16,7 @@ from op_samples import Register, sample_builder
 
 from dali_compile.ops import cpu_experts as _cpu_experts  # noqa: F401  (defines the dali::cpu_experts* ops)
 from dali_compile.ops import cpu_linear as _cpu_linear  # noqa: F401  (defines dali::cpu_linear)
-from dali_compile.ops.quantized_linear import quantize_weight
+from dali_compile.ops.quantized_linear import quantize_stacked, quantize_weight
 
 E, H, I, K = 4, 24, 12, 2  # noqa: E741
 
@@ -57,6 +57,23 @@ def _cpu_experts_samples(register: Register) -> list[tuple]:
             for mask in (None, torch.tensor([True, False, True, False])):
                 routing = _routing(T, dtype, ids_dtype, gen)
                 samples.append((*routing, *weights, mask, gated, interleaved, transposed, act, alpha, limit))
+    samples += _quantized_samples(gen)
+    return samples
+
+
+def _quantized_samples(gen) -> list[tuple]:
+    """Quantized experts (scales last): int8 per row with fp32 hidden, int4 in groups of 4 with bf16 hidden and
+    biases (GPT-OSS's layout in row form), T in {1, 5}."""
+    samples = []
+    for bits, group, (dtype, gated, interleaved, _, bias, act, alpha, limit) in ((8, None, _LAYOUTS[0]),
+                                                                                (4, 4, _LAYOUTS[1])):
+        up, down, up_bias, down_bias = _layer(torch.float32, gated, interleaved, False, bias, gen)
+        up, up_scales = quantize_stacked(up, bits, group)
+        down, down_scales = quantize_stacked(down, bits, group)
+        biases = (None, None) if up_bias is None else (up_bias.to(dtype), down_bias.to(dtype))
+        for T in (1, 5):
+            samples.append((*_routing(T, dtype, torch.int64, gen), up, down, *biases, None, gated, interleaved, False,
+                            act, alpha, limit, up_scales, down_scales))
     return samples
 
 

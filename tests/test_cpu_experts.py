@@ -301,7 +301,7 @@ def test_transposed_weights_view_is_refused():
 
 
 def _args(spec, hidden, ids, weights, mask=None):
-    (up, down, up_bias, down_bias), flags = ops.spec_args(spec)
+    (up, down, up_bias, down_bias), flags, _ = ops.spec_args(spec)
     return [hidden, ids, weights, up, down, up_bias, down_bias, mask, *flags]
 
 
@@ -473,7 +473,7 @@ def test_inductor_keeps_submit_before_other_work_and_wait():
     """submit -> unrelated torch work -> wait, compiled by inductor, equals eager."""
     spec = make_spec(LAYOUTS["mixtral"], torch.float32, seed=10)
     hidden, ids, weights = make_routing("odd", torch.float32, seed=10)
-    (up, down, _, _), flags = ops.spec_args(spec)
+    (up, down, _, _), flags, _ = ops.spec_args(spec)
 
     def step(hidden, ids, weights, other):
         handle = torch.ops.dali.cpu_experts_submit(hidden, ids, weights, up, down, None, None, None, *flags)
@@ -514,7 +514,7 @@ _PROBE = textwrap.dedent(
     torch.manual_seed(0)
     spec = LayerSpec(ExpertLayout(Activation("silu")), torch.randn(3, 8, 16), torch.randn(3, 16, 4))
     hidden, ids, weights = torch.randn(5, 16), torch.randint(0, 3, (5, 2)), torch.rand(5, 2)
-    (up, down, ub, db), flags = ops.spec_args(spec)
+    (up, down, ub, db), flags, _ = ops.spec_args(spec)
     want = ops.cpu_experts_reference(hidden, ids, weights, up, down, ub, db, None, *flags)
     sync = ops.cpu_experts(spec, hidden, ids, weights)
     handle = ops.cpu_experts_submit(spec, hidden, ids, weights)

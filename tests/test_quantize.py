@@ -120,7 +120,10 @@ def test_compiled_quantized_model_equals_eager_and_generates_the_same_tokens(fmt
         assert relative_max_error(compiled(ids).logits, quantized(ids).logits) < FP32_RTOL
         eager_tokens = quantized.generate(ids, max_new_tokens=5, do_sample=False)
         assert torch.equal(quantized.generate(ids, max_new_tokens=5, do_sample=False), eager_tokens)
-        assert torch.equal(compiled.generate(ids, max_new_tokens=5, do_sample=False), eager_tokens)
+        dali_compile.clear_reports()
+        quantized.forward = torch.compile(quantized.forward, backend="dali", dynamic=False)
+        assert torch.equal(quantized.generate(ids, max_new_tokens=5, do_sample=False), eager_tokens)
+        assert dali_compile.reports(), "generate() did not run the compiled forward"
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -159,7 +162,7 @@ def assert_untouched(model, before):
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(dense="int2"), ValueError, "choose 'int8', 'int4' or None"),
     (dict(dense="int8", experts="fp8"), ValueError, "experts='fp8'"),
-    (dict(dense="int8", experts="int4"), NotImplementedError, "not implemented yet"),
+    (dict(dense="int8", experts="int4", group_size=16), ValueError, "group size 16 must divide both"),
     (dict(dense="int4", group_size=32), ValueError, "40 input features, not a multiple of the int4 group size 32"),
     (dict(dense="int4", group_size=5), ValueError, "group size 5"),
 ])

@@ -13,6 +13,7 @@ at::Tensor cpu_experts(const at::Tensor& hidden, const at::Tensor& topk_ids, con
                        const at::Tensor& up, const at::Tensor& down, const std::optional<at::Tensor>& up_bias,
                        const std::optional<at::Tensor>& down_bias, const std::optional<at::Tensor>& expert_mask,
                        bool gated, bool interleaved, bool transposed, c10::string_view activation, double alpha,
-                       double limit);
+                       double limit, const std::optional<at::Tensor>& up_scales,
+                       const std::optional<at::Tensor>& down_scales);
 
 }  // namespace dali_cpu

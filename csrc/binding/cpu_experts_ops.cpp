@@ -32,7 +32,7 @@ namespace {
 struct PreparedCall {
   ExpertWeights layer;
   Routing routing;
-  at::Tensor hidden, ids, weights, mask, up, down, up_bias, down_bias;
+  at::Tensor hidden, ids, weights, mask, up, down, up_bias, down_bias, up_scales, down_scales;
   at::Tensor out;  // [T, K, H] fp32
 };
 
@@ -97,12 +97,41 @@ void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* name
                     " was expected for layout (", layout, ")");
 }
 
+// Quantized experts: bits from the codes' dtype (int8: 8, uint8: 4); 0 without scales.
+int code_bits(const at::Tensor& up, const at::Tensor& down, const std::optional<at::Tensor>& up_scales,
+              const std::optional<at::Tensor>& down_scales, bool transposed, const char* op) {
+  if (!up_scales.has_value() && !down_scales.has_value()) return 0;
+  TORCH_CHECK_VALUE(up_scales.has_value() && down_scales.has_value(), op,
+                    ": quantized experts need both up_scales and down_scales");
+  TORCH_CHECK_TYPE((up.scalar_type() == at::kChar || up.scalar_type() == at::kByte) &&
+                       down.scalar_type() == up.scalar_type(),
+                   op, ": quantized expert codes must both be int8 or both uint8 (int4), got ", up.scalar_type(),
+                   " and ", down.scalar_type());
+  TORCH_CHECK_VALUE(!transposed, op, ": quantized experts are stored in row form (transposed=False)");
+  return up.scalar_type() == at::kChar ? 8 : 4;
+}
+
+// The scales of `rows` quantized rows of `columns` columns each: float16 [E, rows, columns / G]; returns G.
+int64_t check_scales(const at::Tensor& scales, int64_t E, int64_t rows, int64_t columns, int bits, const char* name,
+                     const char* op) {
+  const int64_t groups = scales.dim() == 3 ? scales.size(2) : 0;
+  const int64_t group = groups > 0 ? columns / groups : 0;
+  TORCH_CHECK_VALUE(scales.scalar_type() == at::kHalf && scales.dim() == 3 && scales.size(0) == E &&
+                        scales.size(1) == rows && group > 0 && group * groups == columns && (bits == 8 || group % 2 == 0),
+                    op, ": ", name, " must be float16 [", E, ", ", rows, ", ", columns, " / G] for a group size G dividing ",
+                    columns, (bits == 4 ? " (even for int4)" : ""), ", got ", scales.scalar_type(), " ", scales.sizes());
+  check_in_place_readable(scales, name, op);
+  return group;
+}
+
 std::shared_ptr<PreparedCall> prepare(const char* op, const at::Tensor& hidden, const at::Tensor& topk_ids,
                                       const at::Tensor& topk_weights, const at::Tensor& up, const at::Tensor& down,
                                       const std::optional<at::Tensor>& up_bias,
                                       const std::optional<at::Tensor>& down_bias,
                                       const std::optional<at::Tensor>& expert_mask, bool gated, bool interleaved,
-                                      bool transposed, c10::string_view activation, double alpha, double limit) {
+                                      bool transposed, c10::string_view activation, double alpha, double limit,
+                                      const std::optional<at::Tensor>& up_scales,
+                                      const std::optional<at::Tensor>& down_scales) {
   auto call = std::make_shared<PreparedCall>();
   ExpertWeights& L = call->layer;
   Routing& R = call->routing;
@@ -121,11 +150,17 @@ std::shared_ptr<PreparedCall> prepare(const char* op, const at::Tensor& hidden, 
   // Weights: dtype, then shapes derived from down (which holds both H and I).
   TORCH_CHECK_VALUE(up.dim() == 3 && down.dim() == 3, op, ": expert weights must be 3-D, got up ", up.sizes(),
                     " and down ", down.sizes());
-  L.dtype = weight_dtype(up, op);
-  TORCH_CHECK_TYPE(down.scalar_type() == up.scalar_type(), op, ": up is ", up.scalar_type(), " but down is ",
-                   down.scalar_type(), "; both expert weights must share one dtype");
-  TORCH_CHECK_TYPE(hidden.scalar_type() == up.scalar_type(), op, ": hidden is ", hidden.scalar_type(),
-                   " but the expert weights are ", up.scalar_type(), "; they must have the same dtype");
+  L.bits = code_bits(up, down, up_scales, down_scales, transposed, op);
+  if (L.bits != 0) {
+    L.dtype = core_dtype(hidden.scalar_type(), op, "hidden");
+  } else {
+    L.dtype = weight_dtype(up, op);
+    TORCH_CHECK_TYPE(down.scalar_type() == up.scalar_type(), op, ": up is ", up.scalar_type(), " but down is ",
+                     down.scalar_type(), "; both expert weights must share one dtype");
+    TORCH_CHECK_TYPE(hidden.scalar_type() == up.scalar_type(), op, ": hidden is ", hidden.scalar_type(),
+                     " but the expert weights are ", up.scalar_type(), "; they must have the same dtype");
+  }
+  L.bias_dtype = L.dtype;
   TORCH_CHECK_VALUE(!interleaved || gated, op, ": an interleaved gate/up layout needs gated=True");
   const std::string act_name(activation.data(), activation.size());
   TORCH_CHECK_VALUE(parse_activation(act_name.c_str(), &L.activation), op, ": unknown activation '", act_name,
@@ -136,20 +171,26 @@ std::shared_ptr<PreparedCall> prepare(const char* op, const at::Tensor& hidden, 
   const std::string layout = layout_name(gated, interleaved, transposed);
   const int64_t E = up.size(0);
   const int64_t H = transposed ? down.size(2) : down.size(1);
-  const int64_t I = transposed ? down.size(1) : down.size(2);
+  const int64_t I = (transposed ? down.size(1) : down.size(2)) * (L.bits == 4 ? 2 : 1);
   const int64_t X = gated ? 2 * I : I;
   TORCH_CHECK_VALUE(hidden.size(1) == H, op, ": hidden size ", hidden.size(1), " does not match the experts' ", H,
                     " (down ", down.sizes(), ", layout ", layout, ")");
-  check_shape(down, transposed ? at::IntArrayRef{E, I, H} : at::IntArrayRef{E, H, I}, "down", op, layout);
-  check_shape(up, transposed ? at::IntArrayRef{E, H, X} : at::IntArrayRef{E, X, H}, "up", op, layout);
+  // Quantized codes: rows of columns * bits / 8 bytes.
+  const auto columns = [&](int64_t n) { return L.bits == 0 ? n : n * L.bits / 8; };
+  check_shape(down, transposed ? at::IntArrayRef{E, I, H} : at::IntArrayRef{E, H, columns(I)}, "down", op, layout);
+  check_shape(up, transposed ? at::IntArrayRef{E, H, X} : at::IntArrayRef{E, X, columns(H)}, "up", op, layout);
+  if (L.bits != 0) {
+    L.up_group = check_scales(*up_scales, E, X, H, L.bits, "up_scales", op);
+    L.down_group = check_scales(*down_scales, E, H, I, L.bits, "down_scales", op);
+  }
   check_in_place_readable(up, "up", op);
   check_in_place_readable(down, "down", op);
   for (const auto& [bias, width, name] :
        {std::tuple{&up_bias, X, "up_bias"}, std::tuple{&down_bias, H, "down_bias"}}) {
     if (!bias->has_value()) continue;
     const at::Tensor& b = **bias;
-    TORCH_CHECK_TYPE(b.scalar_type() == up.scalar_type(), op, ": ", name, " is ", b.scalar_type(),
-                     " but the expert weights are ", up.scalar_type());
+    TORCH_CHECK_TYPE(b.scalar_type() == hidden.scalar_type(), op, ": ", name, " is ", b.scalar_type(),
+                     " but hidden is ", hidden.scalar_type(), "; the expert biases are in hidden's dtype");
     check_shape(b, {E, width}, name, op, layout);
     check_in_place_readable(b, name, op);
   }
@@ -162,7 +203,7 @@ std::shared_ptr<PreparedCall> prepare(const char* op, const at::Tensor& hidden, 
   for (const at::Tensor* t : {&hidden, &topk_ids, &topk_weights, &up, &down}) {
     TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": every tensor must be on the CPU, got one on ", t->device());
   }
-  for (const std::optional<at::Tensor>* t : {&up_bias, &down_bias, &expert_mask}) {
+  for (const std::optional<at::Tensor>* t : {&up_bias, &down_bias, &expert_mask, &up_scales, &down_scales}) {
     TORCH_CHECK_VALUE(!t->has_value() || (*t)->device().is_cpu(), op, ": every tensor must be on the CPU, got one on ",
                       (*t)->device());
   }
@@ -176,6 +217,10 @@ std::shared_ptr<PreparedCall> prepare(const char* op, const at::Tensor& hidden, 
   call->down = down;
   if (up_bias.has_value()) call->up_bias = *up_bias;
   if (down_bias.has_value()) call->down_bias = *down_bias;
+  if (L.bits != 0) {
+    call->up_scales = *up_scales;
+    call->down_scales = *down_scales;
+  }
 
   const int64_t* ids = call->ids.data_ptr<int64_t>();
   for (int64_t s = 0, n = call->ids.numel(); s < n; ++s) {
@@ -201,6 +246,14 @@ std::shared_ptr<PreparedCall> prepare(const char* op, const at::Tensor& hidden, 
   L.up_bias_stride = call->up_bias.defined() ? call->up_bias.stride(0) : 0;
   L.down_bias = call->down_bias.defined() ? call->down_bias.data_ptr() : nullptr;
   L.down_bias_stride = call->down_bias.defined() ? call->down_bias.stride(0) : 0;
+  if (L.bits != 0) {  // int8 / uint8 codes: element strides are byte strides
+    L.up_scales = reinterpret_cast<const F16*>(call->up_scales.data_ptr());
+    L.up_scales_expert_stride = call->up_scales.stride(0);
+    L.up_scales_row_stride = call->up_scales.stride(1);
+    L.down_scales = reinterpret_cast<const F16*>(call->down_scales.data_ptr());
+    L.down_scales_expert_stride = call->down_scales.stride(0);
+    L.down_scales_row_stride = call->down_scales.stride(1);
+  }
 
   R.tokens = hidden.size(0);
   R.top_k = topk_ids.size(1);
@@ -223,8 +276,8 @@ constexpr int64_t kEmptyJob = 0;
 
 // The tensors a job reads, in schema order; dali::cpu_experts_wait takes them all again, so that a
 // compiled graph keeps them live and unchanged until the job is done (see ops/cpu_experts.py).
-constexpr const char* kInputNames[] = {"hidden", "topk_ids", "topk_weights", "up",
-                                       "down",   "up_bias",  "down_bias",    "expert_mask"};
+constexpr const char* kInputNames[] = {"hidden",    "topk_ids",    "topk_weights", "up",        "down",
+                                       "up_bias",   "down_bias",   "expert_mask",  "up_scales", "down_scales"};
 constexpr size_t kNumInputs = sizeof(kInputNames) / sizeof(kInputNames[0]);
 
 // What the wait compares: the very tensor (data_ptr and shape), or absent for an optional one.
@@ -255,11 +308,13 @@ const at::Tensor* present(const std::optional<at::Tensor>& t) { return t.has_val
 
 InputIdentities identities(const at::Tensor& hidden, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                            const at::Tensor& up, const at::Tensor& down, const std::optional<at::Tensor>& up_bias,
-                           const std::optional<at::Tensor>& down_bias, const std::optional<at::Tensor>& expert_mask) {
+                           const std::optional<at::Tensor>& down_bias, const std::optional<at::Tensor>& expert_mask,
+                           const std::optional<at::Tensor>& up_scales, const std::optional<at::Tensor>& down_scales) {
   return {InputIdentity(&hidden),           InputIdentity(&topk_ids),
           InputIdentity(&topk_weights),     InputIdentity(&up),
           InputIdentity(&down),             InputIdentity(present(up_bias)),
-          InputIdentity(present(down_bias)), InputIdentity(present(expert_mask))};
+          InputIdentity(present(down_bias)), InputIdentity(present(expert_mask)),
+          InputIdentity(present(up_scales)), InputIdentity(present(down_scales))};
 }
 
 // What a job hands its waiter: the output, and the inputs the submit was given to check the wait's against.
@@ -272,15 +327,18 @@ at::Tensor cpu_experts_submit(const at::Tensor& hidden, const at::Tensor& topk_i
                               const at::Tensor& up, const at::Tensor& down, const std::optional<at::Tensor>& up_bias,
                               const std::optional<at::Tensor>& down_bias,
                               const std::optional<at::Tensor>& expert_mask, bool gated, bool interleaved,
-                              bool transposed, c10::string_view activation, double alpha, double limit) {
+                              bool transposed, c10::string_view activation, double alpha, double limit,
+                              const std::optional<at::Tensor>& up_scales,
+                              const std::optional<at::Tensor>& down_scales) {
   auto call = prepare("dali::cpu_experts_submit", hidden, topk_ids, topk_weights, up, down, up_bias, down_bias,
-                      expert_mask, gated, interleaved, transposed, activation, alpha, limit);
+                      expert_mask, gated, interleaved, transposed, activation, alpha, limit, up_scales, down_scales);
   int64_t handle = kEmptyJob;
   if (any_selected(call->routing)) {
     // The closure owns `call` (and so every input tensor) until the job has run: the caller may drop
     // its references. The payload hands the output to the waiter, with what the wait checks.
     auto result = std::make_shared<JobResult>(JobResult{
-        call->out, identities(hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask)});
+        call->out,
+        identities(hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask, up_scales, down_scales)});
     handle = global_jobs().submit([call] { run(*call, global_pool()); }, result);
   }
   return at::full({1}, handle, at::TensorOptions().dtype(at::kLong));
@@ -289,7 +347,8 @@ at::Tensor cpu_experts_submit(const at::Tensor& hidden, const at::Tensor& topk_i
 at::Tensor cpu_experts_wait(const at::Tensor& handle, const at::Tensor& hidden, const at::Tensor& topk_ids,
                             const at::Tensor& topk_weights, const at::Tensor& up, const at::Tensor& down,
                             const std::optional<at::Tensor>& up_bias, const std::optional<at::Tensor>& down_bias,
-                            const std::optional<at::Tensor>& expert_mask) {
+                            const std::optional<at::Tensor>& expert_mask, const std::optional<at::Tensor>& up_scales,
+                            const std::optional<at::Tensor>& down_scales) {
   constexpr const char* op = "dali::cpu_experts_wait";
   TORCH_CHECK_VALUE(handle.scalar_type() == at::kLong && handle.numel() == 1 && handle.device().is_cpu(), op,
                     ": handle must be the int64 [1] CPU tensor returned by dali::cpu_experts_submit, got ",
@@ -310,7 +369,8 @@ at::Tensor cpu_experts_wait(const at::Tensor& handle, const at::Tensor& hidden, 
   }
   // The job is consumed either way: a mismatch below is the caller's error, reported once.
   const JobResult& result = *std::static_pointer_cast<JobResult>(payload);
-  const InputIdentities given = identities(hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask);
+  const InputIdentities given =
+      identities(hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask, up_scales, down_scales);
   for (size_t i = 0; i < kNumInputs; ++i) {
     TORCH_CHECK_VALUE(given[i] == result.inputs[i], op, ": ", kInputNames[i],
                       " is not the tensor given to dali::cpu_experts_submit for handle ", h,
@@ -327,9 +387,10 @@ at::Tensor cpu_experts(const at::Tensor& hidden, const at::Tensor& topk_ids, con
                        const at::Tensor& up, const at::Tensor& down, const std::optional<at::Tensor>& up_bias,
                        const std::optional<at::Tensor>& down_bias, const std::optional<at::Tensor>& expert_mask,
                        bool gated, bool interleaved, bool transposed, c10::string_view activation, double alpha,
-                       double limit) {
+                       double limit, const std::optional<at::Tensor>& up_scales,
+                       const std::optional<at::Tensor>& down_scales) {
   auto call = prepare("dali::cpu_experts", hidden, topk_ids, topk_weights, up, down, up_bias, down_bias, expert_mask,
-                      gated, interleaved, transposed, activation, alpha, limit);
+                      gated, interleaved, transposed, activation, alpha, limit, up_scales, down_scales);
   run(*call, step_parallel());
   return call->out;
 }

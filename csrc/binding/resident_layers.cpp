@@ -41,7 +41,9 @@ namespace {
 using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl>;
 
 struct ResidentLayer {
-  std::optional<WeakTensor> up, down, up_bias, down_bias;  // biases: empty when the layer has none
+  // biases: empty when the layer has none; scales: empty unless the experts are quantized
+  std::optional<WeakTensor> up, down, up_bias, down_bias, up_scales, down_scales;
+  at::ScalarType dtype = at::kFloat;  // of the activations the layer takes (LayerSpec.dtype)
   bool gated = false, interleaved = false, transposed = false;
   std::string activation;
   double alpha = 0.0, limit = 0.0;
@@ -69,12 +71,13 @@ bool floating(const at::Tensor& t) { return at::isFloatingType(t.scalar_type());
 
 // Every check of the Python kernel (check_routing_shapes, check_against_layer) as a yes/no: the fast
 // path only runs inputs the Python kernel would accept.
-bool accepted(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& up) {
+bool accepted(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& up,
+              at::ScalarType dtype) {
   if (hidden.dim() != 2 || ids.dim() != 2 || weights.sizes() != ids.sizes()) return false;
   if (ids.size(0) != hidden.size(0) || !floating(hidden) || !floating(weights)) return false;
   if (ids.scalar_type() != at::kLong && ids.scalar_type() != at::kInt) return false;
   if (!hidden.device().is_cpu() || !ids.device().is_cpu() || !weights.device().is_cpu()) return false;
-  if (hidden.scalar_type() != up.scalar_type() || !up.device().is_cpu()) return false;
+  if (hidden.scalar_type() != dtype || !up.device().is_cpu()) return false;
   return true;
 }
 
@@ -92,14 +95,18 @@ std::optional<at::Tensor> serve(int64_t handle, const at::Tensor& hidden, const 
   std::optional<at::Tensor> up_bias, down_bias;
   if (layer.up_bias.has_value() && !(up_bias = lock(layer.up_bias))) return std::nullopt;
   if (layer.down_bias.has_value() && !(down_bias = lock(layer.down_bias))) return std::nullopt;
-  if (!accepted(hidden, ids, weights, *up)) return std::nullopt;
-  // The hidden size: the dimension of `up` that is not the expert count or the up width.
-  const int64_t hidden_size = layer.transposed ? up->size(1) : up->size(2);
+  std::optional<at::Tensor> up_scales, down_scales;
+  if (layer.up_scales.has_value() && !(up_scales = lock(layer.up_scales))) return std::nullopt;
+  if (layer.down_scales.has_value() && !(down_scales = lock(layer.down_scales))) return std::nullopt;
+  if (!accepted(hidden, ids, weights, *up, layer.dtype)) return std::nullopt;
+  // The hidden size: down's output rows (row form [E, H, I]; transposed [E, I, H]).
+  const int64_t hidden_size = layer.transposed ? down->size(2) : down->size(1);
   if (hidden.size(1) != hidden_size) return std::nullopt;
   at::Tensor contributions;
   try {
     contributions = cpu_experts(hidden, ids, weights, *up, *down, up_bias, down_bias, std::nullopt, layer.gated,
-                                layer.interleaved, layer.transposed, layer.activation, layer.alpha, layer.limit);
+                                layer.interleaved, layer.transposed, layer.activation, layer.alpha, layer.limit,
+                                up_scales, down_scales);
   } catch (const c10::IndexError&) {
     return std::nullopt;  // an id out of range: the Python kernel raises it naming the layer
   }
@@ -131,16 +138,24 @@ TORCH_LIBRARY_IMPL(dali, AutogradCPU, m) {
 
 extern "C" {
 
-// Publishes layer `handle` (Tensor._cdata of each weight; 0 for an absent bias). 0 on success.
+// Publishes layer `handle` (Tensor._cdata of each tensor; 0 for an absent bias or scale) taking activations
+// of `dtype` ("float32", "bfloat16" or "float16"). 0 on success.
 int dali_cpu_resident_publish(int64_t handle, std::intptr_t up, std::intptr_t down, std::intptr_t up_bias,
-                              std::intptr_t down_bias, int gated, int interleaved, int transposed,
-                              const char* activation, double alpha, double limit) {
+                              std::intptr_t down_bias, std::intptr_t up_scales, std::intptr_t down_scales,
+                              const char* dtype, int gated, int interleaved, int transposed, const char* activation,
+                              double alpha, double limit) {
   return dali_cpu::call_guarded(dali_cpu::kCppException, [&] {
     dali_cpu::ResidentLayer layer;
+    const std::string dtype_name(dtype);
+    TORCH_CHECK_VALUE(dtype_name == "float32" || dtype_name == "bfloat16" || dtype_name == "float16",
+                      "dali_cpu_resident_publish: unknown dtype ", dtype_name);
+    layer.dtype = dtype_name == "float32" ? at::kFloat : dtype_name == "bfloat16" ? at::kBFloat16 : at::kHalf;
     layer.up = dali_cpu::weak_from_impl(up);
     layer.down = dali_cpu::weak_from_impl(down);
     if (up_bias != 0) layer.up_bias = dali_cpu::weak_from_impl(up_bias);
     if (down_bias != 0) layer.down_bias = dali_cpu::weak_from_impl(down_bias);
+    if (up_scales != 0) layer.up_scales = dali_cpu::weak_from_impl(up_scales);
+    if (down_scales != 0) layer.down_scales = dali_cpu::weak_from_impl(down_scales);
     layer.gated = gated != 0;
     layer.interleaved = interleaved != 0;
     layer.transposed = transposed != 0;

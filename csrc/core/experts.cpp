@@ -5,7 +5,8 @@
 //   0. gather: xs[S, H] = fp32(hidden[token of slot]) grouped by expert; zero unselected slots
 //   1. up + activation: act[S, I] = act(x . up_e^T + b)      tasks = (expert, block of I)
 //   2. down + weighted write: out[slot] = w * (act . down_e^T + b)   tasks = (expert, block of H)
-//   3. fp32 experts with many tokens: the same math as two dense GEMMs (DenseGemm), one expert at a time
+//   3. fp32 and quantized experts with many tokens: the same math as two dense GEMMs (DenseGemm), one expert at
+//      a time, a quantized expert's weights dequantized to fp32 first (exact: a code times an fp16 scale)
 //
 // Splitting every phase over experts *and* output rows keeps all threads busy when a decode step
 // has only a few active experts with one token each.
@@ -175,7 +176,7 @@ class AlignedFloats {
 // page-faults once per 4 KiB on first touch, measured at ~5% of a 256-token fp32 call. Buffers
 // above kRetainedFloats are freed when the call ends, so a long prefill does not pin its memory.
 struct CallScratch {
-  AlignedFloats xs, act, dense_h, dense_y;
+  AlignedFloats xs, act, dense_h, dense_y, dense_up, dense_down;
 };
 constexpr int64_t kRetainedFloats = int64_t{8} << 20;  // 32 MiB per buffer
 
@@ -196,7 +197,9 @@ class ExpertRun {
       : L_(layer), R_(routing), out_(out), pool_(pool), k_(kernels), gemm_(gemm), plan_(plan_slots(layer, routing)) {}
 
   ~ExpertRun() {
-    for (AlignedFloats* buffer : {&xs_, &act_, &dense_h_, &dense_y_}) buffer->release_above(kRetainedFloats);
+    for (AlignedFloats* buffer : {&xs_, &act_, &dense_h_, &dense_y_, &dense_up_, &dense_down_}) {
+      buffer->release_above(kRetainedFloats);
+    }
   }
 
   void run() {
@@ -208,8 +211,8 @@ class ExpertRun {
     std::vector<ExpertGroup> dense;
     std::vector<ExpertGroup> streamed;
     for (const ExpertGroup& g : plan_.groups) {
-      const bool use_gemm = gemm_.fn != nullptr && gemm_.min_tokens > 0 && L_.dtype == DType::kF32 &&
-                            g.count >= gemm_.min_tokens;
+      const bool use_gemm = gemm_.fn != nullptr && gemm_.min_tokens > 0 &&
+                            (L_.dtype == DType::kF32 || L_.bits != 0) && g.count >= gemm_.min_tokens;
       (use_gemm ? dense : streamed).push_back(g);
     }
     run_streamed(streamed);
@@ -218,6 +221,10 @@ class ExpertRun {
     const int64_t n_max = dense.front().count;
     dense_h_.resize(n_max * (L_.gated ? 2 * L_.intermediate : L_.intermediate));
     dense_y_.resize(n_max * L_.hidden);
+    if (L_.bits != 0) {
+      dense_up_.resize((L_.gated ? 2 : 1) * L_.intermediate * L_.hidden);
+      dense_down_.resize(L_.hidden * L_.intermediate);
+    }
     for (const ExpertGroup& g : dense) run_dense(g);
   }
 
@@ -232,9 +239,8 @@ class ExpertRun {
     const int64_t align = L_.transposed ? 16 : 4;
     const int64_t max_block = L_.transposed ? 512 : 64;
     const bool reused = groups_list.front().count > 3;  // largest expert first
-    const int64_t wsize = dtype_size(L_.dtype);
-    const int64_t up_unit_bytes = (L_.gated ? 2 : 1) * L_.hidden * wsize;  // one i: its gate and up rows
-    const int64_t down_unit_bytes = L_.intermediate * wsize;                // one h: a row of down
+    const int64_t up_unit_bytes = (L_.gated ? 2 : 1) * row_bytes(L_.hidden);  // one i: its gate and up rows
+    const int64_t down_unit_bytes = row_bytes(L_.intermediate);               // one h: a row of down
     up_block_ = choose_block(L_.intermediate, groups, threads, align,
                              reused ? cache_block(up_unit_bytes, align, max_block) : max_block);
     down_block_ = choose_block(L_.hidden, groups, threads, align,
@@ -249,30 +255,92 @@ class ExpertRun {
     });
   }
 
-  // One fp32 expert with many tokens: two dense GEMMs, the activation and the write in between.
+  // Bytes of one weight row of `len` columns: codes and scales when quantized.
+  int64_t row_bytes(int64_t len) const {
+    if (L_.bits == 0) return len * dtype_size(L_.dtype);
+    return len * L_.bits / 8 + 2 * len / std::max<int64_t>(1, std::min(L_.up_group, L_.down_group));
+  }
+
+  // Rows [first_row, first_row + rows) of one expert's up (up_side) or down weights, as QuantizedRows.
+  QuantizedRows quantized_rows(bool up_side, int64_t expert, int64_t first_row) const {
+    const int64_t expert_stride = up_side ? L_.up_expert_stride : L_.down_expert_stride;
+    const int64_t row_stride = up_side ? L_.up_row_stride : L_.down_row_stride;
+    QuantizedRows q;
+    q.codes = static_cast<const uint8_t*>(up_side ? L_.up : L_.down) + expert * expert_stride + first_row * row_stride;
+    q.ld = row_stride;
+    q.lds = up_side ? L_.up_scales_row_stride : L_.down_scales_row_stride;
+    q.scales = (up_side ? L_.up_scales : L_.down_scales) +
+               expert * (up_side ? L_.up_scales_expert_stride : L_.down_scales_expert_stride) + first_row * q.lds;
+    q.group = up_side ? L_.up_group : L_.down_group;
+    return q;
+  }
+
+  // Row form: out[t * ldo + r] = x[t] . w[first_row + r] for r < rows, t < nt, over `len` columns, where w is one
+  // expert's up (up_side) or down weights, plain or quantized, read in place; x rows are `len` apart.
+  void dot_expert_rows(bool up_side, int64_t expert, int64_t first_row, int64_t rows, int64_t len, const float* x,
+                       int64_t nt, bool x_exact_bf16, float* out, int64_t ldo) const {
+    if (L_.bits != 0) {
+      k_.dot_rows_quantized(L_.bits, quantized_rows(up_side, expert, first_row), rows, len, x, len, nt, out, ldo);
+      return;
+    }
+    const int64_t expert_stride = up_side ? L_.up_expert_stride : L_.down_expert_stride;
+    const int64_t ld = up_side ? L_.up_row_stride : L_.down_row_stride;
+    const void* w = offset(up_side ? L_.up : L_.down, L_.dtype, expert * expert_stride + first_row * ld);
+    k_.dot_rows(L_.dtype, w, ld, rows, len, x, len, nt, x_exact_bf16, out, ldo);
+  }
+
+  // Runs task(0) .. task(num_tasks - 1) on the GEMM's threads (or here, without them).
+  void on_gemm_threads(int64_t num_tasks, const std::function<void(int64_t)>& task) const {
+    if (gemm_.parallel != nullptr) {
+      gemm_.parallel(num_tasks, task);
+    } else {
+      for (int64_t i = 0; i < num_tasks; ++i) task(i);
+    }
+  }
+
+  // One expert's quantized weights (`rows` rows of `len` columns) in fp32, dst [rows, len].
+  void dequantize_expert(bool up_side, int64_t expert, int64_t rows, int64_t len, float* dst) const {
+    constexpr int64_t kRowsPerTask = 16;
+    on_gemm_threads((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
+      const int64_t r0 = task * kRowsPerTask;
+      k_.dequantize_rows(L_.bits, quantized_rows(up_side, expert, r0), std::min(kRowsPerTask, rows - r0), len,
+                         dst + r0 * len, len);
+    });
+  }
+
+  // One fp32 or quantized expert with many tokens: two dense GEMMs, the activation and the write in between.
   // The element-wise steps run in token chunks on the GEMM's own threads (gemm_.parallel): our
   // pool's workers would contend with them for the cores.
   void run_dense(const ExpertGroup& g) {
     const int64_t H = L_.hidden, I = L_.intermediate, X = L_.gated ? 2 * I : I, n = g.count;
     float* h = dense_h_.data();
     float* y = dense_y_.data();
-    const float* up = static_cast<const float*>(L_.up) + g.expert * L_.up_expert_stride;
-    const float* down = static_cast<const float*>(L_.down) + g.expert * L_.down_expert_stride;
+    const float* up;
+    const float* down;
+    int64_t up_ld, down_ld;
+    if (L_.bits != 0) {
+      dequantize_expert(true, g.expert, X, H, dense_up_.data());
+      dequantize_expert(false, g.expert, H, I, dense_down_.data());
+      up = dense_up_.data();
+      down = dense_down_.data();
+      up_ld = H;
+      down_ld = I;
+    } else {
+      up = static_cast<const float*>(L_.up) + g.expert * L_.up_expert_stride;
+      down = static_cast<const float*>(L_.down) + g.expert * L_.down_expert_stride;
+      up_ld = L_.up_row_stride;
+      down_ld = L_.down_row_stride;
+    }
     const int64_t chunks = (n + kTokenChunk - 1) / kTokenChunk;
     auto in_chunks = [&](auto&& body) {
-      const std::function<void(int64_t)> task = [&](int64_t c) {
+      on_gemm_threads(chunks, [&](int64_t c) {
         const int64_t t0 = c * kTokenChunk;
         body(t0, std::min(kTokenChunk, n - t0));
-      };
-      if (gemm_.parallel != nullptr) {
-        gemm_.parallel(chunks, task);
-      } else {
-        for (int64_t c = 0; c < chunks; ++c) task(c);
-      }
+      });
     };
-    gemm_.fn(xs_.data() + g.first * H, H, up, L_.up_row_stride, L_.transposed, h, X, n, X, H);
+    gemm_.fn(xs_.data() + g.first * H, H, up, up_ld, L_.transposed, h, X, n, X, H);
     in_chunks([&](int64_t t0, int64_t nt) { activate_block(g, 0, I, t0, nt, h + t0 * X, X); });
-    gemm_.fn(act_.data() + g.first * I, I, down, L_.down_row_stride, L_.transposed, y, H, n, H, I);
+    gemm_.fn(act_.data() + g.first * I, I, down, down_ld, L_.transposed, y, H, n, H, I);
     in_chunks([&](int64_t t0, int64_t nt) { write_slots(g, 0, H, t0, nt, y + t0 * H, H); });
   }
 
@@ -312,8 +380,7 @@ class ExpertRun {
     const int64_t H = L_.hidden, I = L_.intermediate;
     const int64_t bi = std::min(up_block_, I - i0);
     const int64_t width = L_.gated ? 2 * bi : bi;
-    const void* up = offset(L_.up, L_.dtype, g.expert * L_.up_expert_stride);
-    const int64_t ld = L_.up_row_stride;
+    const int64_t e = g.expert;
     const bool exact = R_.hidden_dtype == DType::kBF16;
     std::vector<float>& h = scratch();
     h.resize(kTokenChunk * width);
@@ -323,15 +390,14 @@ class ExpertRun {
       // h[t, c]: columns [gate block | up block], or the interleaved pairs, or the plain block.
       if (!L_.transposed) {
         if (L_.gated && !L_.interleaved) {
-          k_.dot_rows(L_.dtype, offset(up, L_.dtype, i0 * ld), ld, bi, H, x, H, nt, exact, h.data(), width);
-          k_.dot_rows(L_.dtype, offset(up, L_.dtype, (I + i0) * ld), ld, bi, H, x, H, nt, exact, h.data() + bi,
-                      width);
+          dot_expert_rows(true, e, i0, bi, H, x, nt, exact, h.data(), width);
+          dot_expert_rows(true, e, I + i0, bi, H, x, nt, exact, h.data() + bi, width);
         } else {
-          const int64_t first_row = L_.gated ? 2 * i0 : i0;
-          k_.dot_rows(L_.dtype, offset(up, L_.dtype, first_row * ld), ld, width, H, x, H, nt, exact, h.data(),
-                      width);
+          dot_expert_rows(true, e, L_.gated ? 2 * i0 : i0, width, H, x, nt, exact, h.data(), width);
         }
       } else {
+        const void* up = offset(L_.up, L_.dtype, e * L_.up_expert_stride);
+        const int64_t ld = L_.up_row_stride;
         if (L_.gated && !L_.interleaved) {
           k_.axpy_rows(L_.dtype, offset(up, L_.dtype, i0), ld, H, bi, x, H, nt, h.data(), width);
           k_.axpy_rows(L_.dtype, offset(up, L_.dtype, I + i0), ld, H, bi, x, H, nt, h.data() + bi, width);
@@ -347,7 +413,7 @@ class ExpertRun {
   void activate_block(const ExpertGroup& g, int64_t i0, int64_t bi, int64_t t0, int64_t nt, float* h,
                       int64_t width) {
     const int64_t I = L_.intermediate;
-    const void* bias = L_.up_bias ? offset(L_.up_bias, L_.dtype, g.expert * L_.up_bias_stride) : nullptr;
+    const void* bias = L_.up_bias ? offset(L_.up_bias, L_.bias_dtype, g.expert * L_.up_bias_stride) : nullptr;
     // Column c of h holds up-projection output x_index(c).
     auto x_index = [&](int64_t c) {
       if (!L_.gated) return i0 + c;
@@ -357,7 +423,7 @@ class ExpertRun {
     for (int64_t t = 0; t < nt; ++t) {
       float* row = h + t * width;
       if (bias) {
-        for (int64_t c = 0; c < width; ++c) row[c] += element(L_.dtype, bias, x_index(c));
+        for (int64_t c = 0; c < width; ++c) row[c] += element(L_.bias_dtype, bias, x_index(c));
       }
       float* a = act_.data() + (g.first + t0 + t) * I + i0;
       if (!L_.gated) {
@@ -376,17 +442,16 @@ class ExpertRun {
   void down_task(const ExpertGroup& g, int64_t h0) {
     const int64_t H = L_.hidden, I = L_.intermediate;
     const int64_t bh = std::min(down_block_, H - h0);
-    const void* down = offset(L_.down, L_.dtype, g.expert * L_.down_expert_stride);
-    const int64_t ld = L_.down_row_stride;
     std::vector<float>& y = scratch();
     y.resize(kTokenChunk * bh);
     for (int64_t t0 = 0; t0 < g.count; t0 += kTokenChunk) {
       const int64_t nt = std::min(kTokenChunk, g.count - t0);
       const float* a = act_.data() + (g.first + t0) * I;
       if (!L_.transposed) {
-        k_.dot_rows(L_.dtype, offset(down, L_.dtype, h0 * ld), ld, bh, I, a, I, nt, false, y.data(), bh);
+        dot_expert_rows(false, g.expert, h0, bh, I, a, nt, false, y.data(), bh);
       } else {
-        k_.axpy_rows(L_.dtype, offset(down, L_.dtype, h0), ld, I, bh, a, I, nt, y.data(), bh);
+        const void* down = offset(L_.down, L_.dtype, g.expert * L_.down_expert_stride);
+        k_.axpy_rows(L_.dtype, offset(down, L_.dtype, h0), L_.down_row_stride, I, bh, a, I, nt, y.data(), bh);
       }
       write_slots(g, h0, bh, t0, nt, y.data(), bh);
     }
@@ -396,14 +461,15 @@ class ExpertRun {
   void write_slots(const ExpertGroup& g, int64_t h0, int64_t bh, int64_t t0, int64_t nt, const float* y,
                    int64_t ldy) {
     const int64_t H = L_.hidden;
-    const void* bias = L_.down_bias ? offset(L_.down_bias, L_.dtype, g.expert * L_.down_bias_stride) : nullptr;
+    const void* bias =
+        L_.down_bias ? offset(L_.down_bias, L_.bias_dtype, g.expert * L_.down_bias_stride) : nullptr;
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t slot = plan_.slots[g.first + t0 + t];
       const float w = R_.weights[slot];
       const float* src = y + t * ldy;
       float* dst = out_ + slot * H + h0;
       if (bias) {
-        for (int64_t j = 0; j < bh; ++j) dst[j] = w * (src[j] + element(L_.dtype, bias, h0 + j));
+        for (int64_t j = 0; j < bh; ++j) dst[j] = w * (src[j] + element(L_.bias_dtype, bias, h0 + j));
       } else {
         for (int64_t j = 0; j < bh; ++j) dst[j] = w * src[j];
       }
@@ -422,6 +488,8 @@ class ExpertRun {
   AlignedFloats& act_ = buffers_.act;   // [S, I]
   AlignedFloats& dense_h_ = buffers_.dense_h;  // [n, X] of the dense expert being run
   AlignedFloats& dense_y_ = buffers_.dense_y;  // [n, H]
+  AlignedFloats& dense_up_ = buffers_.dense_up;      // [X, H] of a quantized dense expert, dequantized
+  AlignedFloats& dense_down_ = buffers_.dense_down;  // [H, I]
   int64_t up_block_ = 0;
   int64_t down_block_ = 0;
 };

@@ -8,7 +8,10 @@
 // with fp32 accumulation. Weight layouts (strides in elements; the last dimension is contiguous):
 //   up   [E, X, H]  (transposed: [E, H, X]); gated rows are [gate; up] or interleaved g0, u0, g1, u1, ...
 //   down [E, H, I]  (transposed: [E, I, H])
-//   up_bias [E, X], down_bias [E, H] (optional, in the weight dtype)
+//   up_bias [E, X], down_bias [E, H] (optional, in bias_dtype: the weight dtype, or the activations' when quantized)
+//
+// Quantized experts (bits 8 or 4; row form only): up and down hold codes, rows of X or H * bits/8 bytes, with
+// float16 scales, one per group of columns (QuantizedRows in kernels.h; formats in csrc/README.md).
 #pragma once
 
 #include <cstdint>
@@ -39,6 +42,14 @@ struct ExpertWeights {
   int64_t up_bias_stride;
   const void* down_bias;  // nullable
   int64_t down_bias_stride;
+  DType bias_dtype;
+  // Quantized experts: bits 8 or 4 (0: weights of `dtype`, and the fields below are unused). Code strides
+  // (up_/down_expert_stride, _row_stride) are in bytes then; scale strides in elements.
+  int bits = 0;
+  const F16* up_scales = nullptr;
+  int64_t up_scales_expert_stride = 0, up_scales_row_stride = 0, up_group = 0;
+  const F16* down_scales = nullptr;
+  int64_t down_scales_expert_stride = 0, down_scales_row_stride = 0, down_group = 0;
 };
 
 struct Routing {

@@ -166,8 +166,8 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_cpu_read_buffers.restype = ctypes.c_int
     lib.dali_greedy_plan.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.dali_greedy_plan.restype = ctypes.c_int
-    lib.dali_cpu_resident_publish.argtypes = [ctypes.c_int64] + [ctypes.c_ssize_t] * 4 + [ctypes.c_int] * 3 + [
-        ctypes.c_char_p, ctypes.c_double, ctypes.c_double]
+    lib.dali_cpu_resident_publish.argtypes = [ctypes.c_int64] + [ctypes.c_ssize_t] * 6 + [ctypes.c_char_p] + [
+        ctypes.c_int] * 3 + [ctypes.c_char_p, ctypes.c_double, ctypes.c_double]
     lib.dali_cpu_resident_publish.restype = ctypes.c_int
     lib.dali_cpu_resident_forget.restype = None
     lib.dali_cpu_resident_pause.argtypes = [ctypes.c_int]
@@ -406,7 +406,7 @@ def publish_resident_layer(handle: int, spec) -> None:
         return 0 if t is None else t._cdata  # the TensorImpl; C++ keeps a weak reference to it
 
     status = lib.dali_cpu_resident_publish(
-        handle, impl(spec.up_weight), impl(spec.down_weight), impl(spec.up_bias), impl(spec.down_bias),
+        handle, *(impl(t) for t in spec.tensors()), str(spec.dtype).removeprefix("torch.").encode(),
         int(layout.gated), int(layout.interleaved), int(layout.transposed), act.name.encode(),
         float(act.alpha or 0.0), float(act.limit or 0.0))
     _checked(lib, status, "publish_resident_layer")

@@ -1,0 +1,259 @@
+"""Quantized routed experts (`dali_compile.quantize(model, experts=...)`): the C++ kernels against their own
+dequantizing reference, the reference against the plain kernel on the dequantized weights, whole models eager
+and compiled against a copy that carries the dequantized fp32 experts, and the refusals.
+
+# T tokens, K top-k, E experts, H hidden, I intermediate, X = 2I (gated) or I, G group size
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import FP32_RTOL, relative_max_error
+
+import dali_compile
+from dali_compile.experts_interface import experts_modules, spec_of_module, up_weight_name
+from dali_compile.ops import cpu_experts as ops
+from dali_compile.ops.expert_math import expert_weights
+from dali_compile.ops.quantized_linear import quantize_stacked
+from dali_compile.runtime import cpu_extension
+from dali_compile.tiny_models import MINIMUM_FAMILIES, tiny_model
+
+E, H, I, K = 6, 64, 48, 2  # noqa: E741
+GROUP = 16  # int4: divides H and I
+
+# (gated, interleaved, bias, activation, alpha, limit): Mixtral/Qwen, GPT-OSS, Nemotron-H.
+LAYOUTS = {
+    "concatenated": (True, False, False, "silu", 0.0, 0.0),
+    "interleaved_bias": (True, True, True, "clamped_swiglu", 1.702, 7.0),
+    "no_gate": (False, False, False, "relu2", 0.0, 0.0),
+}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def quantized_layer(bits: int, layout: str, dtype: torch.dtype, seed: int = 0):
+    """(up codes, down codes, up_bias, down_bias, up_scales, down_scales, flags) of a random layer."""
+    gated, interleaved, bias, act, alpha, limit = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(seed)
+    X = 2 * I if gated else I
+    group = None if bits == 8 else GROUP
+    up, up_scales = quantize_stacked(torch.randn(E, X, H, generator=gen) * 0.2, bits, group)
+    down, down_scales = quantize_stacked(torch.randn(E, H, I, generator=gen) * 0.2, bits, group)
+    biases = (None, None)
+    if bias:
+        biases = tuple((torch.randn(E, n, generator=gen) * 0.1).to(dtype) for n in (X, H))
+    flags = (gated, interleaved, False, act, alpha, limit)
+    return up, down, *biases, up_scales, down_scales, flags
+
+
+def routing(T: int, dtype: torch.dtype, experts=None, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=gen).to(dtype)
+    if experts is None:
+        ids = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :K]  # K distinct experts a token
+    else:
+        ids = torch.tensor(experts).expand(T, K).clone()
+    return hidden, ids, torch.softmax(torch.randn(T, K, generator=gen), dim=-1)
+
+
+def op_args(layer, route, mask=None) -> tuple:
+    up, down, up_bias, down_bias, up_scales, down_scales, flags = layer
+    return (*route, up, down, up_bias, down_bias, mask, *flags, up_scales, down_scales)
+
+
+needs_extension = pytest.mark.skipif(not cpu_extension.cpu_extension_available(), reason="C++ extension not built")
+
+
+# ----------------------------------------------------------------------------- the kernels
+
+
+@needs_extension
+@pytest.mark.parametrize("bits", (8, 4))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,experts", [(1, None), (7, None), (5, (3, 3)), (0, None)],
+                         ids=["decode", "odd", "all_on_one_expert", "no_tokens"])
+def test_cpu_kernel_equals_dequantizing_reference(bits, layout, dtype, T, experts):
+    """Each slot's contribution: the C++ kernel reads the codes in place, the reference dequantizes to fp32; both
+    accumulate in fp32 from the same inputs. E = 6 experts, K = 2: most experts get no token at decode."""
+    args = op_args(quantized_layer(bits, layout, dtype), routing(T, dtype, experts))
+    got = torch.ops.dali.cpu_experts(*args)
+    want = ops.cpu_experts_reference(*args)
+    assert got.shape == (T, K, H) and got.dtype == torch.float32
+    if T:
+        assert relative_max_error(got, want) <= FP32_RTOL
+
+
+@needs_extension
+@pytest.mark.parametrize("bits", (8, 4))
+def test_many_tokens_take_the_dequantized_gemm_path(bits):
+    """Experts with at least dense_gemm_min_tokens tokens are dequantized whole and run through ATen's GEMM; a mask
+    keeps some experts for another device (their slots are zero)."""
+    layer = quantized_layer(bits, "concatenated", torch.bfloat16)
+    mask = torch.tensor([True, True, False, True, True, True])
+    args = op_args(layer, routing(40, torch.bfloat16), mask)
+    previous = cpu_extension.get_dense_gemm_min_tokens()
+    try:
+        cpu_extension.set_dense_gemm_min_tokens(4)
+        gemm = torch.ops.dali.cpu_experts(*args)
+        cpu_extension.set_dense_gemm_min_tokens(0)  # disabled: the streaming kernels
+        streamed = torch.ops.dali.cpu_experts(*args)
+    finally:
+        cpu_extension.set_dense_gemm_min_tokens(previous)
+    want = ops.cpu_experts_reference(*args)
+    assert relative_max_error(gemm, want) <= FP32_RTOL
+    assert relative_max_error(streamed, want) <= FP32_RTOL
+    assert torch.count_nonzero(want[args[1] == 2]) == 0
+
+
+@needs_extension
+def test_async_pair_runs_quantized_jobs():
+    args = op_args(quantized_layer(4, "interleaved_bias", torch.bfloat16), routing(3, torch.bfloat16))
+    handle = torch.ops.dali.cpu_experts_submit(*args)
+    tensors = (*args[:8], *args[14:16])
+    got = torch.ops.dali.cpu_experts_wait(handle, *tensors)
+    assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= FP32_RTOL
+    other = op_args(quantized_layer(4, "interleaved_bias", torch.bfloat16, seed=5), routing(3, torch.bfloat16))
+    handle = torch.ops.dali.cpu_experts_submit(*args)
+    with pytest.raises(ValueError, match="up_scales is not the tensor given"):
+        torch.ops.dali.cpu_experts_wait(handle, *tensors[:8], other[14], tensors[9])
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_reference_equals_the_plain_reference_on_dequantized_weights(bits):
+    """The oracle itself: dequantizing whole experts by hand and running the full-precision reference agrees."""
+    up, down, ub, db, us, ds, flags = quantized_layer(bits, "interleaved_bias", torch.float32)
+    route = routing(9, torch.float32)
+    spec = dali_compile.LayerSpec(
+        dali_compile.ExpertLayout(dali_compile.Activation("clamped_swiglu", alpha=1.702, limit=7.0), interleaved=True,
+                                  has_bias=True, quantization=dali_compile.ExpertQuantization(bits, torch.float32)),
+        up, down, ub, db, us, ds)
+    plain_up, plain_down = (torch.stack(t) for t in zip(*(expert_weights(spec, e) for e in range(E)), strict=True))
+    quantized = ops.cpu_experts_reference(*route, up, down, ub, db, None, *flags, us, ds)
+    plain = ops.cpu_experts_reference(*route, plain_up, plain_down, ub, db, None, *flags)
+    assert relative_max_error(quantized, plain) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a[:14] + (None, a[15]), ValueError, "both up_scales and down_scales"),
+    (lambda a: a[:14] + (a[14].float(), a[15]), ValueError, "up_scales must be float16"),
+    (lambda a: a[:14] + (a[14][:, :5], a[15]), ValueError, "up_scales must be float16"),
+    (lambda a: a[:3] + (a[3].view(torch.uint8),) + a[4:], TypeError, "must both be int8 or both uint8"),
+    (lambda a: a[:10] + (True,) + a[11:], ValueError, "row form"),
+    (lambda a: (a[0].double(),) + a[1:], TypeError, "hidden must be"),
+])
+@pytest.mark.parametrize("kernel", ("reference", "cpp"))
+def test_bad_quantized_arguments_are_clear_errors(change, error, match, kernel):
+    if kernel == "cpp" and not cpu_extension.cpu_extension_available():
+        pytest.skip("C++ extension not built")
+    args = change(op_args(quantized_layer(8, "concatenated", torch.float32), routing(2, torch.float32)))
+    run = ops.cpu_experts_reference if kernel == "reference" else torch.ops.dali.cpu_experts
+    with pytest.raises(error, match=match):
+        run(*args)
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+def dequantized_reference(original: torch.nn.Module, quantized: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the full-precision model whose experts carry the quantized model's dequantized fp32 weights, run by
+    transformers' own experts code."""
+    reference = copy.deepcopy(original)
+    for (name, module), (_, target) in zip(experts_modules(quantized), experts_modules(reference), strict=True):
+        spec = spec_of_module(module, name)
+        up, down = (torch.stack(t) for t in zip(*(expert_weights(spec, e) for e in range(spec.num_experts)),
+                                                  strict=True))
+        if target.is_transposed:
+            up, down = up.transpose(1, 2), down.transpose(1, 2)
+        getattr(target, up_weight_name(target)).data = up.contiguous().to(original.dtype)
+        target.down_proj.data = down.contiguous().to(original.dtype)
+    return reference
+
+
+@pytest.mark.parametrize("fmt", ("int8", "int4"))
+@pytest.mark.parametrize("family", MINIMUM_FAMILIES)
+def test_quantized_model_equals_its_dequantized_reference_eager_and_compiled(family, fmt):
+    original = tiny_model(family).eval()
+    quantized = dali_compile.quantize(copy.deepcopy(original), experts=fmt, group_size=8)
+    reference = dequantized_reference(original, quantized)
+    ids = torch.randint(0, original.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference(ids).logits
+        eager = quantized(ids).logits
+        compiled = torch.compile(quantized, backend="dali")(ids).logits
+    assert relative_max_error(eager, want) <= FP32_RTOL
+    assert relative_max_error(compiled, want) <= FP32_RTOL
+    for _, module in experts_modules(quantized):
+        codes = [getattr(module, up_weight_name(module)), module.down_proj]
+        assert all(c.dtype == (torch.int8 if fmt == "int8" else torch.uint8) for c in codes)
+
+
+@pytest.mark.parametrize("family", ("qwen3_moe", "gpt_oss"))
+def test_quantized_bf16_generate_is_deterministic_and_compiled_tokens_equal_eager(family):
+    model = dali_compile.quantize(tiny_model(family, dtype=torch.bfloat16).eval(), experts="int4", dense="int8",
+                                  group_size=8)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        first = model.generate(prompt, **settings)
+        second = model.generate(prompt, **settings)
+        dali_compile.clear_reports()
+        model.forward = torch.compile(model.forward, backend="dali")
+        third = model.generate(prompt, **settings)
+    assert dali_compile.reports(), "generate() did not run the compiled forward"
+    assert torch.equal(first, second)
+    assert torch.equal(first, third)
+
+
+@needs_extension
+def test_resident_fast_path_serves_quantized_layers():
+    """The C++ kernel of dali::moe_hybrid serves a quantized layer after its first call, with the same result."""
+    model = dali_compile.quantize(tiny_model("olmoe").eval(), experts="int8")
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    cpu_extension.forget_resident_layers()
+    with torch.no_grad():
+        first = model(ids).logits
+        assert cpu_extension.resident_layer_count() >= 1
+        second = model(ids).logits
+    assert torch.equal(first, second)
+
+
+def expert_tensors(model) -> list:
+    return [(p, p.data_ptr()) for _, m in experts_modules(model) for p in m.parameters(recurse=False)]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(experts="int3"), ValueError, "experts='int3'"),
+    (dict(experts="int4", group_size=16), ValueError, "group size 16 must divide both"),
+    (dict(experts="int4", group_size=7), ValueError, "group size 7"),
+])
+def test_bad_expert_requests_leave_the_model_untouched(kwargs, error, match):
+    model = tiny_model("qwen2_moe").eval()
+    before = expert_tensors(model)
+    with pytest.raises(error, match=match):
+        dali_compile.quantize(model, **kwargs)
+    after = expert_tensors(model)
+    assert all(a[0] is b[0] and a[1] == b[1] for a, b in zip(after, before, strict=True))
+
+
+def test_quantizing_experts_twice_float64_or_a_model_without_fused_experts_is_refused():
+    from handwritten_models import HandWrittenMoE
+
+    with pytest.raises(ValueError, match="no transformers fused experts module"):
+        dali_compile.quantize(HandWrittenMoE(), experts="int8")
+    model = dali_compile.quantize(tiny_model("olmoe").eval(), experts="int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        dali_compile.quantize(model, experts="int4")
+    with pytest.raises(TypeError, match="float64 experts"):
+        dali_compile.quantize(tiny_model("olmoe").double(), experts="int8")
+
+
+def test_offload_refuses_quantized_experts_before_changing_anything():
+    model = dali_compile.quantize(tiny_model("qwen3_moe").eval(), experts="int8")
+    before = expert_tensors(model)
+    with pytest.raises(NotImplementedError, match="int8 experts"):
+        dali_compile.offload(model, device="emulated", expert_memory="1MiB")
+    assert all(a[0] is b[0] and a[1] == b[1] for a, b in zip(expert_tensors(model), before, strict=True))
+    assert not hasattr(model, "_dali_runtime")
