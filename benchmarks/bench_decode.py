@@ -12,7 +12,8 @@ Models (SHAPES): real shapes, 1-2 layers, vocab 512, random weights (default ini
 eager (transformers' "eager" experts loop, not compiled), inductor-grouped / inductor-batched (backend inductor,
 grouped_mm / batched_mm experts), dali (backend dali, grouped_mm experts rewritten into dali::moe_hybrid),
 dali-int8dense / dali-int4dense (dali on a copy after `dali_compile.quantize(model, dense=...)`: the attention
-projections and lm_head in int8 / int4 g32; its floor counts the bytes it reads, codes and scales).
+projections and lm_head in int8 / int4 g32), dali-int8 / dali-int4 (the routed experts too: quantize(experts=fmt,
+dense=fmt)); a quantized path's floor counts the bytes it reads, codes and scales, with eager's routing.
 Inductor's C++ kernels get `cpp.enable_kernel_profile` (nanoseconds per call) so the profiler sees them as ops.
 
 Decode step: model(input_ids [B, 1], cache of S tokens, use_cache=True, logits_to_keep=1); the cache comes from
@@ -77,8 +78,16 @@ PATHS = {
     # dali on a copy whose dense linears (attention projections, lm_head; routers stay) are quantized
     "dali-int8dense": ("grouped_mm", "dali"),
     "dali-int4dense": ("grouped_mm", "dali"),
+    # ... and whose routed experts are quantized too
+    "dali-int8": ("grouped_mm", "dali"),
+    "dali-int4": ("grouped_mm", "dali"),
 }
-DENSE_FORMATS = {"dali-int8dense": "int8", "dali-int4dense": "int4"}  # path -> quantize(dense=...)
+QUANTIZED = {  # path -> dali_compile.quantize's arguments
+    "dali-int8dense": dict(dense="int8"),
+    "dali-int4dense": dict(dense="int4"),
+    "dali-int8": dict(experts="int8", dense="int8"),
+    "dali-int4": dict(experts="int4", dense="int4"),
+}
 TORCH_PATHS = ("eager", "inductor-grouped", "inductor-batched")
 BLOCK = 4  # steps back to back per path and round (fewer when a step takes over BLOCK_SECONDS / BLOCK)
 BLOCK_SECONDS = 0.25
@@ -200,9 +209,9 @@ def build_paths(base, names, dali_inductor: bool) -> dict[str, tuple[Callable, s
         implementation, backend = PATHS[name]
         model = copy.deepcopy(base, memo=dict(shared))  # new modules and config, the same tensors
         used = set_experts(model, implementation)
-        if name in DENSE_FORMATS:  # the copy's linears get quantized weights; the base keeps its own
-            dali_compile.quantize(model, dense=DENSE_FORMATS[name])
-            used += f" +{DENSE_FORMATS[name]} dense"
+        if name in QUANTIZED:  # the copy's modules get quantized weights; the base keeps its own
+            dali_compile.quantize(model, **QUANTIZED[name])
+            used = ", ".join(f"{part} {fmt}" for part, fmt in QUANTIZED[name].items())
         if backend == "dali":
             model = torch.compile(model, backend="dali", dynamic=False, options={"inductor": dali_inductor})
         elif backend == "dali-pywrapper":
@@ -239,12 +248,13 @@ def prefill_timed(model, prompt: torch.Tensor, config, keyword: str) -> Timed:
 
 
 def routed_call(model, call: Timed) -> tuple[torch.Tensor, dict]:
-    """One call with the experts modules' routing recorded: (logits, {experts module: distinct expert ids})."""
-    routed = {}
+    """One call with the experts modules' routing recorded: (logits, {experts module: distinct expert ids}), the
+    modules in model order."""
+    routed = {m: set() for m in experts_modules(model)}
 
     def hook(module, args, kwargs):
         ids = args[1] if len(args) > 1 else kwargs["top_k_index"]
-        routed.setdefault(module, set()).update(ids.flatten().tolist())
+        routed[module].update(ids.flatten().tolist())
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in experts_modules(model)]
     try:
@@ -258,7 +268,9 @@ def routed_call(model, call: Timed) -> tuple[torch.Tensor, dict]:
 
 def floor_tensors(model, ids: torch.Tensor, routed: dict) -> list[torch.Tensor]:
     """The weights one decode step reads: dense weights (quantized ones as stored: codes and scales), the tokens'
-    embedding rows, the routed experts. `routed` is keyed by the experts modules of the model eager ran."""
+    embedding rows, the routed experts (quantized: codes and scales). `routed` is keyed by the experts modules of
+    the model eager ran, whose copy `model` may be: its experts modules are taken in the same order."""
+    routed = dict(zip(experts_modules(model), routed.values(), strict=True))
     embedding = model.get_input_embeddings().weight
     expert_ids = {id(p) for m in experts_modules(model) for p in m.parameters(recurse=False)}
     dense = [p for p in model.parameters() if p is not embedding and id(p) not in expert_ids]
@@ -315,7 +327,7 @@ def dali_breakdown(calls: dict[str, Timed], ms: dict[str, float], steps: int) ->
     from the profiler), and the fixed cost's share of dali's step (see the module docstring)."""
     if "dali" not in calls:
         return {}
-    parts = breakdown(calls["dali-pywrapper" if "dali-pywrapper" in calls else "dali"], steps)
+    parts = breakdown(calls["dali-pywrapper" if "dali-pywrapper" in calls else "dali"], steps) if steps > 0 else {}
     return {**parts, "fixed_ms": ms["dali-fixed"], "overhead_share": ms["dali-fixed"] / ms["dali"]}
 
 
@@ -375,7 +387,7 @@ def decode_point(base, paths, fixed, model_name, dtype_name, batch, kv, args) ->
         print(f"  {str(report).splitlines()[0]}")
     weights = {"floor": floor_tensors(base, ids, routed)}
     for name in paths:  # a quantized path reads its own bytes: its own floor
-        if name in DENSE_FORMATS:
+        if name in QUANTIZED:
             weights[f"floor {name}"] = floor_tensors(paths[name][0]._orig_mod, ids, routed)
     for key, tensors in weights.items():
         calls[key] = Timed(lambda tensors=tensors: cpu_extension.read_tensors(*tensors))
@@ -536,7 +548,7 @@ def parse_args(argv=None):
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per point (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="calls per path after the correctness run")
-    parser.add_argument("--profile-steps", type=int, default=10, help="steps of dali's profiled breakdown")
+    parser.add_argument("--profile-steps", type=int, default=10, help="steps of dali's profiled breakdown (0: none)")
     parser.add_argument("--dali-no-inductor", action="store_true",
                         help="dali option inductor=False: the rewritten graph runs as plain FX (fast compile)")
     parser.add_argument("--csv", default="bench_decode.csv", help="output CSV (default: %(default)s)")

@@ -25,7 +25,9 @@ Quantized experts (`up_scales` and `down_scales` given, layer_spec's module docs
 hold int8 codes (or uint8, two int4 codes a byte) in row form, [E, X, H * bits/8] and [E, H, I * bits/8],
 with float16 scales [E, X, H / G_up] and [E, H, I / G_down] (formats of ops/quantized_linear.py; bits
 from the codes' dtype, each group size from its scales' shape); hidden and the biases are float32,
-bfloat16 or float16.
+bfloat16 or float16. int4 experts multiply their codes by activations rounded to int8, per token and weight
+group, against a scale of max |x| / 127 (`quantized_linear.round_activations`): the input of the up projection
+and that of the down projection; int8 experts take the activations as they are.
 
 The schemas are declared here and only here. The CPU kernels are C++ (csrc/, registered when
 `dali_compile.runtime.cpu_extension` loads the library); the CompositeExplicitAutograd kernels
@@ -53,7 +55,7 @@ from torch._library.effects import EffectType
 from dali_compile.runtime import cpu_extension
 from dali_compile.runtime.layer_spec import ACTIVATIONS, CLAMPED_ACTIVATIONS, LayerSpec
 
-from .expert_math import dequantize_expert, gate_and_activate, layout_from_flags
+from .expert_math import dequantize_expert, expert_inputs, gate_and_activate, layout_from_flags
 from .library import define_op
 
 NAME = "dali::cpu_experts"
@@ -233,10 +235,13 @@ def cpu_experts_reference(
             bits = _CODE_BITS[up.dtype]
             w_up = dequantize_expert(up[expert], up_scales[expert], bits)
             w_down = dequantize_expert(down[expert], down_scales[expert], bits)
+            x = expert_inputs(up, up_scales, bits, x)
         h = x @ w_up if transposed else x @ w_up.T
         if up_bias is not None:
             h = h + up_bias[expert].float()
         y = gate_and_activate(layout, h)
+        if up_scales is not None:
+            y = expert_inputs(down, down_scales, bits, y)
         y = y @ w_down if transposed else y @ w_down.T
         if down_bias is not None:
             y = y + down_bias[expert].float()

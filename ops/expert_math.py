@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dali_compile.runtime.layer_spec import CLAMPED_ACTIVATIONS, Activation, ExpertLayout, LayerSpec
 
-from .quantized_linear import dequantize
+from .quantized_linear import dequantize, round_activations
 
 
 def layout_from_flags(gated: bool, interleaved: bool, transposed: bool, has_bias: bool, activation: str,
@@ -74,14 +74,27 @@ def expert_weights(spec: LayerSpec, expert: int) -> tuple[torch.Tensor, torch.Te
             dequantize_expert(spec.down_weight[expert], spec.down_scales[expert], quantization.bits))
 
 
+def expert_inputs(codes: torch.Tensor, scales: torch.Tensor, bits: int, x: torch.Tensor) -> torch.Tensor:
+    """What a quantized projection multiplies: int4 experts round x [n, C] to int8 per weight group
+    (round_activations); int8 experts take x as it is."""
+    if bits != 4:
+        return x
+    return round_activations(x, codes.shape[-1] * 2 // scales.shape[-1])
+
+
 def expert_forward(spec: LayerSpec, expert: int, x: torch.Tensor) -> torch.Tensor:
     """One expert on its tokens, all in fp32: x [n, H] fp32 -> [n, H] fp32."""
     layout = spec.layout
     up, down = expert_weights(spec, expert)
+    quantization = layout.quantization
+    if quantization is not None:
+        x = expert_inputs(spec.up_weight, spec.up_scales, quantization.bits, x)
     h = x @ up if layout.transposed else x @ up.T
     if layout.has_bias:
         h = h + spec.up_bias[expert].float()
     a = gate_and_activate(layout, h)
+    if quantization is not None:
+        a = expert_inputs(spec.down_weight, spec.down_scales, quantization.bits, a)
     y = a @ down if layout.transposed else a @ down.T
     if layout.has_bias:
         y = y + spec.down_bias[expert].float()

@@ -116,6 +116,19 @@ def quantize_stacked(weight: torch.Tensor, bits: int, group_size: int | None = N
     return codes, scales
 
 
+def round_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [..., C] in fp32 as int4 experts see it: every token's groups of `group_size` consecutive values rounded to
+    int8 against their own scale, max |x| / 127 (fp32; a group of zeros stays zero), then multiplied back:
+        xq = clamp(round_half_even(x / s), -127, 127),   x' = xq * s
+    (the experts' int4 kernels multiply the codes by xq in integers and scale by s * the weights' scale)."""
+    x = x.to(torch.float32)
+    groups = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+    scale = groups.abs().amax(dim=-1, keepdim=True) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(groups / safe).clamp_(-127, 127)
+    return (q * scale).reshape(x.shape)
+
+
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """The fp32 weight [N, C] a quantized one stands for (the formats above)."""
     N = qweight.shape[0]

@@ -8,6 +8,10 @@
 //   3. fp32 and quantized experts with many tokens: the same math as two dense GEMMs (DenseGemm), one expert at
 //      a time, a quantized expert's weights dequantized to fp32 first (exact: a code times an fp16 scale)
 //
+// int4 experts take their activations rounded to int8 (kernels.h, Int8Activations): xs after the gather and act
+// after the activation are rounded in place (x' = xq * s, what the GEMM path multiplies) and their int8 codes
+// kept beside them for the streaming kernel, which multiplies in integers.
+//
 // Splitting every phase over experts *and* output rows keeps all threads busy when a decode step
 // has only a few active experts with one token each.
 #include "experts.h"
@@ -175,8 +179,30 @@ class AlignedFloats {
 // The call's working buffers, kept by the calling thread between calls: a fresh multi-MiB buffer
 // page-faults once per 4 KiB on first touch, measured at ~5% of a 256-token fp32 call. Buffers
 // above kRetainedFloats are freed when the call ends, so a long prefill does not pin its memory.
+// int8 activations of every slot (int4 experts): codes, scales and offsets as Int8Activations describes them.
+struct Int8Rows {
+  std::vector<int8_t> q;
+  std::vector<float> scale, offset;
+
+  void resize(int64_t rows, int64_t len, int64_t group) {
+    q.resize(rows * len);
+    scale.resize(rows * (len / group));
+    offset.resize(rows * (len / group));
+  }
+  Int8Activations view(int64_t len, int64_t group) const {
+    return Int8Activations{q.data(), scale.data(), offset.data(), len, group};
+  }
+  // Rounds rows [first, first + n) of x [*, len] in place and keeps their codes.
+  void round_rows(float* x, int64_t first, int64_t n, int64_t len, int64_t group) {
+    const int64_t groups = len / group;
+    round_to_int8(x + first * len, len, n, len, group, q.data() + first * len, scale.data() + first * groups,
+                  offset.data() + first * groups, x + first * len);
+  }
+};
+
 struct CallScratch {
   AlignedFloats xs, act, dense_h, dense_y, dense_up, dense_down;
+  Int8Rows xs_int8, act_int8;
 };
 constexpr int64_t kRetainedFloats = int64_t{8} << 20;  // 32 MiB per buffer
 
@@ -208,6 +234,11 @@ class ExpertRun {
     act_.resize(S * L_.intermediate);
     gather();
     if (S == 0) return;
+    if (L_.bits == 4) {
+      xs_int8_.resize(S, L_.hidden, L_.up_group);
+      act_int8_.resize(S, L_.intermediate, L_.down_group);
+      round_slots(xs_int8_, xs_.data(), 0, S, L_.hidden, L_.up_group);
+    }
     std::vector<ExpertGroup> dense;
     std::vector<ExpertGroup> streamed;
     for (const ExpertGroup& g : plan_.groups) {
@@ -250,6 +281,11 @@ class ExpertRun {
     pool_.parallel_for(groups * up_blocks, [&](int64_t task) {
       up_task(groups_list[task / up_blocks], (task % up_blocks) * up_block_);
     });
+    if (L_.bits == 4) {
+      for (const ExpertGroup& g : groups_list) {
+        round_slots(act_int8_, act_.data(), g.first, g.count, L_.intermediate, L_.down_group);
+      }
+    }
     pool_.parallel_for(groups * down_blocks, [&](int64_t task) {
       down_task(groups_list[task / down_blocks], (task % down_blocks) * down_block_);
     });
@@ -275,10 +311,32 @@ class ExpertRun {
     return q;
   }
 
-  // Row form: out[t * ldo + r] = x[t] . w[first_row + r] for r < rows, t < nt, over `len` columns, where w is one
-  // expert's up (up_side) or down weights, plain or quantized, read in place; x rows are `len` apart.
-  void dot_expert_rows(bool up_side, int64_t expert, int64_t first_row, int64_t rows, int64_t len, const float* x,
-                       int64_t nt, bool x_exact_bf16, float* out, int64_t ldo) const {
+  // Rounds slots [first, first + n) of x [S, len] to int8 in place (int4 experts), split over the pool when large.
+  void round_slots(Int8Rows& codes, float* x, int64_t first, int64_t n, int64_t len, int64_t group) {
+    constexpr int64_t kRowsPerTask = 16;
+    const int64_t tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
+    auto task = [&](int64_t i) {
+      const int64_t r0 = i * kRowsPerTask;
+      codes.round_rows(x, first + r0, std::min(kRowsPerTask, n - r0), len, group);
+    };
+    if (n * len <= (int64_t{1} << 16)) {
+      for (int64_t i = 0; i < tasks; ++i) task(i);
+    } else {
+      pool_.parallel_for(tasks, task);
+    }
+  }
+
+  // Row form: out[t * ldo + r] = x[slot + t] . w[first_row + r] for r < rows, t < nt, over `len` columns, where
+  // w is one expert's up (up_side) or down weights, plain or quantized, read in place, and x the slots' inputs of
+  // that projection (xs or act).
+  void dot_expert_rows(bool up_side, int64_t expert, int64_t first_row, int64_t rows, int64_t len, int64_t slot,
+                       int64_t nt, bool x_exact_bf16, float* out, int64_t ldo) {
+    const float* x = (up_side ? xs_.data() : act_.data()) + slot * len;
+    if (L_.bits == 4) {
+      const Int8Activations xq = (up_side ? xs_int8_ : act_int8_).view(len, up_side ? L_.up_group : L_.down_group);
+      k_.dot_rows_int4(quantized_rows(up_side, expert, first_row), rows, xq, slot, nt, out, ldo);
+      return;
+    }
     if (L_.bits != 0) {
       k_.dot_rows_quantized(L_.bits, quantized_rows(up_side, expert, first_row), rows, len, x, len, nt, out, ldo);
       return;
@@ -339,7 +397,10 @@ class ExpertRun {
       });
     };
     gemm_.fn(xs_.data() + g.first * H, H, up, up_ld, L_.transposed, h, X, n, X, H);
-    in_chunks([&](int64_t t0, int64_t nt) { activate_block(g, 0, I, t0, nt, h + t0 * X, X); });
+    in_chunks([&](int64_t t0, int64_t nt) {
+      activate_block(g, 0, I, t0, nt, h + t0 * X, X);
+      if (L_.bits == 4) act_int8_.round_rows(act_.data(), g.first + t0, nt, I, L_.down_group);
+    });
     gemm_.fn(act_.data() + g.first * I, I, down, down_ld, L_.transposed, y, H, n, H, I);
     in_chunks([&](int64_t t0, int64_t nt) { write_slots(g, 0, H, t0, nt, y + t0 * H, H); });
   }
@@ -386,14 +447,15 @@ class ExpertRun {
     h.resize(kTokenChunk * width);
     for (int64_t t0 = 0; t0 < g.count; t0 += kTokenChunk) {
       const int64_t nt = std::min(kTokenChunk, g.count - t0);
-      const float* x = xs_.data() + (g.first + t0) * H;
+      const int64_t slot = g.first + t0;
+      const float* x = xs_.data() + slot * H;
       // h[t, c]: columns [gate block | up block], or the interleaved pairs, or the plain block.
       if (!L_.transposed) {
         if (L_.gated && !L_.interleaved) {
-          dot_expert_rows(true, e, i0, bi, H, x, nt, exact, h.data(), width);
-          dot_expert_rows(true, e, I + i0, bi, H, x, nt, exact, h.data() + bi, width);
+          dot_expert_rows(true, e, i0, bi, H, slot, nt, exact, h.data(), width);
+          dot_expert_rows(true, e, I + i0, bi, H, slot, nt, exact, h.data() + bi, width);
         } else {
-          dot_expert_rows(true, e, L_.gated ? 2 * i0 : i0, width, H, x, nt, exact, h.data(), width);
+          dot_expert_rows(true, e, L_.gated ? 2 * i0 : i0, width, H, slot, nt, exact, h.data(), width);
         }
       } else {
         const void* up = offset(L_.up, L_.dtype, e * L_.up_expert_stride);
@@ -448,7 +510,7 @@ class ExpertRun {
       const int64_t nt = std::min(kTokenChunk, g.count - t0);
       const float* a = act_.data() + (g.first + t0) * I;
       if (!L_.transposed) {
-        dot_expert_rows(false, g.expert, h0, bh, I, a, nt, false, y.data(), bh);
+        dot_expert_rows(false, g.expert, h0, bh, I, g.first + t0, nt, false, y.data(), bh);
       } else {
         const void* down = offset(L_.down, L_.dtype, g.expert * L_.down_expert_stride);
         k_.axpy_rows(L_.dtype, offset(down, L_.dtype, h0), L_.down_row_stride, I, bh, a, I, nt, y.data(), bh);
@@ -490,6 +552,8 @@ class ExpertRun {
   AlignedFloats& dense_y_ = buffers_.dense_y;  // [n, H]
   AlignedFloats& dense_up_ = buffers_.dense_up;      // [X, H] of a quantized dense expert, dequantized
   AlignedFloats& dense_down_ = buffers_.dense_down;  // [H, I]
+  Int8Rows& xs_int8_ = buffers_.xs_int8;    // int4 experts: xs [S, H] in int8
+  Int8Rows& act_int8_ = buffers_.act_int8;  // act [S, I]
   int64_t up_block_ = 0;
   int64_t down_block_ = 0;
 };

@@ -26,6 +26,17 @@ struct QuantizedRows {
   int64_t group;       // G: divides len (even for int4)
 };
 
+// Activations rounded to int8 for int4 weights (round_activations in ops/quantized_linear.py): per token and
+// weight group of G columns, s = max |x| / 127 (fp32) and xq = clamp(round_half_even(x / s), -127, 127).
+// Each token's `len` bytes follow the codes' byte order, so a run of code bytes meets its activations in one
+// load: first low[j] = xq of the column in code byte j's low nibble, then high[j] = of its high nibble (j < len/2).
+struct Int8Activations {
+  const int8_t* q;       // [n, len]
+  const float* scale;    // [n, len / G]: s
+  const float* offset;   // [n, len / G]: 8 * s * sum(xq): what the codes' +8 adds to each group's dot
+  int64_t len, group;    // columns, G
+};
+
 struct KernelTable {
   Isa isa;
   // Row form, for weights stored [out, in] (the reduction is contiguous, ideal for streaming):
@@ -53,7 +64,25 @@ struct KernelTable {
                              int64_t n, float* out, int64_t ldo);
   // dst[r * ldd + j] = w[r, j] in fp32 (exact: a code times an fp16 scale fits an fp32), bits 8 or 4.
   void (*dequantize_rows)(int bits, const QuantizedRows& w, int64_t rows, int64_t len, float* dst, int64_t ldd);
+  // int4 weights times int8 activations (tokens first .. first + n - 1 of x), the products summed in integers
+  // per group and scaled once: out[t * ldo + r] = sum_g scale[r, g] * s[t, g] * sum_{j in g} q[r, j] * xq[t, j].
+  // Any even group size (w.group == x.group).
+  void (*dot_rows_int4)(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first, int64_t n,
+                        float* out, int64_t ldo);
 };
+
+// Rounds x [n, len] (rows ldx apart) to int8 per token and group into q [n, len], scale and offset [n, len / G]
+// (the arrays Int8Activations points to), and writes x' = xq * s to rounded [n, len] (may be x itself, ldx apart).
+void round_to_int8(const float* x, int64_t ldx, int64_t n, int64_t len, int64_t group, int8_t* q, float* scale,
+                   float* offset, float* rounded);
+
+// The scalar dot_rows_int4 (the portable table's), and the AVX2 one (group sizes that are multiples of 32; others
+// go to the scalar one), also the AVX-512 table's; nullptr where the build has no x86-64 path.
+void dot_rows_int4_scalar(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first, int64_t n,
+                          float* out, int64_t ldo);
+using DotRowsInt4 = void (*)(const QuantizedRows&, int64_t, const Int8Activations&, int64_t, int64_t, float*,
+                             int64_t);
+DotRowsInt4 dot_rows_int4_avx2();
 
 const KernelTable& portable_kernels();
 // nullptr where the build's target architecture has no such path (e.g. not x86-64).

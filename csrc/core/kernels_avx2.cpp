@@ -100,7 +100,110 @@ void avx2_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int64_
   dequantize_rows_generic<Avx2>(bits, w, rows, len, dst, ldd);
 }
 
+// ---- int4 codes times int8 activations (KernelTable::dot_rows_int4), group sizes that are multiples of 32 ----
+//
+// A 32-byte run of a row's codes holds 64 columns: for G = 32 two whole groups, otherwise part of one. Its low
+// nibbles meet the activations' low bytes and its high nibbles their high bytes in one maddubs each (codes 0..15
+// unsigned times int8 activations, adjacent pairs summed in 16 bits: at most 2 * 15 * 127, twice that after
+// adding the two, far from saturating), then madd with ones sums quads into 8 32-bit lanes: lanes 0-3 cover
+// bytes 0-15 (one group), lanes 4-7 bytes 16-31. Those are converted to fp32 and scaled per lane by the weight
+// scale times the activation scale; the codes' +8 comes out per group at the end through x.offset.
+
+// sum_g weight_scale[g] * offset[g]: what the +8 of the codes added to a row's dot with one token.
+float offset_dot(const F16* scales, const float* offset, int64_t groups) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g)));
+    acc = _mm256_fmadd_ps(ws, _mm256_loadu_ps(offset + g), acc);
+  }
+  float total = Avx2::hsum(acc);
+  for (; g < groups; ++g) total += to_float(scales[g]) * offset[g];
+  return total;
+}
+
+// Two groups' scales, one per 128-bit half of the lanes.
+inline __m256 lane_scales(float low_half, float high_half) {
+  return _mm256_set_m128(_mm_set1_ps(high_half), _mm_set1_ps(low_half));
+}
+
+template <int R, int N>
+void int4_tile(const uint8_t* q, int64_t ldq, const F16* ws, int64_t lds, const Int8Activations& x, int64_t t0,
+               float* out, int64_t ldo, int64_t orow) {
+  const int64_t half_len = x.len / 2, group_bytes = x.group / 2, groups = x.len / x.group;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R][N];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < N; ++n) acc[r][n] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < half_len; b += 32) {
+    const int64_t g_low = b / group_bytes, g_high = (b + 16) / group_bytes;
+    __m256 sx[N];
+    for (int n = 0; n < N; ++n) {
+      const float* s = x.scale + (t0 + n) * groups;
+      sx[n] = lane_scales(s[g_low], s[g_high]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * ldq + b));
+      const __m256i low = _mm256_and_si256(codes, nibble);
+      const __m256i high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble);
+      const F16* s = ws + r * lds;
+      const __m256 sw = lane_scales(_cvtsh_ss(s[g_low].bits), _cvtsh_ss(s[g_high].bits));
+      for (int n = 0; n < N; ++n) {
+        const int8_t* xq = x.q + (t0 + n) * x.len + b;
+        const __m256i pairs = _mm256_add_epi16(
+            _mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
+            _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + half_len))));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+        acc[r][n] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sw, sx[n]), acc[r][n]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int n = 0; n < N; ++n) {
+      const float correction = offset_dot(ws + r * lds, x.offset + (t0 + n) * groups, groups);
+      out[n * ldo + r * orow] = Avx2::hsum(acc[r][n]) - correction;
+    }
+  }
+}
+
+template <int R>
+void int4_tile_n(int n, const uint8_t* q, int64_t ldq, const F16* ws, int64_t lds, const Int8Activations& x,
+                 int64_t t0, float* out, int64_t ldo, int64_t orow) {
+  if (n == 1) {
+    int4_tile<R, 1>(q, ldq, ws, lds, x, t0, out, ldo, orow);
+  } else {
+    int4_tile<R, 2>(q, ldq, ws, lds, x, t0, out, ldo, orow);
+  }
+}
+
+// As dot_rows_quantized: tiles of 4 rows from the block's 4 quarters (4 sequential streams), two tokens
+// sharing each run of unpacked codes.
+void avx2_dot_rows_int4(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first, int64_t n,
+                        float* out, int64_t ldo) {
+  if (x.group % 32 != 0) {
+    dot_rows_int4_scalar(w, rows, x, first, n, out, ldo);
+    return;
+  }
+  const uint8_t* q = static_cast<const uint8_t*>(w.codes);
+  const int64_t quarter = rows / 4;
+  for (int64_t t = 0; t < n; t += 2) {
+    const int tn = n - t < 2 ? 1 : 2;
+    float* ot = out + t * ldo;
+    for (int64_t r = 0; r < quarter; ++r) {
+      int4_tile_n<4>(tn, q + r * w.ld, quarter * w.ld, w.scales + r * w.lds, quarter * w.lds, x, first + t, ot + r,
+                     ldo, quarter);
+    }
+    for (int64_t r = 4 * quarter; r < rows; ++r) {
+      int4_tile_n<1>(tn, q + r * w.ld, w.ld, w.scales + r * w.lds, w.lds, x, first + t, ot + r, ldo, 1);
+    }
+  }
+}
+
 }  // namespace
+
+DotRowsInt4 dot_rows_int4_avx2() { return avx2_dot_rows_int4; }
+
 }  // namespace dali_cpu
 
 #pragma GCC pop_options
@@ -109,8 +212,9 @@ namespace dali_cpu {
 
 // Compiled for the baseline target: callers may ask for the table before checking the CPU.
 const KernelTable* avx2_kernels() {
-  static const KernelTable table{Isa::kAvx2,         avx2_dot_rows,      avx2_axpy_rows,      avx2_convert,
-                                 avx2_silu_mul,      avx2_dot_rows_quantized, avx2_dequantize_rows};
+  static const KernelTable table{Isa::kAvx2,          avx2_dot_rows,        avx2_axpy_rows,
+                                 avx2_convert,        avx2_silu_mul,        avx2_dot_rows_quantized,
+                                 avx2_dequantize_rows, dot_rows_int4_avx2()};
   return &table;
 }
 
@@ -120,6 +224,7 @@ const KernelTable* avx2_kernels() {
 
 namespace dali_cpu {
 const KernelTable* avx2_kernels() { return nullptr; }
+DotRowsInt4 dot_rows_int4_avx2() { return nullptr; }
 }  // namespace dali_cpu
 
 #endif

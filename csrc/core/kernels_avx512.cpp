@@ -192,7 +192,8 @@ const KernelTable* avx512_kernels() {
   static const KernelTable table = [] {
     g_use_dpbf16 = cpu_has_avx512_bf16();
     return KernelTable{Isa::kAvx512,        avx512_dot_rows,        avx512_axpy_rows,      avx512_convert,
-                       avx512_silu_mul,     avx512_dot_rows_quantized,  avx512_dequantize_rows};
+                       avx512_silu_mul,     avx512_dot_rows_quantized,  avx512_dequantize_rows,
+                       dot_rows_int4_avx2()};  // AVX-512 CPUs have AVX2; no 512-bit version written yet
   }();
   return &table;
 }

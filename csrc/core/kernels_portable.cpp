@@ -86,7 +86,8 @@ const KernelTable& portable_kernels() {
                                  convert_generic<Portable>,
                                  silu_mul_generic<Portable>,
                                  dot_rows_quantized_generic<Portable>,
-                                 dequantize_rows_generic<Portable>};
+                                 dequantize_rows_generic<Portable>,
+                                 dot_rows_int4_scalar};
   return table;
 }
 

@@ -64,6 +64,7 @@ SOURCES = (
     "core/experts.cpp",
     "core/linear.cpp",
     "core/quantized_linear.cpp",
+    "core/int8_activations.cpp",
     "core/runtime.cpp",
     "core/planner.cpp",
     "binding/cpu_experts_ops.cpp",
