@@ -5,12 +5,19 @@
     gpu_experts(hidden[T, H], topk_ids[T, K], topk_weights[T, K],
                 up_pool[S, X, H] (transposed [S, H, X]), down_pool[S, H, I] (transposed [S, I, H]),
                 up_bias_pool[S, X]?, down_bias_pool[S, H]?, slot_of_expert[E] int32,
-                gated, interleaved, transposed, activation, alpha, limit) -> [T, K, H] fp32
+                gated, interleaved, transposed, activation, alpha, limit,
+                up_scales_pool?, down_scales_pool?) -> [T, K, H] fp32
 
 out[t, k] = topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t]) computed with the weights of pool
 slot slot_of_expert[topk_ids[t, k]], or exactly 0 where that slot is -1 (the expert runs elsewhere).
 Returning per-slot contributions instead of their sum lets the caller add the CPU's and the GPU's
 contributions in k order, so a split of the experts between devices changes nothing beyond rounding.
+
+Quantized experts (scale pools given): the pools hold codes in row form, up [S, X, H * bits/8] and down
+[S, H, I * bits/8] (int8, or uint8 with two int4 codes), and their float16 scales [S, X, H / G_up] and
+[S, H, I / G_down], exactly as `dali::cpu_experts` takes them (int4 rounds its activations to int8 per group);
+biases stay in hidden's dtype. No Triton kernel reads them yet: CUDA refuses them, other devices run the
+reference.
 
 CUDA runs the Triton kernels of `ops/triton_experts.py` (imported on first use, so CPU-only installs
 never import triton); every other device, and CUDA without triton, runs the fp32 reference of
@@ -24,7 +31,7 @@ import logging
 
 import torch
 
-from dali_compile.runtime.layer_spec import ExpertLayout, LayerSpec
+from dali_compile.runtime.layer_spec import ExpertLayout, ExpertQuantization, LayerSpec
 
 from .expert_math import expert_forward, layout_from_flags
 from .library import define_op
@@ -33,7 +40,8 @@ NAME = "dali::gpu_experts"
 SCHEMA = (
     "(Tensor hidden, Tensor topk_ids, Tensor topk_weights, Tensor up_pool, Tensor down_pool, "
     "Tensor? up_bias_pool, Tensor? down_bias_pool, Tensor slot_of_expert, bool gated, bool interleaved, "
-    "bool transposed, str activation, float alpha, float limit) -> Tensor"
+    "bool transposed, str activation, float alpha, float limit, Tensor? up_scales_pool=None, "
+    "Tensor? down_scales_pool=None) -> Tensor"
 )
 
 define_op(NAME, SCHEMA)
@@ -58,9 +66,16 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+_CODE_BITS = {torch.int8: 8, torch.uint8: 4}
+
+
 def check_shapes(hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool,
-                 slot_of_expert, gated, interleaved, transposed, activation, alpha, limit) -> ExpertLayout:
-    """Checks that need no tensor values; the fake kernel runs them too. Returns the layout."""
+                 slot_of_expert, gated, interleaved, transposed, activation, alpha, limit,
+                 up_scales_pool=None, down_scales_pool=None) -> ExpertLayout:
+    """Checks that need no tensor values; the fake kernel runs them too. Returns the layout (with its
+    quantization when the scale pools are given)."""
+    if (up_scales_pool is None) != (down_scales_pool is None):
+        raise ValueError(f"{NAME}: give both scale pools or neither")
     if up_bias_pool is None and down_bias_pool is None:
         has_bias = False
     elif up_bias_pool is not None and down_bias_pool is not None:
@@ -68,6 +83,9 @@ def check_shapes(hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_poo
     else:
         raise ValueError(f"{NAME}: give both bias pools or neither")
     layout = pool_layout(gated, interleaved, transposed, has_bias, activation, alpha, limit)
+    if up_scales_pool is not None:
+        return _check_quantized_pools(layout, hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool,
+                                      down_bias_pool, slot_of_expert, up_scales_pool, down_scales_pool)
     if hidden.dim() != 2 or not hidden.is_floating_point():
         raise ValueError(f"{NAME}: hidden must be a floating [T, H] tensor, got {hidden.dtype} {_shape(hidden)}")
     if topk_ids.dim() != 2 or _shape(topk_weights) != _shape(topk_ids) or topk_ids.shape[0] != hidden.shape[0]:
@@ -110,6 +128,35 @@ def check_shapes(hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_poo
     return layout
 
 
+def _check_quantized_pools(layout, hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool,
+                           slot_of_expert, up_scales_pool, down_scales_pool) -> ExpertLayout:
+    """The quantized pools through LayerSpec's own checks (the slots as its experts), then the routing's."""
+    if up_pool.dtype not in _CODE_BITS:
+        raise TypeError(f"{NAME}: quantized pools hold int8 or uint8 (int4) codes, got {up_pool.dtype}")
+    if layout.transposed:
+        raise ValueError(f"{NAME}: quantized experts are stored in row form (transposed=False)")
+    quantized = ExpertLayout(layout.activation, layout.gated, layout.interleaved, False, layout.has_bias,
+                             ExpertQuantization(_CODE_BITS[up_pool.dtype], hidden.dtype))
+    try:
+        LayerSpec(quantized, up_pool, down_pool, up_bias_pool, down_bias_pool, up_scales_pool, down_scales_pool,
+                  name="gpu_experts pool")
+    except ValueError as err:
+        raise ValueError(f"{NAME}: {err}") from None
+    tensors = (hidden, topk_ids, topk_weights, slot_of_expert, up_pool, down_pool, up_bias_pool, down_bias_pool,
+               up_scales_pool, down_scales_pool)
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{NAME}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if hidden.dim() != 2 or hidden.shape[1] != down_pool.shape[1] or topk_ids.dim() != 2 \
+            or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{NAME}: hidden [T, {down_pool.shape[1]}] and topk_ids, topk_weights [T, K] expected, got "
+                         f"{_shape(hidden)}, {_shape(topk_ids)}, {_shape(topk_weights)}")
+    if slot_of_expert.dim() != 1 or slot_of_expert.dtype != torch.int32:
+        raise TypeError(f"{NAME}: slot_of_expert must be a 1-D int32 [E] tensor, got "
+                        f"{slot_of_expert.dtype} {_shape(slot_of_expert)}")
+    return quantized
+
+
 def check_values(topk_ids: torch.Tensor, slot_of_expert: torch.Tensor, num_slots: int) -> None:
     """Ids in [0, E) and slots in [-1, S): one host sync for all four bounds."""
     E = slot_of_expert.numel()
@@ -128,25 +175,30 @@ def check_values(topk_ids: torch.Tensor, slot_of_expert: torch.Tensor, num_slots
 
 @torch.library.register_fake(NAME)
 def _gpu_experts_fake(hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool,
-                      slot_of_expert, gated, interleaved, transposed, activation, alpha, limit):
+                      slot_of_expert, gated, interleaved, transposed, activation, alpha, limit,
+                      up_scales_pool=None, down_scales_pool=None):
     check_shapes(hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool,
-                 slot_of_expert, gated, interleaved, transposed, activation, alpha, limit)
+                 slot_of_expert, gated, interleaved, transposed, activation, alpha, limit, up_scales_pool,
+                 down_scales_pool)
     T, K = topk_ids.shape
     return hidden.new_empty(T, K, hidden.shape[1], dtype=torch.float32)
 
 
 def gpu_experts_reference(hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool,
-                          slot_of_expert, gated, interleaved, transposed, activation, alpha, limit):
+                          slot_of_expert, gated, interleaved, transposed, activation, alpha, limit,
+                          up_scales_pool=None, down_scales_pool=None):
     """The fp32 reference on the slot table: the CPU kernel, and CUDA's fallback without triton."""
     layout = check_shapes(hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool,
-                          slot_of_expert, gated, interleaved, transposed, activation, alpha, limit)
+                          slot_of_expert, gated, interleaved, transposed, activation, alpha, limit, up_scales_pool,
+                          down_scales_pool)
     check_values(topk_ids, slot_of_expert, up_pool.shape[0])
     T, K = topk_ids.shape
     out = torch.zeros(T * K, hidden.shape[1], dtype=torch.float32, device=hidden.device)
     if T * K == 0:
         return out.view(T, K, hidden.shape[1])
     # The pools as a LayerSpec whose "experts" are slots, so the oracle's own expert_forward does the math.
-    pool_spec = LayerSpec(layout, up_pool, down_pool, up_bias_pool, down_bias_pool, name="gpu_experts pool")
+    pool_spec = LayerSpec(layout, up_pool, down_pool, up_bias_pool, down_bias_pool, up_scales_pool,
+                          down_scales_pool, name="gpu_experts pool")
     flat_ids = topk_ids.reshape(-1).long()
     flat_weights = topk_weights.reshape(-1).float()
     slots = slot_of_expert.long()[flat_ids]
@@ -170,8 +222,12 @@ def _triton_launcher():
 
 
 def gpu_experts_cuda(hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool,
-                     slot_of_expert, gated, interleaved, transposed, activation, alpha, limit):
+                     slot_of_expert, gated, interleaved, transposed, activation, alpha, limit,
+                     up_scales_pool=None, down_scales_pool=None):
     """The CUDA kernel: checks, then the Triton launcher (the reference where triton or the dtype is missing)."""
+    if up_scales_pool is not None or down_scales_pool is not None:
+        raise NotImplementedError(f"{NAME}: the Triton kernels do not read quantized experts yet; run quantized "
+                                  "experts on the CPU or the emulated device")
     args = (hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool,
             slot_of_expert, gated, interleaved, transposed, activation, alpha, limit)
     launcher = _triton_launcher() if hidden.dtype in KERNEL_DTYPES else None
@@ -199,16 +255,20 @@ def gpu_experts(
     down_bias_pool: torch.Tensor | None,
     slot_of_expert: torch.Tensor,
     layout: ExpertLayout,
+    up_scales_pool: torch.Tensor | None = None,
+    down_scales_pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Typed wrapper: the flags come from an ExpertLayout.
 
     hidden [T, H]; topk_ids [T, K] int32/int64 in [0, E); topk_weights [T, K] floating; pools in hidden's
     dtype, contiguous: up [S, X, H] (transposed [S, H, X]), down [S, H, I] (transposed [S, I, H]),
-    biases [S, X] and [S, H] or both None; slot_of_expert [E] int32 in [-1, S). Returns [T, K, H] fp32.
+    biases [S, X] and [S, H] or both None; slot_of_expert [E] int32 in [-1, S); quantized layouts: the pools
+    hold codes and up_scales_pool / down_scales_pool their scales (module docstring). Returns [T, K, H] fp32.
     """
     act = layout.activation
     return torch.ops.dali.gpu_experts(
         hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool, slot_of_expert,
         layout.gated, layout.interleaved, layout.transposed, act.name,
         act.alpha if act.alpha is not None else 0.0, act.limit if act.limit is not None else 0.0,
+        up_scales_pool, down_scales_pool,
     )

@@ -4,7 +4,9 @@
 
     quantized_linear(x[..., C], qweight, scales[N, C/G], bias[N]?, bits, group_size) -> [..., N]   in x's dtype
 
-    out = x @ dequantize(qweight, scales).T + bias, accumulated in fp32 and rounded once to x's dtype
+    out = x' @ dequantize(qweight, scales).T + bias, accumulated in fp32 and rounded once to x's dtype
+    x' = x for 8 bits; for 4 bits x rounded to int8 per row and group (round_activations), so the kernels
+    multiply the codes in integers (int4 codes widened to fp32 cost more than the multiply itself)
 
 Formats (also in csrc/README.md, so a reader can dequantize them by hand). Symmetric, one float16
 scale per group of G consecutive input features of an output row (G = C: one scale per row):
@@ -151,7 +153,8 @@ def _quantized_linear_fake(x, qweight, scales, bias, bits, group_size):
 def quantized_linear_reference(x, qweight, scales, bias, bits: int, group_size: int) -> torch.Tensor:
     """The op in plain PyTorch: dequantize, fp32 matmul, one rounding. Oracle and fallback."""
     check_args(x, qweight, scales, bias, bits, group_size)
-    out = x.float() @ dequantize(qweight, scales, bits, group_size).T
+    x = x.float() if bits == 8 else round_activations(x, group_size)
+    out = x @ dequantize(qweight, scales, bits, group_size).T
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)

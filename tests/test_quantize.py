@@ -7,6 +7,7 @@ reference (a copy of the model whose linears carry the dequantized fp32 weights)
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -15,7 +16,12 @@ from torch import nn
 
 import dali_compile
 from dali_compile import QuantizedLinear
-from dali_compile.ops.quantized_linear import dequantize, quantize_weight, quantized_linear_reference
+from dali_compile.ops.quantized_linear import (
+    dequantize,
+    quantize_weight,
+    quantized_linear_reference,
+    round_activations,
+)
 from dali_compile.tiny_models import tiny_model
 
 FAMILIES = ("qwen2_moe", "olmoe", "mixtral")
@@ -29,12 +35,20 @@ def dense_linears(model) -> dict[str, nn.Module]:
 
 
 def dequantized_reference(original: nn.Module, quantized: nn.Module) -> nn.Module:
-    """A copy of the full-precision model whose quantized linears carry their dequantized fp32 weight (fp32 models)."""
+    """A copy of the full-precision model whose quantized linears carry their dequantized fp32 weight (fp32 models);
+    the int4 ones also round their input to int8 per group first, as the format says (round_activations)."""
     reference = copy.deepcopy(original)
     for name, module in dense_linears(quantized).items():
         if isinstance(module, QuantizedLinear):
-            reference.get_submodule(name).weight.data = module.dequantized_weight().to(original.dtype)
+            linear = reference.get_submodule(name)
+            linear.weight.data = module.dequantized_weight().to(original.dtype)
+            if module.bits == 4:
+                linear.register_forward_pre_hook(functools.partial(_round_input, group=module.group_size))
     return reference
+
+
+def _round_input(module, args, group: int):
+    return (round_activations(args[0], group).to(args[0].dtype),)
 
 
 def quantized_pair(family: str, fmt: str, dtype=torch.float32):

@@ -20,6 +20,9 @@ from dali_compile.ops import cpu_experts as ops
 from dali_compile.ops.expert_math import dequantize_expert, expert_weights, moe_reference
 from dali_compile.ops.quantized_linear import quantize_stacked, round_activations
 from dali_compile.runtime import cpu_extension
+from dali_compile.runtime.expert_cache import expert_bytes
+from dali_compile.runtime.planner import CostModel
+from dali_compile.runtime.policies import POLICIES
 from dali_compile.tiny_models import MINIMUM_FAMILIES, tiny_model
 
 E, H, I, K = 6, 64, 48, 2  # noqa: E741
@@ -308,10 +311,50 @@ def test_quantizing_experts_twice_float64_or_a_model_without_fused_experts_is_re
         dali_compile.quantize(tiny_model("olmoe").double(), experts="int8")
 
 
-def test_offload_refuses_quantized_experts_before_changing_anything():
+# ----------------------------------------------------------------------------- offload in quantized bytes
+
+# A GPU 10x faster than the CPU per expert and a copy at half a CPU expert: every policy splits and copies.
+COST = CostModel(workloads=(1, 8), cpu_seconds=(1.0, 4.0), gpu_seconds=(0.1, 0.2), transfer_seconds=0.5)
+
+
+@pytest.mark.usefixtures("emulated_mode")
+@pytest.mark.parametrize("fmt", ("int8", "int4"))
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_offloaded_quantized_model_matches_its_eager_run_under_every_policy(policy, fmt):
+    """Slots hold codes and scales: a slot is the quantized expert's bytes, so the same budget holds 2x (int8) to
+    about 4x (int4) more experts than bf16 would; results equal the quantized model's own CPU run."""
+    model = tiny_model("qwen3_moe").eval()
+    fp32_slot = expert_bytes(spec_of_module(experts_modules(model)[0][1]))
+    dali_compile.quantize(model, experts=fmt, group_size=8)
+    spec = spec_of_module(experts_modules(model)[0][1])
+    layers, top_k = len(experts_modules(model)), model.config.num_experts_per_tok
+    slot = expert_bytes(spec)
+    # a slot is the expert's codes and scales: int8 1 byte a weight (+ 2 a row), int4 at groups of 8 0.75
+    assert fp32_slot / slot >= (3.5 if fmt == "int8" else 5.0)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(prompt).logits
+        want_tokens = model.generate(prompt, max_new_tokens=3, do_sample=False)
+    dali_compile.offload(model, device="emulated", expert_memory=slot * (top_k + layers * spec.num_experts // 2),
+                         policy=policy, cost_model=COST)
+    try:
+        with torch.no_grad():
+            got = model(prompt).logits
+            tokens = model.generate(prompt, max_new_tokens=3, do_sample=False)
+        stats = dali_compile.offload_stats(model)
+    finally:
+        dali_compile.release(model)
+    assert relative_max_error(got, want) <= FP32_RTOL
+    assert torch.equal(tokens, want_tokens)
+    assert stats["slot_bytes"] == slot
+    if policy not in ("all_cpu", "layerwise"):
+        assert stats["total"]["experts_gpu"] > 0
+
+
+def test_offload_to_cuda_refuses_quantized_experts_before_changing_anything():
     model = dali_compile.quantize(tiny_model("qwen3_moe").eval(), experts="int8")
     before = expert_tensors(model)
     with pytest.raises(NotImplementedError, match="int8 experts"):
-        dali_compile.offload(model, device="emulated", expert_memory="1MiB")
+        dali_compile.offload(model, device="cuda", expert_memory="1MiB")
     assert all(a[0] is b[0] and a[1] == b[1] for a, b in zip(expert_tensors(model), before, strict=True))
     assert not hasattr(model, "_dali_runtime")

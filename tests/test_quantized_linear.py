@@ -130,12 +130,15 @@ def test_nibble_order_is_the_documented_one():
 
 
 def test_gradients_flow_to_x_and_bias():
-    """The op differentiates through x and bias, as F.linear with the dequantized weight does."""
+    """The op differentiates through x and bias, as F.linear with the dequantized weight does (int4's rounding of x
+    passes the gradient straight through); its value is the reference's, rounding included."""
     qweight, scales = quantized(8, 64, 4, 32, seed=7)
     weight = dequantize(qweight, scales, 4, 32)
     x, b = draw(2, 3, 64, seed=8).requires_grad_(), draw(8, seed=9).requires_grad_()
     grad = draw(2, 3, 8, seed=10)
-    quantized_linear(x, qweight, scales, b, 4, 32).backward(grad)
+    out = quantized_linear(x, qweight, scales, b, 4, 32)
+    assert rel_err(out, quantized_linear_reference(x.detach(), qweight, scales, b.detach(), 4, 32)) <= 1e-5
+    out.backward(grad)
     ours = [x.grad.clone(), b.grad.clone()]
     x.grad = b.grad = None
     F.linear(x, weight, b).backward(grad)

@@ -14,6 +14,7 @@
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
@@ -88,12 +89,38 @@ at::Tensor gemm_quantized_linear(const at::Tensor& x2, const QuantizedWeights& l
   }, bias);
 }
 
+// int4 weights multiply activations rounded to int8 per row and group (round_activations in
+// ops/quantized_linear.py): x' (the rounded values in fp32, what the GEMM path multiplies) and the codes.
+struct RoundedActivations {
+  at::Tensor rounded;  // [T, C] fp32
+  std::vector<int8_t> q;
+  std::vector<float> scale, offset;
+
+  RoundedActivations(const at::Tensor& x2, int64_t group) {
+    const int64_t T = x2.size(0), C = x2.size(1);
+    rounded = x2.to(at::kFloat).contiguous().clone();
+    q.resize(T * C);
+    scale.resize(T * (C / group));
+    offset.resize(T * (C / group));
+    float* r = rounded.data_ptr<float>();
+    round_to_int8(r, C, T, C, group, q.data(), scale.data(), offset.data(), r);
+  }
+  Int8Activations view(int64_t C, int64_t group) const {
+    return Int8Activations{q.data(), scale.data(), offset.data(), C, group};
+  }
+};
+
 at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size) {
   check_args(x, qweight, scales, bias, bits, group_size);
   const int64_t N = qweight.size(0), C = in_features(qweight, bits);
   at::Tensor x2 = x.reshape({-1, C});
   if (C > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  std::optional<RoundedActivations> int8_x;
+  if (bits == 4) {
+    int8_x.emplace(x2, group_size);
+    x2 = int8_x->rounded;
+  }
   // Scales are small (one per group): a contiguous copy, if ever needed, costs nothing next to the codes.
   const at::Tensor s = scales.size(1) <= 1 || scales.stride(1) == 1 ? scales : scales.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -103,11 +130,18 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, cons
   out_shape.back() = N;
   const int64_t T = x2.size(0);
   const int64_t gemm_rows = linear_gemm_min_rows();
-  if (gemm_rows > 0 && T >= gemm_rows) return gemm_quantized_linear(x2, layer, bias).view(out_shape);
+  if (gemm_rows > 0 && T >= gemm_rows) {
+    return gemm_quantized_linear(x2, layer, bias).to(x.scalar_type()).view(out_shape);
+  }
 
-  LinearInput input{T, dtype, x2.data_ptr(), T > 1 ? x2.stride(0) : C, C};
+  LinearInput input{T, core_dtype(x2.scalar_type(), kOp, "x"), x2.data_ptr(), T > 1 ? x2.stride(0) : C, C};
   at::Tensor out = at::empty({T, N}, x.options().dtype(at::kFloat));
-  run_quantized_linear(layer, input, out.data_ptr<float>(), N, step_parallel(), active_kernels());
+  if (int8_x.has_value()) {
+    const Int8Activations view = int8_x->view(C, group_size);
+    run_quantized_linear(layer, input, out.data_ptr<float>(), N, step_parallel(), active_kernels(), &view);
+  } else {
+    run_quantized_linear(layer, input, out.data_ptr<float>(), N, step_parallel(), active_kernels());
+  }
   if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
   return out.view(out_shape);
 }
@@ -131,6 +165,7 @@ using QuantizedLinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&
 //   - x or bias needs one: the same math in differentiable ATen ops on the dequantized weight (fp32
 //     accumulation, one rounding), so autograd records it as it records any linear. The codes are
 //     integers and carry no gradient; a gradient w.r.t. the scales is not supported (a clear error).
+//     int4's rounding of x passes the gradient straight through (x + (x' - x).detach()).
 at::Tensor quantized_linear_autograd(c10::DispatchKeySet keys, const at::Tensor& x, const at::Tensor& qweight,
                                      const at::Tensor& scales, const std::optional<at::Tensor>& bias, int64_t bits,
                                      int64_t group_size) {
@@ -151,7 +186,17 @@ at::Tensor quantized_linear_autograd(c10::DispatchKeySet keys, const at::Tensor&
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     weight = dequantized_weight(qweight, scales, bits, group_size);
   }
-  at::Tensor out = at::matmul(x.to(at::kFloat), weight.t());
+  at::Tensor x_float = x.to(at::kFloat);
+  if (bits == 4) {
+    at::Tensor rounded;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const at::Tensor x2 = x.detach().reshape({-1, in_features(qweight, bits)});
+      rounded = RoundedActivations(x2, group_size).rounded.view(x.sizes());
+    }
+    x_float = at::add(x_float, at::sub(rounded, x_float.detach()));
+  }
+  at::Tensor out = at::matmul(x_float, weight.t());
   if (bias.has_value() && bias->defined()) out = at::add(out, bias->to(at::kFloat));
   return out.to(x.scalar_type());
 }

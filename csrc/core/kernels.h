@@ -76,8 +76,9 @@ struct KernelTable {
 void round_to_int8(const float* x, int64_t ldx, int64_t n, int64_t len, int64_t group, int8_t* q, float* scale,
                    float* offset, float* rounded);
 
-// The scalar dot_rows_int4 (the portable table's), and the AVX2 one (group sizes that are multiples of 32; others
-// go to the scalar one), also the AVX-512 table's; nullptr where the build has no x86-64 path.
+// The scalar dot_rows_int4 (the portable table's), and the AVX2 one (group sizes that are multiples of 32 and rows
+// of a multiple of 64 columns; others go to the scalar one), also the AVX-512 table's; nullptr where the build has
+// no x86-64 path.
 void dot_rows_int4_scalar(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first, int64_t n,
                           float* out, int64_t ldo);
 using DotRowsInt4 = void (*)(const QuantizedRows&, int64_t, const Int8Activations&, int64_t, int64_t, float*,

@@ -100,7 +100,8 @@ void avx2_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int64_
   dequantize_rows_generic<Avx2>(bits, w, rows, len, dst, ldd);
 }
 
-// ---- int4 codes times int8 activations (KernelTable::dot_rows_int4), group sizes that are multiples of 32 ----
+// ---- int4 codes times int8 activations (KernelTable::dot_rows_int4): group sizes and rows that are multiples of
+// 32 and 64 columns ----
 //
 // A 32-byte run of a row's codes holds 64 columns: for G = 32 two whole groups, otherwise part of one. Its low
 // nibbles meet the activations' low bytes and its high nibbles their high bytes in one maddubs each (codes 0..15
@@ -181,7 +182,7 @@ void int4_tile_n(int n, const uint8_t* q, int64_t ldq, const F16* ws, int64_t ld
 // sharing each run of unpacked codes.
 void avx2_dot_rows_int4(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first, int64_t n,
                         float* out, int64_t ldo) {
-  if (x.group % 32 != 0) {
+  if (x.group % 32 != 0 || x.len % 64 != 0) {  // whole 32-byte runs of codes only (real models' widths)
     dot_rows_int4_scalar(w, rows, x, first, n, out, ldo);
     return;
   }

@@ -29,11 +29,15 @@ QuantizedRows rows_from(const QuantizedWeights& layer, int64_t n0) {
 }  // namespace
 
 void run_quantized_linear(const QuantizedWeights& layer, const LinearInput& input, float* out, int64_t ldo,
-                          Parallel& pool, const KernelTable& kernels) {
+                          Parallel& pool, const KernelTable& kernels, const Int8Activations* int8_x) {
   run_row_blocks(layer.out_features, code_bytes_per_row(layer), input, layer.bias_dtype, layer.bias, out, ldo, pool,
                  kernels, [&](int64_t n0, int64_t rows, const float* x, int64_t ldx) {
-                   kernels.dot_rows_quantized(layer.bits, rows_from(layer, n0), rows, layer.in_features, x, ldx,
-                                              input.rows, out + n0, ldo);
+                   if (layer.bits == 4) {
+                     kernels.dot_rows_int4(rows_from(layer, n0), rows, *int8_x, 0, input.rows, out + n0, ldo);
+                   } else {
+                     kernels.dot_rows_quantized(layer.bits, rows_from(layer, n0), rows, layer.in_features, x, ldx,
+                                                input.rows, out + n0, ldo);
+                   }
                  });
 }
 

@@ -74,6 +74,14 @@ class SlotPool:
     def down_bias(self) -> torch.Tensor | None:
         return self.tensors[3]
 
+    @property
+    def up_scales(self) -> torch.Tensor | None:
+        return self.tensors[4]
+
+    @property
+    def down_scales(self) -> torch.Tensor | None:
+        return self.tensors[5]
+
     def load(self, slot: int, source: LayerSpec, expert: int, after: Event | None, owner: int | None = None) -> Event:
         """Copy expert `expert` of the host layer `source` into `slot`, after compute point `after`; the slot
         then holds (owner, expert) (None: a scratch copy nobody may read as an expert)."""

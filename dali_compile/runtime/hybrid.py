@@ -475,7 +475,7 @@ class HybridLayer:
         slot_table = acc.to_device(torch.from_numpy(table))
         try:
             return acc.launch(gpu_experts, hidden, topk_ids, topk_weights, pool.up, pool.down, pool.up_bias,
-                              pool.down_bias, slot_table, self.spec.layout)
+                              pool.down_bias, slot_table, self.spec.layout, pool.up_scales, pool.down_scales)
         finally:
             rt.last_compute = acc.record()  # every later copy into a slot waits for this compute
 
