@@ -6,6 +6,7 @@
     python benchmarks/bench_cpu_experts.py --quick         # decode and n=16, Qwen3 and OLMoE
     python benchmarks/bench_cpu_experts.py --models olmoe --dtypes bf16 --tokens 1 4
     python benchmarks/bench_cpu_experts.py --crossover     # fp32: streaming kernels vs ATen GEMM by n
+    python benchmarks/bench_cpu_experts.py --quick --dtypes int8 int4   # quantized experts against bf16
 
 Grid: the K routed experts of one token of Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V2-Lite and OLMoE
 (only the active experts are allocated), T = n tokens all routed to those K experts, so every expert
@@ -27,6 +28,10 @@ shared machine hits both alike), at least --repeats rounds, more while they fit 
 The header also gives the streaming read bandwidth of a 1 GiB buffer (best of 5) and torch's own
 `sum`, for context: on a shared machine these move by +-30% within a minute, which is why the
 fraction of the limit is taken against the limit measured beside each point, not against them.
+Quantized formats (--dtypes int8 int4: `dali_compile.quantize`'s expert formats, int4 in groups of 32 with its
+activations rounded to int8): the weights are the bf16 ones quantized; the rounds also time ours on the bf16
+weights, so vs_bf16 = ours bf16 ms / ours quantized ms comes from the same rounds; torch stays the bf16 loop;
+GB/s and the limit count the bytes actually read (codes and scales).
 Columns: ms, GB/s of expert weights read (each read once per call), GFLOP/s, speedup = torch ms /
 ours ms, the largest speedup the limit allows (torch ms / limit ms), ours as a fraction of the limit
 (limit ms / ours ms), the limit's GB/s, and the load average (the development machine is shared:
@@ -48,10 +53,12 @@ import torch.nn.functional as F
 from model_shapes import MODELS, ModelShape
 
 from dali_compile.ops import cpu_experts  # noqa: F401  (defines the dali::cpu_experts* ops)
+from dali_compile.ops.quantized_linear import quantize_stacked
 from dali_compile.runtime import cpu_extension
 
 TOKENS_PER_EXPERT = (1, 4, 16, 64, 256)
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.bfloat16, "int4": torch.bfloat16}
+QUANTIZED = {"int8": (8, None), "int4": (4, 32)}  # name -> (bits, group size; None: one scale per row)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class Result:
     max_rel_diff: float
     isa: str
     threads: int
+    vs_bf16: float = float("nan")  # quantized rows: ours on the bf16 weights / ours, same rounds
 
 
 # Rounds alternate between the sides; within a round a side runs up to BLOCK calls back to back, as
@@ -121,7 +129,10 @@ def torch_experts(hidden, ids, weights, up, down) -> torch.Tensor:
     return out
 
 
-def make_layers(model: ModelShape, dtype, min_bytes: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_layers(model: ModelShape, dtype_name: str, min_bytes: int) -> list[tuple]:
+    """Copies of the K experts' weights: (up, down), plus (up codes, down codes, up scales, down scales) for a
+    quantized format (the same weights quantized)."""
+    dtype = DTYPES[dtype_name]
     H, I, K = model.hidden, model.intermediate, model.top_k
     layer_bytes = K * 3 * H * I * torch.finfo(dtype).bits // 8
     copies = max(1, math.ceil(min_bytes / layer_bytes))
@@ -130,18 +141,23 @@ def make_layers(model: ModelShape, dtype, min_bytes: int) -> list[tuple[torch.Te
     for _ in range(copies):
         up = (torch.randn(K, 2 * I, H, generator=gen) * H**-0.5).to(dtype)
         down = (torch.randn(K, H, I, generator=gen) * I**-0.5).to(dtype)
-        layers.append((up, down))
+        if dtype_name in QUANTIZED:
+            bits, group = QUANTIZED[dtype_name]
+            (qu, su), (qd, sd) = (quantize_stacked(w, bits, group) for w in (up, down))
+            layers.append((up, down, qu, qd, su, sd))
+        else:
+            layers.append((up, down))
     return layers
 
 
 def cycling(fn, layers):
-    """fn(up, down) over the layers in turn, one layer per call."""
+    """fn(*layer) over the layers in turn, one layer per call."""
     state = {"i": 0}
 
     def call():
-        up, down = layers[state["i"] % len(layers)]
+        layer = layers[state["i"] % len(layers)]
         state["i"] += 1
-        return fn(up, down)
+        return fn(*layer)
 
     return call
 
@@ -154,32 +170,41 @@ def bench_point(model: ModelShape, dtype_name: str, n: int, layers, args) -> Res
     ids = torch.arange(K).expand(n, K).contiguous()
     weights = torch.softmax(torch.randn(n, K, generator=gen), dim=-1)
 
-    def ours(up, down):
+    def ours_plain(up, down, *quantized):
         contributions = torch.ops.dali.cpu_experts(
             hidden, ids, weights, up, down, None, None, None, True, False, False, "silu", 0.0, 0.0
         )
         return contributions.sum(dim=1).to(dtype)
 
-    def theirs(up, down):
+    def ours_quantized(up, down, qu, qd, su, sd):
+        contributions = torch.ops.dali.cpu_experts(
+            hidden, ids, weights, qu, qd, None, None, None, True, False, False, "silu", 0.0, 0.0, su, sd
+        )
+        return contributions.sum(dim=1).to(dtype)
+
+    def theirs(up, down, *quantized):
         return torch_experts(hidden, ids, weights, up, down)
 
-    def limit(up, down):
-        return cpu_extension.read_tensors(up, down)
+    def limit(up, down, *quantized):
+        return cpu_extension.read_tensors(*(quantized or (up, down)))
 
-    up0, down0 = layers[0]
-    want = theirs(up0, down0).float()
-    diff = float((ours(up0, down0).float() - want).abs().max() / want.abs().max())
+    quantized = dtype_name in QUANTIZED
+    ours = ours_quantized if quantized else ours_plain
+    want = theirs(*layers[0]).float()
+    diff = float((ours(*layers[0]).float() - want).abs().max() / want.abs().max())
     warmup = 1 if n >= 64 else 2  # the last warm-up call also sizes the blocks
-    torch_ms, ours_ms, limit_ms = paired_ms(
-        [cycling(theirs, layers), cycling(ours, layers), cycling(limit, layers)], warmup, args.repeats, args.budget
-    )
-    weight_bytes = K * 3 * H * I * torch.finfo(dtype).bits // 8
+    sides = [cycling(theirs, layers), cycling(ours, layers), cycling(limit, layers)]
+    if quantized:
+        sides.append(cycling(ours_plain, layers))
+    torch_ms, ours_ms, limit_ms, *bf16_ms = paired_ms(sides, warmup, args.repeats, args.budget)
+    weight_bytes = sum(t.nbytes for t in layers[0][2:]) if quantized else K * 3 * H * I * torch.finfo(dtype).bits // 8
     gb_s = weight_bytes / (ours_ms * 1e-3) / 1e9
     gflop_s = 2 * n * K * 3 * H * I / (ours_ms * 1e-3) / 1e9
     return Result(
         model.name, dtype_name, n, torch_ms, ours_ms, torch_ms / ours_ms, gb_s, gflop_s, limit_ms,
         torch_ms / limit_ms, limit_ms / ours_ms, weight_bytes / (limit_ms * 1e-3) / 1e9,
         os.getloadavg()[0], diff, cpu_extension.cpu_isa(), cpu_extension.get_num_threads(),
+        bf16_ms[0] / ours_ms if bf16_ms else float("nan"),
     )
 
 
@@ -190,7 +215,7 @@ def crossover(args) -> None:
     print(f"{'model':<18} {'n':>4} {'kernels ms':>11} {'gemm ms':>9} {'torch ms':>9}")
     try:
         for model in [m for m in MODELS if m.name in args.models]:
-            layers = make_layers(model, torch.float32, args.min_bytes)
+            layers = make_layers(model, "fp32", args.min_bytes)
             for n in args.tokens:
                 row = []
                 for threshold in (0, 1):  # 0: never the GEMM, 1: always
@@ -210,14 +235,15 @@ def print_header(bandwidth: float, torch_sum: float) -> None:
     print("torch baseline: transformers' eager experts loop, F.linear in the weight dtype")
     print("limit: the runtime's threads only reading the same weights, timed in the same rounds")
     print(f"{'model':<18} {'dtype':<5} {'n':>4} {'torch ms':>10} {'ours ms':>9} {'speedup':>8} "
-          f"{'GB/s':>6} {'GFLOP/s':>8} {'max spd':>8} {'of lim':>6} {'lim GB/s':>8} {'load':>5} {'rel diff':>9}")
+          f"{'GB/s':>6} {'GFLOP/s':>8} {'max spd':>8} {'of lim':>6} {'lim GB/s':>8} {'load':>5} {'rel diff':>9} "
+          f"{'vs bf16':>8}")
 
 
 def print_row(r: Result) -> None:
     print(f"{r.model:<18} {r.dtype:<5} {r.tokens_per_expert:>4} {r.torch_ms:>10.2f} {r.ours_ms:>9.2f} "
           f"{r.speedup:>7.2f}x {r.weight_gb_s:>6.1f} {r.gflop_s:>8.1f} {r.limit_speedup:>7.2f}x "
-          f"{r.bandwidth_fraction:>6.0%} {r.read_bandwidth_gb_s:>8.1f} {r.load:>5.1f} {r.max_rel_diff:>9.1e}",
-          flush=True)
+          f"{r.bandwidth_fraction:>6.0%} {r.read_bandwidth_gb_s:>8.1f} {r.load:>5.1f} {r.max_rel_diff:>9.1e} "
+          f"{r.vs_bf16:>7.2f}x", flush=True)
 
 
 def torch_sum_bandwidth(num_bytes: int) -> float:
@@ -269,7 +295,7 @@ def main(argv=None) -> None:
     results = []
     for model in [m for m in MODELS if m.name in args.models]:
         for dtype_name in args.dtypes:
-            layers = make_layers(model, DTYPES[dtype_name], args.min_bytes)
+            layers = make_layers(model, dtype_name, args.min_bytes)
             for n in args.tokens:
                 results.append(bench_point(model, dtype_name, n, layers, args))
                 print_row(results[-1])
