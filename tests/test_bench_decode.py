@@ -74,3 +74,17 @@ def test_the_floor_reads_dense_weights_embedding_rows_and_the_routed_experts(ben
                 *second.parameters(), model.get_input_embeddings().weight))
     assert sum(t.numel() for t in tensors) == dense + 2 * shape.hidden + 3 * expert
     assert all(t.is_contiguous() for t in tensors)
+
+
+def test_a_quantized_path_reads_its_own_codes_and_scales(bench):
+    """dali-int4's floor counts the routed experts as stored on its copy: int4 codes and float16 scales."""
+    base = bench.build_base(bench.SHAPES["tiny"], bench.DTYPES["bf16"])
+    quantized = bench.build_paths(base, ["dali-int4"], dali_inductor=False)["dali-int4"][0]._orig_mod
+    first, second = bench.experts_modules(base)
+    tensors = bench.floor_tensors(quantized, torch.tensor([[3]]), {first: {0, 2}, second: {7}})
+    shape = bench.SHAPES["tiny"]
+    per_expert = 3 * shape.hidden * shape.intermediate  # weights of one expert
+    experts = tensors[-12:]  # 3 routed experts x (up codes, down codes, up scales, down scales)
+    assert sum(t.nbytes for t in experts) == 3 * (per_expert // 2 + per_expert // 32 * 2)
+    assert {t.dtype for t in experts} == {torch.uint8, torch.float16}
+    assert all(p.dtype == torch.bfloat16 for p in base.parameters())  # the base keeps its own weights
