@@ -62,3 +62,18 @@ def gemm_rows():
     default = cpu_extension.get_linear_gemm_min_rows()
     yield cpu_extension.set_linear_gemm_min_rows
     cpu_extension.set_linear_gemm_min_rows(default)
+
+
+@pytest.fixture(params=("portable", "avx2", "avx512"))
+def isa(request):
+    """Runs the test body on one ISA path of the C++ runtime (skipped where this CPU lacks it, or without the
+    runtime), then back to the best."""
+    from dali_compile.runtime import cpu_extension
+
+    if not cpu_extension.cpu_extension_available():
+        pytest.skip("C++ extension not built")
+    if request.param not in cpu_extension.supported_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    cpu_extension.set_isa(request.param)
+    yield request.param
+    cpu_extension.set_isa("auto")

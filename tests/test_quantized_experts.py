@@ -90,6 +90,29 @@ def test_cpu_kernel_equals_dequantizing_reference(bits, layout, dtype, T, expert
         assert relative_max_error(got, want) <= FP32_RTOL
 
 
+@pytest.mark.parametrize("group", (8, 32, 64))
+def test_int4_kernels_of_every_isa_equal_the_reference(group, isa):
+    """int4 on each ISA path: AVX2's maddubs kernel (groups of 32k over 64-column rows) and the scalar one (group 8,
+    and the portable table), decode and multi-token, streaming and GEMM paths."""
+    gen = torch.Generator().manual_seed(group)
+    width = 128
+    up, up_scales = quantize_stacked(torch.randn(E, 2 * width, width, generator=gen) * 0.2, 4, group)
+    down, down_scales = quantize_stacked(torch.randn(E, width, width, generator=gen) * 0.2, 4, group)
+    flags = LAYOUTS["concatenated"][:2] + (False,) + LAYOUTS["concatenated"][3:]
+    previous = cpu_extension.get_dense_gemm_min_tokens()
+    try:
+        for T, min_tokens in ((1, 0), (3, 0), (40, 0), (40, 4)):
+            cpu_extension.set_dense_gemm_min_tokens(min_tokens)
+            hidden = torch.randn(T, width, generator=gen).to(torch.bfloat16)
+            ids = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :K]
+            args = (hidden, ids, torch.rand(T, K, generator=gen), up, down, None, None, None, *flags, up_scales,
+                    down_scales)
+            got = torch.ops.dali.cpu_experts(*args)
+            assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= FP32_RTOL, (T, min_tokens)
+    finally:
+        cpu_extension.set_dense_gemm_min_tokens(previous)
+
+
 @needs_extension
 @pytest.mark.parametrize("bits", (8, 4))
 def test_many_tokens_take_the_dequantized_gemm_path(bits):

@@ -23,16 +23,6 @@ RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 pytestmark = pytest.mark.usefixtures("cpu_runtime")
 
 
-@pytest.fixture(params=cpu_extension.ISA_NAMES)
-def isa(request):
-    """Runs the test body on one ISA path (skipped where this CPU lacks it), then back to the best."""
-    if request.param not in cpu_extension.supported_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} path")
-    cpu_extension.set_isa(request.param)
-    yield request.param
-    cpu_extension.set_isa("auto")
-
-
 def draw(*shape, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=gen) * 0.3).to(dtype)
