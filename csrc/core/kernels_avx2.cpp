@@ -2,6 +2,7 @@
 // those extensions; runtime.cpp hands this table out only after checking that.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 
 #include "dtypes.h"
@@ -123,12 +124,31 @@ float offset_dot(const F16* scales, const float* offset, int64_t groups) {
   return total;
 }
 
-// Two groups' scales, one per 128-bit half of the lanes.
-inline __m256 lane_scales(float low_half, float high_half) {
-  return _mm256_set_m128(_mm_set1_ps(high_half), _mm_set1_ps(low_half));
+// The scales of a 32-byte run of codes starting in group g, one per 128-bit half of the lanes: for G = 32 the
+// run's two groups (adjacent values, converted and spread together), else its one group everywhere.
+template <bool kTwoGroups>
+inline __m256 weight_lane_scales(const F16* s, int64_t g) {
+  if constexpr (kTwoGroups) {
+    int32_t pair;
+    std::memcpy(&pair, s + g, sizeof(pair));
+    const __m128 both = _mm_cvtph_ps(_mm_cvtsi32_si128(pair));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(both), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  } else {
+    return _mm256_set1_ps(_cvtsh_ss(s[g].bits));
+  }
 }
 
-template <int R, int N>
+template <bool kTwoGroups>
+inline __m256 activation_lane_scales(const float* s, int64_t g) {
+  if constexpr (kTwoGroups) {
+    const __m128 both = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + g)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(both), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  } else {
+    return _mm256_broadcast_ss(s + g);
+  }
+}
+
+template <int R, int N, bool kTwoGroups>
 void int4_tile(const uint8_t* q, int64_t ldq, const F16* ws, int64_t lds, const Int8Activations& x, int64_t t0,
                float* out, int64_t ldo, int64_t orow) {
   const int64_t half_len = x.len / 2, group_bytes = x.group / 2, groups = x.len / x.group;
@@ -138,18 +158,14 @@ void int4_tile(const uint8_t* q, int64_t ldq, const F16* ws, int64_t lds, const 
   for (int r = 0; r < R; ++r)
     for (int n = 0; n < N; ++n) acc[r][n] = _mm256_setzero_ps();
   for (int64_t b = 0; b < half_len; b += 32) {
-    const int64_t g_low = b / group_bytes, g_high = (b + 16) / group_bytes;
+    const int64_t g = b / group_bytes;
     __m256 sx[N];
-    for (int n = 0; n < N; ++n) {
-      const float* s = x.scale + (t0 + n) * groups;
-      sx[n] = lane_scales(s[g_low], s[g_high]);
-    }
+    for (int n = 0; n < N; ++n) sx[n] = activation_lane_scales<kTwoGroups>(x.scale + (t0 + n) * groups, g);
     for (int r = 0; r < R; ++r) {
       const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * ldq + b));
       const __m256i low = _mm256_and_si256(codes, nibble);
       const __m256i high = _mm256_and_si256(_mm256_srli_epi16(codes, 4), nibble);
-      const F16* s = ws + r * lds;
-      const __m256 sw = lane_scales(_cvtsh_ss(s[g_low].bits), _cvtsh_ss(s[g_high].bits));
+      const __m256 sw = weight_lane_scales<kTwoGroups>(ws + r * lds, g);
       for (int n = 0; n < N; ++n) {
         const int8_t* xq = x.q + (t0 + n) * x.len + b;
         const __m256i pairs = _mm256_add_epi16(
@@ -171,10 +187,13 @@ void int4_tile(const uint8_t* q, int64_t ldq, const F16* ws, int64_t lds, const 
 template <int R>
 void int4_tile_n(int n, const uint8_t* q, int64_t ldq, const F16* ws, int64_t lds, const Int8Activations& x,
                  int64_t t0, float* out, int64_t ldo, int64_t orow) {
+  const bool two_groups = x.group == 32;
   if (n == 1) {
-    int4_tile<R, 1>(q, ldq, ws, lds, x, t0, out, ldo, orow);
+    two_groups ? int4_tile<R, 1, true>(q, ldq, ws, lds, x, t0, out, ldo, orow)
+               : int4_tile<R, 1, false>(q, ldq, ws, lds, x, t0, out, ldo, orow);
   } else {
-    int4_tile<R, 2>(q, ldq, ws, lds, x, t0, out, ldo, orow);
+    two_groups ? int4_tile<R, 2, true>(q, ldq, ws, lds, x, t0, out, ldo, orow)
+               : int4_tile<R, 2, false>(q, ldq, ws, lds, x, t0, out, ldo, orow);
   }
 }
 
