@@ -142,8 +142,12 @@ def _check_quantized_pools(layout, hidden, topk_ids, topk_weights, up_pool, down
                   name="gpu_experts pool")
     except ValueError as err:
         raise ValueError(f"{NAME}: {err}") from None
-    tensors = (hidden, topk_ids, topk_weights, slot_of_expert, up_pool, down_pool, up_bias_pool, down_bias_pool,
-               up_scales_pool, down_scales_pool)
+    pools = {"up_pool": up_pool, "down_pool": down_pool, "up_bias_pool": up_bias_pool,
+             "down_bias_pool": down_bias_pool, "up_scales_pool": up_scales_pool, "down_scales_pool": down_scales_pool}
+    for name, pool in pools.items():
+        if pool is not None and not pool.is_contiguous():
+            raise ValueError(f"{NAME}: {name} must be contiguous (the kernels address slots by fixed strides)")
+    tensors = (hidden, topk_ids, topk_weights, slot_of_expert, *pools.values())
     devices = {t.device for t in tensors if t is not None}
     if len(devices) != 1:
         raise ValueError(f"{NAME}: all tensors must be on one device, got {sorted(map(str, devices))}")

@@ -196,6 +196,25 @@ def test_int4_activation_rounding_error_is_small(group):
     assert 0 < relative_max_error(got, unrounded) <= 2e-2
 
 
+@pytest.mark.parametrize("bits", (8, 4))
+def test_gpu_experts_reads_quantized_slots_as_the_cpu_reference_reads_the_layer(bits):
+    """dali::gpu_experts on quantized pools (the emulated device's kernel): slots hold a permutation of some experts,
+    the others are elsewhere (-1) and contribute zero."""
+    up, down, ub, db, us, ds, flags = quantized_layer(bits, "interleaved_bias", torch.float32)
+    hidden, ids, weights = routing(7, torch.float32)
+    resident = torch.tensor([3, 0, 5, 1])  # slot s holds expert resident[s]
+    slot_of_expert = torch.full((E,), -1, dtype=torch.int32)
+    slot_of_expert[resident] = torch.arange(len(resident), dtype=torch.int32)
+    up_pool, down_pool, ub_pool, db_pool, us_pool, ds_pool = (t[resident] for t in (up, down, ub, db, us, ds))
+    got = torch.ops.dali.gpu_experts(hidden, ids, weights, up_pool, down_pool, ub_pool, db_pool, slot_of_expert,
+                                     *flags, us_pool, ds_pool)
+    want = ops.cpu_experts_reference(hidden, ids, weights, up, down, ub, db, slot_of_expert >= 0, *flags, us, ds)
+    assert relative_max_error(got, want) <= FP32_RTOL
+    with pytest.raises(ValueError, match="both scale pools or neither"):
+        torch.ops.dali.gpu_experts(hidden, ids, weights, up_pool, down_pool, ub_pool, db_pool, slot_of_expert,
+                                   *flags, us_pool, None)
+
+
 @pytest.mark.parametrize("change,error,match", [
     (lambda a: a[:14] + (None, a[15]), ValueError, "both up_scales and down_scales"),
     (lambda a: a[:14] + (a[14].float(), a[15]), ValueError, "up_scales must be float16"),
