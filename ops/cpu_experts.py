@@ -57,6 +57,7 @@ from dali_compile.runtime.layer_spec import ACTIVATIONS, CLAMPED_ACTIVATIONS, La
 
 from .expert_math import dequantize_expert, expert_inputs, gate_and_activate, layout_from_flags
 from .library import define_op
+from .quantized_linear import CODE_BITS
 
 NAME = "dali::cpu_experts"
 SUBMIT_NAME = "dali::cpu_experts_submit"
@@ -79,7 +80,6 @@ define_op(WAIT_NAME, f"(Tensor handle, {_TENSORS}, {_SCALES}) -> Tensor")
 
 EMPTY_JOB = 0
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CODE_BITS = {torch.int8: 8, torch.uint8: 4}
 
 
 _NUM_ARGS = 16  # of the op and its submit; the wait takes a handle and _TENSOR_NAMES
@@ -99,10 +99,10 @@ def _job_tensors(args) -> tuple:
 def _check_quantized(op, up, down, up_scales, down_scales, E, H, I, X) -> None:
     if up_scales is None or down_scales is None:
         raise ValueError(f"{op}: quantized experts need both up_scales and down_scales")
-    if up.dtype not in _CODE_BITS or down.dtype != up.dtype:
+    if up.dtype not in CODE_BITS or down.dtype != up.dtype:
         raise TypeError(f"{op}: quantized expert codes must both be int8 or both uint8 (int4), got {up.dtype} and "
                         f"{down.dtype}")
-    bits = _CODE_BITS[up.dtype]
+    bits = CODE_BITS[up.dtype]
     for name, codes, scales, rows, columns in (("up", up, up_scales, X, H), ("down", down, down_scales, H, I)):
         want = (E, rows, columns * bits // 8)
         if tuple(codes.shape) != want:
@@ -232,7 +232,7 @@ def cpu_experts_reference(
         if up_scales is None:
             w_up, w_down = up[expert].float(), down[expert].float()
         else:
-            bits = _CODE_BITS[up.dtype]
+            bits = CODE_BITS[up.dtype]
             w_up = dequantize_expert(up[expert], up_scales[expert], bits)
             w_down = dequantize_expert(down[expert], down_scales[expert], bits)
             x = expert_inputs(up, up_scales, bits, x)

@@ -35,6 +35,7 @@ from dali_compile.runtime.layer_spec import ExpertLayout, ExpertQuantization, La
 
 from .expert_math import expert_forward, layout_from_flags
 from .library import define_op
+from .quantized_linear import CODE_BITS
 
 NAME = "dali::gpu_experts"
 SCHEMA = (
@@ -66,7 +67,6 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-_CODE_BITS = {torch.int8: 8, torch.uint8: 4}
 
 
 def check_shapes(hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool,
@@ -131,12 +131,12 @@ def check_shapes(hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_poo
 def _check_quantized_pools(layout, hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool,
                            slot_of_expert, up_scales_pool, down_scales_pool) -> ExpertLayout:
     """The quantized pools through LayerSpec's own checks (the slots as its experts), then the routing's."""
-    if up_pool.dtype not in _CODE_BITS:
+    if up_pool.dtype not in CODE_BITS:
         raise TypeError(f"{NAME}: quantized pools hold int8 or uint8 (int4) codes, got {up_pool.dtype}")
     if layout.transposed:
         raise ValueError(f"{NAME}: quantized experts are stored in row form (transposed=False)")
     quantized = ExpertLayout(layout.activation, layout.gated, layout.interleaved, False, layout.has_bias,
-                             ExpertQuantization(_CODE_BITS[up_pool.dtype], hidden.dtype))
+                             ExpertQuantization(CODE_BITS[up_pool.dtype], hidden.dtype))
     try:
         LayerSpec(quantized, up_pool, down_pool, up_bias_pool, down_bias_pool, up_scales_pool, down_scales_pool,
                   name="gpu_experts pool")

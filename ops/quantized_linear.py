@@ -35,6 +35,7 @@ define_op(NAME, "(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int bit
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 QWEIGHT_DTYPES = {8: torch.int8, 4: torch.uint8}
+CODE_BITS = {dtype: bits for bits, dtype in QWEIGHT_DTYPES.items()}  # the codes' dtype -> bits
 SCALE_DTYPE = torch.float16
 
 
