@@ -292,9 +292,17 @@ class HybridLayer:
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         with self.runtime.step():
-            return self._step(hidden, topk_ids, topk_weights)
+            return self._step(hidden, topk_ids, topk_weights, torch.empty_like(hidden), _sum_over_k_into)
 
-    def _step(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def contributions(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The step's [T, K, H] fp32 (token, k) contributions, before the sum over k: what a distributed worker
+        returns, so that the main rank sums the parts of several workers over k in order, as `forward` does."""
+        with self.runtime.step():
+            out = hidden.new_empty((*topk_ids.shape, hidden.shape[-1]), dtype=torch.float32)
+            return self._step(hidden, topk_ids, topk_weights, out, _copy_contributions_into)
+
+    def _step(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor,
+              combine) -> torch.Tensor:
         rt, acc, stats = self.runtime, self.runtime.accelerator, LayerStats()
         start = time.perf_counter()
         self._check(hidden)
@@ -328,7 +336,6 @@ class HybridLayer:
             mask = torch.zeros(E, dtype=torch.bool)
             mask[torch.from_numpy(cpu_set)] = True
             host_hidden, host_weights = acc.to_host(hidden), acc.to_host(topk_weights)
-        out = torch.empty_like(hidden)
         T, chunk = hidden.shape[0], rt.max_step_tokens
         last = None
         for first in range(0, T, chunk):
@@ -352,7 +359,7 @@ class HybridLayer:
                 stats.cpu_s += time.perf_counter() - cpu_started
                 contributions = cpu_part if contributions is None else acc.launch(torch.Tensor.add_, contributions,
                                                                                    cpu_part)
-            last = acc.launch(_sum_over_k_into, out[rows], contributions)  # k in order, as moe_reference
+            last = acc.launch(combine, out[rows], contributions)  # _sum_over_k_into: k in order, as moe_reference
         for expert, victim in decision.background:
             self.cache.install(int(expert), int(victim), self.spec, rt.last_compute)
             stats.copies += 1
@@ -478,6 +485,11 @@ class HybridLayer:
                               pool.down_bias, slot_table, self.spec.layout, pool.up_scales, pool.down_scales)
         finally:
             rt.last_compute = acc.record()  # every later copy into a slot waits for this compute
+
+
+def _copy_contributions_into(out: torch.Tensor, contributions: torch.Tensor | None) -> torch.Tensor:
+    """out [T, K, H] fp32 = contributions (zeros where there is none)."""
+    return out.zero_() if contributions is None else out.copy_(contributions)
 
 
 def _sum_over_k_into(out: torch.Tensor, contributions: torch.Tensor | None) -> torch.Tensor:

@@ -38,11 +38,15 @@ def find_router(block: nn.Module, num_experts: int, hidden_size: int) -> nn.Modu
 def routed(router: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The top-k expert ids [T, K] the router gives x [T, H] (the int tensor among its outputs) and their
     routing weights [T, K] (the float output of the same shape; None if the router returns none)."""
-    out = router(x)
+    return routing_of(router(x))
+
+
+def routing_of(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The top-k expert ids [T, K] and routing weights [T, K] (or None) in a router's output."""
     outputs = [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)]
     ids = next((t for t in outputs if not t.is_floating_point() and t.dim() == 2), None)
     if ids is None:
-        raise ValueError(f"{type(router).__name__} returns no [T, K] integer expert ids")
+        raise ValueError("the router returns no [T, K] integer expert ids")
     weights = next((t for t in outputs if t.is_floating_point() and t.shape == ids.shape), None)
     return ids, weights
 

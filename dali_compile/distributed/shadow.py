@@ -1,0 +1,138 @@
+"""The shadow rank (OD-MoE's shadow predictor): a copy of the model at lower precision that runs each step
+as soon as the main rank starts it, ahead of the main rank's layers, and sends the experts each MoE layer
+routes to (its own router's top-k) to the workers of that layer's group, which load them before the main
+rank's request comes.
+
+Re-alignment: the main rank sends each step's input ids together with its own keys and values of the
+previous step's tokens; the shadow writes those over its cache's last positions before it runs, so its
+state is the main model's up to its lower precision and only one step's own error reaches its routing.
+Without re-alignment (`realign=False`, for comparison) the shadow keeps its own cache and feeds its own
+greedy token, as an unaligned draft model would: its routing drifts away from the main model's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+import torch.nn as nn
+
+from dali_compile.hf_compat import cache_keyword
+from dali_compile.runtime.prefetch import find_router, routing_of
+
+from . import messages
+from .layers import moe_layers, top_k_of
+from .messages import Kind, Message, PeerLost
+from .topology import MAIN_RANK, Topology
+
+log = logging.getLogger(__name__)
+
+SHADOW_PRECISIONS = ("same", "bf16", "fp16", "int8", "int4")
+
+
+def make_shadow(model: nn.Module, precision: str) -> nn.Module:
+    """Convert `model` in place to the shadow's precision."""
+    if precision not in SHADOW_PRECISIONS:
+        raise ValueError(f"dali distributed: shadow precision must be one of {', '.join(SHADOW_PRECISIONS)}, "
+                         f"got {precision!r}")
+    if precision in ("bf16", "fp16"):
+        return model.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+    if precision in ("int8", "int4"):
+        import dali_compile
+
+        return dali_compile.quantize(model, experts=precision, dense="int8")
+    return model
+
+
+class Shadow:
+    def __init__(self, model: nn.Module, topology: Topology, realign: bool, timeout_s: float,
+                 idle_timeout_s: float):
+        self.model, self.topology, self.realign = model, topology, realign
+        self.timeout_s, self.idle_timeout_s = timeout_s, idle_timeout_s
+        layers = moe_layers(model)
+        spec = layers[0][2]
+        self.structure = dict(layers=len(layers), experts=spec.num_experts, hidden=spec.hidden_size,
+                              intermediate=spec.intermediate_size, top_k=top_k_of(model),
+                              vocab=getattr(model.config, "vocab_size", None))
+        self.routers = [find_router(model.get_submodule(name.rpartition(".")[0]), spec.num_experts, spec.hidden_size)
+                        for name, _, _ in layers]
+        self.alive = set(topology.worker_ranks)
+        self.step = 0
+        self.cache = None
+        self.own_token: torch.Tensor | None = None
+        self.keyword = cache_keyword(model)
+        self.counters = dict(steps=0, predictions=0, skipped_steps=0)
+
+    def serve(self) -> dict:
+        hooks = [router.register_forward_hook(self._routed(layer)) for layer, router in enumerate(self.routers)]
+        try:
+            while True:
+                try:
+                    message = messages.recv(MAIN_RANK, self.idle_timeout_s)
+                except PeerLost as lost:
+                    log.warning("dali shadow: the main rank is gone (%s); stopping", lost)
+                    break
+                if message.kind == Kind.STOP:
+                    break
+                if message.kind == Kind.HELLO:
+                    expected = json.loads(message.text())
+                    answer = (Message(Kind.READY) if expected == self.structure else messages.text_message(
+                        Kind.ERROR, f"the shadow's model {self.structure} is not the main rank's {expected}"))
+                    messages.send(answer, MAIN_RANK, self.timeout_s)
+                elif message.kind == Kind.TOKENS:
+                    self._run(message)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for rank in sorted(self.alive):  # ends each worker's receiving thread for this rank
+                try:
+                    messages.send(Message(Kind.STOP), rank, self.timeout_s)
+                except PeerLost:
+                    pass
+        return self.counters
+
+    def _routed(self, layer: int):
+        def hook(module, args, output):
+            ids = routing_of(output)[0]
+            prediction = Message(Kind.PREDICTION, self.step, layer, [ids.detach().to("cpu", torch.int64)])
+            for rank in self.topology.workers_of_layer(layer):
+                if rank in self.alive:
+                    try:
+                        messages.send(prediction, rank, self.timeout_s)
+                        self.counters["predictions"] += 1
+                    except PeerLost as lost:
+                        self.alive.discard(rank)
+                        log.warning("dali shadow: %s; no more predictions to it", lost)
+        return hook
+
+    @torch.no_grad()
+    def _run(self, message: Message) -> None:
+        from transformers import DynamicCache
+
+        self.step = message.step
+        input_ids, kv = message.tensors[0], message.tensors[1:]
+        past = message.arg
+        if past == 0:
+            self.cache = DynamicCache(config=self.model.config)
+        elif self.cache is None or self.cache.get_seq_length() != past:
+            self.counters["skipped_steps"] += 1  # a cache this rank never saw: wait for the next sequence
+            return
+        elif self.realign:
+            self._align(kv)
+        elif self.own_token is not None and self.own_token.shape == input_ids.shape:
+            input_ids = self.own_token
+        logits = self.model(input_ids=input_ids, **{self.keyword: self.cache}, use_cache=True).logits
+        self.own_token = logits[:, -1:].argmax(-1)
+        self.counters["steps"] += 1
+
+    def _align(self, kv: list[torch.Tensor]) -> None:
+        layers = [layer for layer in self.cache.layers if isinstance(getattr(layer, "keys", None), torch.Tensor)
+                  and layer.keys.dim() == 4]
+        if len(kv) != 2 * len(layers):
+            return
+        for layer, keys, values in zip(layers, kv[0::2], kv[1::2], strict=True):
+            n = keys.shape[-2]
+            layer.keys[..., -n:, :] = keys.to(layer.keys.dtype)
+            layer.values[..., -n:, :] = values.to(layer.values.dtype)
+
