@@ -111,7 +111,7 @@ def serve(model: nn.Module, *, groups: int = 1, predictor: str = "shadow", worke
     if role == "main":
         session = MainSession(model, topology, predictor, timeout_s, calibration_ids)
         session.owns_group = owns_group
-        return session.start()
+        return session.start(hello_timeout_s=rendezvous_timeout_s)
     try:
         if role == "shadow":
             stats = Shadow(make_shadow(model, shadow_precision), topology, realign, timeout_s, idle_timeout_s).serve()

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-device", default="emulated", choices=WORKER_DEVICES)
     parser.add_argument("--worker-memory", default=None, help="each worker's expert budget, e.g. 4MiB")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds before a silent worker is dropped")
+    parser.add_argument("--rendezvous-timeout", type=float, default=120.0, help="seconds to wait for every rank")
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--check", action="store_true", help="compare the tokens with the model alone")
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = generate(model, prompt, args.max_new_tokens)[0] if args.check and _rank() == 0 else None
     session = serve(model, groups=args.groups, predictor=args.predictor, workers=args.workers,
                     shadow_precision=args.shadow_precision, realign=not args.no_realign,
-                    worker_device=args.worker_device, worker_memory=args.worker_memory, timeout_s=args.timeout)
+                    worker_device=args.worker_device, worker_memory=args.worker_memory, timeout_s=args.timeout,
+                    rendezvous_timeout_s=args.rendezvous_timeout)
     if not session.is_main:
         return 0
     tokens, rate = generate(model, prompt, args.max_new_tokens)

@@ -89,18 +89,20 @@ class MainSession:
             predictor.set_residuals(measure_residuals(self.model, routers, calibration_ids))
         return predictor
 
-    def start(self) -> MainSession:
+    def start(self, hello_timeout_s: float | None = None) -> MainSession:
         """Check every worker holds the experts this rank expects (fingerprints) and the shadow the same model
-        structure, then route the experts modules here. A mismatch stops every rank and raises."""
+        structure, then route the experts modules here. A mismatch stops every rank and raises. The answers may
+        take `hello_timeout_s` (a rank may still be building its part)."""
+        wait = max(self.timeout_s, hello_timeout_s or 0)
         problems = []
         for rank in self.topology.worker_ranks:
             layer_ids = self.topology.layers_of_worker(rank, len(self.layers))
             expected = dict(layers=layer_ids, fingerprints=[
                 fingerprint(self.layers[layer].spec, self.topology.experts_of_worker(rank, layer, self.num_experts))
                 for layer in layer_ids])
-            problems += self._hello(rank, expected)
+            problems += self._hello(rank, expected, wait)
         if self.topology.shadow:
-            problems += self._hello(self.topology.shadow_rank, self.structure())
+            problems += self._hello(self.topology.shadow_rank, self.structure(), wait)
         if problems:
             self.closed = True
             self._stop_all()
@@ -118,10 +120,10 @@ class MainSession:
                     intermediate=spec.intermediate_size, top_k=self.top_k,
                     vocab=getattr(self.model.config, "vocab_size", None))
 
-    def _hello(self, rank: int, expected: dict) -> list[str]:
+    def _hello(self, rank: int, expected: dict, timeout_s: float) -> list[str]:
         try:
-            messages.send(messages.text_message(Kind.HELLO, json.dumps(expected)), rank, self.timeout_s)
-            answer = messages.recv(rank, self.timeout_s)
+            messages.send(messages.text_message(Kind.HELLO, json.dumps(expected)), rank, timeout_s)
+            answer = messages.recv(rank, timeout_s)
         except PeerLost as lost:
             return [str(lost)]
         return [answer.text()] if answer.kind == Kind.ERROR else []

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import queue
+import signal
 import threading
 import time
 
@@ -38,6 +40,9 @@ from .topology import MAIN_RANK, Topology
 log = logging.getLogger(__name__)
 
 WORKER_DEVICES = ("emulated", "emulated-async", "cpu", "cuda")
+# Fault injection for tests and drills: "RANK:STEP:kill" (SIGKILL) or "RANK:STEP:stop" (SIGSTOP: alive, silent)
+# on the first request of step STEP or later.
+FAULT_VARIABLE = "DALI_DISTRIBUTED_FAULT"
 
 
 class _GivenPrediction:
@@ -88,7 +93,9 @@ class Worker:
             budget = parse_bytes(memory) if memory is not None else (1 + 2 * self._wanted_prefetch()) * slot
             prefetch = max(0, min(self._wanted_prefetch(), (budget // slot - 1) // 2))
         self.predictor = _GivenPrediction(self.local_experts)
-        runtime = HybridRuntime(make_accelerator(device, budget), specs, policy, None, 1,
+        # device "cpu": the all_cpu policy never touches the accelerator; the emulated one (host memory) stands in
+        accelerator = make_accelerator("emulated" if device == "cpu" else device, budget)
+        runtime = HybridRuntime(accelerator, specs, policy, None, 1,
                                 predictor=self.predictor if prefetch else None, prefetch=prefetch)
         runtime.prefetching = False  # prefetches come from predictions, not from the previous local layer
         return runtime
@@ -187,6 +194,7 @@ class Worker:
             self.runtime.prefetch_for(self.next_local, None)
 
     def _request(self, message: Message) -> None:
+        _inject_fault(self.rank, message.step)
         hidden, topk_ids, topk_weights = message.tensors
         local = self.layer_ids.index(message.layer)
         owned = (topk_ids % self.stride) == self.position
@@ -220,3 +228,12 @@ class Worker:
                     **self.counters, runtime={k: runtime.get(k) for k in ("copies", "bytes_copied", "prefetches",
                                                                             "prefetch_hits", "misses")},
                     time=time.time())
+
+
+def _inject_fault(rank: int, step: int) -> None:
+    fault = os.environ.get(FAULT_VARIABLE)
+    if not fault:
+        return
+    target, at, how = fault.split(":")
+    if int(target) == rank and step >= int(at):
+        os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)

@@ -1,0 +1,246 @@
+"""The distributed mode (dali_compile/distributed/): multi-process runs with gloo over 127.0.0.1, each
+checking its greedy tokens against the same model generating alone, plus faults and bad input.
+
+Multi-process runs start the real command (`python -m dali_compile.distributed`) either under torchrun or,
+for faults (torchrun ends the whole job when a rank dies), as ranks started directly with the environment
+torchrun would give them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dali_compile.distributed import serve
+from dali_compile.distributed.messages import _pack, _unpack
+from dali_compile.distributed.topology import Topology
+from dali_compile.runtime.accelerator import make_accelerator
+from dali_compile.runtime.hybrid import HybridRuntime
+from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
+from dali_compile.runtime.policies import make_policy
+from dali_compile.tiny_models import tiny_model
+
+COMMAND = [sys.executable, "-m", "dali_compile.distributed", "--max-new-tokens", "6", "--prompt-length", "8",
+           "--layers", "4", "--hidden", "48"]
+LAUNCH_TIMEOUT_S = 300
+
+
+# -- one process --------------------------------------------------------------------------------------------------
+
+def test_topology_assigns_layers_round_robin_and_experts_by_id():
+    topology = Topology(world_size=6, groups=2, shadow=True)  # main 0, shadow 1, workers 2..5
+    assert topology.worker_ranks == [2, 3, 4, 5]
+    assert topology.workers_of_group(0) == [2, 4] and topology.workers_of_group(1) == [3, 5]
+    assert topology.layers_of_worker(3, 5) == [1, 3]
+    assert topology.experts_of_worker(4, 2, 8) == [1, 3, 5, 7]
+    assert topology.experts_of_worker(4, 1, 8) == []
+    assert [topology.owner(0, e) for e in range(4)] == [2, 4, 2, 4]
+    assert [topology.role(r) for r in range(6)] == ["main", "shadow", "worker", "worker", "worker", "worker"]
+
+
+@pytest.mark.parametrize("world_size, groups, shadow, message", [
+    (3, 3, False, "3 groups but 2 workers"),
+    (2, 1, True, "no worker"),
+    (1, 1, False, "no worker"),
+    (4, 0, False, "groups must be an int >= 1"),
+])
+def test_topology_refuses_impossible_layouts(world_size, groups, shadow, message):
+    with pytest.raises(ValueError, match=message):
+        Topology(world_size, groups, shadow)
+
+
+def test_messages_carry_tensors_of_every_dtype_and_shape():
+    tensors = [torch.randn(3, 5).bfloat16(), torch.arange(6).reshape(2, 3), torch.tensor([True, False]),
+               torch.zeros(0, 4), torch.tensor(2.5), torch.randn(1, 2, 3, 4, dtype=torch.float16)]
+    back = _unpack(_pack(tensors), len(tensors))
+    for a, b in zip(tensors, back, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_hybrid_layer_contributions_sum_to_its_forward():
+    torch.manual_seed(0)
+    up, down = torch.randn(6, 16, 8), torch.randn(6, 8, 8)
+    spec = LayerSpec(ExpertLayout(gated=True, activation=Activation("silu")), up, down, name="layer")
+    runtime = HybridRuntime(make_accelerator("emulated", 2 * 10**5), [("layer", spec)], make_policy("on_demand"),
+                            None, 2)
+    hidden, ids, weights = torch.randn(5, 8), torch.randint(0, 6, (5, 2)), torch.rand(5, 2)
+    parts = runtime.layers[0].contributions(hidden, ids, weights)
+    assert parts.shape == (5, 2, 8) and parts.dtype == torch.float32
+    torch.testing.assert_close(parts.sum(dim=1), runtime.layers[0].forward(hidden, ids, weights), rtol=0, atol=0)
+    runtime.close()
+
+
+def _without_rendezvous(monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_serve_without_a_rendezvous_says_how_to_launch(monkeypatch):
+    _without_rendezvous(monkeypatch)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        serve(tiny_model("mixtral"))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(predictor="oracle"), "predictor must be one of"),
+    (dict(worker_device="tpu"), "worker_device must be one of"),
+    (dict(shadow_precision="fp8"), "shadow precision must be one of|shadow_precision must be one of"),
+    (dict(timeout_s=0), "timeout_s must be above 0"),
+    (dict(groups=3, predictor="none"), "3 groups but 2 workers"),
+    (dict(workers=3, predictor="none"), "workers=3 but 3 processes give 2"),
+    (dict(groups=2, predictor="none", world=6), "2 groups but the model has 1 MoE layers"),
+])
+def test_serve_refuses_bad_options_before_joining(monkeypatch, options, message):
+    _without_rendezvous(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", str(options.pop("world", 3)))
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1"), ("RANK", "0")):
+        monkeypatch.setenv(name, value)
+    model = tiny_model("mixtral", num_hidden_layers=1)
+    with pytest.raises(ValueError, match=message):
+        serve(model, **options)
+
+
+def test_serve_refuses_a_model_without_moe_layers(monkeypatch):
+    _without_rendezvous(monkeypatch)
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1"), ("RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="no fused experts module"):
+        serve(torch.nn.Sequential(torch.nn.Linear(4, 4)), predictor="none")
+
+
+# -- several processes ---------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environment(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _torchrun(processes: int, arguments: list[str], tmp_path) -> dict:
+    result_file = tmp_path / "result.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               *COMMAND[1:], *arguments, "--check", "--json", str(result_file)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=_environment())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads(result_file.read_text())
+
+
+def _check_tokens(result: dict) -> dict:
+    assert result["reference"] is not None and len(result["tokens"]) == 6
+    assert result["tokens"] == result["reference"]
+    return result["stats"]
+
+
+@pytest.mark.parametrize("processes, arguments", [
+    (2, ["--model", "tiny:mixtral", "--groups", "1", "--predictor", "none"]),
+    (4, ["--model", "tiny:qwen3_moe", "--groups", "2", "--predictor", "shadow"]),
+    # 3 workers in 2 groups (2 + 1: experts split by id in group 0); a one-slot budget streams in waves
+    (4, ["--model", "tiny:olmoe", "--groups", "2", "--predictor", "wrong", "--worker-memory", "20KiB"]),
+    (5, ["--model", "tiny:qwen2_moe", "--groups", "1", "--predictor", "residual", "--dtype", "bf16"]),
+    (3, ["--model", "tiny:deepseek_v3", "--predictor", "shadow", "--shadow-precision", "int8", "--no-realign",
+         "--worker-device", "cpu"]),
+], ids=["1worker-none", "shadow-2groups", "wrong-waves-3workers", "residual-4workers-bf16", "int8-shadow-cpu"])
+def test_distributed_generation_equals_the_model_alone(processes, arguments, tmp_path):
+    stats = _check_tokens(_torchrun(processes, arguments, tmp_path))
+    assert stats["lost_workers"] == {} and stats["local_pairs"] == 0 and stats["remote_pairs"] > 0
+    workers = stats["workers"]
+    assert len(workers) == processes - 1 - ("shadow" in arguments)
+    groups = int(arguments[arguments.index("--groups") + 1]) if "--groups" in arguments else 1
+    layers = {layer for w in workers.values() for layer in w["layers"]}
+    assert layers == set(range(len(layers)))  # every MoE layer served, each by the workers of its group only
+    assert all(layer % groups == (int(rank) - 1 - ("shadow" in arguments)) % groups
+               for rank, w in workers.items() for layer in w["layers"])
+    if "--worker-device" not in arguments:
+        assert stats["copies"] > 0  # experts were loaded just in time
+    if "wrong" in arguments:
+        assert stats["recall"] == 0.0 and stats["prefetch_hits"] == 0
+        assert all(w["budget_bytes"] < 2 * 18432 for w in workers.values())  # below one layer's active experts
+    if "residual" in arguments or "shadow" in arguments:
+        assert stats["recall"] is not None and stats["recall"] > 0.3
+
+
+def _start_ranks(processes: int, arguments: list[str], faults: str | None = None, per_rank=None):
+    port = _free_port()
+    ranks = []
+    for rank in range(processes):
+        env = _environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                           WORLD_SIZE=str(processes))
+        if faults:
+            env["DALI_DISTRIBUTED_FAULT"] = faults
+        extra = (per_rank or {}).get(rank, [])
+        ranks.append(subprocess.Popen([*COMMAND, *arguments, *extra], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return ranks
+
+
+def _finish(ranks, timeout_s: float = LAUNCH_TIMEOUT_S) -> list[tuple[int | None, str, str]]:
+    deadline, results = time.monotonic() + timeout_s, []
+    for process in ranks:
+        try:
+            out, err = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+            results.append((None, out, err))
+            continue
+        results.append((process.returncode, out, err))
+    return results
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_worker_lost_mid_generation_falls_back_to_the_main_rank(how, tmp_path):
+    """Rank 2 (group 1's only worker) is killed, or stopped (alive, silent), at step 3; the main rank notices
+    (closed connection / a 4 s timeout), computes its experts itself and still generates the same tokens."""
+    result_file = tmp_path / "result.json"
+    ranks = _start_ranks(4, ["--model", "tiny:qwen3_moe", "--groups", "2", "--predictor", "residual",
+                             "--timeout", "4", "--check", "--json", str(result_file)], faults=f"2:3:{how}")
+    started = time.monotonic()
+    try:
+        main_code, out, err = _finish(ranks[:1])[0]
+        assert main_code == 0, out[-3000:] + err[-5000:]
+        elapsed = time.monotonic() - started
+        stats = _check_tokens(json.loads(result_file.read_text()))
+        assert "2" in stats["lost_workers"] and stats["local_pairs"] > 0
+        assert stats["lost_workers"]["2"]["step"] >= 3
+        if how == "stop":
+            assert "within 4 s" in stats["lost_workers"]["2"]["reason"]
+        assert elapsed < LAUNCH_TIMEOUT_S
+        others = _finish([ranks[1], ranks[3]], timeout_s=60)  # the healthy workers stop when main closes
+        assert [code for code, _, _ in others] == [0, 0], [e[-2000:] for _, _, e in others]
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+    assert ranks[2].returncode == -signal.SIGKILL
+
+
+def test_a_worker_with_other_weights_is_refused_and_every_rank_stops():
+    ranks = _start_ranks(3, ["--model", "tiny:mixtral", "--predictor", "none"], per_rank={2: ["--seed", "1"]})
+    results = _finish(ranks, timeout_s=180)
+    assert all(code is not None for code, _, _ in results), "a rank hung"
+    main_code, _, main_err = results[0]
+    assert main_code != 0 and "worker rank 2 holds other expert weights than the main rank" in main_err
+
+
+def test_a_missing_rank_is_a_clear_rendezvous_error():
+    """Rank 0 of a world of three whose other ranks never come."""
+    env = _environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="3")
+    done = subprocess.run([*COMMAND, "--model", "tiny:mixtral", "--rendezvous-timeout", "5"], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    assert "did not complete within 5 s" in done.stderr and "is every rank started" in done.stderr
