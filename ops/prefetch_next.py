@@ -32,8 +32,9 @@ def _prefetch_next_fake(gate_input, layer):
 def prefetch_next_kernel(gate_input, layer):
     _prefetch_next_fake(gate_input, layer)
     hybrid = layer_registry().attached(layer)
-    if hybrid is not None:
-        hybrid.runtime.prefetch_from(hybrid.index, gate_input.reshape(-1, gate_input.shape[-1]))
+    runtime = getattr(hybrid, "runtime", None)  # only an offloaded HybridLayer prefetches
+    if runtime is not None:
+        runtime.prefetch_from(hybrid.index, gate_input.reshape(-1, gate_input.shape[-1]))
 
 
 torch.library.impl(NAME, "CompositeExplicitAutograd")(prefetch_next_kernel)

@@ -31,7 +31,8 @@ def insert_prefetch_hooks(gm: GraphModule, ctx: PassContext) -> GraphModule:
             continue
         gate_input, layer = node.args[0], node.args[3]
         hybrid = ctx.registry.attached(layer) if isinstance(layer, int) else None
-        if hybrid is None or not hybrid.runtime.prefetching or hybrid.index + 1 >= len(hybrid.runtime.layers):
+        runtime = getattr(hybrid, "runtime", None)  # a HybridLayer; other attached layers (distributed) have none
+        if runtime is None or not runtime.prefetching or hybrid.index + 1 >= len(runtime.layers):
             continue
         # Right after the gate input exists; graph inputs come first, so a hook on one goes before any compute.
         anchor = ("before", first_compute) if gate_input.op == "placeholder" else ("after", gate_input)

@@ -146,14 +146,14 @@ def _check_tokens(result: dict) -> dict:
 
 
 @pytest.mark.parametrize("processes, arguments", [
-    (2, ["--model", "tiny:mixtral", "--groups", "1", "--predictor", "none"]),
+    (2, ["--model", "tiny:mixtral", "--groups", "1", "--predictor", "none", "--compile"]),
     (4, ["--model", "tiny:qwen3_moe", "--groups", "2", "--predictor", "shadow"]),
     # 3 workers in 2 groups (2 + 1: experts split by id in group 0); a one-slot budget streams in waves
     (4, ["--model", "tiny:olmoe", "--groups", "2", "--predictor", "wrong", "--worker-memory", "20KiB"]),
     (5, ["--model", "tiny:qwen2_moe", "--groups", "1", "--predictor", "residual", "--dtype", "bf16"]),
     (3, ["--model", "tiny:deepseek_v3", "--predictor", "shadow", "--shadow-precision", "int8", "--no-realign",
          "--worker-device", "cpu"]),
-], ids=["1worker-none", "shadow-2groups", "wrong-waves-3workers", "residual-4workers-bf16", "int8-shadow-cpu"])
+], ids=["1worker-none-compiled", "shadow-2groups", "wrong-waves-3workers", "residual-4workers-bf16", "int8-shadow-cpu"])
 def test_distributed_generation_equals_the_model_alone(processes, arguments, tmp_path):
     stats = _check_tokens(_torchrun(processes, arguments, tmp_path))
     assert stats["lost_workers"] == {} and stats["local_pairs"] == 0 and stats["remote_pairs"] > 0

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rendezvous-timeout", type=float, default=120.0, help="seconds to wait for every rank")
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--compile", action="store_true", help='the main rank runs torch.compile(backend="dali")')
     parser.add_argument("--check", action="store_true", help="compare the tokens with the model alone")
     parser.add_argument("--json", default=None, help="rank 0 writes tokens and statistics here")
     args = parser.parse_args(argv)
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                     rendezvous_timeout_s=args.rendezvous_timeout)
     if not session.is_main:
         return 0
+    if args.compile:
+        model.forward = torch.compile(model.forward, backend="dali")
     tokens, rate = generate(model, prompt, args.max_new_tokens)
     stats = session.close()
     print(f"tokens: {tokens}")
