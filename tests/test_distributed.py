@@ -22,7 +22,9 @@ import torch
 from dali_compile.distributed import serve
 from dali_compile.distributed.messages import _pack, _unpack
 from dali_compile.distributed.topology import Topology
+from dali_compile.experts_interface import experts_modules, spec_of_module
 from dali_compile.runtime.accelerator import make_accelerator
+from dali_compile.runtime.expert_cache import expert_bytes
 from dali_compile.runtime.hybrid import HybridRuntime
 from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
 from dali_compile.runtime.policies import make_policy
@@ -168,7 +170,9 @@ def test_distributed_generation_equals_the_model_alone(processes, arguments, tmp
         assert stats["copies"] > 0  # experts were loaded just in time
     if "wrong" in arguments:
         assert stats["recall"] == 0.0 and stats["prefetch_hits"] == 0
-        assert all(w["budget_bytes"] < 2 * 18432 for w in workers.values())  # below one layer's active experts
+        model = tiny_model("olmoe", num_hidden_layers=4, hidden_size=48, vocab_size=256)
+        slot = expert_bytes(spec_of_module(experts_modules(model)[0][1]))
+        assert all(w["budget_bytes"] == 20 * 1024 < model.config.num_experts_per_tok * slot for w in workers.values())
     if "residual" in arguments or "shadow" in arguments:
         assert stats["recall"] is not None and stats["recall"] > 0.3
 
@@ -244,3 +248,26 @@ def test_a_missing_rank_is_a_clear_rendezvous_error():
                           capture_output=True, text=True, timeout=180)
     assert done.returncode != 0
     assert "did not complete within 5 s" in done.stderr and "is every rank started" in done.stderr
+
+
+def test_a_worker_keeps_only_its_share_of_its_groups_experts():
+    """World of 5 without shadow: workers 1..4 in 2 groups; rank 3 is the second worker of group 0, so it owns
+    the odd experts of layers 0 and 2 and nothing of layers 1 and 3; the model's own tensors are freed."""
+    from dali_compile.distributed.worker import Worker
+
+    model = tiny_model("qwen3_moe", num_hidden_layers=4)
+    originals = [spec_of_module(module) for _, module in experts_modules(model)]
+    expected = [(t.detach().clone() if t is not None else None) for layer in (0, 2)
+                for t in originals[layer].tensors()]
+    worker = Worker(model, Topology(5, 2, False), rank=3, device="emulated", memory=None, timeout_s=5,
+                    idle_timeout_s=5)
+    assert worker.layer_ids == [0, 2] and (worker.stride, worker.position) == (2, 1)
+    assert all(p.numel() == 0 for p in model.parameters())
+    held = [t for layer in worker.runtime.layers for t in layer.spec.tensors()]
+    for mine, full in zip(held, expected, strict=True):
+        assert (mine is None) == (full is None)
+        if mine is not None:
+            assert torch.equal(mine, full[1::2])
+    assert worker.runtime.accelerator.pool.budget_bytes == (1 + 2 * worker.runtime.prefetch) * expert_bytes(
+        worker.runtime.layers[0].spec) and worker.runtime.prefetch == 2  # its share of a token's 4 experts
+    worker.runtime.close()

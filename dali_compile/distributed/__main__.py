@@ -75,10 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.compile:
         model.forward = torch.compile(model.forward, backend="dali")
+    prefill_rate = generate(model, prompt, 1)[1]  # also the warm-up: lazy initialisation, compilation
     tokens, rate = generate(model, prompt, args.max_new_tokens)
     stats = session.close()
+    # decode alone: the whole generation less a prefill-and-one-token run
+    decode_s = args.max_new_tokens / rate - 1 / prefill_rate
+    decode_rate = (args.max_new_tokens - 1) / decode_s if args.max_new_tokens > 1 and decode_s > 0 else None
     print(f"tokens: {tokens}")
-    print(f"{rate:.1f} tokens/s (prefill included), {stats['topology']}")
+    decode = "n/a" if decode_rate is None else f"{decode_rate:.1f}"
+    print(f"{rate:.1f} tokens/s with prefill, decode {decode} tokens/s; {stats['topology']}")
     recall = "n/a" if stats["recall"] is None else f"{stats['recall']:.1%}"
     print(f"predictor {stats['predictor']}: recall {recall}, prefetch hits {stats['prefetch_hits']}, copies "
           f"{stats['copies']}; bytes sent {stats['bytes_sent']}, received {stats['bytes_received']}; pairs remote "
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print("tokens equal the model alone" if same else f"TOKENS DIFFER from the model alone: {reference}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(tokens=tokens, reference=reference, stats=stats), f)
+            json.dump(dict(tokens=tokens, reference=reference, stats=stats, rate=rate, decode_rate=decode_rate,
+                           steps=stats["steps"]), f)
     return 0 if same else 1
 
 
