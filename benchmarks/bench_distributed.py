@@ -36,9 +36,9 @@ Look-ahead distance d: the prediction for (t, l) must exist when the main model 
   shadow then speculates, with one extra step from its own greedy token on its cache not yet re-aligned
   with step t-1 (that step's positions still hold its own keys and values); its cache is cropped back
   before the real, re-aligned step (tokens-only speculates the same way). d is at most L (a single
-  speculative step). Without re-alignment the
-  shadow needs nothing of the main's step, so its prediction is the same at every d (as shadow.py deploys
-  it, it still waits for the main's TOKENS message; starting it earlier changes no prediction).
+  speculative step). Without re-alignment the shadow needs nothing of the main's step, so its prediction
+  is the same at every d (as shadow.py deploys it, it still waits for the main's TOKENS message; starting it
+  earlier changes no prediction).
 
 Recall = |predicted ∩ actual| / |actual| per (token, layer), averaged over the decode steps' (step, layer)
 cells the predictor covers at that distance; the table also splits it into layers l >= d (the cells every
@@ -48,7 +48,14 @@ since they cannot speculate a prompt, the single-node predictors at d = 1). Targ
 bf16 shadow >= 99%, int8 >= 97% (judged on every decode row, speculative cells included), re-alignment
 measurably better than none (here: by at least MEASURABLE recall, at the same precision and distance; judged
 for the precisions with a target but `same`, whose runs never differ). Prints the tables; `--csv PATH` writes
-every row.
+every row. One sequence is measured: a few flipped greedy tokens move the shadows' numbers by tenths of a
+point, and the no-realign rows mostly tell whether and when the shadow's greedy text leaves the main's (try
+other `--prompt-offset`s).
+
+Section 2, decode speed (`distributed_speed.py`; `--sections speed`, `--speed-model` ...): the distributed
+command under torchrun beside one process with every expert resident and the single-node dali policy at the
+same expert memory, bytes moved per step, recall that arrived in time, copies. Do not run it beside anything
+else: it times.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distributed_speed  # noqa: E402  (section 2, a sibling file)
 from train_tiny_moe import CharTokenizer, play_texts, split_ids  # noqa: E402  (the sibling script)
 
 from dali_compile.distributed.layers import moe_layers  # noqa: E402
@@ -399,7 +407,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration-windows", type=int, default=16,
                    help="windows of the training context length from the calibration play for res_vec "
                         "(default: %(default)s)")
-    p.add_argument("--csv", default=None, help="write every row to this CSV file")
+    p.add_argument("--csv", default=None, help="write every row to this CSV file (section 2: NAME.speed.csv)")
+    p.add_argument("--sections", nargs="+", choices=["recall", "speed"], default=["recall", "speed"])
+    distributed_speed.add_arguments(p)
     args = p.parse_args(argv)
     if args.tokens < 1 or args.prompt_length < 1:
         p.error("--tokens and --prompt-length must be at least 1")
@@ -408,9 +418,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    rows = recall_section(args)
-    if args.csv:
+    rows = recall_section(args) if "recall" in args.sections else []
+    if args.csv and rows:
         write_csv(rows, args.csv)
+    if "speed" in args.sections:
+        speed = distributed_speed.speed_section(args)
+        distributed_speed.print_table(speed)
+        if args.csv:
+            write_csv(speed, str(Path(args.csv).with_suffix(".speed.csv")))
+        rows += speed
     return rows
 
 

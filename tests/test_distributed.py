@@ -149,7 +149,7 @@ def _check_tokens(result: dict) -> dict:
 
 @pytest.mark.parametrize("processes, arguments", [
     (2, ["--model", "tiny:mixtral", "--groups", "1", "--predictor", "none", "--compile"]),
-    (4, ["--model", "tiny:qwen3_moe", "--groups", "2", "--predictor", "shadow"]),
+    (4, ["--model", "tiny:qwen3_moe", "--groups", "2", "--predictor", "shadow", "--worker-device", "emulated-async"]),
     # 3 workers in 2 groups (2 + 1: experts split by id in group 0); a one-slot budget streams in waves
     (4, ["--model", "tiny:olmoe", "--groups", "2", "--predictor", "wrong", "--worker-memory", "20KiB"]),
     (5, ["--model", "tiny:qwen2_moe", "--groups", "1", "--predictor", "residual", "--dtype", "bf16"]),
@@ -166,15 +166,17 @@ def test_distributed_generation_equals_the_model_alone(processes, arguments, tmp
     assert layers == set(range(len(layers)))  # every MoE layer served, each by the workers of its group only
     assert all(layer % groups == (int(rank) - 1 - ("shadow" in arguments)) % groups
                for rank, w in workers.items() for layer in w["layers"])
-    if "--worker-device" not in arguments:
+    if "cpu" not in arguments:
         assert stats["copies"] > 0  # experts were loaded just in time
     if "wrong" in arguments:
         assert stats["recall"] == 0.0 and stats["prefetch_hits"] == 0
         model = tiny_model("olmoe", num_hidden_layers=4, hidden_size=48, vocab_size=256)
         slot = expert_bytes(spec_of_module(experts_modules(model)[0][1]))
         assert all(w["budget_bytes"] == 20 * 1024 < model.config.num_experts_per_tok * slot for w in workers.values())
-    if "residual" in arguments or "shadow" in arguments:
-        assert stats["recall"] is not None and stats["recall"] > 0.3
+    if "residual" in arguments:  # sent before the request of the layer before: always on time, deterministic
+        assert stats["recall"] > 0.3 and stats["prefetch_hits"] > 0
+    if "shadow" in arguments:  # the shadow runs on its own clock: what arrives in time depends on the load
+        assert all(w["predictions"] > 0 for w in workers.values())
 
 
 def _start_ranks(processes: int, arguments: list[str], faults: str | None = None, per_rank=None):
@@ -205,12 +207,12 @@ def _finish(ranks, timeout_s: float = LAUNCH_TIMEOUT_S) -> list[tuple[int | None
     return results
 
 
-@pytest.mark.parametrize("how", ["kill", "stop"])
-def test_a_worker_lost_mid_generation_falls_back_to_the_main_rank(how, tmp_path):
+@pytest.mark.parametrize("how, predictor", [("kill", "next_gate"), ("stop", "residual")])
+def test_a_worker_lost_mid_generation_falls_back_to_the_main_rank(how, predictor, tmp_path):
     """Rank 2 (group 1's only worker) is killed, or stopped (alive, silent), at step 3; the main rank notices
     (closed connection / a 4 s timeout), computes its experts itself and still generates the same tokens."""
     result_file = tmp_path / "result.json"
-    ranks = _start_ranks(4, ["--model", "tiny:qwen3_moe", "--groups", "2", "--predictor", "residual",
+    ranks = _start_ranks(4, ["--model", "tiny:qwen3_moe", "--groups", "2", "--predictor", predictor,
                              "--timeout", "4", "--check", "--json", str(result_file)], faults=f"2:3:{how}")
     started = time.monotonic()
     try:
