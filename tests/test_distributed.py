@@ -149,7 +149,8 @@ def _check_tokens(result: dict) -> dict:
 
 @pytest.mark.parametrize("processes, arguments", [
     (2, ["--model", "tiny:mixtral", "--groups", "1", "--predictor", "none", "--compile"]),
-    (4, ["--model", "tiny:qwen3_moe", "--groups", "2", "--predictor", "shadow", "--worker-device", "emulated-async"]),
+    (4, ["--model", "tiny:qwen3_moe", "--groups", "2", "--predictor", "shadow", "--lookahead", "2",
+         "--worker-device", "emulated-async"]),
     # 3 workers in 2 groups (2 + 1: experts split by id in group 0); a one-slot budget streams in waves
     (4, ["--model", "tiny:olmoe", "--groups", "2", "--predictor", "wrong", "--worker-memory", "20KiB"]),
     (5, ["--model", "tiny:qwen2_moe", "--groups", "1", "--predictor", "residual", "--dtype", "bf16"]),
@@ -177,6 +178,8 @@ def test_distributed_generation_equals_the_model_alone(processes, arguments, tmp
         assert stats["recall"] > 0.3 and stats["prefetch_hits"] > 0
     if "shadow" in arguments:  # the shadow runs on its own clock: what arrives in time depends on the load
         assert all(w["predictions"] > 0 for w in workers.values())
+        assert stats["shadow"]["steps"] == stats["steps"] and stats["shadow"]["skipped_steps"] == 0
+        assert (stats["shadow"]["speculative_steps"] > 0) == ("--lookahead" in arguments)
 
 
 def _start_ranks(processes: int, arguments: list[str], faults: str | None = None, per_rank=None):

@@ -66,15 +66,17 @@ class ServedSession:
 
 
 def serve(model: nn.Module, *, groups: int = 1, predictor: str = "shadow", workers: int | None = None,
-          shadow_precision: str = "bf16", realign: bool = True, worker_device: str = "emulated",
+          shadow_precision: str = "bf16", realign: bool = True, lookahead: int = 0, worker_device: str = "emulated",
           worker_memory: int | str | None = None, timeout_s: float = 30.0, idle_timeout_s: float = 3600.0,
           rendezvous_timeout_s: float = 120.0, calibration_ids: torch.Tensor | None = None):
     """Join the distributed job (initializing torch.distributed from torchrun's environment if needed) and take
     this rank's role with `model` (a transformers MoE model on the CPU, the same weights on every rank).
 
     groups: G, worker groups taking MoE layers round-robin. predictor: 'shadow' (rank 1 runs the model at
-    `shadow_precision`, re-aligned each step unless realign=False), 'residual' / 'next_gate' (the main rank
-    predicts the next layer from this one's gate input, with or without calibrated residuals), 'none', or
+    `shadow_precision`, re-aligned each step unless realign=False; with `lookahead` N > 0 it also runs the
+    first N MoE layers of the next step from its own greedy token before the main rank has it), 'residual' /
+    'next_gate' (the main rank predicts the next layer from this one's gate input, with or without calibrated
+    residuals), 'none', or
     'wrong' (always wrong: a test double). workers: if given, checked against the world size. worker_device:
     'emulated' (CPU-only test double of a GPU), 'emulated-async', 'cuda', or 'cpu' (the C++ CPU runtime, no
     loading). worker_memory: each worker's expert budget (default: one slot plus two prefetch sets of its share
@@ -91,6 +93,8 @@ def serve(model: nn.Module, *, groups: int = 1, predictor: str = "shadow", worke
     if shadow_precision not in SHADOW_PRECISIONS:
         raise ValueError(f"dali distributed: shadow_precision must be one of {', '.join(SHADOW_PRECISIONS)}, "
                          f"got {shadow_precision!r}")
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+        raise ValueError(f"dali distributed: lookahead must be an int >= 0 (layers), got {lookahead!r}")
     for name, value in (("timeout_s", timeout_s), ("idle_timeout_s", idle_timeout_s),
                         ("rendezvous_timeout_s", rendezvous_timeout_s)):
         if not value > 0:
@@ -114,7 +118,8 @@ def serve(model: nn.Module, *, groups: int = 1, predictor: str = "shadow", worke
         return session.start(hello_timeout_s=rendezvous_timeout_s)
     try:
         if role == "shadow":
-            stats = Shadow(make_shadow(model, shadow_precision), topology, realign, timeout_s, idle_timeout_s).serve()
+            stats = Shadow(make_shadow(model, shadow_precision), topology, realign, timeout_s, idle_timeout_s,
+                           lookahead).serve()
         else:
             stats = Worker(model, topology, rank, worker_device, worker_memory, timeout_s, idle_timeout_s).serve()
     finally:

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--predictor", default="shadow", choices=PREDICTORS)
     parser.add_argument("--shadow-precision", default="bf16", choices=SHADOW_PRECISIONS)
     parser.add_argument("--no-realign", action="store_true", help="the shadow runs on its own tokens and cache")
+    parser.add_argument("--lookahead", type=int, default=0,
+                        help="MoE layers of the next step the shadow speculates from its own token")
     parser.add_argument("--worker-device", default="emulated", choices=WORKER_DEVICES)
     parser.add_argument("--worker-memory", default=None, help="each worker's expert budget, e.g. 4MiB")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds before a silent worker is dropped")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_length), generator=generator)
     reference = generate(model, prompt, args.max_new_tokens)[0] if args.check and _rank() == 0 else None
     session = serve(model, groups=args.groups, predictor=args.predictor, workers=args.workers,
-                    shadow_precision=args.shadow_precision, realign=not args.no_realign,
+                    shadow_precision=args.shadow_precision, realign=not args.no_realign, lookahead=args.lookahead,
                     worker_device=args.worker_device, worker_memory=args.worker_memory, timeout_s=args.timeout,
                     rendezvous_timeout_s=args.rendezvous_timeout)
     if not session.is_main:

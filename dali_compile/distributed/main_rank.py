@@ -66,6 +66,7 @@ class MainSession:
         self.counters = dict(steps=0, layer_steps=0, remote_pairs=0, local_pairs=0, bytes_sent=0, bytes_received=0,
                              shadow_bytes=0)
         self.worker_stats: dict[int, dict] = {}
+        self.shadow_stats: dict | None = None
         self._handles: list[int] = []
         self._hooks = []
         self._implementations = []
@@ -281,6 +282,9 @@ class MainSession:
         if self.shadow_alive:
             try:
                 messages.send(Message(Kind.STOP), self.topology.shadow_rank, self.timeout_s)
+                answer = messages.recv(self.topology.shadow_rank, self.timeout_s)
+                if answer.kind == Kind.STATS:
+                    self.shadow_stats = json.loads(answer.text())
             except PeerLost as lost:
                 log.warning("dali distributed: %s while stopping", lost)
             self.shadow_alive = False
@@ -298,7 +302,7 @@ class MainSession:
         predicted = sum(w["predicted_hits"] for w in workers)
         actual = sum(w["actual"] for w in workers)
         return dict(topology=self.topology.describe(), predictor=self.predictor_name, **self.counters,
-                    lost_workers=self.lost, workers=self.worker_stats,
+                    lost_workers=self.lost, workers=self.worker_stats, shadow=self.shadow_stats,
                     recall=predicted / actual if actual else None,
                     copies=sum((w["runtime"].get("copies") or 0) for w in workers),
                     bytes_copied=sum((w["runtime"].get("bytes_copied") or 0) for w in workers),

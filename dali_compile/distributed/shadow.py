@@ -47,8 +47,10 @@ def make_shadow(model: nn.Module, precision: str) -> nn.Module:
 
 class Shadow:
     def __init__(self, model: nn.Module, topology: Topology, realign: bool, timeout_s: float,
-                 idle_timeout_s: float):
+                 idle_timeout_s: float, lookahead: int = 0):
         self.model, self.topology, self.realign = model, topology, realign
+        self.lookahead = lookahead
+        self._stop_after: int | None = None  # a speculative step ends after this layer's prediction
         self.timeout_s, self.idle_timeout_s = timeout_s, idle_timeout_s
         layers = moe_layers(model)
         spec = layers[0][2]
@@ -62,7 +64,7 @@ class Shadow:
         self.cache = None
         self.own_token: torch.Tensor | None = None
         self.keyword = cache_keyword(model)
-        self.counters = dict(steps=0, predictions=0, skipped_steps=0)
+        self.counters = dict(steps=0, predictions=0, skipped_steps=0, speculative_steps=0)
 
     def serve(self) -> dict:
         hooks = [router.register_forward_hook(self._routed(layer)) for layer, router in enumerate(self.routers)]
@@ -74,6 +76,8 @@ class Shadow:
                     log.warning("dali shadow: the main rank is gone (%s); stopping", lost)
                     break
                 if message.kind == Kind.STOP:
+                    messages.send(messages.text_message(Kind.STATS, json.dumps(self.counters)), MAIN_RANK,
+                                  self.timeout_s)
                     break
                 if message.kind == Kind.HELLO:
                     expected = json.loads(message.text())
@@ -104,6 +108,8 @@ class Shadow:
                     except PeerLost as lost:
                         self.alive.discard(rank)
                         log.warning("dali shadow: %s; no more predictions to it", lost)
+            if self._stop_after is not None and layer >= self._stop_after:
+                raise _EnoughLayers
         return hook
 
     @torch.no_grad()
@@ -125,6 +131,33 @@ class Shadow:
         logits = self.model(input_ids=input_ids, **{self.keyword: self.cache}, use_cache=True).logits
         self.own_token = logits[:, -1:].argmax(-1)
         self.counters["steps"] += 1
+        if self.lookahead and self.realign:
+            self._speculate()
+
+    def _speculate(self) -> None:
+        """Run ahead into the next step before the main rank has its token: the first `lookahead` MoE layers of
+        a step from this rank's own greedy token, on a cache not yet re-aligned with this step; their routing
+        goes out as the next step's predictions (the re-aligned step sends better ones when the main rank's
+        token comes). The cache is cut back to where it was."""
+        past = self.cache.get_seq_length()
+        self.step += 1
+        self._stop_after = self.lookahead - 1
+        try:
+            self.model(input_ids=self.own_token, **{self.keyword: self.cache}, use_cache=True)
+        except _EnoughLayers:
+            pass
+        finally:
+            self._stop_after = None
+            self.step -= 1
+            self.counters["speculative_steps"] += 1
+            try:
+                for layer in self.cache.layers:
+                    extra = layer.get_seq_length() - past
+                    if extra > 0:
+                        layer.crop(-extra)
+            except Exception as error:  # a layer that cannot roll back (a full sliding window): stop speculating
+                log.warning("dali shadow: cannot roll its cache back (%s); no more speculation", error)
+                self.lookahead, self.cache = 0, None
 
     def _align(self, kv: list[torch.Tensor]) -> None:
         layers = [layer for layer in self.cache.layers if isinstance(getattr(layer, "keys", None), torch.Tensor)
@@ -136,3 +169,7 @@ class Shadow:
             layer.keys[..., -n:, :] = keys.to(layer.keys.dtype)
             layer.values[..., -n:, :] = values.to(layer.values.dtype)
 
+
+
+class _EnoughLayers(Exception):
+    """Ends a speculative step after the layers it was allowed to run."""

@@ -81,6 +81,7 @@ class Worker:
         self.next_step = 0
         self.pending: dict[int, tuple[int, np.ndarray]] = {}  # layer -> (step, predicted local ids) to prefetch
         self.predicted: dict[int, tuple[int, set]] = {}  # layer -> (step, predicted local ids): for the recall
+        self.prefetched_for: tuple | None = None  # (layer, step, experts) of the last prefetch issued
         self.counters = dict(requests=0, pairs=0, predictions=0, predicted=0, predicted_hits=0, actual=0,
                              bytes_in=0, bytes_out=0)
 
@@ -187,6 +188,9 @@ class Worker:
         if step != self.next_step:
             return
         del self.pending[layer]
+        if (layer, step, tuple(experts)) == self.prefetched_for:  # a repeated prediction: the copies are issued
+            return
+        self.prefetched_for = (layer, step, tuple(experts))
         counts = np.zeros(self.local_experts, dtype=np.int64)
         counts[experts] = 1
         self.predictor.counts = counts
