@@ -125,6 +125,19 @@ def spec_of_module(experts: nn.Module, name: str = "") -> LayerSpec:
                      name=name or type(experts).__name__)
 
 
+def top_k_of(model: nn.Module, default: int | None = None) -> int:
+    """The model's top-k from its config (the names transformers' MoE configs use); `default` when none is
+    there, or a ValueError without a default."""
+    config = getattr(model, "config", None)
+    for name in ("num_experts_per_tok", "moe_topk", "top_k"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    if default is None:
+        raise ValueError(f"cannot tell the top-k of {type(model).__name__} from its config")
+    return default
+
+
 def up_weight_name(experts: nn.Module) -> str:
     """The attribute of the up projection: gate_up_proj (gated) or up_proj."""
     return "gate_up_proj" if bool(getattr(experts, "has_gate", True)) else "up_proj"

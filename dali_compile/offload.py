@@ -27,6 +27,7 @@ from .experts_interface import (
     experts_modules,
     register_experts_interface,
     spec_of_module,
+    top_k_of,
 )
 from .runtime.accelerator import make_accelerator, parse_bytes
 from .runtime.expert_cache import fitting_prefetch_count, plan_slots
@@ -37,15 +38,6 @@ from .runtime.prefetch import ResidualPredictor, default_prefetch_count, find_ro
 from .runtime.registry import layer_registry
 
 _RUNTIME_ATTRIBUTE = "_dali_runtime"
-
-
-def _top_k(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    for name in ("num_experts_per_tok", "moe_topk", "top_k"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2
 
 
 def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory: int | str = "12GiB",
@@ -101,7 +93,8 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory
         routers = [find_router(model.get_submodule(name.rpartition(".")[0]), spec.num_experts, hidden_size)
                    for name, spec in specs]
         predictor = ResidualPredictor(routers, specs[0][1].num_experts, hidden_size)
-    plan_slots(chosen, specs, budget, _top_k(model), 2 * prefetch)  # refuse before anything about the model changes
+    # refuse before anything about the model changes
+    plan_slots(chosen, specs, budget, top_k_of(model, default=2), 2 * prefetch)
     accelerator = make_accelerator(device, budget)
     undo = _Undo(model, accelerator)
     try:
@@ -125,7 +118,7 @@ def _convert(model, modules, specs, accelerator, policy, cost_model, refresh, pr
     undo.existing_handles = {layer_registry().lookup(spec) for spec in undo.specs} - {None}
     undo.save_experts_implementation()
     model.set_experts_implementation(IMPLEMENTATION_NAME)
-    runtime = HybridRuntime(accelerator, specs, policy, cost_model, _top_k(model), predictor=predictor,
+    runtime = HybridRuntime(accelerator, specs, policy, cost_model, top_k_of(model, default=2), predictor=predictor,
                             prefetch=prefetch, transient_bytes=transient_bytes)
     undo.runtime = runtime
     if cost_model is None and policy.needs_cost:

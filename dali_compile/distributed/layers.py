@@ -25,13 +25,14 @@ def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module, LayerSpec]]:
         raise ValueError(f"dali distributed: an experts module dali cannot run: {error}") from None
 
 
-def top_k_of(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    for name in ("num_experts_per_tok", "moe_topk", "top_k"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise ValueError(f"dali distributed: cannot tell the top-k of {type(model).__name__} from its config")
+def structure_of(model: nn.Module, layers=None) -> dict:
+    """What the shadow must share with the main model whatever its precision: layers, experts and sizes."""
+    from dali_compile.experts_interface import top_k_of
+
+    spec = (layers or moe_layers(model))[0][2]
+    return dict(layers=len(layers or moe_layers(model)), experts=spec.num_experts, hidden=spec.hidden_size,
+                intermediate=spec.intermediate_size, top_k=top_k_of(model),
+                vocab=getattr(getattr(model, "config", None), "vocab_size", None))
 
 
 def subset_spec(spec: LayerSpec, experts: list[int]) -> LayerSpec:

@@ -6,7 +6,8 @@ a `HybridLayer`, so eager, `generate()` and `torch.compile(model, backend="dali"
 
 Per layer step (`MainSession.run_layer`): send the step's predictions (main-side predictors), send
 (hidden, topk_ids, topk_weights) to every live worker of the layer's group, receive each one's fp32 (token, k)
-contributions, put them in place in [T, K, H], and sum over k in order (as `dali::moe_hybrid`'s reference).
+contributions, put them in place in [T, K, H], and sum over k in order (as `dali::moe_hybrid`'s reference;
+a group's only worker sends that sum itself).
 A worker that is gone (its connection closed: killed) or silent past `timeout_s` (its receive times out) is
 dropped for good; its experts are computed here from now on, by the C++ CPU runtime on the main rank's own
 copy of the experts. The answer never depends on who computed a pair.
@@ -23,13 +24,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dali_compile.experts_interface import IMPLEMENTATION_NAME, register_experts_interface
+from dali_compile.experts_interface import IMPLEMENTATION_NAME, register_experts_interface, top_k_of
 from dali_compile.ops.cpu_experts import cpu_experts
 from dali_compile.runtime.prefetch import ResidualPredictor, find_router, measure_residuals
 from dali_compile.runtime.registry import layer_registry
 
 from . import messages
-from .layers import fingerprint, moe_layers, top_k_of
+from .layers import fingerprint, moe_layers, structure_of
 from .messages import Kind, Message, PeerLost
 from .topology import Topology
 
@@ -103,7 +104,7 @@ class MainSession:
                 for layer in layer_ids])
             problems += self._hello(rank, expected, wait)
         if self.topology.shadow:
-            problems += self._hello(self.topology.shadow_rank, self.structure(), wait)
+            problems += self._hello(self.topology.shadow_rank, structure_of(self.model), wait)
         if problems:
             self.closed = True
             self._stop_all()
@@ -114,12 +115,6 @@ class MainSession:
             raise RuntimeError("dali distributed: " + "; ".join(problems))
         self._attach()
         return self
-
-    def structure(self) -> dict:
-        spec = self.layers[0].spec
-        return dict(layers=len(self.layers), experts=self.num_experts, hidden=spec.hidden_size,
-                    intermediate=spec.intermediate_size, top_k=self.top_k,
-                    vocab=getattr(self.model.config, "vocab_size", None))
 
     def _hello(self, rank: int, expected: dict, timeout_s: float) -> list[str]:
         try:
@@ -197,13 +192,17 @@ class MainSession:
                 self._drop(rank, lost, layer)
         contributions = torch.zeros(T, K, host_hidden.shape[1], dtype=torch.float32)
         group = self.topology.workers_of_layer(layer.index)
+        summed = None  # the sum over k, from a group's only worker
         for rank in sent:
             rows = self._reply(rank, layer)
             if rows is None:
                 continue
             owned = (ids % len(group)) == group.index(rank)
-            contributions[owned] = rows
-            self.counters["remote_pairs"] += rows.shape[0]
+            if len(group) == 1:
+                summed = rows
+            else:
+                contributions[owned] = rows
+            self.counters["remote_pairs"] += int(owned.sum())
         missing = [self.topology.experts_of_worker(rank, layer.index, self.num_experts)
                    for rank in group if rank not in self.alive]
         if missing:
@@ -213,7 +212,7 @@ class MainSession:
             contributions += local  # disjoint pairs, zeros elsewhere: exact
             self.counters["local_pairs"] += int(mask[ids].sum())
         self.counters["layer_steps"] += 1
-        out = contributions.sum(dim=1)  # k in order, as dali::moe_hybrid's reference
+        out = summed if summed is not None else contributions.sum(dim=1)  # k in order, as moe_hybrid's reference
         return out.to(device=hidden.device, dtype=hidden.dtype)
 
     def _reply(self, rank: int, layer: RemoteLayer) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ from dali_compile.hf_compat import cache_keyword
 from dali_compile.runtime.prefetch import find_router, routing_of
 
 from . import messages
-from .layers import moe_layers, top_k_of
+from .layers import moe_layers, structure_of
 from .messages import Kind, Message, PeerLost
 from .topology import MAIN_RANK, Topology
 
@@ -54,9 +54,7 @@ class Shadow:
         self.timeout_s, self.idle_timeout_s = timeout_s, idle_timeout_s
         layers = moe_layers(model)
         spec = layers[0][2]
-        self.structure = dict(layers=len(layers), experts=spec.num_experts, hidden=spec.hidden_size,
-                              intermediate=spec.intermediate_size, top_k=top_k_of(model),
-                              vocab=getattr(model.config, "vocab_size", None))
+        self.structure = structure_of(model, layers)
         self.routers = [find_router(model.get_submodule(name.rpartition(".")[0]), spec.num_experts, spec.hidden_size)
                         for name, _, _ in layers]
         self.alive = set(topology.worker_ranks)

@@ -9,7 +9,8 @@ next layer this worker serves, while other groups compute.
 
 A request carries the layer step's hidden [T, H], topk_ids and topk_weights. The worker takes the (token, k)
 pairs of the experts it owns, runs them as one-pair rows (local expert ids) and answers with their fp32
-contributions [pairs, H]; the main rank sums the parts of all workers over k in order.
+contributions [pairs, H]; the main rank sums the parts of all workers over k in order. The only worker of a
+group owns every pair and answers with that sum itself, [T, H] (K times fewer bytes).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dali_compile.experts_interface import top_k_of
 from dali_compile.runtime.accelerator import make_accelerator, parse_bytes
 from dali_compile.runtime.expert_cache import expert_bytes
 from dali_compile.runtime.hybrid import HybridRuntime
 from dali_compile.runtime.policies import make_policy
 
 from . import messages
-from .layers import drop_weights, fingerprint, moe_layers, subset_spec, top_k_of
+from .layers import drop_weights, fingerprint, moe_layers, subset_spec
 from .messages import Kind, Message, PeerLost
 from .topology import MAIN_RANK, Topology
 
@@ -211,6 +213,8 @@ class Worker:
         step, predicted = self.predicted.pop(message.layer, (-1, set()))
         predicted = predicted if step == message.step else set()
         contributions = layer.contributions(rows, ids, weights).reshape(-1, hidden.shape[1])
+        if self.stride == 1:  # every pair is this worker's: the sum over k here, as the main rank would do it
+            contributions = contributions.reshape(*topk_ids.shape, hidden.shape[1]).sum(dim=1)
         actual = set(torch.unique(ids).tolist())
         self.counters["requests"] += 1
         self.counters["pairs"] += int(pairs.shape[0])

@@ -292,17 +292,21 @@ class HybridLayer:
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         with self.runtime.step():
-            return self._step(hidden, topk_ids, topk_weights, torch.empty_like(hidden), _sum_over_k_into)
+            return self._step(hidden, topk_ids, topk_weights, torch.empty_like, _sum_over_k_into)
 
     def contributions(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """The step's [T, K, H] fp32 (token, k) contributions, before the sum over k: what a distributed worker
         returns, so that the main rank sums the parts of several workers over k in order, as `forward` does."""
-        with self.runtime.step():
-            out = hidden.new_empty((*topk_ids.shape, hidden.shape[-1]), dtype=torch.float32)
-            return self._step(hidden, topk_ids, topk_weights, out, _copy_contributions_into)
+        def per_pair(hidden):
+            return hidden.new_empty((*topk_ids.shape, hidden.shape[-1]), dtype=torch.float32)
 
-    def _step(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor,
+        with self.runtime.step():
+            return self._step(hidden, topk_ids, topk_weights, per_pair, _copy_contributions_into)
+
+    def _step(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, new_out,
               combine) -> torch.Tensor:
+        """One step; `new_out(hidden)` makes the output (after the prefetch and the plan: their transients and the
+        output never coexist) and `combine(out[rows], contributions)` fills it chunk by chunk."""
         rt, acc, stats = self.runtime, self.runtime.accelerator, LayerStats()
         start = time.perf_counter()
         self._check(hidden)
@@ -336,6 +340,7 @@ class HybridLayer:
             mask = torch.zeros(E, dtype=torch.bool)
             mask[torch.from_numpy(cpu_set)] = True
             host_hidden, host_weights = acc.to_host(hidden), acc.to_host(topk_weights)
+        out = new_out(hidden)
         T, chunk = hidden.shape[0], rt.max_step_tokens
         last = None
         for first in range(0, T, chunk):
