@@ -76,11 +76,6 @@ def offload(model: nn.Module, device: str | torch.device = "cuda", expert_memory
     for name, spec in specs:
         if spec.device.type != "cpu":
             raise ValueError(f"offload: load the model on the CPU first ({name} experts are on {spec.device})")
-        if spec.layout.quantization is not None and str(device).startswith("cuda"):
-            raise NotImplementedError(
-                f"offload: {name} has int{spec.layout.quantization.bits} experts; the Triton kernels do not read "
-                "quantized experts yet. Offload them to device='emulated', run the quantized model on the CPU, or "
-                "offload a model quantized with experts=None")
 
     if prefetch is None:
         prefetch = default_prefetch_count(specs[0][1].num_experts) if policy == "dali" else 0

@@ -16,8 +16,7 @@ contributions in k order, so a split of the experts between devices changes noth
 Quantized experts (scale pools given): the pools hold codes in row form, up [S, X, H * bits/8] and down
 [S, H, I * bits/8] (int8, or uint8 with two int4 codes), and their float16 scales [S, X, H / G_up] and
 [S, H, I / G_down], exactly as `dali::cpu_experts` takes them (int4 rounds its activations to int8 per group);
-biases stay in hidden's dtype. No Triton kernel reads them yet: CUDA refuses them, other devices run the
-reference.
+biases stay in hidden's dtype. The Triton kernels dequantize the codes tile by tile and compute in fp32.
 
 CUDA runs the Triton kernels of `ops/triton_experts.py` (imported on first use, so CPU-only installs
 never import triton); every other device, and CUDA without triton, runs the fp32 reference of
@@ -229,11 +228,8 @@ def gpu_experts_cuda(hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias
                      slot_of_expert, gated, interleaved, transposed, activation, alpha, limit,
                      up_scales_pool=None, down_scales_pool=None):
     """The CUDA kernel: checks, then the Triton launcher (the reference where triton or the dtype is missing)."""
-    if up_scales_pool is not None or down_scales_pool is not None:
-        raise NotImplementedError(f"{NAME}: the Triton kernels do not read quantized experts yet; run quantized "
-                                  "experts on the CPU or the emulated device")
     args = (hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool,
-            slot_of_expert, gated, interleaved, transposed, activation, alpha, limit)
+            slot_of_expert, gated, interleaved, transposed, activation, alpha, limit, up_scales_pool, down_scales_pool)
     launcher = _triton_launcher() if hidden.dtype in KERNEL_DTYPES else None
     if launcher is None:
         return gpu_experts_reference(*args)

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .quantized_linear import CODE_BITS, round_activations
+
 # Must be read before the `@triton.jit` decorations below, which is when triton picks interpreter or compiler.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -211,19 +213,41 @@ def _activate(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, li
 
 
 @triton.jit
+def _quantized_tile(codes_ptr, scales_ptr, rows, cols, mask, stride_row, stride_srow, QBITS: tl.constexpr,
+                    GROUP: tl.constexpr):
+    """fp32 weights w[rows, cols] of one slot's quantized matrix (ops/quantized_linear.py's formats), from codes
+    [rows, cols * QBITS/8] (row stride `stride_row` bytes) and float16 scales [rows, cols / GROUP]; rows and
+    cols broadcast to the tile's shape. int4: the G/2 bytes of a group hold its first half in the low nibbles
+    and its second half in the high ones, each as q + 8."""
+    if QBITS == 8:
+        q = tl.load(codes_ptr + rows * stride_row + cols, mask=mask, other=0).to(tl.float32)
+    else:
+        half: tl.constexpr = GROUP // 2
+        j = cols % GROUP
+        byte = tl.load(codes_ptr + rows * stride_row + (cols // GROUP) * half + j % half, mask=mask, other=0)
+        byte = byte.to(tl.int32)
+        q = (tl.where(j >= half, byte >> 4, byte & 15) - 8).to(tl.float32)
+    scale = tl.load(scales_ptr + rows * stride_srow + cols // GROUP, mask=mask, other=0.0).to(tl.float32)
+    return q * scale
+
+
+@triton.jit
 def _gate_up_kernel(
-    hidden_ptr, w_ptr, bias_ptr, inter_ptr, sorted_rows_ptr, block_slot_ptr,
+    hidden_ptr, w_ptr, bias_ptr, inter_ptr, sorted_rows_ptr, block_slot_ptr, scales_ptr,
     num_rows, top_k, H, I,
-    stride_ht, stride_ws, stride_wx, stride_wh, stride_bs,
+    stride_ht, stride_ws, stride_wx, stride_wh, stride_bs, stride_ss, stride_sx,
     alpha, limit,
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    QBITS: tl.constexpr = 0, QGROUP: tl.constexpr = 1,
 ):
     """inter[p, n] for one BM block of rows and BN columns of I (see the module docstring).
 
     w_ptr: the up pool, element (slot s, output column x, hidden h) at s*stride_ws + x*stride_wx + h*stride_wh,
     which covers [S, X, H] and, transposed, [S, H, X]. Concatenated gate = columns [0, I), up = [I, 2I);
     interleaved gate = even columns, up = odd ones, loaded as one contiguous [BK, 2BN] tile.
+    QBITS 8 or 4: w_ptr holds codes [S, X, H * QBITS/8] and scales_ptr their scales [S, X, H / QGROUP] (row
+    form only), dequantized tile by tile in fp32; hidden then comes fp32 (int4: already rounded per group).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -237,6 +261,7 @@ def _gate_up_kernel(
     offs_k = tl.arange(0, BK)
     a_ptrs = hidden_ptr + tokens[:, None] * stride_ht + offs_k[None, :]
     w_base = w_ptr + slot.to(tl.int64) * stride_ws
+    s_base = scales_ptr + slot.to(tl.int64) * stride_ss
     b_base = bias_ptr + slot.to(tl.int64) * stride_bs
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < I
@@ -248,7 +273,12 @@ def _gate_up_kernel(
         for k0 in range(0, H, BK):
             k_ok = offs_k + k0 < H
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if QBITS:
+                a = a.to(tl.float32)
+                w = _quantized_tile(w_base, s_base, cols[None, :], (offs_k + k0)[:, None],
+                                    k_ok[:, None] & col_ok[None, :], stride_wx, stride_sx, QBITS, QGROUP)
+            else:
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
@@ -265,13 +295,23 @@ def _gate_up_kernel(
         for k0 in range(0, H, BK):
             k_ok = offs_k + k0 < H
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            tile_ok = k_ok[:, None] & n_ok[None, :]
+            if QBITS:
+                a = a.to(tl.float32)
+                wg = _quantized_tile(w_base, s_base, offs_n[None, :], (offs_k + k0)[:, None], tile_ok, stride_wx,
+                                     stride_sx, QBITS, QGROUP)
+            else:
+                wg = tl.load(g_ptrs, mask=tile_ok, other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 wg = wg.to(tl.float32)
             gate = tl.dot(a, wg, gate, input_precision=PRECISION)
             if GATED:
-                wu = tl.load(g_ptrs + I * stride_wx, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if QBITS:
+                    wu = _quantized_tile(w_base, s_base, (offs_n + I)[None, :], (offs_k + k0)[:, None], tile_ok,
+                                         stride_wx, stride_sx, QBITS, QGROUP)
+                else:
+                    wu = tl.load(g_ptrs + I * stride_wx, mask=tile_ok, other=0.0)
                 if UPCAST:
                     wu = wu.to(tl.float32)
                 up = tl.dot(a, wu, up, input_precision=PRECISION)
@@ -288,16 +328,18 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    inter_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, sorted_rows_ptr, block_slot_ptr,
+    inter_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_ptr, sorted_rows_ptr, block_slot_ptr, scales_ptr,
     num_rows, H, I,
-    stride_ws, stride_wh, stride_wi, stride_bs,
+    stride_ws, stride_wh, stride_wi, stride_bs, stride_ss, stride_sh,
     HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    QBITS: tl.constexpr = 0, QGROUP: tl.constexpr = 1,
 ):
     """out[row, n] = topk_weight[row] * (inter[p] @ down[slot] (+ bias)) for one BM block, BN columns of H.
 
     w_ptr: the down pool, element (slot s, hidden h, intermediate i) at s*stride_ws + h*stride_wh + i*stride_wi,
     which covers [S, H, I] and, transposed, [S, I, H]. out is [M, H] fp32, rows never touched stay zero.
+    QBITS 8 or 4: codes [S, H, I * QBITS/8] and scales [S, H, I / QGROUP], as in `_gate_up_kernel`.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -312,11 +354,18 @@ def _down_kernel(
     offs_k = tl.arange(0, BK)
     a_ptrs = inter_ptr + offs_m.to(tl.int64)[:, None] * I + offs_k[None, :]
     w_ptrs = w_ptr + slot.to(tl.int64) * stride_ws + offs_n[None, :] * stride_wh + offs_k[:, None] * stride_wi
+    w_base = w_ptr + slot.to(tl.int64) * stride_ws
+    s_base = scales_ptr + slot.to(tl.int64) * stride_ss
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, I, BK):
         k_ok = offs_k + k0 < I
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if QBITS:
+            a = a.to(tl.float32)
+            w = _quantized_tile(w_base, s_base, offs_n[None, :], (offs_k + k0)[:, None], k_ok[:, None] & n_ok[None, :],
+                                stride_wh, stride_sh, QBITS, QGROUP)
+        else:
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -383,18 +432,24 @@ def plan_expert_launches(
     activation: str,
     alpha: float,
     limit: float,
+    up_scales_pool: torch.Tensor | None = None,
+    down_scales_pool: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> tuple[torch.Tensor, list[Launch]]:
     """Allocates the output and routing metadata and describes the two launches (inputs already checked).
 
     Returns (out [T, K, H] fp32 zeros until the launches run, launches: the routing kernel for small M,
     then gate/up, then down). `config` overrides the choice by size (tests compile every config this way).
+    Quantized pools (scales given; row form): the kernels dequantize the codes tile by tile and compute in
+    fp32 (the fp32 tiles); int4 also rounds hidden, and the intermediate between the launches, to int8 per
+    token and weight group (`round_activations`, part of the format), exactly as the CPU kernels do.
     """
     hidden, topk_ids, topk_weights = hidden.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
     T, K = topk_ids.shape
     M, H, E = T * K, hidden.shape[1], slot_of_expert.numel()
-    I = down_pool.shape[1] if transposed else down_pool.shape[2]
-    cfg = config or choose_config(M, E, hidden.dtype)
+    bits = CODE_BITS[up_pool.dtype] if up_scales_pool is not None else 0
+    I = down_pool.shape[2] * 8 // bits if bits else down_pool.shape[1] if transposed else down_pool.shape[2]
+    cfg = config or choose_config(M, E, torch.float32 if bits else hidden.dtype)
     out = torch.zeros(T, K, H, dtype=torch.float32, device=hidden.device)
     if M == 0 or E == 0:
         return out, []
@@ -403,11 +458,21 @@ def plan_expert_launches(
     sorted_rows, block_slot, launches = _plan_routing(topk_ids, slot_of_expert, cfg.block_m)
     B = block_slot.numel()
     upcast = INTERPRETING and hidden.dtype == torch.bfloat16  # the interpreter gets bf16 arithmetic wrong
-    inter = torch.empty(sorted_rows.numel(), I, dtype=torch.float32 if upcast else hidden.dtype, device=hidden.device)
+    inter_dtype = torch.float32 if upcast or bits else hidden.dtype
+    # int4 rounds the intermediate's rows in place: padding rows must hold numbers (zeros), not garbage
+    inter = (torch.zeros if bits == 4 else torch.empty)(sorted_rows.numel(), I, dtype=inter_dtype, device=hidden.device)
     has_bias = up_bias_pool is not None
     # fp32 weights must not silently drop to tf32 on tensor cores: the contract is fp32 math.
-    precision = "ieee" if hidden.dtype == torch.float32 or upcast else "tf32"
+    precision = "ieee" if hidden.dtype == torch.float32 or upcast or bits else "tf32"
     tiles = dict(BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, UPCAST=upcast, PRECISION=precision)
+    up_quant, down_quant = dict(QBITS=bits, QGROUP=1), dict(QBITS=bits, QGROUP=1)
+    if bits:
+        up_quant["QGROUP"] = H // up_scales_pool.shape[2]
+        down_quant["QGROUP"] = I // down_scales_pool.shape[2]
+        if bits == 4:
+            hidden = round_activations(hidden, up_quant["QGROUP"])
+    up_scales = up_scales_pool if bits else up_pool  # (a pointer the kernel never reads when QBITS == 0)
+    down_scales = down_scales_pool if bits else down_pool
     # [S, X, H]: (x, h) strides (H, 1); transposed [S, H, X]: (1, X).
     up_strides = (up_pool.stride(2), up_pool.stride(1)) if transposed else (up_pool.stride(1), up_pool.stride(2))
     # [S, H, I]: (h, i) strides (I, 1); transposed [S, I, H]: (1, H).
@@ -419,13 +484,14 @@ def plan_expert_launches(
         (B, triton.cdiv(I, cfg.block_n)),
         dict(
             hidden_ptr=hidden, w_ptr=up_pool, bias_ptr=up_bias_pool if has_bias else up_pool,
-            inter_ptr=inter, sorted_rows_ptr=sorted_rows, block_slot_ptr=block_slot,
+            inter_ptr=inter, sorted_rows_ptr=sorted_rows, block_slot_ptr=block_slot, scales_ptr=up_scales,
             num_rows=M, top_k=K, H=H, I=I,
             stride_ht=hidden.stride(0), stride_ws=up_pool.stride(0), stride_wx=up_strides[0],
             stride_wh=up_strides[1], stride_bs=up_bias_pool.stride(0) if has_bias else 0,
+            stride_ss=up_scales.stride(0) if bits else 0, stride_sx=up_scales.stride(1) if bits else 0,
             alpha=float(alpha), limit=float(limit),
         ),
-        dict(GATED=gated, INTERLEAVED=interleaved, HAS_BIAS=has_bias, ACTIVATION=activation, **tiles),
+        dict(GATED=gated, INTERLEAVED=interleaved, HAS_BIAS=has_bias, ACTIVATION=activation, **tiles, **up_quant),
         cfg.num_warps,
         cfg.num_stages,
     )
@@ -435,15 +501,28 @@ def plan_expert_launches(
         dict(
             inter_ptr=inter, w_ptr=down_pool, bias_ptr=down_bias_pool if has_bias else down_pool,
             topk_weights_ptr=topk_weights, out_ptr=out, sorted_rows_ptr=sorted_rows, block_slot_ptr=block_slot,
-            num_rows=M, H=H, I=I,
+            scales_ptr=down_scales, num_rows=M, H=H, I=I,
             stride_ws=down_pool.stride(0), stride_wh=down_strides[0], stride_wi=down_strides[1],
             stride_bs=down_bias_pool.stride(0) if has_bias else 0,
+            stride_ss=down_scales.stride(0) if bits else 0, stride_sh=down_scales.stride(1) if bits else 0,
         ),
-        dict(HAS_BIAS=has_bias, **tiles),
+        dict(HAS_BIAS=has_bias, **tiles, **down_quant),
         cfg.num_warps,
         cfg.num_stages,
     )
-    return out, [*launches, gate_up, down]
+    between = [_RoundActivations(inter, down_quant["QGROUP"])] if bits == 4 else []
+    return out, [*launches, gate_up, *between, down]
+
+
+@dataclass(frozen=True)
+class _RoundActivations:
+    """A step between the launches: int4's rounding of the intermediate to int8 per row and weight group."""
+
+    tensor: torch.Tensor
+    group: int
+
+    def __call__(self) -> None:
+        self.tensor.copy_(round_activations(self.tensor, self.group))
 
 
 def run_gpu_experts(*args, config: TileConfig | None = None) -> torch.Tensor:

@@ -21,6 +21,13 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# Quantized pools compute in fp32 whatever hidden's dtype (dequantized weights, fp32 intermediate): int8 as
+# fp32. int4 also rounds the intermediate to int8 per row and group; the kernel's intermediate differs from
+# the reference's by summation order, which can move a value across a rounding boundary: one step of the
+# group's int8 grid on one element, a relative error of about 1e-3 at most in these shapes.
+QUANT_TOLERANCE = {8: 1e-5, 4: 2e-3}
+QUANT_BITS = {"int8": 8, "int4": 4}
+
 
 @dataclass(frozen=True)
 class Case:
@@ -43,6 +50,8 @@ class Case:
     ids_dtype: str = "int64"
     weights_dtype: str = "fp32"  # topk_weights: fp32 in some families, the model dtype in others
     config: str | None = None  # a TileConfig name prefix to force; None lets the launcher choose
+    quant: str | None = None  # int8 | int4: pools of codes and scales (row form), groups of `group` columns
+    group: int | None = 8  # None: one scale per row
 
     @property
     def id(self) -> str:
@@ -84,6 +93,21 @@ CASES: list[Case] = [
          T=260, K=4, E=8, S=8, H=16, I=16),
     Case("int32-model-weights", "int32 ids and bf16 topk_weights, as some routers emit", dtype="bf16",
          ids_dtype="int32", weights_dtype="bf16"),
+    *_variants("int8", "int8 codes dequantized in the kernel, a scale per 8 columns", dtypes=("fp32", "bf16"),
+               quant="int8"),
+    *_variants("int4", "int4 nibbles (low half, high half of a group) and int8-rounded activations",
+               dtypes=("fp32", "bf16"), quant="int4"),
+    Case("int4-gpt-oss", "int4 on the interleaved layout with biases and the clamped SwiGLU (row form)",
+         interleaved=True, bias=True, activation="clamped_swiglu", quant="int4"),
+    Case("int4-k-loop", "int4 groups of 16 over several K tiles, H and I over one tile", dtype="fp16", H=96, I=80,
+         T=12, quant="int4", group=16),
+    Case("int8-decode-T1", "one token of int8, per-row scales (one group per row)", dtype="bf16", T=1, K=4,
+         quant="int8", group=None),
+    *[
+        Case(f"int4-config-{cfg}", f"int4 with the {cfg} tiles forced on 70 rows", T=35, H=48, I=40, config=cfg,
+             quant="int4")
+        for cfg in ("decode", "prefill")
+    ],
     *[
         Case(f"config-{cfg}", f"force the {cfg} tiles on 70 rows: several blocks per group in every config",
              dtype=dtype, T=35, H=48, I=40, config=cfg)
@@ -117,7 +141,7 @@ def _slot_table(case: Case, gen: torch.Generator) -> torch.Tensor:
 
 
 def build_args(case: Case, device: str | torch.device = "cpu", seed: int = 0) -> tuple:
-    """The op's 14 arguments for a case, on `device`."""
+    """The op's 14 arguments for a case (16 with the scale pools of a quantized one), on `device`."""
     gen = torch.Generator().manual_seed(seed)
     dtype = DTYPES[case.dtype]
     S, H, I = case.S, case.H, case.I
@@ -133,8 +157,15 @@ def build_args(case: Case, device: str | torch.device = "cpu", seed: int = 0) ->
     ids = _routing(case, gen).to(getattr(torch, case.ids_dtype)).to(device)
     weights = torch.softmax(torch.randn(case.T, case.K, generator=gen), dim=-1).to(DTYPES[case.weights_dtype])
     slot = _slot_table(case, gen).to(device)
+    scales = ()
+    if case.quant:
+        from dali_compile.ops.quantized_linear import quantize_stacked
+
+        bits = QUANT_BITS[case.quant]
+        (up, up_scales), (down, down_scales) = (quantize_stacked(w.float().cpu(), bits, case.group) for w in (up, down))
+        up, down, scales = up.to(device), down.to(device), (up_scales.to(device), down_scales.to(device))
     return (hidden, ids, weights.to(device), up, down, up_bias, down_bias, slot, case.gated, case.interleaved,
-            case.transposed, case.activation, 1.702, 0.5)
+            case.transposed, case.activation, 1.702, 0.5, *scales)
 
 
 def relative_max_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -151,7 +182,9 @@ def check_against_reference(got: torch.Tensor, want: torch.Tensor, args: tuple) 
     elsewhere = slot.long()[ids.long()] < 0
     if bool(got[elsewhere].ne(0).any()):
         return "rows of experts without a slot are not exactly 0"
-    err, tol = relative_max_error(got, want), TOLERANCE[hidden.dtype]
+    quantized = len(args) > 14 and args[14] is not None
+    tol = QUANT_TOLERANCE[8 if args[3].dtype == torch.int8 else 4] if quantized else TOLERANCE[hidden.dtype]
+    err = relative_max_error(got, want)
     if err > tol:
         return f"relative max error {err:.3e} > {tol:.1e}"
     return None

@@ -44,7 +44,7 @@ VARIANTS = [
 SIZES = dict(T=8, K=2, E=8, S=8, H=64, I=48)
 
 _TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-               torch.int64: "i64"}
+               torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}
 
 
 def ast_source(kernel, signature: dict, constexprs: dict, attrs: dict):
@@ -123,8 +123,9 @@ def jobs() -> list[dict]:
     """Main grid: kernels x dtypes x every config x targets; routing kernel by E; every layout flag and activation."""
     from dali_compile.ops import triton_experts
 
-    def launches(case, config):
-        return triton_experts.plan_expert_launches(*build_args(case), config=config)[1]
+    def launches(case, config):  # (int4's rounding step between the launches is torch, nothing to compile)
+        steps = triton_experts.plan_expert_launches(*build_args(case), config=config)[1]
+        return [step for step in steps if isinstance(step, triton_experts.Launch)]
 
     def add(job):
         key = _job_key(job)
@@ -156,6 +157,17 @@ def jobs() -> list[dict]:
             for cc in TARGETS:  # the down kernel ignores the gate and the activation: add() drops repeats
                 add(dict(group=f"variants-sm{cc}", name=f"{launch.kernel.__name__}/{variant.name}",
                          dtype="bf16", config=prefill.name, capability=cc, launch=launch))
+    # Quantized pools (int8 codes, int4 nibbles) dequantized in the kernels, which then run the fp32 tiles.
+    for quant in ("int8", "int4"):
+        for variant in (Case(quant, "", dtype="bf16", quant=quant, group=16, **SIZES),
+                        Case(f"{quant}-gpt-oss", "", interleaved=True, bias=True, activation="clamped_swiglu",
+                             quant=quant, group=16, **SIZES)):
+            for config in triton_experts.all_configs(torch.float32):
+                for launch in launches(variant, config):
+                    for cc in TARGETS:
+                        name = f"{launch.kernel.__name__}/{variant.name}/{config.name}"
+                        add(dict(group=f"quantized-sm{cc}", name=name, dtype=quant, config=config.name,
+                                 capability=cc, launch=launch))
     return out
 
 
