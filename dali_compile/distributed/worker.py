@@ -212,7 +212,9 @@ class Worker:
         layer = self.runtime.layers[local]
         step, predicted = self.predicted.pop(message.layer, (-1, set()))
         predicted = predicted if step == message.step else set()
-        contributions = layer.contributions(rows, ids, weights).reshape(-1, hidden.shape[1])
+        device = self.runtime.accelerator.device  # messages carry host tensors; a CUDA worker computes on its GPU
+        contributions = layer.contributions(rows.to(device), ids.to(device), weights.to(device))
+        contributions = contributions.reshape(-1, hidden.shape[1]).cpu()
         if self.stride == 1:  # every pair is this worker's: the sum over k here, as the main rank would do it
             contributions = contributions.reshape(*topk_ids.shape, hidden.shape[1]).sum(dim=1)
         actual = set(torch.unique(ids).tolist())
