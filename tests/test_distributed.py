@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dali_compile.distributed import serve
-from dali_compile.distributed.messages import _pack, _unpack
+from dali_compile.distributed.messages import Message, _pack, _unpack
 from dali_compile.distributed.topology import Topology
 from dali_compile.experts_interface import experts_modules, spec_of_module
 from dali_compile.runtime.accelerator import make_accelerator
@@ -276,3 +276,109 @@ def test_a_worker_keeps_only_its_share_of_its_groups_experts():
     assert worker.runtime.accelerator.pool.budget_bytes == (1 + 2 * worker.runtime.prefetch) * expert_bytes(
         worker.runtime.layers[0].spec) and worker.runtime.prefetch == 2  # its share of a token's 4 experts
     worker.runtime.close()
+
+
+# -- the main rank's fallback logic in one process, over a loopback transport --------------------------------------
+
+class Loopback:
+    """messages.send / recv between a main rank and in-process workers: a request runs the worker at once and its
+    answer waits for the main rank's receive. Ranks in `dead` raise PeerLost, as a closed connection does."""
+
+    def __init__(self, workers):
+        self.workers, self.answers, self.dead, self.sender = workers, {rank: [] for rank in workers}, set(), 0
+
+    def send(self, message, dst, timeout_s):
+        from dali_compile.distributed.messages import Kind, PeerLost
+
+        if dst == 0:
+            self.answers[self.sender].append(message)
+            return
+        if dst in self.dead:
+            raise PeerLost(dst, "is gone")
+        worker, self.sender = self.workers[dst], dst
+        try:
+            if message.kind == Kind.REQUEST:
+                worker._request(message)
+            elif message.kind == Kind.PREDICTION:
+                worker._predicted(message)
+            elif message.kind == Kind.STOP:
+                self.send(Message(Kind.STATS, tensors=[torch.tensor(list(json.dumps(worker.stats()).encode()),
+                                                                    dtype=torch.uint8)]), 0, timeout_s)
+        finally:
+            self.sender = 0
+
+    def recv(self, src, timeout_s):
+        from dali_compile.distributed.messages import PeerLost
+
+        if src in self.dead or not self.answers[src]:
+            raise PeerLost(src, f"sent nothing within {timeout_s:g} s")
+        return self.answers[src].pop(0)
+
+
+@pytest.fixture
+def loopback_session(monkeypatch):
+    """A main rank and three workers in two groups (2 + 1), tiny Qwen3-MoE of 4 layers, over `Loopback`."""
+    from dali_compile.distributed import main_rank, messages
+    from dali_compile.distributed.worker import Worker
+
+    topology = Topology(4, 2, False)
+    workers = {rank: Worker(tiny_model("qwen3_moe", num_hidden_layers=4), topology, rank, "emulated", None, 5, 5)
+               for rank in topology.worker_ranks}
+    transport = Loopback(workers)
+    monkeypatch.setattr(messages, "send", transport.send)
+    monkeypatch.setattr(messages, "recv", transport.recv)
+    model = tiny_model("qwen3_moe", num_hidden_layers=4)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    session = main_rank.MainSession(model, topology, "residual", timeout_s=5)
+    session._attach()
+    yield session, transport, model, prompt, want
+    session.close()
+
+
+def _generate(model, prompt):
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=5, do_sample=False)
+
+
+def test_in_process_distributed_generation_equals_the_model_alone(loopback_session):
+    session, _, model, prompt, want = loopback_session
+    assert torch.equal(_generate(model, prompt), want)
+    assert session.counters["remote_pairs"] > 0 and session.counters["local_pairs"] == 0
+
+
+@pytest.mark.parametrize("fault", ["dead-before", "dead-midway", "error-answer"])
+def test_a_lost_workers_experts_run_on_the_main_rank(loopback_session, fault, monkeypatch):
+    """Rank 1 (group 0, shared with rank 3) is gone from the start, goes midway, or answers an ERROR: its
+    experts run on the main rank from then on and the tokens stay equal."""
+    from dali_compile.distributed.messages import Kind
+
+    session, transport, model, prompt, want = loopback_session
+    worker = transport.workers[1]
+    if fault == "dead-before":
+        transport.dead.add(1)
+    elif fault == "dead-midway":
+        original = worker._request
+
+        def request_then_die(message):
+            original(message)
+            if message.step >= 3:
+                transport.dead.add(1)
+        monkeypatch.setattr(worker, "_request", request_then_die)
+    else:
+        monkeypatch.setattr(worker, "_request", lambda message: transport.send(
+            Message(Kind.ERROR, tensors=[torch.tensor(list(b"worker rank 1 failed"), dtype=torch.uint8)]), 0, 5))
+    assert torch.equal(_generate(model, prompt), want)
+    assert 1 not in session.alive and session.counters["local_pairs"] > 0
+    assert "1" not in session.lost and 1 in session.lost
+
+
+def test_a_stale_answer_is_skipped(loopback_session):
+    """An answer to a request whose step was interrupted arrives before the next one's: skipped, not fatal."""
+    from dali_compile.distributed.messages import Kind
+
+    session, transport, model, prompt, want = loopback_session
+    transport.answers[2].append(Message(Kind.REPLY, step=-5, layer=1, tensors=[torch.zeros(1, 32)]))
+    assert torch.equal(_generate(model, prompt), want)
+    assert session.counters["stale_replies"] == 1 and session.alive == {1, 2, 3}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import warnings
 
@@ -65,7 +66,8 @@ class MainSession:
         self.step = 0
         self._shadow_lengths = (0, 0)  # (past length, new tokens) of the last step sent to the shadow
         self.counters = dict(steps=0, layer_steps=0, remote_pairs=0, local_pairs=0, bytes_sent=0, bytes_received=0,
-                             shadow_bytes=0)
+                             shadow_bytes=0, stale_replies=0)
+        self._lock = threading.RLock()  # one layer step's messages at a time (threads sharing the model)
         self.worker_stats: dict[int, dict] = {}
         self.shadow_stats: dict | None = None
         self._handles: list[int] = []
@@ -140,6 +142,10 @@ class MainSession:
     # -- per step ---------------------------------------------------------------------------------------------
 
     def _before_forward(self, module, args, kwargs) -> None:
+        with self._lock:
+            self._new_step(args, kwargs)
+
+    def _new_step(self, args, kwargs) -> None:
         """A new model step: number it, and give the shadow its input ids (and this rank's keys and values of
         the previous step's tokens, to re-align its cache)."""
         self.step += 1
@@ -171,6 +177,11 @@ class MainSession:
 
     def run_layer(self, layer: RemoteLayer, hidden: torch.Tensor, topk_ids: torch.Tensor,
                   topk_weights: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            return self._run_layer(layer, hidden, topk_ids, topk_weights)
+
+    def _run_layer(self, layer: RemoteLayer, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor) -> torch.Tensor:
         if self.closed:
             raise RuntimeError("dali distributed: this session is closed; its workers have stopped")
         T, K = topk_ids.shape
@@ -216,12 +227,17 @@ class MainSession:
         return out.to(device=hidden.device, dtype=hidden.dtype)
 
     def _reply(self, rank: int, layer: RemoteLayer) -> torch.Tensor | None:
-        try:
-            reply = messages.recv(rank, self.timeout_s)
-        except PeerLost as lost:
-            self._drop(rank, lost, layer)
-            return None
-        if reply.kind != Kind.REPLY or (reply.step, reply.layer) != (self.step, layer.index):
+        while True:
+            try:
+                reply = messages.recv(rank, self.timeout_s)
+            except PeerLost as lost:
+                self._drop(rank, lost, layer)
+                return None
+            # A reply to a request whose step was interrupted (Ctrl-C, an error in between) comes first: skip it.
+            if reply.kind != Kind.REPLY or (reply.step, reply.layer) == (self.step, layer.index):
+                break
+            self.counters["stale_replies"] += 1
+        if reply.kind != Kind.REPLY:
             what = reply.text() if reply.kind == Kind.ERROR else f"an unexpected {reply.kind.name}"
             self._drop(rank, PeerLost(rank, f"answered {what}"), layer)
             return None
