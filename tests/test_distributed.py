@@ -148,7 +148,8 @@ def _check_tokens(result: dict) -> dict:
 
 
 @pytest.mark.parametrize("processes, arguments", [
-    (2, ["--model", "tiny:mixtral", "--groups", "1", "--predictor", "none", "--compile"]),
+    # a checkpoint directory the test writes (AutoModelForCausalLM.from_pretrained on every rank)
+    (2, ["--model", "CHECKPOINT", "--groups", "1", "--predictor", "none", "--compile"]),
     (4, ["--model", "tiny:qwen3_moe", "--groups", "2", "--predictor", "shadow", "--lookahead", "2",
          "--worker-device", "emulated-async"]),
     # 3 workers in 2 groups (2 + 1: experts split by id in group 0); a one-slot budget streams in waves
@@ -156,8 +157,12 @@ def _check_tokens(result: dict) -> dict:
     (5, ["--model", "tiny:qwen2_moe", "--groups", "1", "--predictor", "residual", "--dtype", "bf16"]),
     (3, ["--model", "tiny:deepseek_v3", "--predictor", "shadow", "--shadow-precision", "int8", "--no-realign",
          "--worker-device", "cpu"]),
-], ids=["1worker-none-compiled", "shadow-2groups", "wrong-waves-3workers", "residual-4workers-bf16", "int8-shadow-cpu"])
+], ids=["1worker-none-compiled-checkpoint", "shadow-2groups", "wrong-waves-3workers", "residual-4workers-bf16",
+        "int8-shadow-cpu"])
 def test_distributed_generation_equals_the_model_alone(processes, arguments, tmp_path):
+    if "CHECKPOINT" in arguments:
+        tiny_model("mixtral", num_hidden_layers=4, hidden_size=48, vocab_size=256).save_pretrained(tmp_path / "ckpt")
+        arguments = [str(tmp_path / "ckpt") if a == "CHECKPOINT" else a for a in arguments]
     stats = _check_tokens(_torchrun(processes, arguments, tmp_path))
     assert stats["lost_workers"] == {} and stats["local_pairs"] == 0 and stats["remote_pairs"] > 0
     workers = stats["workers"]
