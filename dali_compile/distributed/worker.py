@@ -98,6 +98,9 @@ class Worker:
         self.predictor = _GivenPrediction(self.local_experts)
         # device "cpu": the all_cpu policy never touches the accelerator; the emulated one (host memory) stands in
         accelerator = make_accelerator("emulated" if device == "cpu" else device, budget)
+        if accelerator.device.type != "cpu":  # CUDA copies from pinned host memory are asynchronous DMA
+            specs = [(name, spec.with_tensors(*(None if t is None else accelerator.prepare_host_weight(t)
+                                                for t in spec.tensors()))) for name, spec in specs]
         runtime = HybridRuntime(accelerator, specs, policy, None, 1,
                                 predictor=self.predictor if prefetch else None, prefetch=prefetch)
         runtime.prefetching = False  # prefetches come from predictions, not from the previous local layer
