@@ -187,7 +187,8 @@ def test_int4_activation_rounding_error_is_small(group):
     width = 256  # hidden and intermediate sizes: multiples of both group sizes
     up, up_scales = quantize_stacked(torch.randn(E, 2 * width, width, generator=gen) * 0.2, 4, group)
     down, down_scales = quantize_stacked(torch.randn(E, width, width, generator=gen) * 0.2, 4, group)
-    route = (torch.randn(5, width, generator=gen), torch.randint(0, E, (5, K), generator=gen), torch.rand(5, K))
+    route = (torch.randn(5, width, generator=gen), torch.randint(0, E, (5, K), generator=gen),
+             torch.rand(5, K, generator=gen))
     flags = LAYOUTS["concatenated"][:2] + (False,) + LAYOUTS["concatenated"][3:]
     got = torch.ops.dali.cpu_experts(*route, up, down, None, None, None, *flags, up_scales, down_scales)
     plain = [torch.stack([dequantize_expert(c[e], s[e], 4) for e in range(E)])
