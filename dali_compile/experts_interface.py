@@ -125,6 +125,19 @@ def spec_of_module(experts: nn.Module, name: str = "") -> LayerSpec:
                      name=name or type(experts).__name__)
 
 
+def experts_implementations(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """(module, its experts implementation) of every module that has one: what `restore_experts_implementations`
+    gives back after the model was switched to dali's."""
+    return [(m, m.config._experts_implementation) for m in model.modules()
+            if hasattr(m, "set_experts_implementation") and hasattr(m, "config")]
+
+
+def restore_experts_implementations(saved: list[tuple[nn.Module, object]]) -> None:
+    for module, implementation in reversed(saved):
+        if module.config._experts_implementation != implementation:
+            module.set_experts_implementation(implementation)
+
+
 def top_k_of(model: nn.Module, default: int | None = None) -> int:
     """The model's top-k from its config (the names transformers' MoE configs use); `default` when none is
     there, or a ValueError without a default."""

@@ -24,8 +24,10 @@ import torch.nn as nn
 from .experts_interface import (
     IMPLEMENTATION_NAME,
     UnsupportedExpertsError,
+    experts_implementations,
     experts_modules,
     register_experts_interface,
+    restore_experts_implementations,
     spec_of_module,
     top_k_of,
 )
@@ -140,8 +142,7 @@ class _Undo:
         self.runtime: HybridRuntime | None = None
 
     def save_experts_implementation(self) -> None:
-        self.implementations = [(m, m.config._experts_implementation) for m in self.model.modules()
-                                if hasattr(m, "set_experts_implementation") and hasattr(m, "config")]
+        self.implementations = experts_implementations(self.model)
 
     def roll_back(self, error: BaseException) -> None:
         failures = []
@@ -175,9 +176,7 @@ class _Undo:
                 registry.release(handle)
 
     def _restore_implementation(self) -> None:
-        for module, implementation in reversed(self.implementations or []):
-            if module.config._experts_implementation != implementation:
-                module.set_experts_implementation(implementation)
+        restore_experts_implementations(self.implementations or [])
 
     def _restore_tensors(self) -> None:
         with torch.no_grad():

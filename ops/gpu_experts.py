@@ -66,8 +66,6 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-
-
 def check_shapes(hidden, topk_ids, topk_weights, up_pool, down_pool, up_bias_pool, down_bias_pool,
                  slot_of_expert, gated, interleaved, transposed, activation, alpha, limit,
                  up_scales_pool=None, down_scales_pool=None) -> ExpertLayout:

@@ -29,8 +29,9 @@ def structure_of(model: nn.Module, layers=None) -> dict:
     """What the shadow must share with the main model whatever its precision: layers, experts and sizes."""
     from dali_compile.experts_interface import top_k_of
 
-    spec = (layers or moe_layers(model))[0][2]
-    return dict(layers=len(layers or moe_layers(model)), experts=spec.num_experts, hidden=spec.hidden_size,
+    layers = layers or moe_layers(model)
+    spec = layers[0][2]
+    return dict(layers=len(layers), experts=spec.num_experts, hidden=spec.hidden_size,
                 intermediate=spec.intermediate_size, top_k=top_k_of(model),
                 vocab=getattr(getattr(model, "config", None), "vocab_size", None))
 

@@ -25,7 +25,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dali_compile.experts_interface import IMPLEMENTATION_NAME, register_experts_interface, top_k_of
+from dali_compile.experts_interface import (
+    IMPLEMENTATION_NAME,
+    experts_implementations,
+    register_experts_interface,
+    restore_experts_implementations,
+    top_k_of,
+)
 from dali_compile.ops.cpu_experts import cpu_experts
 from dali_compile.runtime.prefetch import ResidualPredictor, find_router, measure_residuals
 from dali_compile.runtime.registry import layer_registry
@@ -129,8 +135,7 @@ class MainSession:
     def _attach(self) -> None:
         if not hasattr(self.model, "set_experts_implementation") or not register_experts_interface():
             raise RuntimeError("dali distributed needs a transformers version with the experts interface (>= 5.17)")
-        self._implementations = [(m, m.config._experts_implementation) for m in self.model.modules()
-                                 if hasattr(m, "set_experts_implementation") and hasattr(m, "config")]
+        self._implementations = experts_implementations(self.model)
         self.model.set_experts_implementation(IMPLEMENTATION_NAME)
         registry = layer_registry()
         for layer in self.layers:
@@ -208,7 +213,7 @@ class MainSession:
             rows = self._reply(rank, layer)
             if rows is None:
                 continue
-            owned = (ids % len(group)) == group.index(rank)
+            owned = self.topology.owned(rank, layer.index, ids)
             if len(group) == 1:
                 summed = rows
             else:
@@ -283,9 +288,7 @@ class MainSession:
         registry = layer_registry()
         for handle in self._handles:
             registry.detach(handle)
-        for module, implementation in reversed(self._implementations):
-            if module.config._experts_implementation != implementation:
-                module.set_experts_implementation(implementation)
+        restore_experts_implementations(self._implementations)
         if self.owns_group:
             from . import leave
 

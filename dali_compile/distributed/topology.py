@@ -73,11 +73,22 @@ class Topology:
         return [layer for layer in range(num_layers) if self.group_of_layer(layer) == self.group_of_worker(rank)]
 
     def experts_of_worker(self, rank: int, layer: int, num_experts: int) -> list[int]:
-        """The experts of `layer` that worker `rank` owns (none for a layer of another group)."""
+        """The experts of `layer` that worker `rank` owns (none for a layer of another group): local expert i of
+        the worker is global expert experts[i], so i = global // (workers in the group) (`local_ids`)."""
         workers = self.workers_of_layer(layer)
         if rank not in workers:
             return []
         return list(range(workers.index(rank), num_experts, len(workers)))
+
+    def owned(self, rank: int, layer: int, expert_ids):
+        """Elementwise over a tensor of expert ids of `layer`: whether worker `rank` (of the layer's group) owns
+        each, by `experts_of_worker`'s rule."""
+        workers = self.workers_of_layer(layer)
+        return expert_ids % len(workers) == workers.index(rank)
+
+    def local_ids(self, layer: int, expert_ids):
+        """The owning worker's local ids of `layer`'s global expert ids (its experts in `experts_of_worker` order)."""
+        return expert_ids // len(self.workers_of_layer(layer))
 
     def owner(self, layer: int, expert: int) -> int:
         workers = self.workers_of_layer(layer)

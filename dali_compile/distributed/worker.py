@@ -47,17 +47,6 @@ WORKER_DEVICES = ("emulated", "emulated-async", "cpu", "cuda")
 FAULT_VARIABLE = "DALI_DISTRIBUTED_FAULT"
 
 
-class _GivenPrediction:
-    """The runtime's predictor interface fed with a prediction that arrived as a message."""
-
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
-        self.counts = np.zeros(num_experts, dtype=np.int64)
-
-    def predict(self, layer: int, gate_input) -> tuple[np.ndarray, np.ndarray]:
-        return self.counts, np.zeros(self.num_experts)
-
-
 class Worker:
     def __init__(self, model: nn.Module, topology: Topology, rank: int, device: str, memory: int | str | None,
                  timeout_s: float, idle_timeout_s: float):
@@ -70,8 +59,8 @@ class Worker:
         self.top_k = top_k_of(model)
         self.num_layers, self.num_experts = len(layers), layers[0][2].num_experts
         self.layer_ids = topology.layers_of_worker(rank, self.num_layers)
-        group_size = len(topology.workers_of_group(topology.group_of_worker(rank)))
-        self.stride, self.position = group_size, topology.workers_of_group(topology.group_of_worker(rank)).index(rank)
+        group = topology.workers_of_group(topology.group_of_worker(rank))
+        self.stride, self.position = len(group), group.index(rank)  # workers in the group, this one's place
         owned = [topology.experts_of_worker(rank, layer, self.num_experts) for layer in self.layer_ids]
         specs = [(layers[layer][0], subset_spec(layers[layer][2], experts))
                  for layer, experts in zip(self.layer_ids, owned, strict=True)]
@@ -95,16 +84,13 @@ class Worker:
             policy = make_policy("on_demand")
             budget = parse_bytes(memory) if memory is not None else (1 + 2 * self._wanted_prefetch()) * slot
             prefetch = max(0, min(self._wanted_prefetch(), (budget // slot - 1) // 2))
-        self.predictor = _GivenPrediction(self.local_experts)
         # device "cpu": the all_cpu policy never touches the accelerator; the emulated one (host memory) stands in
         accelerator = make_accelerator("emulated" if device == "cpu" else device, budget)
         if accelerator.device.type != "cpu":  # CUDA copies from pinned host memory are asynchronous DMA
             specs = [(name, spec.with_tensors(*(None if t is None else accelerator.prepare_host_weight(t)
                                                 for t in spec.tensors()))) for name, spec in specs]
-        runtime = HybridRuntime(accelerator, specs, policy, None, 1,
-                                predictor=self.predictor if prefetch else None, prefetch=prefetch)
-        runtime.prefetching = False  # prefetches come from predictions, not from the previous local layer
-        return runtime
+        # No predictor: the prefetches come from predictions that arrive as messages (prefetch_experts)
+        return HybridRuntime(accelerator, specs, policy, None, 1, prefetch=prefetch)
 
     def _wanted_prefetch(self) -> int:
         """Prefetch slots per set: this worker's share of one token's experts, rounded up."""
@@ -177,7 +163,7 @@ class Worker:
 
     def _predicted(self, message: Message) -> None:
         ids = message.tensors[0].reshape(-1).to(torch.int64)
-        mine = ids[(ids % self.stride) == self.position] // self.stride
+        mine = self.topology.local_ids(message.layer, ids[self.topology.owned(self.rank, message.layer, ids)])
         self.counters["predictions"] += 1
         experts = np.unique(mine.numpy())
         self.pending[message.layer] = (message.step, experts)
@@ -198,19 +184,18 @@ class Worker:
         self.prefetched_for = (layer, step, tuple(experts))
         counts = np.zeros(self.local_experts, dtype=np.int64)
         counts[experts] = 1
-        self.predictor.counts = counts
         with self.runtime.step():
-            self.runtime.prefetch_for(self.next_local, None)
+            self.runtime.prefetch_experts(self.next_local, counts, np.zeros(self.local_experts))
 
     def _request(self, message: Message) -> None:
         _inject_fault(self.rank, message.step)
         hidden, topk_ids, topk_weights = message.tensors
         local = self.layer_ids.index(message.layer)
-        owned = (topk_ids % self.stride) == self.position
+        owned = self.topology.owned(self.rank, message.layer, topk_ids)
         pairs = owned.nonzero()
         tokens = pairs[:, 0]
         rows = hidden.index_select(0, tokens)
-        ids = (topk_ids[owned] // self.stride).reshape(-1, 1)
+        ids = self.topology.local_ids(message.layer, topk_ids[owned]).reshape(-1, 1)
         weights = topk_weights[owned].reshape(-1, 1)
         layer = self.runtime.layers[local]
         step, predicted = self.predicted.pop(message.layer, (-1, set()))

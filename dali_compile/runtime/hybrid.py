@@ -73,7 +73,9 @@ class HybridRuntime:
                  cost: CostModel | None, top_k: int, registry: LayerRegistry | None = None,
                  predictor: ResidualPredictor | None = None, prefetch: int = 0,
                  transient_bytes: int = DEFAULT_TRANSIENT_BYTES):
-        self.prefetch = prefetch if predictor is not None else 0
+        # P slots per prefetch set, filled from `predictor` (prefetch_from) or by a caller with its own
+        # prediction (prefetch_experts: the distributed workers)
+        self.prefetch = prefetch
         self.slot_plan = plan_slots(policy, layers, accelerator.pool.budget_bytes, top_k, 2 * self.prefetch)
         template = layers[0][1]
         self.accelerator = accelerator
@@ -92,7 +94,7 @@ class HybridRuntime:
         self.prefetch_sets = [list(range(first_prefetch + k * self.prefetch, first_prefetch + (k + 1) * self.prefetch))
                               for k in range(2)]
         self.predictor = predictor
-        self.prefetching = self.prefetch > 0
+        self.prefetching = self.prefetch > 0 and predictor is not None
         # Optional observer of every step: recorder(layer_index, gate_input [T, H], topk_ids, topk_weights).
         self.recorder = None
         self.last_compute: Event | None = None  # the latest GPU compute point: copies into slots wait for it
@@ -194,11 +196,18 @@ class HybridRuntime:
         target.prefetched_at = source.steps  # only once the copies are issued: a failed prefetch is retried
 
     def prefetch_for(self, index: int, gate_input: torch.Tensor) -> None:
-        """Predict layer `index`'s workload from the previous layer's gate input and start copying the top-P
-        experts the planner would put on the GPU that are not cached (those with the most predicted tokens)."""
+        """Predict layer `index`'s workload from the previous layer's gate input and prefetch for it."""
+        started = time.perf_counter()
+        counts, mass = self.predictor.predict(index - 1, gate_input)
+        self.layers[index].stats.plan_s += time.perf_counter() - started
+        self.prefetch_experts(index, counts, mass)
+
+    def prefetch_experts(self, index: int, counts: np.ndarray, mass: np.ndarray) -> None:
+        """Start copying, for layer `index`'s next step, the top-P experts of a prediction (tokens per expert [E],
+        routing weight per expert [E]) that the planner would put on the GPU and that are not cached (those
+        with the most predicted tokens)."""
         started = time.perf_counter()
         layer = self.layers[index]
-        counts, mass = self.predictor.predict(index - 1, gate_input)
         experts = np.flatnonzero(counts).astype(np.int64)
         cached = layer.cache.slot_of_expert[experts] >= 0
         if self.cost is not None and experts.size:
