@@ -31,6 +31,9 @@ class DaliConfig:
     # Send the graph's CPU linear layers (attention, routers, shared experts, dense MLPs, lm_head) to the
     # runtime's dali::cpu_linear, so one thread pool runs the whole step (pass replace_cpu_linears).
     cpu_linears: bool = True
+    # Send the graph's CPU attention at decode (one query row, no mask) to the runtime's dali::cpu_attention,
+    # which reads the KV cache once in place (pass replace_decode_attention).
+    cpu_attention: bool = True
     # Inductor's C++ wrapper for graphs on the CPU: the compiled graph's own glue (one Python call per kernel,
     # about 2 ms of a 2-layer decode step) becomes C++. CUDA graphs keep inductor's defaults.
     cpp_wrapper: bool = True

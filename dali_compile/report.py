@@ -41,6 +41,7 @@ class CompileReport:
     inductor: bool = True
     prefetch_hooks: list[int] = field(default_factory=list)  # layers whose gate input starts a prefetch
     cpu_linears: int = 0  # linear calls sent to dali::cpu_linear
+    cpu_attention: int = 0  # attention calls sent to dali::cpu_attention
 
     @property
     def num_rewritten(self) -> int:
@@ -62,6 +63,8 @@ class CompileReport:
             lines.append(f"  prefetch hooks after the gate inputs of layers {self.prefetch_hooks}")
         if self.cpu_linears:
             lines.append(f"  {self.cpu_linears} CPU linear(s) -> dali::cpu_linear")
+        if self.cpu_attention:
+            lines.append(f"  {self.cpu_attention} CPU decode attention call(s) -> dali::cpu_attention")
         return "\n".join(lines)
 
 

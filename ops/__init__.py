@@ -1,5 +1,6 @@
 """`dali::*` custom ops: one op a file (schema, fake kernel, reference)."""
 
+from . import cpu_attention as _cpu_attention  # noqa: F401  (defines dali::cpu_attention)
 from . import cpu_experts as _cpu_experts  # noqa: F401  (defines dali::cpu_experts[_submit|_wait])
 from . import cpu_linear as _cpu_linear  # noqa: F401  (defines dali::cpu_linear)
 from . import gpu_experts as _gpu_experts  # noqa: F401  (defines dali::gpu_experts)

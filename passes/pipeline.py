@@ -7,6 +7,7 @@ from torch.fx import GraphModule
 from .context import PassContext
 from .insert_prefetch_hooks import insert_prefetch_hooks
 from .replace_cpu_linears import replace_cpu_linears
+from .replace_decode_attention import replace_decode_attention
 from .replace_moe_dispatch import replace_moe_dispatch
 
 # replace_moe_dispatch runs first: its layout probe executes the experts region as traced.
@@ -14,6 +15,7 @@ PASSES = (
     replace_moe_dispatch,
     insert_prefetch_hooks,
     replace_cpu_linears,
+    replace_decode_attention,
 )
 
 

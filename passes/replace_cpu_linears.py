@@ -43,7 +43,7 @@ _AUTOCAST_ENTRIES = (torch.amp.autocast_mode._enter_autocast,)
 
 
 def replace_cpu_linears(gm: GraphModule, ctx: PassContext) -> GraphModule:
-    if not ctx.config.cpu_linears or _uses_autocast(gm):
+    if not ctx.config.cpu_linears or uses_autocast(gm):
         return gm
     graph = gm.graph
     for node in list(graph.nodes):
@@ -63,7 +63,7 @@ def replace_cpu_linears(gm: GraphModule, ctx: PassContext) -> GraphModule:
     return gm
 
 
-def _uses_autocast(gm: GraphModule) -> bool:
+def uses_autocast(gm: GraphModule) -> bool:
     """CPU autocast around the call, or an autocast region traced inside the graph."""
     if torch.is_autocast_enabled("cpu"):
         return True

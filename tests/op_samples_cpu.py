@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from op_samples import Register, sample_builder
 
+from dali_compile.ops import cpu_attention as _cpu_attention  # noqa: F401  (defines dali::cpu_attention)
 from dali_compile.ops import cpu_experts as _cpu_experts  # noqa: F401  (defines the dali::cpu_experts* ops)
 from dali_compile.ops import cpu_linear as _cpu_linear  # noqa: F401  (defines dali::cpu_linear)
 from dali_compile.ops.quantized_linear import quantize_stacked, quantize_weight
@@ -116,6 +117,24 @@ def _cpu_linear_samples(register: Register) -> list[tuple]:
         samples.append(((torch.randn(2, 3, 20, generator=gen)).to(dtype), w, b))
     wide = torch.randn(12, 32, generator=gen)
     samples.append((torch.randn(4, 20, generator=gen), wide[:, 4:24], None))
+    return samples
+
+
+@sample_builder("dali::cpu_attention")
+def _cpu_attention_samples(register: Register) -> list[tuple]:
+    """Each dtype at decode (one query row), grouped-query heads, two query rows, and a cache read through a
+    strided view (the first S positions of a longer buffer) with a transposed q."""
+    gen = torch.Generator().manual_seed(4)
+    samples = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        def draw(*shape, dtype=dtype):
+            return torch.randn(*shape, generator=gen).to(dtype)
+
+        samples.append((draw(1, 4, 1, 8), draw(1, 4, 5, 8), draw(1, 4, 5, 8), 8 ** -0.5))
+        samples.append((draw(2, 6, 2, 8), draw(2, 2, 9, 8), draw(2, 2, 9, 8), 0.3))
+    buffer = torch.randn(2, 4, 16, 8, generator=gen)
+    q = torch.randn(2, 1, 4, 8, generator=gen).transpose(1, 2)
+    samples.append((q, buffer[:, :, :7], buffer[:, :, 7:14], 0.5))
     return samples
 
 

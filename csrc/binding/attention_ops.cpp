@@ -1,0 +1,62 @@
+// ATen binding of the decode attention kernel: dali::cpu_attention (schema in ops/cpu_attention.py).
+//
+// # B batch, Hq query heads, Hk key/value heads, L query rows, S cached positions, D head dim
+//
+// q [B, Hq, L, D], k and v [B, Hk, S, D] (any strides with a unit one within a row; a cache is read in
+// place), one dtype among float32/bfloat16/float16; out [B, Hq, L, D] contiguous in that dtype.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <torch/library.h>
+
+#include "aten_dtypes.h"
+#include "../core/attention.h"
+#include "../core/runtime.h"
+
+namespace dali_cpu {
+namespace {
+
+constexpr const char* kOp = "dali::cpu_attention";
+
+void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, kOp, ": q, k and v must be 4-D [B, H, rows, D], got ",
+                    q.sizes(), ", ", k.sizes(), " and ", v.sizes());
+  core_dtype(q.scalar_type(), kOp, "q");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kOp,
+                   ": q, k and v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), kOp,
+                    ": q, k and v must be CPU tensors, got ", q.device(), ", ", k.device(), " and ", v.device());
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), kOp, ": k and v must have the same shape, got ", k.sizes(), " and ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(q.size(0) == k.size(0) && q.size(3) == k.size(3), kOp, ": q ", q.sizes(),
+                    " does not match the batch and head dim of k ", k.sizes());
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, kOp, ": ", q.size(1),
+                    " query heads are not a multiple of ", k.size(1), " key/value heads");
+  TORCH_CHECK_VALUE(k.size(2) > 0, kOp, ": no cached position (k and v have 0 rows)");
+}
+
+CachedHeads cached(const at::Tensor& t) {
+  return CachedHeads{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+at::Tensor cpu_attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in, double scale) {
+  check_args(q, k_in, v_in);
+  // The kernel reads rows in place; a cache with a strided head dim (never seen in practice) is copied.
+  const at::Tensor k = k_in.size(3) > 1 && k_in.stride(3) != 1 ? k_in.contiguous() : k_in;
+  const at::Tensor v = v_in.size(3) > 1 && v_in.stride(3) != 1 ? v_in.contiguous() : v_in;
+  const at::Tensor q_scaled = at::mul(q.to(at::kFloat), at::Scalar(scale)).contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  if (q.numel() > 0) {
+    DecodeAttention a{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
+                      core_dtype(k.scalar_type(), kOp, "k"), q_scaled.data_ptr<float>(), cached(k), cached(v),
+                      out.data_ptr<float>()};
+    run_decode_attention(a, step_parallel(), active_kernels());
+  }
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+}  // namespace
+}  // namespace dali_cpu
+
+TORCH_LIBRARY_IMPL(dali, CPU, m) { m.impl("cpu_attention", &dali_cpu::cpu_attention); }

@@ -1,0 +1,86 @@
+"""`dali::cpu_attention`: attention over a KV cache without a mask, on the CPU runtime (a decode step's).
+
+# B batch, Hq query heads, Hk key/value heads (Hq a multiple of Hk), L query rows, S positions, D head dim
+
+    cpu_attention(q[B, Hq, L, D], k[B, Hk, S, D], v[B, Hk, S, D], scale) -> [B, Hq, L, D]   in q's dtype
+
+    out[b, h, l] = softmax(scale * q[b, h, l] . k[b, g]) @ v[b, g]      g = h // (Hq // Hk), fp32 throughout
+
+What `scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)` gives with no mask, no dropout and
+is_causal=False: a decode step's new token sees the whole cache. q, k and v share one dtype (float32, bfloat16
+or float16) and live on the CPU; k and v are read in place (unit stride within a position's row). ATen's
+16-bit attention at decode goes through a 16-bit GEMV that a CPU without native 16-bit dot products runs at a
+fraction of its bandwidth (`benchmarks/bench_decode.py`); the kernel reads each cached key and value once,
+widened to fp32 in registers. The `replace_decode_attention` pass puts it in place of such attention calls.
+
+The schema is declared here and only here; the CPU kernel is C++ (`csrc/binding/attention_ops.cpp`),
+registered when `dali_compile.runtime.cpu_extension` loads the library. The CompositeExplicitAutograd kernel
+below loads it on first use and otherwise runs the PyTorch reference, also the test oracle. An inference op:
+no autograd formula (the pass leaves graphs that need gradients alone).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dali_compile.runtime import cpu_extension
+
+from .library import define_op
+
+NAME = "dali::cpu_attention"
+define_op(NAME, "(Tensor q, Tensor k, Tensor v, float scale) -> Tensor")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The checks that need no data: shared by the fake kernel and the reference (C++ has its own)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{NAME}: q, k and v must be 4-D [B, H, rows, D], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"{NAME}: q must be float32, bfloat16 or float16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{NAME}: q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    devices = {t.device.type for t in (q, k, v)}
+    if devices != {"cpu"}:
+        raise ValueError(f"{NAME}: q, k and v must be CPU tensors, got {sorted(devices)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{NAME}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{NAME}: q {tuple(q.shape)} does not match the batch and head dim of k {tuple(k.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"{NAME}: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    if k.shape[2] == 0:
+        raise ValueError(f"{NAME}: no cached position (k and v have 0 rows)")
+
+
+@torch.library.register_fake(NAME)
+def _cpu_attention_fake(q, k, v, scale):
+    check_args(q, k, v)
+    return q.new_empty(q.shape)  # contiguous, as the kernel's
+
+
+def cpu_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The op in plain PyTorch, in fp32: oracle and fallback."""
+    check_args(q, k, v)
+    group = q.shape[1] // k.shape[1]
+    keys, values = (t.float().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = (q.float() * scale) @ keys.transpose(-1, -2)
+    return (scores.softmax(dim=-1) @ values).to(q.dtype).contiguous()
+
+
+def _cpu_attention_composite(q, k, v, scale):
+    # Loading the library registers the C++ kernel for the CPU key, so re-dispatching reaches it, not this.
+    if cpu_extension.cpu_extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(NAME, "CPU"):
+        return torch.ops.dali.cpu_attention.default(q, k, v, scale)
+    return cpu_attention_reference(q, k, v, scale)
+
+
+# A kernel registered directly for CPU (the C++ one, once loaded) takes precedence over this.
+torch.library.impl(NAME, "CompositeExplicitAutograd")(_cpu_attention_composite)
+
+
+def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """See the module docstring; scale defaults to 1 / sqrt(D), as scaled_dot_product_attention's."""
+    return torch.ops.dali.cpu_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))

@@ -1,0 +1,96 @@
+"""Replace the CPU attention of a decode step by `dali::cpu_attention`: the KV cache read once, in place.
+
+Before (transformers' sdpa attention at decode: one new token per sequence, no mask):
+
+    out = torch._C._nn.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=s,
+                                                    is_causal=False, enable_gqa=True)
+
+After:
+
+    out = torch.ops.dali.cpu_attention.default(q, k, v, s)
+
+ATen's 16-bit CPU attention runs a decode step's q.K and p.V through a 16-bit GEMV that a CPU without native
+16-bit dot products runs slowly: measured on the 2-core development machine (bf16, head dim 128) 1.2-1.5 ms a
+layer at 512 cached positions against 0.14-0.21 ms for the kernel, and 80-200 us against 40-60 us at 32
+(`benchmarks/bench_decode.py` shows it in the whole step).
+
+Fires only where the op gives exactly what the call gives: one query row (decode; longer queries need a
+causal mask, and prefill is compute-bound), no mask, no dropout, is_causal False, q/k/v on the CPU in one
+dtype among float32/bfloat16/float16, k and v of one shape, query heads a multiple of key/value heads
+(grouped-query attention only with enable_gqa), no tensor that requires grad (the op is inference-only;
+dynamo guards on grad mode, so a call with gradients recompiles and keeps ATen's attention), and not under
+CPU autocast. CUDA graphs are left as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+import dali_compile.ops  # noqa: F401  (defines dali::cpu_attention)
+from dali_compile.ops.cpu_attention import DTYPES
+
+from .context import PassContext
+from .find_moe_regions import example_value
+from .replace_cpu_linears import uses_autocast
+
+log = logging.getLogger(__name__)
+
+_SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention,
+                 torch.ops.aten.scaled_dot_product_attention.default)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def replace_decode_attention(gm: GraphModule, ctx: PassContext) -> GraphModule:
+    if not ctx.config.cpu_attention or uses_autocast(gm):
+        return gm
+    graph = gm.graph
+    for node in list(graph.nodes):
+        args = _sdpa_arguments(node)
+        if args is None or not _runs_on_kernel(args):
+            continue
+        q, k, v = args["query"], args["key"], args["value"]
+        scale = args["scale"] if args["scale"] is not None else example_value(q).shape[-1] ** -0.5
+        with graph.inserting_before(node):
+            call = graph.call_function(torch.ops.dali.cpu_attention.default, (q, k, v, float(scale)))
+        call.meta.update(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        ctx.report.cpu_attention += 1
+    if ctx.report.cpu_attention:
+        graph.lint()
+        gm.recompile()
+    log.info("replace_decode_attention: %d attention call(s) -> dali::cpu_attention", ctx.report.cpu_attention)
+    return gm
+
+
+def _sdpa_arguments(node: Node) -> dict | None:
+    """The call's arguments by name (defaults filled in), or None for any other node."""
+    if node.op != "call_function" or node.target not in _SDPA_TARGETS:
+        return None
+    if len(node.args) > len(_SDPA_ARGS) or set(node.kwargs) - set(_SDPA_ARGS):
+        return None
+    args = {**_SDPA_DEFAULTS, **dict(zip(_SDPA_ARGS, node.args, strict=False)), **node.kwargs}
+    return args if all(name in args for name in _SDPA_ARGS[:3]) else None
+
+
+def _runs_on_kernel(args: dict) -> bool:
+    if args["attn_mask"] is not None or args["is_causal"] is not False or args["dropout_p"] not in (0, 0.0):
+        return False
+    if not (args["scale"] is None or isinstance(args["scale"], (int, float))) or isinstance(args["enable_gqa"], Node):
+        return False
+    values = [example_value(args[name]) if isinstance(args[name], Node) else None for name in ("query", "key", "value")]
+    if not all(isinstance(t, torch.Tensor) for t in values):
+        return False
+    q, k, v = values
+    if any(t.device.type != "cpu" or t.dtype != q.dtype or t.dim() != 4 or t.requires_grad for t in values):
+        return False
+    if q.dtype not in DTYPES or k.shape != v.shape or q.shape[2] != 1 or k.shape[2] == 0:
+        return False
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        return False
+    return q.shape[1] == k.shape[1] or args["enable_gqa"] is True
