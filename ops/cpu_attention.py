@@ -34,7 +34,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """The checks that need no data: shared by the fake kernel and the reference (C++ has its own)."""
+    """The checks that need no data: shared by the fake kernel and the reference (C++ has its own). The number
+    of positions may be symbolic in a graph traced with dynamic shapes: it is checked without a guard."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{NAME}: q, k and v must be 4-D [B, H, rows, D], got "
                          f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
@@ -45,13 +46,16 @@ def check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     devices = {t.device.type for t in (q, k, v)}
     if devices != {"cpu"}:
         raise ValueError(f"{NAME}: q, k and v must be CPU tensors, got {sorted(devices)}")
-    if k.shape != v.shape:
+    same_positions = k.shape[2] == v.shape[2]
+    if (k.shape[0], k.shape[1], k.shape[3]) != (v.shape[0], v.shape[1], v.shape[3]) or (
+            isinstance(same_positions, bool) and not same_positions):
         raise ValueError(f"{NAME}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    torch._check(same_positions, lambda: f"{NAME}: k and v must have the same number of positions")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"{NAME}: q {tuple(q.shape)} does not match the batch and head dim of k {tuple(k.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"{NAME}: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
-    if k.shape[2] == 0:
+    if isinstance(k.shape[2], int) and k.shape[2] == 0:
         raise ValueError(f"{NAME}: no cached position (k and v have 0 rows)")
 
 

@@ -89,7 +89,14 @@ def _runs_on_kernel(args: dict) -> bool:
     q, k, v = values
     if any(t.device.type != "cpu" or t.dtype != q.dtype or t.dim() != 4 or t.requires_grad for t in values):
         return False
-    if q.dtype not in DTYPES or k.shape != v.shape or q.shape[2] != 1 or k.shape[2] == 0:
+    # Batch, heads and head dims are static in a decode graph; the number of cached positions may be
+    # symbolic (a graph traced with dynamic shapes) and is never compared here: that would add a guard, and
+    # scaled_dot_product_attention itself requires k and v to have as many positions as the op checks.
+    static = [q.shape[0], q.shape[1], q.shape[2], q.shape[3], k.shape[0], k.shape[1], k.shape[3], *v.shape[:2],
+              v.shape[3]]
+    if not all(isinstance(size, int) for size in static) or q.dtype not in DTYPES or q.shape[2] != 1:
+        return False
+    if (k.shape[0], k.shape[1], k.shape[3]) != (v.shape[0], v.shape[1], v.shape[3]):
         return False
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         return False

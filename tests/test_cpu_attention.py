@@ -206,3 +206,20 @@ def test_gradients_keep_atens_attention():
     assert dali_compile.last_report().cpu_attention == 0
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])
+def test_generate_tokens_equal_with_the_cache_length_dynamic(family):
+    """generate() over the compiled forward: dynamo recompiles the decode step with a symbolic cache length
+    after two steps; the pass takes that graph's attention too, and the greedy tokens equal eager's."""
+    torch._dynamo.reset()
+    dali_compile.clear_reports()
+    model = tiny_model(family, torch.float32)
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(3))
+    eager = model.generate(ids, max_new_tokens=8, do_sample=False)
+    model.forward = compile_dali(model.forward)
+    got = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, eager)
+    decode_graphs = [r for r in dali_compile.reports() if r.cpu_attention]
+    assert len(decode_graphs) >= 2  # the static first decode graph and the dynamic one
+    assert all(r.cpu_attention == model.config.num_hidden_layers for r in decode_graphs)
