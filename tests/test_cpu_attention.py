@@ -42,8 +42,9 @@ def fp32_attention(q, k, v, scale):
     [(1, 4, 4, 1, 1), (1, 16, 16, 1, 33), (3, 8, 2, 1, 300), (2, 32, 4, 1, 1100), (2, 6, 3, 3, 257)],
     ids=["one-position", "mha", "gqa-batch3", "gqa-chunked", "three-query-rows"],
 )
-def test_kernel_equals_fp32_attention(dtype, B, Hq, Hk, L, S):
-    """Shapes that exercise one position, several chunks per head (merged) and grouped-query heads."""
+def test_kernel_equals_fp32_attention(isa, dtype, B, Hq, Hk, L, S):
+    """Shapes that exercise one position, several chunks per head (merged) and grouped-query heads, on every
+    ISA path this CPU has (the `isa` fixture)."""
     gen = torch.Generator().manual_seed(B * 1000 + S)
     D = 64
     q, k, v = draw(B, Hq, L, D, dtype=dtype, gen=gen), draw(B, Hk, S, D, dtype=dtype, gen=gen), \

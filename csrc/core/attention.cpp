@@ -57,11 +57,8 @@ void run_decode_attention(const DecodeAttention& a, Parallel& pool, const Kernel
                      false, scores.data(), len);
     for (int64_t t = 0; t < group_rows; ++t) {
       float* row = scores.data() + t * len;
-      const float m = *std::max_element(row, row + len);
-      float sum = 0.0f;
-      for (int64_t s = 0; s < len; ++s) sum += row[s] = std::exp(row[s] - m);
-      row_max[t] = m;
-      row_sum[t] = sum;
+      row_max[t] = *std::max_element(row, row + len);
+      row_sum[t] = kernels.exp_shifted(row, len, row_max[t]);
     }
     kernels.axpy_rows(a.dtype, position_ptr(a.v, b, g, s0, bytes), a.v.position_stride, len, D, scores.data(), len,
                       group_rows, out, D);

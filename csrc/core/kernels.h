@@ -56,6 +56,9 @@ struct KernelTable {
   // activation of most MoE models, vectorised (a scalar exp per element costs ~5% of a large
   // fp32 expert whose GEMMs run elsewhere). out may alias gate or up.
   void (*silu_mul)(const float* gate, const float* up, int64_t n, float* out);
+  // x[i] = exp(x[i] - shift) for i < n, in place; returns their sum: a softmax row (shift = its maximum).
+  // Vectorised as silu_mul (within an ulp of std::exp on the AVX paths).
+  float (*exp_shifted)(float* x, int64_t n, float shift);
   // dot_rows over quantized weights, read in place: fp32 dots of x with each group's codes, times the
   // group's scale, summed in fp32:
   //   out[t * ldo + r] = sum_g scale[r, g] * sum_{j in group g} x[t * ldx + j] * q[r, j]

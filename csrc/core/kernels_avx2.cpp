@@ -91,6 +91,7 @@ void avx2_axpy_rows(DType wtype, const void* w, int64_t ldw, int64_t rows, int64
 void avx2_convert(DType stype, const void* src, int64_t count, float* dst) { convert_generic<Avx2>(stype, src, count, dst); }
 
 void avx2_silu_mul(const float* gate, const float* up, int64_t n, float* out) { silu_mul_generic<Avx2>(gate, up, n, out); }
+float avx2_exp_shifted(float* x, int64_t n, float shift) { return exp_shifted_generic<Avx2>(x, n, shift); }
 
 void avx2_dot_rows_quantized(int bits, const QuantizedRows& w, int64_t rows, int64_t len, const float* x,
                              int64_t ldx, int64_t n, float* out, int64_t ldo) {
@@ -233,7 +234,8 @@ namespace dali_cpu {
 // Compiled for the baseline target: callers may ask for the table before checking the CPU.
 const KernelTable* avx2_kernels() {
   static const KernelTable table{Isa::kAvx2,          avx2_dot_rows,        avx2_axpy_rows,
-                                 avx2_convert,        avx2_silu_mul,        avx2_dot_rows_quantized,
+                                 avx2_convert,        avx2_silu_mul,        avx2_exp_shifted,
+                                 avx2_dot_rows_quantized,
                                  avx2_dequantize_rows, dot_rows_int4_avx2()};
   return &table;
 }

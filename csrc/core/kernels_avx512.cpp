@@ -169,6 +169,7 @@ void avx512_convert(DType stype, const void* src, int64_t count, float* dst) {
 void avx512_silu_mul(const float* gate, const float* up, int64_t n, float* out) {
   silu_mul_generic<Avx512>(gate, up, n, out);
 }
+float avx512_exp_shifted(float* x, int64_t n, float shift) { return exp_shifted_generic<Avx512>(x, n, shift); }
 
 void avx512_dot_rows_quantized(int bits, const QuantizedRows& w, int64_t rows, int64_t len, const float* x,
                                int64_t ldx, int64_t n, float* out, int64_t ldo) {
@@ -192,7 +193,8 @@ const KernelTable* avx512_kernels() {
   static const KernelTable table = [] {
     g_use_dpbf16 = cpu_has_avx512_bf16();
     return KernelTable{Isa::kAvx512,        avx512_dot_rows,        avx512_axpy_rows,      avx512_convert,
-                       avx512_silu_mul,     avx512_dot_rows_quantized,  avx512_dequantize_rows,
+                       avx512_silu_mul,     avx512_exp_shifted,     avx512_dot_rows_quantized,
+                       avx512_dequantize_rows,
                        dot_rows_int4_avx2()};  // AVX-512 CPUs have AVX2; no 512-bit version written yet
   }();
   return &table;

@@ -57,6 +57,10 @@ struct Portable {
     for (int l = 0; l < kLanes; ++l) a.v[l] *= b.v[l];
     return a;
   }
+  static vec exp(vec x) {
+    for (int l = 0; l < kLanes; ++l) x.v[l] = std::exp(x.v[l]);
+    return x;
+  }
   static vec silu(vec g) {
     for (int l = 0; l < kLanes; ++l) g.v[l] = g.v[l] * (1.0f / (1.0f + std::exp(-g.v[l])));
     return g;
@@ -85,6 +89,7 @@ const KernelTable& portable_kernels() {
                                  axpy_rows_generic<Portable>,
                                  convert_generic<Portable>,
                                  silu_mul_generic<Portable>,
+                                 exp_shifted_generic<Portable>,
                                  dot_rows_quantized_generic<Portable>,
                                  dequantize_rows_generic<Portable>,
                                  dot_rows_int4_scalar};

@@ -246,6 +246,29 @@ void silu_mul_generic(const float* gate, const float* up, int64_t n, float* out)
   for (int64_t j = i; j < n; ++j) out[j] = o[j - i];
 }
 
+// x[i] = exp(x[i] - shift) for i < n; returns their sum (a softmax's numerators and denominator). The tail
+// goes through the same vector code, padded, like silu_mul's.
+template <class V>
+float exp_shifted_generic(float* x, int64_t n, float shift) {
+  constexpr int L = V::kLanes;
+  const float minus_shift = -shift;
+  const typename V::vec offset = V::broadcast(&minus_shift);
+  typename V::vec sum = V::zero();
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const typename V::vec e = V::exp(V::add(V::load(x + i), offset));
+    V::store(x + i, e);
+    sum = V::add(sum, e);
+  }
+  float total = V::hsum(sum);
+  if (i == n) return total;
+  float t[L] = {};
+  for (int64_t j = i; j < n; ++j) t[j - i] = x[j];
+  V::store(t, V::exp(V::add(V::load(t), offset)));
+  for (int64_t j = i; j < n; ++j) total += x[j] = t[j - i];
+  return total;
+}
+
 // ---- Quantized weights (KernelTable::dot_rows_quantized / dequantize_rows) ----
 //
 // V also provides broadcast(const F16*) (a scale in every lane, converted by the hardware where it
