@@ -1,25 +1,26 @@
 """Replace the CPU attention of a decode step by `dali::cpu_attention`: the KV cache read once, in place.
 
-Before (transformers' sdpa attention at decode: one new token per sequence, no mask):
+Before (transformers' sdpa attention at decode: one new token per sequence; a static cache adds a boolean
+mask [B, 1, 1, S] hiding its unfilled positions):
 
-    out = torch._C._nn.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=s,
+    out = torch._C._nn.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=s,
                                                     is_causal=False, enable_gqa=True)
 
 After:
 
-    out = torch.ops.dali.cpu_attention.default(q, k, v, s)
+    out = torch.ops.dali.cpu_attention.default(q, k, v, mask, s)
 
 ATen's 16-bit CPU attention runs a decode step's q.K and p.V through a 16-bit GEMV that a CPU without native
 16-bit dot products runs slowly: measured on the 2-core development machine (bf16, head dim 128) 1.2-1.5 ms a
-layer at 512 cached positions against 0.14-0.21 ms for the kernel, and 80-200 us against 40-60 us at 32
+layer at 512 cached positions against 0.11-0.16 ms for the kernel, and 80-200 us against 28-35 us at 32
 (`benchmarks/bench_decode.py` shows it in the whole step).
 
-Fires only where the op gives exactly what the call gives: one query row (decode; longer queries need a
-causal mask, and prefill is compute-bound), no mask, no dropout, is_causal False, q/k/v on the CPU in one
-dtype among float32/bfloat16/float16, k and v of one shape, query heads a multiple of key/value heads
-(grouped-query attention only with enable_gqa), no tensor that requires grad (the op is inference-only;
-dynamo guards on grad mode, so a call with gradients recompiles and keeps ATen's attention), and not under
-CPU autocast. CUDA graphs are left as they are.
+Fires only where the op gives exactly what the call gives: one query row (decode; prefill is causal and
+compute-bound), no mask or a boolean one shared by the heads (4-D, [B or 1, 1, 1, S]), no dropout, is_causal
+False, q/k/v on the CPU in one dtype among float32/bfloat16/float16, k and v of one shape, query heads a
+multiple of key/value heads (grouped-query attention only with enable_gqa), no tensor that requires grad (the
+op is inference-only; dynamo guards on grad mode, so a call with gradients recompiles and keeps ATen's
+attention), and not under CPU autocast. CUDA graphs are left as they are.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def replace_decode_attention(gm: GraphModule, ctx: PassContext) -> GraphModule:
         q, k, v = args["query"], args["key"], args["value"]
         scale = args["scale"] if args["scale"] is not None else example_value(q).shape[-1] ** -0.5
         with graph.inserting_before(node):
-            call = graph.call_function(torch.ops.dali.cpu_attention.default, (q, k, v, float(scale)))
+            call = graph.call_function(torch.ops.dali.cpu_attention.default, (q, k, v, args["attn_mask"], float(scale)))
         call.meta.update(node.meta)
         node.replace_all_uses_with(call)
         graph.erase_node(node)
@@ -78,8 +79,23 @@ def _sdpa_arguments(node: Node) -> dict | None:
     return args if all(name in args for name in _SDPA_ARGS[:3]) else None
 
 
+def _mask_taken(args: dict) -> bool:
+    """No mask, or a boolean one the op reads: [B or 1, 1, 1, S] (its S may be symbolic: not compared)."""
+    mask = args["attn_mask"]
+    if mask is None:
+        return True
+    value = example_value(mask) if isinstance(mask, Node) else None
+    q = example_value(args["query"]) if isinstance(args["query"], Node) else None
+    if not isinstance(value, torch.Tensor) or not isinstance(q, torch.Tensor):
+        return False
+    if value.dtype != torch.bool or value.device.type != "cpu" or value.dim() != 4 or value.requires_grad:
+        return False
+    sizes = value.shape[:3]
+    return all(isinstance(size, int) for size in sizes) and sizes[0] in (1, q.shape[0]) and sizes[1:] == (1, 1)
+
+
 def _runs_on_kernel(args: dict) -> bool:
-    if args["attn_mask"] is not None or args["is_causal"] is not False or args["dropout_p"] not in (0, 0.0):
+    if args["is_causal"] is not False or args["dropout_p"] not in (0, 0.0) or not _mask_taken(args):
         return False
     if not (args["scale"] is None or isinstance(args["scale"], (int, float))) or isinstance(args["enable_gqa"], Node):
         return False

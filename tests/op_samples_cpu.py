@@ -130,11 +130,15 @@ def _cpu_attention_samples(register: Register) -> list[tuple]:
         def draw(*shape, dtype=dtype):
             return torch.randn(*shape, generator=gen).to(dtype)
 
-        samples.append((draw(1, 4, 1, 8), draw(1, 4, 5, 8), draw(1, 4, 5, 8), 8 ** -0.5))
-        samples.append((draw(2, 6, 2, 8), draw(2, 2, 9, 8), draw(2, 2, 9, 8), 0.3))
+        samples.append((draw(1, 4, 1, 8), draw(1, 4, 5, 8), draw(1, 4, 5, 8), None, 8 ** -0.5))
+        samples.append((draw(2, 6, 2, 8), draw(2, 2, 9, 8), draw(2, 2, 9, 8), None, 0.3))
     buffer = torch.randn(2, 4, 16, 8, generator=gen)
     q = torch.randn(2, 1, 4, 8, generator=gen).transpose(1, 2)
-    samples.append((q, buffer[:, :, :7], buffer[:, :, 7:14], 0.5))
+    samples.append((q, buffer[:, :, :7], buffer[:, :, 7:14], None, 0.5))
+    mask = torch.rand(2, 1, 1, 7, generator=gen) > 0.4
+    samples.append((q, buffer[:, :, :7], buffer[:, :, 7:14], mask, 0.5))
+    samples.append((torch.randn(1, 4, 1, 8, generator=gen), buffer[:1, :, :7], buffer[:1, :, 7:14],
+                    torch.zeros(1, 1, 1, 7, dtype=torch.bool), 0.5))  # a row that sees nothing
     return samples
 
 

@@ -30,9 +30,10 @@ def draw(*shape, dtype=torch.float32, gen):
     return torch.randn(*shape, generator=gen).to(dtype)
 
 
-def fp32_attention(q, k, v, scale):
+def fp32_attention(q, k, v, scale, mask=None):
     """torch's own attention in fp32: the oracle."""
-    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale,
+                                          enable_gqa=True)
 
 
 @needs_extension
@@ -54,7 +55,7 @@ def test_kernel_equals_fp32_attention(isa, dtype, B, Hq, Hk, L, S):
     assert got.dtype == dtype and got.shape == (B, Hq, L, D) and got.is_contiguous()
     err = ((got.float() - truth).abs().max() / truth.abs().max()).item()
     assert err <= TOLERANCE[dtype], err
-    ref = cpu_attention_reference(q, k, v, D ** -0.5)
+    ref = cpu_attention_reference(q, k, v, None, D ** -0.5)
     assert ((ref.float() - truth).abs().max() / truth.abs().max()).item() <= TOLERANCE[dtype]
 
 
@@ -76,15 +77,40 @@ def test_kernel_reads_a_strided_cache_in_place():
 def test_kernel_equals_reference_exactly_enough_in_fp32():
     gen = torch.Generator().manual_seed(2)
     q, k, v = draw(1, 8, 1, 128, gen=gen), draw(1, 2, 700, 128, gen=gen), draw(1, 2, 700, 128, gen=gen)
-    torch.testing.assert_close(cpu_attention(q, k, v, 0.2), cpu_attention_reference(q, k, v, 0.2), rtol=FP32_RTOL,
+    torch.testing.assert_close(cpu_attention(q, k, v, 0.2), cpu_attention_reference(q, k, v, None, 0.2), rtol=FP32_RTOL,
                                atol=1e-6)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_with_a_mask(isa, dtype):
+    """Random masks per batch row and query row (broadcast over heads), a whole chunk of positions nobody
+    sees (never read), a row that sees nothing (zeros, as ATen's attention gives), a batch-broadcast mask."""
+    gen = torch.Generator().manual_seed(7)
+    B, Hq, Hk, L, S, D = 3, 8, 2, 2, 700, 32
+    q, k, v = draw(B, Hq, L, D, dtype=dtype, gen=gen), draw(B, Hk, S, D, dtype=dtype, gen=gen), \
+        draw(B, Hk, S, D, dtype=dtype, gen=gen)
+    mask = torch.rand(B, 1, L, S, generator=gen) > 0.5
+    mask[1, :, :, 200:] = False  # batch row 1: a static cache filled to 200
+    mask[2, :, 1] = False  # batch row 2, query row 1: sees nothing
+    got = cpu_attention(q, k, v, 0.3, mask=mask)
+    truth = fp32_attention(q, k, v, 0.3, mask)
+    assert torch.equal(got[2, :, 1], torch.zeros_like(got[2, :, 1]))
+    assert ((got.float() - truth).abs().max() / truth.abs().max()).item() <= TOLERANCE[dtype]
+    ref = cpu_attention_reference(q, k, v, mask, 0.3)
+    assert ((ref.float() - truth).abs().max() / truth.abs().max()).item() <= TOLERANCE[dtype]
+    shared = mask[:1, :, :1]
+    got = cpu_attention(q, k, v, 0.3, mask=shared)
+    truth = fp32_attention(q, k, v, 0.3, shared)
+    assert ((got.float() - truth).abs().max() / truth.abs().max()).item() <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize(
     "case,error",
     [
         ("int", TypeError), ("mixed", TypeError), ("3d", ValueError), ("heads", ValueError), ("empty", ValueError),
-        ("head-dim", ValueError), ("kv-shapes", ValueError), ("meta", ValueError),
+        ("head-dim", ValueError), ("kv-shapes", ValueError), ("meta", ValueError), ("float-mask", TypeError),
+        ("mask-per-head", ValueError), ("mask-positions", ValueError),
     ],
 )
 def test_bad_inputs_are_clear_errors(case, error):
@@ -105,8 +131,10 @@ def test_bad_inputs_are_clear_errors(case, error):
         v = torch.randn(1, 2, 6, 8)
     elif case == "meta":
         k = k.to("meta")
+    mask = {"float-mask": torch.zeros(1, 1, 1, 5), "mask-per-head": torch.ones(1, 4, 1, 5, dtype=torch.bool),
+            "mask-positions": torch.ones(1, 1, 1, 6, dtype=torch.bool)}.get(case)
     with pytest.raises(error, match="dali::cpu_attention"):
-        cpu_attention(q, k, v)
+        cpu_attention(q, k, v, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,19 +203,24 @@ class _Attention(torch.nn.Module):
         ({"enable_gqa": True}, 1),
         ({"is_causal": True}, 0),
         ({"dropout_p": 0.5}, 0),
-        ({"attn_mask": "mask"}, 0),
+        ({"attn_mask": "bool"}, 1),
+        ({"attn_mask": "float"}, 0),
+        ({"attn_mask": "per-head"}, 0),
     ],
-    ids=["plain", "scale", "gqa", "causal", "dropout", "mask"],
+    ids=["plain", "scale", "gqa", "causal", "dropout", "bool-mask", "float-mask", "per-head-mask"],
 )
 def test_which_calls_the_pass_takes(kwargs, expected):
-    """Only what the kernel computes exactly: no mask, no dropout, not causal; results equal eager."""
+    """Only what the kernel computes exactly: no mask or a boolean one shared by the heads, no dropout, not
+    causal; results equal eager."""
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(5)
     heads_kv = 2 if kwargs.get("enable_gqa") else 4
     q, k, v = torch.randn(2, 4, 1, 16, generator=gen), torch.randn(2, heads_kv, 9, 16, generator=gen), \
         torch.randn(2, heads_kv, 9, 16, generator=gen)
-    if kwargs.get("attn_mask") == "mask":
-        kwargs = {"attn_mask": torch.rand(2, 1, 1, 9, generator=gen) > 0.3}
+    masks = {"bool": torch.rand(2, 1, 1, 9, generator=gen) > 0.3, "float": torch.randn(2, 1, 1, 9, generator=gen),
+             "per-head": torch.rand(2, 4, 1, 9, generator=gen) > 0.3}
+    if "attn_mask" in kwargs:
+        kwargs = {"attn_mask": masks[kwargs["attn_mask"]]}
     module = _Attention(**kwargs).train(False)
     torch.manual_seed(0)
     eager = module(q, k, v) if "dropout_p" not in kwargs else None
@@ -224,3 +257,18 @@ def test_generate_tokens_equal_with_the_cache_length_dynamic(family):
     decode_graphs = [r for r in dali_compile.reports() if r.cpu_attention]
     assert len(decode_graphs) >= 2  # the static first decode graph and the dynamic one
     assert all(r.cpu_attention == model.config.num_hidden_layers for r in decode_graphs)
+
+
+def test_static_cache_generate_runs_attention_on_the_kernel():
+    """generate() with a static cache: its decode step's attention has a boolean mask over the cache's unfilled
+    positions; the pass takes it and the greedy tokens equal eager's (bf16 too)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        torch._dynamo.reset()
+        dali_compile.clear_reports()
+        model = tiny_model("qwen3_moe", dtype)
+        ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(4))
+        eager = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+        model.forward = compile_dali(model.forward)
+        got = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+        assert torch.equal(got, eager), dtype
+        assert any(r.cpu_attention == model.config.num_hidden_layers for r in dali_compile.reports())

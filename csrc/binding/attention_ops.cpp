@@ -3,11 +3,14 @@
 // # B batch, Hq query heads, Hk key/value heads, L query rows, S cached positions, D head dim
 //
 // q [B, Hq, L, D], k and v [B, Hk, S, D] (any strides with a unit one within a row; a cache is read in
-// place), one dtype among float32/bfloat16/float16; out [B, Hq, L, D] contiguous in that dtype.
+// place), one dtype among float32/bfloat16/float16; mask (optional) bool [B or 1, 1, L or 1, S], true where
+// a row sees a position; out [B, Hq, L, D] contiguous in that dtype.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include "aten_dtypes.h"
 #include "../core/attention.h"
@@ -36,12 +39,28 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK_VALUE(k.size(2) > 0, kOp, ": no cached position (k and v have 0 rows)");
 }
 
+PositionMask position_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q, const at::Tensor& k) {
+  if (!mask.has_value() || !mask->defined()) return PositionMask{nullptr, 0, 0, 0};
+  const at::Tensor& m = *mask;
+  TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, kOp, ": mask must be bool (true: the position is seen), got ",
+                   m.scalar_type());
+  TORCH_CHECK_VALUE(m.device().is_cpu(), kOp, ": mask must be a CPU tensor, got ", m.device());
+  TORCH_CHECK_VALUE(m.dim() == 4 && (m.size(0) == 1 || m.size(0) == q.size(0)) && m.size(1) == 1 &&
+                        (m.size(2) == 1 || m.size(2) == q.size(2)) && m.size(3) == k.size(2),
+                    kOp, ": mask must be [B or 1, 1, L or 1, S] = [", q.size(0), ", 1, ", q.size(2), ", ", k.size(2),
+                    "], got ", m.sizes());
+  return PositionMask{m.data_ptr<bool>(), m.size(0) == 1 ? 0 : m.stride(0), m.size(2) == 1 ? 0 : m.stride(2),
+                      m.stride(3)};
+}
+
 CachedHeads cached(const at::Tensor& t) {
   return CachedHeads{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-at::Tensor cpu_attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in, double scale) {
+at::Tensor cpu_attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
+                         const std::optional<at::Tensor>& mask, double scale) {
   check_args(q, k_in, v_in);
+  const PositionMask seen = position_mask(mask, q, k_in);
   // The kernel reads rows in place; a cache with a strided head dim (never seen in practice) is copied.
   const at::Tensor k = k_in.size(3) > 1 && k_in.stride(3) != 1 ? k_in.contiguous() : k_in;
   const at::Tensor v = v_in.size(3) > 1 && v_in.stride(3) != 1 ? v_in.contiguous() : v_in;
@@ -49,7 +68,7 @@ at::Tensor cpu_attention(const at::Tensor& q, const at::Tensor& k_in, const at::
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   if (q.numel() > 0) {
     DecodeAttention a{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
-                      core_dtype(k.scalar_type(), kOp, "k"), q_scaled.data_ptr<float>(), cached(k), cached(v),
+                      core_dtype(k.scalar_type(), kOp, "k"), q_scaled.data_ptr<float>(), cached(k), cached(v), seen,
                       out.data_ptr<float>()};
     run_decode_attention(a, step_parallel(), active_kernels());
   }

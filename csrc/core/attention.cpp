@@ -25,6 +25,21 @@ const char* position_ptr(const CachedHeads& c, int64_t b, int64_t g, int64_t s, 
                                                 element_bytes;
 }
 
+const bool* mask_row(const PositionMask& m, int64_t b, int64_t l) {
+  return m.data + b * m.batch_stride + l * m.row_stride;
+}
+
+// Whether any of the group's rows sees a position in [s0, s0 + len): a chunk nobody sees is never read.
+bool chunk_seen(const PositionMask& m, int64_t b, int64_t rows, int64_t s0, int64_t len) {
+  if (m.data == nullptr) return true;
+  for (int64_t l = 0; l < rows; ++l) {
+    const bool* row = mask_row(m, b, l);
+    for (int64_t s = s0; s < s0 + len; ++s)
+      if (row[s * m.position_stride]) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 void run_decode_attention(const DecodeAttention& a, Parallel& pool, const KernelTable& kernels) {
@@ -43,7 +58,7 @@ void run_decode_attention(const DecodeAttention& a, Parallel& pool, const Kernel
     float* out = partial_out.data() + task * group_rows * D;
     float* row_max = partial_max.data() + task * group_rows;
     float* row_sum = partial_sum.data() + task * group_rows;
-    if (len <= 0) {  // an empty last chunk: it weighs nothing in the merge
+    if (len <= 0 || !chunk_seen(a.mask, b, a.q_rows, s0, len)) {  // it weighs nothing in the merge
       std::fill(row_max, row_max + group_rows, -std::numeric_limits<float>::infinity());
       std::fill(row_sum, row_sum + group_rows, 0.0f);
       std::fill(out, out + group_rows * D, 0.0f);
@@ -57,8 +72,22 @@ void run_decode_attention(const DecodeAttention& a, Parallel& pool, const Kernel
                      false, scores.data(), len);
     for (int64_t t = 0; t < group_rows; ++t) {
       float* row = scores.data() + t * len;
+      const bool* seen = a.mask.data ? mask_row(a.mask, b, t % a.q_rows) + s0 * a.mask.position_stride : nullptr;
+      if (seen) {
+        for (int64_t s = 0; s < len; ++s)
+          if (!seen[s * a.mask.position_stride]) row[s] = -std::numeric_limits<float>::infinity();
+      }
       row_max[t] = *std::max_element(row, row + len);
+      if (row_max[t] == -std::numeric_limits<float>::infinity()) {  // this row sees nothing of the chunk
+        row_sum[t] = 0.0f;
+        std::fill(row, row + len, 0.0f);
+        continue;
+      }
       row_sum[t] = kernels.exp_shifted(row, len, row_max[t]);
+      if (seen) {  // exactly zero (the vector exp's clamp leaves 1e-38 for -inf), and out of the sum
+        for (int64_t s = 0; s < len; ++s)
+          if (!seen[s * a.mask.position_stride]) row_sum[t] -= row[s], row[s] = 0.0f;
+      }
     }
     kernels.axpy_rows(a.dtype, position_ptr(a.v, b, g, s0, bytes), a.v.position_stride, len, D, scores.data(), len,
                       group_rows, out, D);
@@ -81,7 +110,7 @@ void run_decode_attention(const DecodeAttention& a, Parallel& pool, const Kernel
         const float* src = partial_out.data() + at * D;
         for (int64_t d = 0; d < D; ++d) dst[d] += w * src[d];
       }
-      const float inv = 1.0f / total;
+      const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // a row that sees nothing: zeros
       for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
     }
   }
