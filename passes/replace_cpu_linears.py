@@ -35,6 +35,7 @@ from dali_compile.ops.cpu_linear import DTYPES
 
 from .context import PassContext
 from .find_moe_regions import example_value
+from .graph_edits import recompile_if_edited, substitute_call
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +46,13 @@ _AUTOCAST_ENTRIES = (torch.amp.autocast_mode._enter_autocast,)
 def replace_cpu_linears(gm: GraphModule, ctx: PassContext) -> GraphModule:
     if not ctx.config.cpu_linears or uses_autocast(gm):
         return gm
-    graph = gm.graph
-    for node in list(graph.nodes):
+    for node in list(gm.graph.nodes):
         operands = _linear_operands(node)
         if operands is None or not _runs_in_place(*operands):
             continue
-        with graph.inserting_before(node):
-            call = graph.call_function(torch.ops.dali.cpu_linear.default, operands)
-        call.meta.update(node.meta)
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
+        substitute_call(node, torch.ops.dali.cpu_linear.default, operands)
         ctx.report.cpu_linears += 1
-    if ctx.report.cpu_linears:
-        graph.lint()
-        gm.recompile()
+    recompile_if_edited(gm, ctx.report.cpu_linears)
     log.info("replace_cpu_linears: %d linear(s) -> dali::cpu_linear", ctx.report.cpu_linears)
     return gm
 

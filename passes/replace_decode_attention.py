@@ -36,6 +36,7 @@ from dali_compile.ops.cpu_attention import DTYPES
 
 from .context import PassContext
 from .find_moe_regions import example_value
+from .graph_edits import recompile_if_edited, substitute_call
 from .replace_cpu_linears import uses_autocast
 
 log = logging.getLogger(__name__)
@@ -49,22 +50,15 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 def replace_decode_attention(gm: GraphModule, ctx: PassContext) -> GraphModule:
     if not ctx.config.cpu_attention or uses_autocast(gm):
         return gm
-    graph = gm.graph
-    for node in list(graph.nodes):
+    for node in list(gm.graph.nodes):
         args = _sdpa_arguments(node)
         if args is None or not _runs_on_kernel(args):
             continue
         q, k, v = args["query"], args["key"], args["value"]
         scale = args["scale"] if args["scale"] is not None else example_value(q).shape[-1] ** -0.5
-        with graph.inserting_before(node):
-            call = graph.call_function(torch.ops.dali.cpu_attention.default, (q, k, v, args["attn_mask"], float(scale)))
-        call.meta.update(node.meta)
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
+        substitute_call(node, torch.ops.dali.cpu_attention.default, (q, k, v, args["attn_mask"], float(scale)))
         ctx.report.cpu_attention += 1
-    if ctx.report.cpu_attention:
-        graph.lint()
-        gm.recompile()
+    recompile_if_edited(gm, ctx.report.cpu_attention)
     log.info("replace_decode_attention: %d attention call(s) -> dali::cpu_attention", ctx.report.cpu_attention)
     return gm
 
