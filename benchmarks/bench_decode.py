@@ -18,7 +18,9 @@ Inductor's C++ kernels get `cpp.enable_kernel_profile` (nanoseconds per call) so
 
 Decode step: model(input_ids [B, 1], cache of S tokens, use_cache=True, logits_to_keep=1); the cache comes from
 one eager prefill of S + 1 tokens cropped to S, each path steps on its own copy, cropped back to S after every
-step (untimed). Prefill: B=1, P tokens, an empty DynamicCache. A path's first call (it compiles) is its check:
+step (untimed). --cache static: a StaticCache of S + 64 positions filled with S tokens, each step at
+cache_position S (transformers masks the unfilled positions; nothing to undo between steps).
+Prefill: B=1, P tokens, an empty DynamicCache. A path's first call (it compiles) is its check:
 max |logits - eager's| / max |eager's| (bf16 rounding: reported, not judged). Then --warmup calls, then
 --repeats rounds interleaving the paths (drifting load hits all alike): each runs a block of up to 4 steps,
 50 ms of sleep between blocks so OpenMP threads go quiet; the median per step, and the 1-minute load average.
@@ -59,7 +61,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import transformers
 from step_profile import BREAKDOWN, breakdown  # the sibling module
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 import dali_compile
 from dali_compile.hf_compat import cache_keyword
@@ -89,6 +91,7 @@ QUANTIZED = {  # path -> dali_compile.quantize's arguments
     "dali-int4": dict(experts="int4", dense="int4"),
 }
 TORCH_PATHS = ("eager", "inductor-grouped", "inductor-batched")
+STATIC_HEADROOM = 64  # --cache static: positions past the prompt (a generation of 64 new tokens)
 BLOCK = 4  # steps back to back per path and round (fewer when a step takes over BLOCK_SECONDS / BLOCK)
 BLOCK_SECONDS = 0.25
 COOLDOWN_S = 0.05  # between blocks: the previous path's OpenMP threads stop spinning
@@ -230,8 +233,26 @@ def filled_cache(model, prompt: torch.Tensor, keyword: str):
     return cache
 
 
+def decode_cache(model, tokens: torch.Tensor, keyword: str, kind: str):
+    """A cache holding all but the last of `tokens` (kv of kv + 1). dynamic: filled with all of them and cropped
+    back, so its tensors have the strides of every later step's cropped cache; static: a StaticCache of
+    kv + STATIC_HEADROOM positions filled with the first kv (its decode step's mask hides the rest)."""
+    if kind == "dynamic":
+        cache = filled_cache(model, tokens, keyword)
+        cache.crop(-1)
+        return cache
+    cache = StaticCache(config=model.config, max_cache_len=tokens.shape[1] - 1 + STATIC_HEADROOM)
+    model(input_ids=tokens[:, :-1], **{keyword: cache}, use_cache=True, logits_to_keep=1)
+    return cache
+
+
 def decode_timed(model, ids: torch.Tensor, cache, kv: int, keyword: str) -> Timed:
+    """One decode step at position kv; untimed after it, the cache back to kv tokens (a static cache's step
+    writes position kv again: nothing to undo)."""
     kwargs = {"input_ids": ids, keyword: cache, "use_cache": True, "logits_to_keep": 1}
+    if isinstance(cache, StaticCache):
+        kwargs["cache_position"] = torch.tensor([kv])
+        return Timed(lambda: model(**kwargs).logits)
     return Timed(lambda: model(**kwargs).logits, lambda: cache.crop(kv - cache.get_seq_length()))
 
 
@@ -374,9 +395,8 @@ def decode_point(base, paths, fixed, model_name, dtype_name, batch, kv, args) ->
     keyword = cache_keyword(base)
     gen = torch.Generator().manual_seed(1000 * batch + kv)
     ids = torch.randint(0, base.config.vocab_size, (batch, 1), generator=gen)
-    # kv + 1 tokens cropped to kv: the cache's tensors have the strides of every later step's cropped cache
-    cache = filled_cache(base, torch.randint(0, base.config.vocab_size, (batch, kv + 1), generator=gen), keyword)
-    cache.crop(-1)
+    cache = decode_cache(base, torch.randint(0, base.config.vocab_size, (batch, kv + 1), generator=gen), keyword,
+                         args.cache)
     reference, routed = routed_call(base, decode_timed(base, ids, copy.deepcopy(cache), kv, keyword))
     calls = {name: decode_timed(m, ids, copy.deepcopy(cache), kv, keyword) for name, (m, _) in paths.items()}
     paths = dict(paths)
@@ -392,9 +412,8 @@ def decode_point(base, paths, fixed, model_name, dtype_name, batch, kv, args) ->
     for key, tensors in weights.items():
         calls[key] = Timed(lambda tensors=tensors: cpu_extension.read_tensors(*tensors))
     if fixed is not None:  # dali on the same structure at tiny widths (fixed_cost_shape)
-        fixed_cache = filled_cache(fixed, torch.randint(0, fixed.config.vocab_size, (batch, kv + 1), generator=gen),
-                                   keyword)
-        fixed_cache.crop(-1)
+        fixed_cache = decode_cache(fixed, torch.randint(0, fixed.config.vocab_size, (batch, kv + 1), generator=gen),
+                                   keyword, args.cache)
         calls["dali-fixed"] = decode_timed(fixed, ids, fixed_cache, kv, keyword)
     ms = interleaved_ms(calls, args.warmup, args.repeats)
     parts = dali_breakdown(calls, ms, args.profile_steps)
@@ -443,7 +462,7 @@ def run_model(model_name: str, dtype_name: str, args) -> list[Row]:
     rows = []
     for batch in args.batch:
         for kv in args.kv:
-            print(f"decode {model_name} {dtype_name} B={batch} kv={kv}", flush=True)
+            print(f"decode {model_name} {dtype_name} B={batch} kv={kv} ({args.cache} cache)", flush=True)
             rows += decode_point(base, paths, fixed, model_name, dtype_name, batch, kv, args)
     for tokens in args.prefill:
         print(f"prefill {model_name} {dtype_name} P={tokens}", flush=True)
@@ -544,6 +563,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 4], help="decode batch sizes")
     parser.add_argument("--kv", nargs="+", type=int, default=[32, 512], help="tokens in the cache at each step")
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                        help="decode over transformers' DynamicCache (default) or a StaticCache (see decode_cache)")
     parser.add_argument("--prefill", nargs="*", type=int, default=[64, 512], help="prompt lengths (B=1)")
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per point (default: %(default)s)")

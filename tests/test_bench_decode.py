@@ -88,3 +88,15 @@ def test_a_quantized_path_reads_its_own_codes_and_scales(bench):
     assert sum(t.nbytes for t in experts) == 3 * (per_expert // 2 + per_expert // 32 * 2)
     assert {t.dtype for t in experts} == {torch.uint8, torch.float16}
     assert all(p.dtype == torch.bfloat16 for p in base.parameters())  # the base keeps its own weights
+
+
+def test_static_cache_decode_rows(bench, tmp_path):
+    """--cache static: the decode point over a StaticCache (masked unfilled positions), dali equal to eager."""
+    out = tmp_path / "static.csv"
+    bench.main(["--models", "tiny", "--dtypes", "fp32", "--batch", "2", "--kv", "8", "--prefill", "--cache", "static",
+                "--paths", "eager", "dali", "--dali-no-inductor", "--repeats", "1", "--warmup", "1",
+                "--profile-steps", "0", "--csv", str(out), "--no-plot"])
+    rows = {r["path"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"eager", "dali", "dali-pool"}
+    for r in rows.values():
+        assert r["phase"] == "decode" and float(r["ms"]) > 0 and float(r["max_rel_err"]) < 1e-4

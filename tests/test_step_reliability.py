@@ -315,6 +315,9 @@ def test_two_threads_generating_on_one_offloaded_model(release_after):
 
 SIGINT_SCRIPT = textwrap.dedent("""
     import json, os, signal, threading, time
+    # A process started in the background by a shell without job control inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: nothing would be interrupted (seen in a CI check).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
     import dali_compile
     from dali_compile.offload import runtime_of
