@@ -49,11 +49,10 @@ def check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     devices = {t.device.type for t in (q, k, v)}
     if devices != {"cpu"}:
         raise ValueError(f"{NAME}: q, k and v must be CPU tensors, got {sorted(devices)}")
-    same_positions = k.shape[2] == v.shape[2]
-    if (k.shape[0], k.shape[1], k.shape[3]) != (v.shape[0], v.shape[1], v.shape[3]) or (
-            isinstance(same_positions, bool) and not same_positions):
-        raise ValueError(f"{NAME}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    torch._check(same_positions, lambda: f"{NAME}: k and v must have the same number of positions")
+    kv_shapes = f"{NAME}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+    if (k.shape[0], k.shape[1], k.shape[3]) != (v.shape[0], v.shape[1], v.shape[3]):
+        raise ValueError(kv_shapes)
+    _require_same_positions(k.shape[2], v.shape[2], kv_shapes)
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"{NAME}: q {tuple(q.shape)} does not match the batch and head dim of k {tuple(k.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
@@ -73,10 +72,17 @@ def _check_mask(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> None:
     if mask.dim() != 4 or mask.shape[0] not in (1, q.shape[0]) or mask.shape[1] != 1 or mask.shape[2] not in (
             1, q.shape[2]):
         raise ValueError(f"{NAME}: mask must be {expected}, got {tuple(mask.shape)}")
-    same_positions = mask.shape[3] == k.shape[2]
-    if isinstance(same_positions, bool) and not same_positions:
-        raise ValueError(f"{NAME}: mask must be {expected}, got {tuple(mask.shape)}")
-    torch._check(same_positions, lambda: f"{NAME}: the mask must have as many positions as k")
+    _require_same_positions(mask.shape[3], k.shape[2], f"{NAME}: mask must be {expected}, got {tuple(mask.shape)}")
+
+
+def _require_same_positions(a, b, message: str) -> None:
+    """a == b for two numbers of positions: a ValueError for plain ints; in a graph traced with dynamic shapes
+    (symbolic sizes) a deferred runtime check, so no guard is added."""
+    if isinstance(a, int) and isinstance(b, int):
+        if a != b:
+            raise ValueError(message)
+        return
+    torch._check(a == b, lambda: message)
 
 
 @torch.library.register_fake(NAME)

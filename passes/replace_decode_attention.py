@@ -73,14 +73,12 @@ def _sdpa_arguments(node: Node) -> dict | None:
     return args if all(name in args for name in _SDPA_ARGS[:3]) else None
 
 
-def _mask_taken(args: dict) -> bool:
+def _mask_taken(mask, q: torch.Tensor) -> bool:
     """No mask, or a boolean one the op reads: [B or 1, 1, 1, S] (its S may be symbolic: not compared)."""
-    mask = args["attn_mask"]
     if mask is None:
         return True
     value = example_value(mask) if isinstance(mask, Node) else None
-    q = example_value(args["query"]) if isinstance(args["query"], Node) else None
-    if not isinstance(value, torch.Tensor) or not isinstance(q, torch.Tensor):
+    if not isinstance(value, torch.Tensor):
         return False
     if value.dtype != torch.bool or value.device.type != "cpu" or value.dim() != 4 or value.requires_grad:
         return False
@@ -89,7 +87,7 @@ def _mask_taken(args: dict) -> bool:
 
 
 def _runs_on_kernel(args: dict) -> bool:
-    if args["is_causal"] is not False or args["dropout_p"] not in (0, 0.0) or not _mask_taken(args):
+    if args["is_causal"] is not False or args["dropout_p"] not in (0, 0.0):
         return False
     if not (args["scale"] is None or isinstance(args["scale"], (int, float))) or isinstance(args["enable_gqa"], Node):
         return False
@@ -97,6 +95,8 @@ def _runs_on_kernel(args: dict) -> bool:
     if not all(isinstance(t, torch.Tensor) for t in values):
         return False
     q, k, v = values
+    if not _mask_taken(args["attn_mask"], q):
+        return False
     if any(t.device.type != "cpu" or t.dtype != q.dtype or t.dim() != 4 or t.requires_grad for t in values):
         return False
     # Batch, heads and head dims are static in a decode graph; the number of cached positions may be
