@@ -23,7 +23,8 @@ cache_position S (transformers masks the unfilled positions; nothing to undo bet
 Prefill: B=1, P tokens, an empty DynamicCache. A path's first call (it compiles) is its check:
 max |logits - eager's| / max |eager's| (bf16 rounding: reported, not judged). Then --warmup calls, then
 --repeats rounds interleaving the paths (drifting load hits all alike): each runs a block of up to 4 steps,
-50 ms of sleep between blocks so OpenMP threads go quiet; the median per step, and the 1-minute load average.
+50 ms of sleep between blocks so OpenMP threads go quiet, a block of short steps after one untimed step (as in a
+decode loop, where steps run back to back: see BLOCK_WARM_SECONDS); the median per step, and the 1-minute load average.
 vs_best_torch = the best of eager / inductor ms / the path's ms. With dali, "dali-pool" is the same compiled
 model with its synchronous kernels on the runtime's own pool instead of ATen's threads (one thread budget off);
 "dali-pywrapper" is dali with inductor's Python wrapper (option cpp_wrapper=False).
@@ -55,6 +56,7 @@ import math
 import os
 import statistics
 import time
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
@@ -94,7 +96,13 @@ TORCH_PATHS = ("eager", "inductor-grouped", "inductor-batched")
 STATIC_HEADROOM = 64  # --cache static: positions past the prompt (a generation of 64 new tokens)
 BLOCK = 4  # steps back to back per path and round (fewer when a step takes over BLOCK_SECONDS / BLOCK)
 BLOCK_SECONDS = 0.25
-COOLDOWN_S = 0.05  # between blocks: the previous path's OpenMP threads stop spinning
+COOLDOWN_S = 0.005  # between blocks: the previous path's OpenMP threads (spin about 1 ms) and our pool (1 ms) stop spinning
+# A block of short steps starts with untimed ones until this much time has passed: right after the pause a step runs
+# on a vCPU that just woke and on caches the other paths emptied (on the 2-core machine a 1.2 ms pure-Python loop
+# runs 27% slower right after a 50 ms sleep and needs 2-3 ms to get back to speed; a tiny decode step takes 2.5,
+# 1.4, 1.05, 0.95, 0.86 ms in a row, 0.7 back to back), while a decode loop runs its steps back to back. Blocks of
+# one long step (prefill) get none: there the first milliseconds are noise.
+BLOCK_WARM_SECONDS = 0.005
 GEMM_N = 2048
 NAN = float("nan")
 
@@ -204,6 +212,24 @@ def set_experts(model, implementation: str) -> str:
     return model.config._experts_implementation
 
 
+def compiled_alone(model, name: str, **compile_kwargs) -> Callable:
+    """torch.compile(model, dynamic=False, **compile_kwargs) with a dynamo cache of its own. Dynamo keeps its
+    compiled graphs per code object, and every transformers model's forward is the same decorator function, so all
+    paths (and every shape each one compiled) would share one chain of guarded entries: a step then first fails the
+    guards of every entry compiled after its own (about 0.15 ms each here) and, past dynamo's recompile limit (8),
+    silently runs eagerly. A user's one model has one or two entries; a call through a function with its own code
+    object gives each path just its own. `_orig_mod` is the model, as on torch.compile's wrapper."""
+
+    def forward(*args, **kwargs):
+        return model(*args, **kwargs)
+
+    own_code = types.FunctionType(forward.__code__.replace(co_name=f"forward_{name.replace('-', '_')}"),
+                                  forward.__globals__, closure=forward.__closure__)
+    compiled = torch.compile(own_code, dynamic=False, **compile_kwargs)
+    compiled._orig_mod = model
+    return compiled
+
+
 def build_paths(base, names, dali_inductor: bool) -> dict[str, tuple[Callable, str]]:
     """name -> (callable, experts implementation); every model shares the base's parameter tensors."""
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
@@ -216,13 +242,13 @@ def build_paths(base, names, dali_inductor: bool) -> dict[str, tuple[Callable, s
             dali_compile.quantize(model, **QUANTIZED[name])
             used = ", ".join(f"{part} {fmt}" for part, fmt in QUANTIZED[name].items())
         if backend == "dali":
-            model = torch.compile(model, backend="dali", dynamic=False, options={"inductor": dali_inductor})
+            model = compiled_alone(model, name, backend="dali", options={"inductor": dali_inductor})
         elif backend == "dali-pywrapper":
             if not dali_inductor:
                 continue  # without inductor there is no wrapper: the same as "dali"
-            model = torch.compile(model, backend="dali", dynamic=False, options={"cpp_wrapper": False})
+            model = compiled_alone(model, name, backend="dali", options={"cpp_wrapper": False})
         elif backend is not None:
-            model = torch.compile(model, backend=backend, dynamic=False)
+            model = compiled_alone(model, name, backend=backend)
         paths[name] = (model, used)
     return paths
 
@@ -327,7 +353,8 @@ def timed_call(call: Timed) -> float:
 
 
 def interleaved_ms(calls: dict[str, Timed], warmup: int, repeats: int) -> dict[str, float]:
-    """Median ms per call of each side, over `repeats` rounds of blocks interleaved side by side."""
+    """Median ms per call of each side, over `repeats` rounds of blocks interleaved side by side (a block of short
+    calls after BLOCK_WARM_SECONDS of untimed ones)."""
     blocks = {}
     for name, call in calls.items():
         elapsed = min(timed_call(call) for _ in range(max(1, warmup)))
@@ -337,6 +364,9 @@ def interleaved_ms(calls: dict[str, Timed], warmup: int, repeats: int) -> dict[s
     for _ in range(repeats):
         for name, call in calls.items():
             time.sleep(COOLDOWN_S)
+            warm_until = time.perf_counter() + (BLOCK_WARM_SECONDS if blocks[name] > 1 else 0)
+            while time.perf_counter() < warm_until:
+                timed_call(call)
             times[name].extend(timed_call(call) for _ in range(blocks[name]))
     if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
         print("warning: a path compiled during the timed rounds (raise --warmup)")
@@ -412,7 +442,9 @@ def decode_point(base, paths, fixed, model_name, dtype_name, batch, kv, args) ->
     for key, tensors in weights.items():
         calls[key] = Timed(lambda tensors=tensors: cpu_extension.read_tensors(*tensors))
     if fixed is not None:  # dali on the same structure at tiny widths (fixed_cost_shape)
-        fixed_cache = decode_cache(fixed, torch.randint(0, fixed.config.vocab_size, (batch, kv + 1), generator=gen),
+        fixed_model = fixed._orig_mod  # the cache is filled eagerly, as the paths' is by the base
+        fixed_cache = decode_cache(fixed_model, torch.randint(0, fixed_model.config.vocab_size, (batch, kv + 1),
+                                                              generator=gen),
                                    keyword, args.cache)
         calls["dali-fixed"] = decode_timed(fixed, ids, fixed_cache, kv, keyword)
     ms = interleaved_ms(calls, args.warmup, args.repeats)
