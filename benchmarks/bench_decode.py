@@ -96,7 +96,7 @@ TORCH_PATHS = ("eager", "inductor-grouped", "inductor-batched")
 STATIC_HEADROOM = 64  # --cache static: positions past the prompt (a generation of 64 new tokens)
 BLOCK = 4  # steps back to back per path and round (fewer when a step takes over BLOCK_SECONDS / BLOCK)
 BLOCK_SECONDS = 0.25
-COOLDOWN_S = 0.005  # between blocks: the previous path's OpenMP threads (spin about 1 ms) and our pool (1 ms) stop spinning
+COOLDOWN_S = 0.005  # between blocks: OpenMP's threads and our pool (each spins about 1 ms) go quiet
 # A block of short steps starts with untimed ones until this much time has passed: right after the pause a step runs
 # on a vCPU that just woke and on caches the other paths emptied (on the 2-core machine a 1.2 ms pure-Python loop
 # runs 27% slower right after a 50 ms sleep and needs 2-3 ms to get back to speed; a tiny decode step takes 2.5,

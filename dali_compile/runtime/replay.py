@@ -16,8 +16,11 @@ GPU experts) plus the copies of every step and, given a cost model, the planned 
 `replay_cache` replays a bare `CacheReplacement` over caches of a given size through the same machinery
 (a policy that runs nothing on the GPU and only swaps), for hit-rate comparisons.
 
-Not modelled: residual-based prefetching (a trace has no hidden states to predict from; the runtime shows
-prefetched experts to the policy as cached) and time (copies finish before the next step).
+Prefetching: `prefetch(s, l, resident)`, when given, is asked at the start of layer l - 1's step (as the runtime
+prefetches from the previous layer's gate input) which experts are copied ahead for layer l's step s; they
+must not be resident, and the policy sees them as cached (as the runtime shows them). A trace has no hidden
+states to predict from: the predictions come from elsewhere (e.g. a model's recorded gate inputs).
+Not modelled here: time (copies finish before the next step; `simulator.simulate` adds it).
 """
 
 from __future__ import annotations
@@ -84,8 +87,10 @@ class PolicyReplay:
     steps: int = 0  # steps replayed (S)
     layer_steps: int = 0  # (step, layer) pairs with routing: the policy's decisions
     tokens: int = 0  # (token, expert) pairs routed
-    hits: int = 0  # active experts resident at their step's start
+    hits: int = 0  # active experts resident in the cache at their step's start (prefetched ones not counted)
     misses: int = 0
+    prefetches: int = 0  # experts copied ahead (replay_policy's `prefetch`)
+    prefetch_hits: int = 0  # of those, active in the step they were copied for
     experts_cpu: int = 0  # active experts run on the CPU
     experts_gpu: int = 0
     admitted: int = 0  # misses copied into the cache for their own step
@@ -138,11 +143,13 @@ def replay_policy(
     cost: CostModel | None = None,
     keep_trace: bool = False,
     observe: Callable[[LayerStep, Decision], None] | None = None,
+    prefetch: Callable[[int, int, np.ndarray], np.ndarray] | None = None,
 ) -> PolicyReplay:
     """Replay routing counts int [S, L, E] through `policy` as the runtime would with a budget of
     `budget_slots` expert slots. `cost` is what LayerStep.cost carries (and prices each decision's makespan);
     `observe(step, decision)` is called after each checked decision, before it is applied; keep_trace=True
-    keeps every (LayerStep, Decision). A decision that breaks the runtime's rules raises PolicyError."""
+    keeps every (LayerStep, Decision); `prefetch(s, l, resident bool [E])` (see the module docstring) is
+    asked before layer l - 1 decides. A decision that breaks the runtime's rules raises PolicyError."""
     counts = np.asarray(counts, dtype=np.int64)
     if counts.ndim != 3 or np.any(counts < 0):
         raise ValueError(f"routing counts must be non-negative int [S, L, E], got shape {counts.shape}")
@@ -156,16 +163,21 @@ def replay_policy(
     for layer, cache in enumerate(caches):
         resident[layer, list(cache)] = True
     for s in range(num_steps):
+        prefetched = np.zeros(0, dtype=np.int64)  # for this layer's step, issued by the previous layer
         for layer in range(num_layers):
             experts = np.flatnonzero(counts[s, layer])
-            if not len(experts):
+            incoming, prefetched = prefetched, prefetched[:0]
+            if not len(experts):  # no step, no prefetch from it
                 continue
+            if layer + 1 < num_layers:
+                prefetched = _prefetched(prefetch, s, layer + 1, resident)
+            in_cache = resident[layer, experts]
             step = LayerStep(
                 layer=layer,
                 step=layer_steps[layer],
                 experts=experts,
                 workloads=counts[s, layer, experts],
-                cached=resident[layer, experts],
+                cached=in_cache | np.isin(experts, incoming) if len(incoming) else in_cache,
                 resident=np.flatnonzero(resident[layer]),
                 cache_slots=plan.cache_slots[layer],
                 staging_slots=plan.staging_slots,
@@ -178,7 +190,9 @@ def replay_policy(
                 observe(step, decision)
             if keep_trace:
                 run.trace.append((step, decision))
-            _count(run, s, step, decision, cost)
+            _count(run, s, step, decision, cost, in_cache)
+            run.prefetches += len(incoming)
+            run.prefetch_hits += int(np.isin(incoming, experts).sum())
             for expert, victim in decision.admit + decision.background:
                 if victim != FREE_SLOT:
                     resident[layer, victim] = False
@@ -189,10 +203,23 @@ def replay_policy(
     return run
 
 
-def _count(run: PolicyReplay, s: int, step: LayerStep, decision: Decision, cost: CostModel | None) -> None:
+def _prefetched(prefetch, s: int, layer: int, resident: np.ndarray) -> np.ndarray:
+    """The experts `prefetch` copies ahead for `layer`'s step s: distinct, in range, not resident."""
+    if prefetch is None:
+        return np.zeros(0, dtype=np.int64)
+    chosen = np.asarray(prefetch(s, layer, resident[layer].copy()), dtype=np.int64).reshape(-1)
+    if len(np.unique(chosen)) != len(chosen) or np.any(chosen < 0) or np.any(chosen >= resident.shape[1]):
+        raise ValueError(f"prefetch for step {s} layer {layer}: experts must be distinct ids < E, got {chosen}")
+    if np.any(resident[layer, chosen]):
+        raise ValueError(f"prefetch for step {s} layer {layer}: {chosen[resident[layer, chosen]]} already resident")
+    return chosen
+
+
+def _count(run: PolicyReplay, s: int, step: LayerStep, decision: Decision, cost: CostModel | None,
+           in_cache: np.ndarray) -> None:
     # Python lists: a step has a handful of experts, where numpy's reductions cost microseconds each.
     on_gpu, cached = np.asarray(decision.on_gpu).tolist(), step.cached.tolist()
-    n, hits, gpu = len(cached), sum(cached), sum(on_gpu)
+    n, hits, gpu = len(cached), int(in_cache.sum()), sum(on_gpu)
     staged = sum(g and not c for g, c in zip(on_gpu, cached, strict=True)) - len(decision.admit)
     run.layer_steps += 1
     run.tokens += sum(step.workloads.tolist())
