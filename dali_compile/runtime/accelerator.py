@@ -86,6 +86,10 @@ class Accelerator:
     def __init__(self, device: torch.device, budget_bytes: int):
         self.device = torch.device(device)
         self.pool = MemoryPool(budget_bytes)
+        # CPU seconds the accelerator's own emulation spent on the calling thread (the synchronous emulator
+        # runs its GPU compute inline); the runtime takes them out of its host work. 0 on a real device,
+        # where issuing work is host work.
+        self.emulation_thread_s = 0.0
 
     def allocate(self, shape, dtype: torch.dtype, what: str) -> torch.Tensor:
         """An uninitialised tensor on the device, counted against the expert budget."""

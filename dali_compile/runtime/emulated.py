@@ -184,8 +184,12 @@ class EmulatedAccelerator(Accelerator):
 
     def launch(self, fn, *args, **kwargs):
         self._check_open()
-        if self._compute is None:
-            return fn(*args, **kwargs)
+        if self._compute is None:  # the GPU's work, done here: not the runtime's host work (emulation_thread_s)
+            started = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.emulation_thread_s += time.thread_time() - started
         pending = Pending(self._failures)
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()  # both are per thread
 

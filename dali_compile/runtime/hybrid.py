@@ -183,8 +183,12 @@ class HybridRuntime:
         fallback (eager mode, or a graph without the hook), and the second call does nothing."""
         if not self.prefetching or index + 1 >= len(self.layers):
             return
+        host_start, emulation_start = time.thread_time(), self.accelerator.emulation_thread_s
         with self.step():
             self._prefetch_once(index, gate_input)
+        # host work of the layer whose gate input this is (the layer's own step counts its fallback call)
+        self.layers[index].stats.host_s += (time.thread_time() - host_start
+                                            - (self.accelerator.emulation_thread_s - emulation_start))
 
     def _prefetch_once(self, index: int, gate_input: torch.Tensor) -> None:
         if not self.prefetching or index + 1 >= len(self.layers):
@@ -317,7 +321,7 @@ class HybridLayer:
         """One step; `new_out(hidden)` makes the output (after the prefetch and the plan: their transients and the
         output never coexist) and `combine(out[rows], contributions)` fills it chunk by chunk."""
         rt, acc, stats = self.runtime, self.runtime.accelerator, LayerStats()
-        start = time.perf_counter()
+        start, host_start, emulation_start = time.perf_counter(), time.thread_time(), acc.emulation_thread_s
         self._check(hidden)
         if rt.recorder is not None:
             rt.recorder(self.index, hidden, topk_ids, topk_weights)
@@ -387,6 +391,7 @@ class HybridLayer:
         stats.tokens_cpu, stats.tokens_gpu = int(counts[cpu_set].sum()), int(counts[gpu_set].sum())
         stats.bytes_copied = stats.copies * rt.slot_bytes  # prefetch copies are added when issued
         stats.total_s = time.perf_counter() - start
+        stats.host_s = time.thread_time() - host_start - (acc.emulation_thread_s - emulation_start)
         self.stats.add(stats)
         self.steps += 1
         return out

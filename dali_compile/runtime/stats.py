@@ -29,6 +29,10 @@ class LayerStats:
     copy_wait_s: float = 0.0  # blocked on copies
     cpu_wait_s: float = 0.0  # blocked on the CPU experts after the GPU work was issued
     total_s: float = 0.0
+    # The host thread's own CPU time in the step (counting, the policy, the prefetch's prediction and issue,
+    # submitting and launching, the combine's launch, Python glue): thread CPU time, so waits and time
+    # preempted by the CPU experts' threads are out, and the emulated accelerator's own work is taken out.
+    host_s: float = 0.0
 
     def add(self, other: LayerStats) -> None:
         for f in fields(self):
@@ -53,12 +57,14 @@ def total(layers: list[LayerStats]) -> LayerStats:
 def format_table(names: list[str], layers: list[LayerStats]) -> str:
     """A plain-text table, one row per layer and a total row."""
     header = (f"{'layer':<28} {'steps':>5} {'hit%':>5} {'copies':>6} {'MB copied':>9} {'cpu exp':>7} {'gpu exp':>7} "
-              f"{'cpu tok':>7} {'gpu tok':>7} {'plan ms':>8} {'cpu ms':>8} {'gpu ms':>8} {'wait ms':>8}")
+              f"{'cpu tok':>7} {'gpu tok':>7} {'plan ms':>8} {'cpu ms':>8} {'gpu ms':>8} {'wait ms':>8} "
+              f"{'host us/step':>12}")
     rows = [header]
     for name, s in [*zip(names, layers, strict=True), ("total", total(layers))]:
         rows.append(
             f"{name[-28:]:<28} {s.steps:>5} {100 * s.hit_rate:>5.1f} {s.copies:>6} {s.bytes_copied / 1e6:>9.2f} "
             f"{s.experts_cpu:>7} {s.experts_gpu:>7} {s.tokens_cpu:>7} {s.tokens_gpu:>7} {1e3 * s.plan_s:>8.2f} "
-            f"{1e3 * s.cpu_s:>8.2f} {1e3 * s.gpu_s:>8.2f} {1e3 * (s.copy_wait_s + s.cpu_wait_s):>8.2f}"
+            f"{1e3 * s.cpu_s:>8.2f} {1e3 * s.gpu_s:>8.2f} {1e3 * (s.copy_wait_s + s.cpu_wait_s):>8.2f} "
+            f"{1e6 * s.host_s / max(s.steps, 1):>12.0f}"
         )
     return "\n".join(rows)
