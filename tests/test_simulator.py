@@ -118,15 +118,25 @@ def test_prefetch_is_shown_as_cached_counted_apart_and_timed_on_the_copy_stream(
 
     def predictor(s, layer):
         asked.append((s, layer))
-        return np.array([2, 3])  # layer 1's experts, exactly
+        return np.array([0, 0, 1, 2]), np.array([0.0, 0.0, 0.3, 0.6])  # layer 1's experts, 3 the busier
 
+    fast_link = dataclasses.replace(PROFILE, pcie_bytes_per_s=5e9)  # 0.2 ms a copy: the planner wants both
     policy = Fixed(lambda s: [bool(c) for c in s.cached], staging=0)
-    run = simulate(policy, counts, PROFILE, MODEL, budget_slots=0, tokens_per_step=1, prefetch=predictor)
+    run = simulate(policy, counts, fast_link, MODEL, budget_slots=4, tokens_per_step=1, prefetch=predictor,
+                   prefetch_count=2)
     assert asked == [(0, 1)]
     assert run.prefetches == 2 and run.prefetch_hits == 2 and run.replay.hits == 0
-    layer1_ready = (DENSE + HOST + 2 * CPU) + DENSE + HOST
-    landed = (DENSE + COPY, DENSE + 2 * COPY)  # issued when layer 0's gate input is known, before its plan
-    assert run.seconds == pytest.approx(max(max(layer1_ready, landed[0]) + GPU, landed[1]) + GPU)
+    assert run.pcie_busy_s == pytest.approx(2 * 0.2e-3)
+    layer1_ready = (DENSE + HOST + 2 * CPU) + DENSE + HOST  # both copies landed by then (DENSE + 0.4 ms)
+    assert run.seconds == pytest.approx(layer1_ready + 2 * GPU)
+    # the same prediction on the slow link (2 ms a copy, 1 ms on the CPU): the planner balances one expert on
+    # each side, so only one is copied ahead
+    slow = simulate(Fixed(lambda s: [bool(c) for c in s.cached], staging=0), counts, PROFILE, MODEL,
+                    budget_slots=4, tokens_per_step=1, prefetch=predictor, prefetch_count=2)
+    assert slow.prefetches == 1
+    with pytest.raises(ValueError, match="prefetch slots"):
+        simulate(policy, counts, PROFILE, MODEL, budget_slots=3, tokens_per_step=1, prefetch=predictor,
+                 prefetch_count=2)
 
 
 def test_replay_rejects_a_prefetch_of_a_resident_or_out_of_range_expert():

@@ -44,9 +44,9 @@ from dali_compile.ops.gpu_experts import gpu_experts
 from .accelerator import Accelerator, Event, ExpertMemoryError
 from .expert_cache import LayerCache, SlotPool, expert_bytes, plan_slots
 from .layer_spec import LayerSpec
-from .planner import CostModel, greedy_plan
+from .planner import CostModel
 from .policies import LayerStep, Policy, check_decision
-from .prefetch import ResidualPredictor
+from .prefetch import ResidualPredictor, prefetch_choice
 from .profiling import profiled_costs
 from .registry import LayerRegistry, layer_registry
 from .stats import LayerStats, format_table, total
@@ -212,15 +212,7 @@ class HybridRuntime:
         with the most predicted tokens)."""
         started = time.perf_counter()
         layer = self.layers[index]
-        experts = np.flatnonzero(counts).astype(np.int64)
-        cached = layer.cache.slot_of_expert[experts] >= 0
-        if self.cost is not None and experts.size:
-            wanted = greedy_plan(experts, counts[experts], cached, self.cost, self.prefetch).on_gpu & ~cached
-        else:
-            wanted = ~cached
-        candidates = experts[wanted]
-        # Most predicted tokens first, then most routing weight (ties are the rule at one token per step).
-        chosen = candidates[np.lexsort((-mass[candidates], -counts[candidates]))][: self.prefetch]
+        chosen = prefetch_choice(counts, mass, layer.cache.slot_of_expert >= 0, self.cost, self.prefetch)
         layer.prefetched = {}
         for expert, slot in zip(chosen.tolist(), self.prefetch_sets[index % 2], strict=False):
             self.pool.load(slot, layer.spec, expert, self.last_compute, owner=index)

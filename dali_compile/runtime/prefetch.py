@@ -18,12 +18,29 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .planner import greedy_plan
+
 
 def default_prefetch_count(num_experts: int) -> int:
     """P by expert count, as the paper: 1 for 8 experts, 4 for 64 or more (2 in between)."""
     if num_experts <= 8:
         return 1
     return 4 if num_experts >= 64 else 2
+
+
+def prefetch_choice(counts: np.ndarray, mass: np.ndarray, cached: np.ndarray, cost, count: int) -> np.ndarray:
+    """The experts to copy ahead from a prediction (tokens per expert [E], routing weight per expert [E]) for a
+    layer whose cache holds `cached` (bool [E]): among the predicted experts not cached, those the planner would
+    put on the GPU (all of them without a cost model), most predicted tokens first, then most routing weight
+    (ties are the rule at one token per step), at most `count`. int64 ids."""
+    experts = np.flatnonzero(counts).astype(np.int64)
+    resident = cached[experts]
+    if cost is not None and experts.size:
+        wanted = greedy_plan(experts, counts[experts], resident, cost, count).on_gpu & ~resident
+    else:
+        wanted = ~resident
+    candidates = experts[wanted]
+    return candidates[np.lexsort((-mass[candidates], -counts[candidates]))][:count]
 
 
 def find_router(block: nn.Module, num_experts: int, hidden_size: int) -> nn.Module:

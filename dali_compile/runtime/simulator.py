@@ -16,8 +16,9 @@ resources that run concurrently (the CPU's cores, the GPU's compute stream, the 
    copy stream in order, each computed once its copy has landed; a staged copy waits until the staging slot
    it reuses is free (the compute of the expert `staging_slots` before it), as the runtime's double buffer;
 5. the step's background copies queue on the copy stream after its GPU work (they delay later copies);
-6. prefetch for the next layer (when a prediction is given) is issued when this layer's host work is done,
-   on the copy stream, and its experts count as resident in the next layer's step;
+6. prefetch for the next layer (when a prediction is given) is issued at the start of this layer's host
+   work (the runtime's first action of a step), on the copy stream, and its experts count as resident in the
+   next layer's step, computed once they have landed;
 7. the layer ends when the CPU and the GPU are both done; the next layer starts then.
 
 Per expert: t_cpu(w) = max(bytes / cpu_bandwidth, w * flop / cpu_flop_rate), t_gpu(w) likewise plus one
@@ -39,9 +40,12 @@ import numpy as np
 
 from .planner import CostModel
 from .policies import Decision, LayerStep, Policy
+from .prefetch import prefetch_choice
 from .replay import PolicyReplay, replay_policy
 
 PROFILE_DIR = Path(__file__).with_name("hardware")
+# (step, layer) -> the predicted workload of that layer's step: tokens per expert [E], routing weight per expert [E]
+Prediction = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
 PROFILED_WORKLOADS = tuple(2**i for i in range(13))  # 1 .. 4096, as a warm-up profile would time them
 
 
@@ -184,8 +188,9 @@ class _Timer:
     """Prices each checked decision of a replay in order (replay_policy's `observe`)."""
 
     def __init__(self, profile: HardwareProfile, model: SimulatedModel, cost: CostModel, tokens_per_step: int,
-                 run: SimulatedRun, prefetch: Callable[[int, int], np.ndarray] | None):
+                 run: SimulatedRun, prefetch: Prediction | None, prefetch_count: int):
         self.profile, self.cost, self.run, self.prefetch = profile, cost, run, prefetch
+        self.prefetch_count = prefetch_count
         self.dense_s = dense_seconds(profile, model, tokens_per_step)
         self.clock = _Clock()
         self.pending = np.zeros(0, dtype=np.int64)  # prefetch asked for the next layer, not yet scheduled
@@ -197,10 +202,11 @@ class _Timer:
         return float(np.interp(w, self.cost.workloads, self.cost.gpu_seconds))
 
     def prefetch_for(self, s: int, layer: int, resident: np.ndarray) -> np.ndarray:
-        """replay_policy's `prefetch`: the predicted experts of (s, layer) not resident, copied during the
-        previous layer's step (scheduled by the next __call__, the previous layer's)."""
-        predicted = np.asarray(self.prefetch(s, layer), dtype=np.int64).reshape(-1)
-        self.pending = predicted[~resident[predicted]]
+        """replay_policy's `prefetch`: what the runtime copies ahead for (s, layer) from the predicted workload
+        (`prefetch.prefetch_choice`), during the previous layer's step (scheduled by its __call__, next)."""
+        counts, mass = self.prefetch(s, layer)
+        self.pending = prefetch_choice(np.asarray(counts), np.asarray(mass, dtype=np.float64), resident, self.cost,
+                                       self.prefetch_count)
         return self.pending
 
     def __call__(self, step: LayerStep, decision: Decision) -> None:
@@ -265,20 +271,32 @@ def simulate(
     *,
     budget_slots: int,
     tokens_per_step: int,
-    prefetch: Callable[[int, int], np.ndarray] | None = None,
+    prefetch: Prediction | None = None,
+    prefetch_count: int = 0,
 ) -> SimulatedRun:
     """Simulate `policy` over routing counts int [S, L, E] (B = `tokens_per_step` tokens per step) with a
-    budget of `budget_slots` expert slots on `profile`. `prefetch(step, layer)`, when given, names the experts
-    copied ahead for that layer's step (the predictor's choice, issued during the previous layer); those not
-    already cached count as resident in the step. Returns the run's time, busy times and counters."""
+    budget of `budget_slots` expert slots on `profile`. `prefetch(step, layer)`, when given, is the predicted
+    workload of that layer's step (tokens per expert [E], routing weight per expert [E]; layers >= 1), from
+    which up to `prefetch_count` (P) experts are copied ahead as the runtime chooses them
+    (`prefetch.prefetch_choice`) while the previous layer runs; their 2P slots come out of the budget, as in
+    the runtime. Returns the run's time, busy times and counters."""
     counts = np.asarray(counts, dtype=np.int64)
     if counts.ndim != 3 or counts.shape[2] != model.num_experts:
         raise ValueError(f"routing counts must be [S, L, {model.num_experts}] for {model.name}, got {counts.shape}")
     if isinstance(tokens_per_step, bool) or not isinstance(tokens_per_step, (int, np.integer)) or tokens_per_step < 1:
         raise ValueError(f"tokens_per_step must be an int >= 1, got {tokens_per_step!r}")
+    if prefetch is not None and (isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int)
+                                 or not 1 <= prefetch_count <= model.num_experts):
+        raise ValueError(f"prefetch_count must be an int in 1..{model.num_experts} with a prefetch, "
+                         f"got {prefetch_count!r}")
+    if prefetch is not None:
+        budget_slots -= 2 * prefetch_count
+        if budget_slots < 0:
+            raise ValueError(f"a budget of {budget_slots + 2 * prefetch_count} slots cannot hold the 2P = "
+                             f"{2 * prefetch_count} prefetch slots")
     cost = profile.cost_model(model.expert_bytes, model.expert_flop_per_token)
     run = SimulatedRun(policy.name, int(counts.shape[0]) * int(tokens_per_step), 0.0)
-    timer = _Timer(profile, model, cost, int(tokens_per_step), run, prefetch)
+    timer = _Timer(profile, model, cost, int(tokens_per_step), run, prefetch, prefetch_count)
     run.replay = replay_policy(policy, counts, budget_slots=budget_slots, top_k=model.top_k, cost=cost,
                                observe=timer, prefetch=None if prefetch is None else timer.prefetch_for)
     run.seconds = timer.clock.now
