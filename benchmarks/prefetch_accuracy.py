@@ -140,6 +140,27 @@ def record(model, windows_: torch.Tensor, chunk: int) -> dict[str, np.ndarray]:
     return recording.arrays()
 
 
+def recorded_routing(model, calibration: torch.Tensor, evaluation: torch.Tensor, chunk: int):
+    """Through the runtime (all-CPU, emulated device): the routers, the residual vectors measured on
+    `calibration`, each layer's expert popularity there [L, E], and the recording of `evaluation` (see record).
+    Returns (trace, routers, residuals, popular); the model is released again."""
+    config = model.config
+    E, L = config.num_experts, config.num_hidden_layers
+    dali_compile.offload(model, device="emulated", expert_memory="1MiB", policy="all_cpu")
+    try:
+        runtime = runtime_of(model)
+        routers = [find_router(model.get_submodule(layer.name.rpartition(".")[0]), E, config.hidden_size)
+                   for layer in runtime.layers]
+        with record_routing(model, gate_inputs=False) as recording:
+            residuals = [r.numpy() for r in measure_residuals(model, routers, calibration)]
+        calibration_ids = recording.arrays()["stream_expert_ids"].astype(np.int64)
+        popular = np.stack([np.bincount(calibration_ids[:, l].ravel(), minlength=E) for l in range(L)])
+        trace = record(model, evaluation, chunk)
+    finally:
+        dali_compile.release(model)
+    return trace, routers, residuals, popular
+
+
 def evaluate(trace: dict[str, np.ndarray], routers, residuals, popular: np.ndarray, batches, top_ps,
              seed: int) -> list[Row]:
     ids, weights = trace["stream_expert_ids"].astype(np.int64), trace["stream_scores"]
@@ -263,18 +284,7 @@ def main(argv=None) -> None:
     print(f"calibration {splits['calibration']} {calibration.numel()} chars, evaluation {splits['evaluation']} "
           f"{evaluation.numel()} chars, P = {top_ps}, B = {args.batch_sizes}")
 
-    dali_compile.offload(model, device="emulated", expert_memory="1MiB", policy="all_cpu")
-    try:
-        runtime = runtime_of(model)
-        routers = [find_router(model.get_submodule(layer.name.rpartition(".")[0]), E, config.hidden_size)
-                   for layer in runtime.layers]
-        with record_routing(model, gate_inputs=False) as recording:
-            residuals = [r.numpy() for r in measure_residuals(model, routers, calibration)]
-        calibration_ids = recording.arrays()["stream_expert_ids"].astype(np.int64)
-        popular = np.stack([np.bincount(calibration_ids[:, l].ravel(), minlength=E) for l in range(L)])
-        trace = record(model, evaluation, args.chunk)
-    finally:
-        dali_compile.release(model)
+    trace, routers, residuals, popular = recorded_routing(model, calibration, evaluation, args.chunk)
     print(f"recorded {trace['stream_expert_ids'].shape[0]} evaluation tokens through the runtime; "
           f"|res_vec| / |x| per layer: " + " ".join(
               f"{np.linalg.norm(r) / np.linalg.norm(trace['stream_gate_inputs'][:, l], axis=1).mean():.2f}"

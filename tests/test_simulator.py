@@ -223,3 +223,22 @@ def test_simulate_pc_end_to_end_on_the_mixtral_trace(tmp_path, monkeypatch):
         if r.policy == "dali":
             assert r.dali_speedup == pytest.approx(1.0)
     sys.modules.pop("simulate_pc", None)
+
+
+def test_simulate_pc_step_predictions_sum_each_steps_predicted_routing(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    sys.modules.pop("simulate_pc", None)
+    import simulate_pc
+    from model_shapes import model_shape
+
+    shape = dataclasses.replace(model_shape("olmoe"), experts=4, top_k=2, moe_layers=2)
+    ids = np.zeros((4, 2, 2), dtype=np.int64)
+    predicted = (np.array([[0, 1], [1, 2], [3, 2], [3, 0]]), np.array([[0.5, 0.5], [0.6, 0.4], [0.7, 0.3],
+                                                                        [0.9, 0.1]], dtype=np.float32))
+    routing = simulate_pc.Routing(shape, ids, budget_slots=4, gate_predicted=[None, predicted])
+    predict = simulate_pc.step_predictions(routing, tokens_per_step=2, steps=2)
+    counts, mass = predict(0, 1)  # tokens 0 and 1
+    assert counts.tolist() == [1, 2, 1, 0] and mass == pytest.approx([0.5, 1.1, 0.4, 0.0])
+    counts, mass = predict(1, 1)  # tokens 2 and 3
+    assert counts.tolist() == [1, 0, 1, 2] and mass == pytest.approx([0.1, 0.0, 0.3, 1.6])
+    sys.modules.pop("simulate_pc", None)
