@@ -40,13 +40,13 @@ Not modelled: see the simulator's docstring (lm_head and sampling, contention, K
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from bench_planner import write_csv  # the sibling script's
 from model_shapes import ModelShape, model_shape
 
 from dali_compile.runtime.policies import make_policy
@@ -193,14 +193,6 @@ def print_rows(rows: list[Row]) -> None:
               f"{'' if np.isnan(r.prefetch_hit_rate) else f'{r.prefetch_hit_rate:.0%}':>6}")
 
 
-def write_csv(rows: list[Row], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    print(f"wrote {path}")
-
-
 def plot(rows: list[Row], path: str) -> None:
     try:
         import matplotlib
@@ -268,7 +260,7 @@ def main(argv=None) -> list[Row]:
                     rows += run_point(profile, routings[name], phase, batch, args.max_steps)
     print_rows(rows)
     if rows:
-        write_csv(rows, args.csv)
+        write_csv(args.csv, rows)
         if not args.no_plot:
             plot(rows, os.path.splitext(args.csv)[0] + ".png")
     return rows
