@@ -31,6 +31,7 @@ copies slowing the GPU's memory; the KV cache's growth within a run; chunking of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .planner import CostModel
+from .planner import CostModel, _tabulated_costs
 from .policies import Decision, LayerStep, Policy
 from .prefetch import prefetch_choice
 from .replay import PolicyReplay, replay_policy
@@ -84,10 +85,10 @@ class HardwareProfile:
         if missing or unknown:
             raise ValueError(f"hardware profile {path}: missing fields {sorted(missing)}, unknown {sorted(unknown)}")
         data["sources"] = tuple(data["sources"])
-        return cls(**{k: (float(v) if isinstance(v, int) and k not in ("name",) else v) for k, v in data.items()})
+        return cls(**{k: (float(v) if isinstance(v, int) else v) for k, v in data.items()})
 
     def with_host_layer_s(self, seconds: float) -> HardwareProfile:
-        return HardwareProfile(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "host_layer_s": seconds})
+        return dataclasses.replace(self, host_layer_s=seconds)
 
     def cost_model(self, expert_bytes: int, flop_per_token: int) -> CostModel:
         """The roofline of one expert (see the module docstring), tabulated at PROFILED_WORKLOADS."""
@@ -195,12 +196,6 @@ class _Timer:
         self.clock = _Clock()
         self.pending = np.zeros(0, dtype=np.int64)  # prefetch asked for the next layer, not yet scheduled
 
-    def t_cpu(self, w: int) -> float:
-        return float(np.interp(w, self.cost.workloads, self.cost.cpu_seconds))
-
-    def t_gpu(self, w: int) -> float:
-        return float(np.interp(w, self.cost.workloads, self.cost.gpu_seconds))
-
     def prefetch_for(self, s: int, layer: int, resident: np.ndarray) -> np.ndarray:
         """replay_policy's `prefetch`: what the runtime copies ahead for (s, layer) from the predicted workload
         (`prefetch.prefetch_choice`), during the previous layer's step (scheduled by its __call__, next)."""
@@ -219,29 +214,32 @@ class _Timer:
         ready = c.gpu_free + self.profile.host_layer_s  # the routing is on the host and the plan made
         run.host_s += self.profile.host_layer_s
         on_gpu = np.asarray(decision.on_gpu).tolist()
-        workloads, cached, experts = step.workloads.tolist(), step.cached.tolist(), step.experts.tolist()
-        cpu_s = sum(self.t_cpu(w) for w, g in zip(workloads, on_gpu, strict=True) if not g)
+        cached, experts = step.cached.tolist(), step.experts.tolist()
+        # each expert's t_cpu(w) and t_gpu(w) from the cost model's table (as resident: copies are timed apart)
+        t_cpu, t_gpu, _ = _tabulated_costs(step.workloads, np.ones(len(experts), dtype=bool), self.cost)
+        t_cpu, t_gpu = t_cpu.tolist(), t_gpu.tolist()
+        cpu_s = sum(c for c, g in zip(t_cpu, on_gpu, strict=True) if not g)
         run.cpu_busy_s += cpu_s
         gpu_t = max(ready, c.gpu_free)
         copied = []
-        for e, w, g, hit in zip(experts, workloads, on_gpu, cached, strict=True):
+        for e, g_s, g, hit in zip(experts, t_gpu, on_gpu, cached, strict=True):
             if g and hit:  # resident: cached or prefetched, computed once its copy has landed
                 landed = prefetched_at.get(e, c.landed.get((step.layer, e), 0.0))
-                gpu_t = max(gpu_t, landed) + self.t_gpu(w)
+                gpu_t = max(gpu_t, landed) + g_s
             elif g:
-                copied.append(w)
+                copied.append(g_s)
         admitted = len(decision.admit)
         copy_t = max(ready, c.copy_free)
         slot_free = [0.0] * max(1, step.staging_slots)  # when staging slot j's previous expert was computed
-        for i, w in enumerate(copied):
+        for i, g_s in enumerate(copied):
             j = (i - admitted) % len(slot_free)
             if i >= admitted:  # staged: the slot is reused once its previous expert was computed
                 copy_t = max(copy_t, slot_free[j])
             copy_t += transfer
-            gpu_t = max(gpu_t, copy_t) + self.t_gpu(w)
+            gpu_t = max(gpu_t, copy_t) + g_s
             if i >= admitted:
                 slot_free[j] = gpu_t
-        run.gpu_busy_s += sum(self.t_gpu(w) for w, g in zip(workloads, on_gpu, strict=True) if g)
+        run.gpu_busy_s += sum(g_s for g_s, g in zip(t_gpu, on_gpu, strict=True) if g)
         run.pcie_busy_s += (len(copied) + len(decision.background)) * transfer
         # background copies start after this step's GPU work (they may overwrite a slot it read); a later
         # step computes such an expert once its copy has landed
