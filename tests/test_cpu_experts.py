@@ -247,23 +247,17 @@ def test_dense_gemm_path_for_many_tokens(layout, transposed_max_rows):
 def test_decode_step_uses_every_thread():
     """One token, two active experts: both phases split experts *and* rows, so both threads get tasks."""
     default = cpu_extension.get_num_threads()
-    # Regions of several milliseconds (96 MB of weights): on a busy 2-core host the worker's vCPU may
-    # take a scheduler slice to come back, and a region must outlast that for the check to mean anything.
+    # Decode-sized projections (hidden 2048, intermediate 4096): the kernel's split heuristics see real shapes.
     up = torch.full((2, 8192, 2048), 0.01, dtype=torch.bfloat16)
     down = torch.full((2, 2048, 4096), 0.01, dtype=torch.bfloat16)
     hidden, ids, weights = torch.randn(1, 2048).bfloat16(), torch.tensor([[1, 0]]), torch.rand(1, 2)
     args = (hidden, ids, weights, up, down, None, None, None, True, False, False, "silu", 0.0, 0.0)
     try:
         cpu_extension.set_num_threads(2)
-        seen = set()
-        # A busy host (the suite runs two test processes on 2 cores) may not schedule the second thread in
-        # time for one region: try for up to 10 s, pausing between tries so the other process can yield.
-        deadline = time.monotonic() + 10.0
-        while 2 not in seen and time.monotonic() < deadline:
-            torch.ops.dali.cpu_experts(*args)
-            seen.add(cpu_extension.last_region_threads())
-            time.sleep(0.01)
-        assert 2 in seen, f"the down-projection region ran on {seen} thread(s), never on both"
+        torch.ops.dali.cpu_experts(*args)
+        # The down projection's region was split across both threads (which thread then claims which task is
+        # up to the OS scheduler: on a busy host one may run them all before the other wakes).
+        assert cpu_extension.last_region_width() == 2
     finally:
         cpu_extension.set_num_threads(default)
 

@@ -29,13 +29,16 @@ class AtenParallel final : public Parallel {
     if (threads == 1 || at::in_parallel_region()) {
       for (int64_t i = 0; i < num_tasks; ++i) task(i);
       last_threads_.store(1, std::memory_order_relaxed);
+      last_width_.store(1, std::memory_order_relaxed);
       return;
     }
     // One chunk per thread; inside, tasks are claimed one at a time, so a thread the OS delays
     // leaves its share to the others (as in the pool). at::parallel_for rethrows a task's exception.
     std::atomic<int64_t> next{0};
     std::atomic<int> ran{0};
+    std::atomic<int> joined{0};  // OpenMP runs every team member's chunk, scheduled late or not
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      joined.fetch_add(1, std::memory_order_relaxed);
       bool any = false;
       for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) {
         task(i);
@@ -44,12 +47,15 @@ class AtenParallel final : public Parallel {
       if (any) ran.fetch_add(1, std::memory_order_relaxed);
     });
     last_threads_.store(ran.load(), std::memory_order_relaxed);
+    last_width_.store(joined.load(), std::memory_order_relaxed);
   }
 
   int last_region_threads() override { return last_threads_.load(std::memory_order_relaxed); }
+  int last_region_width() override { return last_width_.load(std::memory_order_relaxed); }
 
  private:
   std::atomic<int> last_threads_{0};
+  std::atomic<int> last_width_{0};
 };
 
 #if defined(_OPENMP)

@@ -19,8 +19,12 @@ class Parallel {
   // Runs task(0) .. task(num_tasks - 1) and returns when all have finished, rethrowing the first
   // exception a task threw. Tasks must not start regions themselves.
   virtual void parallel_for(int64_t num_tasks, const std::function<void(int64_t)>& task) = 0;
-  // Threads (caller included) that ran at least one task of the latest region: a diagnostic.
+  // Threads (caller included) that ran at least one task of the latest region: a diagnostic that
+  // depends on the OS scheduler (on a busy host one thread may claim every task before another wakes).
   virtual int last_region_threads() = 0;
+  // Threads the latest region was split across: min(num_threads(), num_tasks) as the executor
+  // offered it. Deterministic, so tests check the thread budget and the partitioning with it.
+  virtual int last_region_width() = 0;
 };
 
 }  // namespace dali_cpu

@@ -290,6 +290,10 @@ int dali_cpu_last_region_threads() {
                                 [] { return dali_cpu::step_parallel().last_region_threads(); });
 }
 
+int dali_cpu_last_region_width() {
+  return dali_cpu::call_guarded(dali_cpu::kCppException, [] { return dali_cpu::step_parallel().last_region_width(); });
+}
+
 int64_t dali_cpu_get_dense_gemm_min_tokens() { return dali_cpu::dense_gemm_min_tokens(); }
 
 void dali_cpu_set_dense_gemm_min_tokens(int64_t n) { dali_cpu::g_dense_gemm_min_tokens.store(n); }

@@ -1,5 +1,6 @@
 #include "thread_pool.h"
 
+#include <algorithm>
 #include <chrono>
 
 namespace dali_cpu {
@@ -80,6 +81,11 @@ int ThreadPool::last_region_threads() {
   return region_threads_;
 }
 
+int ThreadPool::last_region_width() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return region_width_;
+}
+
 void ThreadPool::run_tasks(const std::function<void(int64_t)>* task, int64_t num_tasks) {
   int64_t finished = 0;
   std::exception_ptr error;
@@ -139,6 +145,7 @@ void ThreadPool::parallel_for(int64_t num_tasks, const std::function<void(int64_
     num_tasks_ = num_tasks;
     tasks_done_ = 0;
     region_threads_ = 0;
+    region_width_ = static_cast<int>(std::min<int64_t>(static_cast<int64_t>(workers_.size()) + 1, num_tasks));
     error_ = nullptr;
     next_task_.store(0);
     ++generation_;

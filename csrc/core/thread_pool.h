@@ -35,6 +35,7 @@ class ThreadPool : public Parallel {
   void parallel_for(int64_t num_tasks, const std::function<void(int64_t)>& task) override;
   // Threads (caller included) that ran at least one task of the latest region: a diagnostic.
   int last_region_threads() override;
+  int last_region_width() override;
 
  private:
   void start_workers(int num_threads);
@@ -56,6 +57,7 @@ class ThreadPool : public Parallel {
   int64_t tasks_done_ = 0;
   int active_workers_ = 0;  // workers that joined the current generation and have not left it
   int region_threads_ = 0;
+  int region_width_ = 0;
   std::exception_ptr error_;
   std::atomic<int64_t> next_task_{0};
   // Lets idle workers notice a new region without sleeping on the condition variable first.

@@ -153,6 +153,7 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_cpu_set_isa.restype = ctypes.c_int
     lib.dali_cpu_outstanding_jobs.restype = ctypes.c_int64
     lib.dali_cpu_last_region_threads.restype = ctypes.c_int
+    lib.dali_cpu_last_region_width.restype = ctypes.c_int
     lib.dali_cpu_get_dense_gemm_min_tokens.restype = ctypes.c_int64
     lib.dali_cpu_set_dense_gemm_min_tokens.argtypes = [ctypes.c_int64]
     lib.dali_cpu_get_transposed_gemm_max_rows.restype = ctypes.c_int64
@@ -376,9 +377,17 @@ def greedy_plan_function():
 
 
 def last_region_threads() -> int:
-    """Threads that ran tasks in the pool's latest parallel region (a diagnostic: 0 without the extension)."""
+    """Threads that ran tasks in the latest parallel region of the step's executor (a diagnostic that depends
+    on the OS scheduler: on a busy host one thread may claim every task first; 0 without the extension)."""
     lib = _loaded()
     return 0 if lib is None else _checked(lib, lib.dali_cpu_last_region_threads(), "last_region_threads")
+
+
+def last_region_width() -> int:
+    """Threads the latest parallel region was split across: the pool's size or, on ATen's threads, the OpenMP
+    team that joined it, capped by the region's task count (deterministic; 0 without the extension)."""
+    lib = _loaded()
+    return 0 if lib is None else _checked(lib, lib.dali_cpu_last_region_width(), "last_region_width")
 
 
 def outstanding_jobs() -> int:
