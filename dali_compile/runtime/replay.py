@@ -93,6 +93,8 @@ class PolicyReplay:
     prefetch_hits: int = 0  # of those, active in the step they were copied for
     experts_cpu: int = 0  # active experts run on the CPU
     experts_gpu: int = 0
+    tokens_cpu: int = 0  # (token, expert) pairs computed on the CPU
+    tokens_gpu: int = 0
     admitted: int = 0  # misses copied into the cache for their own step
     staged: int = 0  # misses copied into a staging slot for their own step
     background: int = 0  # copies into the cache after a step
@@ -222,7 +224,11 @@ def _count(run: PolicyReplay, s: int, step: LayerStep, decision: Decision, cost:
     n, hits, gpu = len(cached), int(in_cache.sum()), sum(on_gpu)
     staged = sum(g and not c for g, c in zip(on_gpu, cached, strict=True)) - len(decision.admit)
     run.layer_steps += 1
-    run.tokens += sum(step.workloads.tolist())
+    workloads = step.workloads.tolist()
+    gpu_tokens = sum(w for w, g in zip(workloads, on_gpu, strict=True) if g)
+    run.tokens += sum(workloads)
+    run.tokens_gpu += gpu_tokens
+    run.tokens_cpu += sum(workloads) - gpu_tokens
     run.hits += hits
     run.misses += n - hits
     run.experts_gpu += gpu

@@ -22,7 +22,9 @@ resources that run concurrently (the CPU's cores, the GPU's compute stream, the 
 7. the layer ends when the CPU and the GPU are both done; the next layer starts then.
 
 Per expert: t_cpu(w) = max(bytes / cpu_bandwidth, w * flop / cpu_flop_rate), t_gpu(w) likewise plus one
-kernel launch, a copy = bytes / PCIe bandwidth (`HardwareProfile.cost_model`, also what the policies see).
+kernel launch, a copy = bytes / PCIe bandwidth (`HardwareProfile.cost_model`, also what the policies see);
+or a given cost model's tables, such as the one a runtime profiled (`benchmarks/validate_simulator.py` replays
+a runtime's own run with it).
 
 Not modelled: the lm_head, embedding and sampling (the same for every policy; they lower all tokens/s
 alike); contention between the CPU experts and the host's own work for cores and memory bandwidth;
@@ -150,6 +152,16 @@ def dense_seconds(profile: HardwareProfile, model: SimulatedModel, tokens: int) 
                 tokens * model.dense_flop_per_token_per_layer / profile.gpu_flop_per_s) + 4 * profile.gpu_kernel_s)
 
 
+@dataclass(frozen=True)
+class LayerTime:
+    """One layer step's expert phase, from the moment its plan is made (the host's work done): the CPU experts'
+    seconds (sum of t_cpu), and the seconds until the GPU's last expert of the step finished (copies waited for
+    included; 0 without GPU experts). The step's expert phase lasts the longer of the two."""
+
+    cpu_s: float
+    gpu_s: float
+
+
 @dataclass
 class SimulatedRun:
     """A policy's simulated run: its time, where the time went, and the replay's counters."""
@@ -164,6 +176,7 @@ class SimulatedRun:
     prefetches: int = 0
     prefetch_hits: int = 0
     replay: PolicyReplay | None = None
+    layer_times: list[LayerTime] = field(default_factory=list)  # per layer step, in the replay's order
 
     @property
     def tokens_per_s(self) -> float:
@@ -189,8 +202,9 @@ class _Timer:
     """Prices each checked decision of a replay in order (replay_policy's `observe`)."""
 
     def __init__(self, profile: HardwareProfile, model: SimulatedModel, cost: CostModel, tokens_per_step: int,
-                 run: SimulatedRun, prefetch: Prediction | None, prefetch_count: int):
+                 run: SimulatedRun, prefetch: Prediction | None, prefetch_count: int, timing: CostModel):
         self.profile, self.cost, self.run, self.prefetch = profile, cost, run, prefetch
+        self.timing = timing  # what experts and copies take; `cost` is what the decisions see
         self.prefetch_count = prefetch_count
         self.dense_s = dense_seconds(profile, model, tokens_per_step)
         self.clock = _Clock()
@@ -205,7 +219,7 @@ class _Timer:
         return self.pending
 
     def __call__(self, step: LayerStep, decision: Decision) -> None:
-        c, run, transfer = self.clock, self.run, self.cost.transfer_seconds
+        c, run, transfer = self.clock, self.run, self.timing.transfer_seconds
         gpu_start = max(c.now, c.gpu_free)
         c.gpu_free = gpu_start + self.dense_s
         run.gpu_busy_s += self.dense_s
@@ -216,7 +230,7 @@ class _Timer:
         on_gpu = np.asarray(decision.on_gpu).tolist()
         cached, experts = step.cached.tolist(), step.experts.tolist()
         # each expert's t_cpu(w) and t_gpu(w) from the cost model's table (as resident: copies are timed apart)
-        t_cpu, t_gpu, _ = _tabulated_costs(step.workloads, np.ones(len(experts), dtype=bool), self.cost)
+        t_cpu, t_gpu, _ = _tabulated_costs(step.workloads, np.ones(len(experts), dtype=bool), self.timing)
         t_cpu, t_gpu = t_cpu.tolist(), t_gpu.tolist()
         cpu_s = sum(c for c, g in zip(t_cpu, on_gpu, strict=True) if not g)
         run.cpu_busy_s += cpu_s
@@ -249,10 +263,11 @@ class _Timer:
             c.landed[(step.layer, int(expert))] = c.copy_free
         c.gpu_free = gpu_t
         c.now = max(ready + cpu_s, gpu_t)
+        run.layer_times.append(LayerTime(cpu_s, gpu_t - ready))
 
     def _issue_prefetch(self, issued: float) -> None:
         """The pending prefetch (for the next layer's step) on the copy stream from `issued` on."""
-        c, transfer = self.clock, self.cost.transfer_seconds
+        c, transfer = self.clock, self.timing.transfer_seconds
         c.prefetch_ready = {}
         for expert in self.pending.tolist():
             c.copy_free = max(c.copy_free, issued) + transfer
@@ -271,13 +286,19 @@ def simulate(
     tokens_per_step: int,
     prefetch: Prediction | None = None,
     prefetch_count: int = 0,
+    cost: CostModel | None = None,
+    timing_cost: CostModel | None = None,
 ) -> SimulatedRun:
     """Simulate `policy` over routing counts int [S, L, E] (B = `tokens_per_step` tokens per step) with a
     budget of `budget_slots` expert slots on `profile`. `prefetch(step, layer)`, when given, is the predicted
     workload of that layer's step (tokens per expert [E], routing weight per expert [E]; layers >= 1), from
     which up to `prefetch_count` (P) experts are copied ahead as the runtime chooses them
     (`prefetch.prefetch_choice`) while the previous layer runs; their 2P slots come out of the budget, as in
-    the runtime. Returns the run's time, busy times and counters."""
+    the runtime. `cost`: the cost model the policies see and the experts are timed with, e.g. the one a runtime
+    profiled (`HybridRuntime.cost`); default: the profile's roofline (`HardwareProfile.cost_model`).
+    `timing_cost`, when given, times the experts and copies instead of `cost` (which the decisions still see):
+    the same decisions on other hardware, or priced by a fresher measurement. Returns the run's time, busy
+    times, per layer step times and counters."""
     counts = np.asarray(counts, dtype=np.int64)
     if counts.ndim != 3 or counts.shape[2] != model.num_experts:
         raise ValueError(f"routing counts must be [S, L, {model.num_experts}] for {model.name}, got {counts.shape}")
@@ -292,9 +313,11 @@ def simulate(
         if budget_slots < 0:
             raise ValueError(f"a budget of {budget_slots + 2 * prefetch_count} slots cannot hold the 2P = "
                              f"{2 * prefetch_count} prefetch slots")
-    cost = profile.cost_model(model.expert_bytes, model.expert_flop_per_token)
+    if cost is None:
+        cost = profile.cost_model(model.expert_bytes, model.expert_flop_per_token)
     run = SimulatedRun(policy.name, int(counts.shape[0]) * int(tokens_per_step), 0.0)
-    timer = _Timer(profile, model, cost, int(tokens_per_step), run, prefetch, prefetch_count)
+    timing = cost if timing_cost is None else timing_cost
+    timer = _Timer(profile, model, cost, int(tokens_per_step), run, prefetch, prefetch_count, timing)
     run.replay = replay_policy(policy, counts, budget_slots=budget_slots, top_k=model.top_k, cost=cost,
                                observe=timer, prefetch=None if prefetch is None else timer.prefetch_for)
     run.seconds = timer.clock.now
