@@ -113,8 +113,8 @@ def inject(site: str, runtime, monkeypatch, error: BaseException) -> Fault:
         monkeypatch.setattr(acc, "copy_async", fault.after(acc.copy_async))
     elif site == "gpu_compute":
         monkeypatch.setattr(hybrid, "gpu_experts", fault.before(hybrid.gpu_experts))
-    elif site == "cpu_wait":  # the CPU job is queued and never waited on by the failed step
-        monkeypatch.setattr(hybrid, "cpu_experts_wait", fault.before(hybrid.cpu_experts_wait))
+    elif site == "cpu_compute":  # the GPU work is issued and the CPU experts fail
+        monkeypatch.setattr(hybrid, "cpu_experts", fault.before(hybrid.cpu_experts))
     else:
         raise ValueError(site)
     return fault
@@ -130,7 +130,7 @@ def caused_by(raised: BaseException, error: BaseException) -> bool:
 
 
 SITES = [("policy", "dali"), ("copy", "dali"), ("copy_issued", "dali"), ("gpu_compute", "dali"),
-         ("cpu_wait", "cache_cpu_miss")]
+         ("cpu_compute", "cache_cpu_miss")]
 
 
 @pytest.mark.usefixtures("emulated_mode")  # both modes of the emulated accelerator

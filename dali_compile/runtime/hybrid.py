@@ -6,27 +6,29 @@ Per layer and step (`HybridLayer.forward`, called by `dali::moe_hybrid` for an o
 
 1. count each expert's tokens (the routing comes to the host: planning needs it);
 2. ask the policy for a decision and check it (`policies.check_decision`);
-3. submit the CPU experts to the C++ runtime (asynchronous, GIL released);
-4. on the copy stream, copy admitted and staged experts into their slots, each after the compute that
-   last read the slot; meanwhile run the already-resident GPU experts (Triton on CUDA), then the
-   copied ones (in waves when there are more than staging slots);
-5. start the background copies the policy asked for (after this step's GPU work);
-6. wait for the CPU experts and combine: the CPU's and GPU's [T, K, H] fp32 contributions are
-   disjoint (exact zeros elsewhere), so their sum, then the sum over k in order, is the same number
-   whatever the split: results never depend on the policy or the budget beyond rounding.
+3. issue the GPU work, which runs on its own: on the copy stream, copy admitted and staged experts into
+   their slots, each after the compute that last read the slot; on the compute stream the
+   already-resident GPU experts (Triton on CUDA), then the copied ones (in waves when there are more than
+   staging slots);
+4. run the CPU experts in the C++ runtime on the step's own thread and ATen's team (GIL released), while
+   the GPU works: no hand-off to another thread and back;
+5. combine: the CPU's and GPU's [T, K, H] fp32 contributions are disjoint (exact zeros elsewhere), so
+   their sum, then the sum over k in order, is the same number whatever the split: results never depend
+   on the policy or the budget beyond rounding;
+6. start the background copies the policy asked for (after this step's GPU work).
 
-Steps 3-6 run over the tokens in chunks of at most `max_step_tokens` (one decision for the whole step),
+Steps 3-5 run over the tokens in chunks of at most `max_step_tokens` (one decision for the whole step),
 so the transient memory of a step is bounded whatever T is: on the device at most three fp32
 [chunk, K, H] buffers (the GPU contributions, the group being added, the CPU part), on the host one
-(the CPU job's output), besides the step's [T, H] output. The price of a chunk beyond the first is that
+(the CPU experts' output), besides the step's [T, H] output. The price of a chunk beyond the first is that
 the experts staged for this step are copied again; cached and prefetched ones are not.
 
 Reliability (`HybridRuntime.step`): one step at a time per runtime (a lock: threads sharing one
 offloaded model take turns layer step by layer step), and a step either completes or leaves the runtime
 consistent: whatever raised or interrupted it (a bad id, the policy, a copy, a kernel, Ctrl-C), the
-CPU job is waited for, the accelerator synchronized, and every cache's tables rebuilt from what its
-slots really hold (`SlotPool.contents`); every GPU compute checks that its slots hold the experts its
-table names, so a bookkeeping error is an exception, never a wrong answer.
+accelerator is synchronized and every cache's tables rebuilt from what its slots really hold
+(`SlotPool.contents`); every GPU compute checks that its slots hold the experts its table names, so a
+bookkeeping error is an exception, never a wrong answer.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import time
 import numpy as np
 import torch
 
-from dali_compile.ops.cpu_experts import cpu_experts, cpu_experts_submit, cpu_experts_wait
+from dali_compile.ops.cpu_experts import cpu_experts
 from dali_compile.ops.gpu_experts import gpu_experts
 
 from .accelerator import Accelerator, Event, ExpertMemoryError
@@ -102,7 +104,6 @@ class HybridRuntime:
         # layer's step issues its successor's prefetch itself when the graph has no hook.
         self._lock = threading.RLock()
         self._unfinished = False  # a step began and has not completed (nor been recovered from)
-        self._pending_job = None  # (layer, CPU job) submitted and not yet waited on
         self.layers: list[HybridLayer] = []
         start = 0
         for index, ((name, spec), count) in enumerate(zip(layers, self.slot_plan.cache_slots, strict=True)):
@@ -133,13 +134,8 @@ class HybridRuntime:
             self._unfinished = False
 
     def recover(self) -> None:
-        """Bring the runtime back to a consistent state after a step that did not complete: no CPU job left
-        queued, no copy in flight, each cache's tables equal to what its slots hold, no prefetch pending."""
-        pending, self._pending_job = self._pending_job, None
-        if pending is not None:
-            layer, job = pending
-            with contextlib.suppress(Exception):  # the failed step's result is dropped anyway
-                layer._wait_cpu(job)
+        """Bring the runtime back to a consistent state after a step that did not complete: no copy in flight,
+        each cache's tables equal to what its slots hold, no prefetch pending."""
         with contextlib.suppress(Exception):  # a failed copy shows up here again; settle() handles its slot
             self.accelerator.synchronize()
         if self.pool is not None:
@@ -343,35 +339,24 @@ class HybridLayer:
         out = new_out(hidden)
         T, chunk = hidden.shape[0], rt.max_step_tokens
         last = None
-        kernel_thread_s = 0.0  # CPU experts run on this thread: kernel time, not host work
+        kernel_thread_s = 0.0  # the CPU experts run on this thread: kernel time, not host work
         for first in range(0, T, chunk):
             rows = slice(first, min(first + chunk, T))
-            job = None
-            if cpu_set.size and not gpu_set.size:
-                # Nothing to overlap with: run them on the step's own thread (ATen's team), without the job
-                # queue's hand-off to the runner thread and back (~30 us of host work per step here).
+            contributions = None
+            if gpu_set.size:  # issued first: the GPU computes (and copies) on its own while the CPU experts run
+                gpu_started, copy_wait = time.perf_counter(), stats.copy_wait_s
+                admit = decision.admit if first == 0 else ()  # later chunks find the admitted experts cached
+                contributions = self._run_gpu(hidden[rows], topk_ids[rows], topk_weights[rows], gpu_set, admit,
+                                              stats, prefetched)
+                stats.gpu_s += time.perf_counter() - gpu_started - (stats.copy_wait_s - copy_wait)
+            if cpu_set.size:
+                # On the step's own thread (with ATen's team: one set of threads for the whole step), not
+                # handed to the job queue's runner and back: that hand-off cost ~30 us of host work per step.
                 cpu_started, kernel_started = time.perf_counter(), time.thread_time()
                 cpu_part = cpu_experts(self.spec, host_hidden[rows], host_ids[rows], host_weights[rows], mask)
                 kernel_thread_s += time.thread_time() - kernel_started
                 stats.cpu_s += time.perf_counter() - cpu_started
-                last = acc.launch(combine, out[rows], acc.to_device(cpu_part))
-                continue
-            if cpu_set.size:
-                cpu_started = time.perf_counter()
-                job = self._submit_cpu(host_hidden[rows], host_ids[rows], host_weights[rows], mask)
-            gpu_started = time.perf_counter()
-            copy_wait = stats.copy_wait_s
-            contributions = None
-            if gpu_set.size:
-                admit = decision.admit if first == 0 else ()  # later chunks find the admitted experts cached
-                contributions = self._run_gpu(hidden[rows], topk_ids[rows], topk_weights[rows], gpu_set, admit,
-                                              stats, prefetched)
-            stats.gpu_s += time.perf_counter() - gpu_started - (stats.copy_wait_s - copy_wait)
-            if job is not None:
-                waited = time.perf_counter()
-                cpu_part = acc.to_device(self._wait_cpu(job))
-                stats.cpu_wait_s += time.perf_counter() - waited
-                stats.cpu_s += time.perf_counter() - cpu_started
+                cpu_part = acc.to_device(cpu_part)
                 contributions = cpu_part if contributions is None else acc.launch(torch.Tensor.add_, contributions,
                                                                                    cpu_part)
             last = acc.launch(combine, out[rows], contributions)  # _sum_over_k_into: k in order, as moe_reference
@@ -415,20 +400,6 @@ class HybridLayer:
         prefetched, self.prefetched = self.prefetched, {}
         pool = self.runtime.pool
         return {e: slot for e, slot in prefetched.items() if pool.holds(slot, self.index, e)}
-
-    def _submit_cpu(self, host_hidden, host_ids, host_weights, mask):
-        """Queue the CPU experts (returns at once); the runtime remembers the job until it is waited on, so a
-        step that fails in between still waits for it (`HybridRuntime.recover`)."""
-        handle = cpu_experts_submit(self.spec, host_hidden, host_ids, host_weights, mask)
-        job = (handle, host_hidden, host_ids, host_weights, mask)
-        self.runtime._pending_job = (self, job)
-        return job
-
-    def _wait_cpu(self, job) -> torch.Tensor:
-        handle, host_hidden, host_ids, host_weights, mask = job
-        result = cpu_experts_wait(handle, self.spec, host_hidden, host_ids, host_weights, mask)
-        self.runtime._pending_job = None
-        return result
 
     def _check(self, hidden: torch.Tensor) -> None:
         acc = self.runtime.accelerator

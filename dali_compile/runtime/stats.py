@@ -24,10 +24,9 @@ class LayerStats:
     tokens_cpu: int = 0  # (token, expert) pairs computed on the CPU
     tokens_gpu: int = 0
     plan_s: float = 0.0  # counting workloads and the policy's decision
-    cpu_s: float = 0.0  # from submitting the CPU experts until their results are back
+    cpu_s: float = 0.0  # running the CPU experts (on the step's thread, after the GPU work was issued)
     gpu_s: float = 0.0  # issuing (and, emulated, running) the GPU experts
     copy_wait_s: float = 0.0  # blocked on copies
-    cpu_wait_s: float = 0.0  # blocked on the CPU experts after the GPU work was issued
     total_s: float = 0.0
     # The host thread's own CPU time in the step (counting, the policy, the prefetch's prediction and issue,
     # submitting and launching, the combine's launch, Python glue): thread CPU time, so waits and time
@@ -68,7 +67,7 @@ def format_table(names: list[str], layers: list[LayerStats]) -> str:
         rows.append(
             f"{name[-28:]:<28} {s.steps:>5} {100 * s.hit_rate:>5.1f} {s.copies:>6} {s.bytes_copied / 1e6:>9.2f} "
             f"{s.experts_cpu:>7} {s.experts_gpu:>7} {s.tokens_cpu:>7} {s.tokens_gpu:>7} {1e3 * s.plan_s:>8.2f} "
-            f"{1e3 * s.cpu_s:>8.2f} {1e3 * s.gpu_s:>8.2f} {1e3 * (s.copy_wait_s + s.cpu_wait_s):>8.2f} "
+            f"{1e3 * s.cpu_s:>8.2f} {1e3 * s.gpu_s:>8.2f} {1e3 * s.copy_wait_s:>8.2f} "
             f"{1e6 * s.host_s / max(s.steps, 1):>12.0f}"
         )
     return "\n".join(rows)
