@@ -26,19 +26,21 @@ hits, misses, copies (staging, admissions, background and prefetch copies: the r
 prefetches, prefetch hits, experts and (token, expert) pairs on the CPU and on the GPU; per step, the copies.
 
 CPU time, held to +-20% (flagged, not an error): per layer step, the simulator's CPU expert time (the sum of
-t_cpu(w) over its CPU experts) against the measured `cpu_s` (submitting the CPU experts until their result is
-back), summed per trial; the ratio is the median over the trials after the first (the warm-up), so that one
-trial disturbed by another process does not move it. The decisions always use the runtime's cost model; the
-simulated times come from three:
+t_cpu(w) over its CPU experts) against the measured `cpu_s` (see below), summed per trial; the ratio is the
+median over the trials after the first (the warm-up), so that one trial disturbed by another process does not
+move it. The decisions always use the runtime's cost model; the simulated times come from three:
 - runtime: the runtime's own (the stored warm-up profile, measured once per machine and expert shape, under
   whatever load the machine had then);
 - remeasured: that profile measured again just before the runs (`profiling.measure_costs`, not stored): the
   simulator's time model apart from the age of its input;
 - profile: the hardware profile's roofline (`--profile`, by default this machine's CPU profile).
-`cpu_s` also covers the host's issuing of the GPU experts, which on the emulated accelerator means computing
-them inline on the 2 cores the CPU experts run on. So the 20% applies over the layer steps without a GPU
-expert ('alone': the CPU experts by themselves); every layer step with a CPU expert ('all') is shown for
-reference. The times need an otherwise idle machine: on 2 cores, a CPU job split over both threads waits a
+`cpu_s` is the CPU experts' call on the step's own thread, after the GPU work was issued (the same op the
+profile times, one expert at a time). The 20% applies over the layer steps without a GPU expert ('alone': the
+CPU experts by themselves); every layer step with a CPU expert ('all') is shown beside it, where on the
+emulated accelerator its copy thread (and, in its async mode, its compute thread) may share the 2 cores.
+Each t_cpu(w) is a whole call for one expert, so the sum over a step's n experts counts a call's fixed cost
+(dispatch, the threads' start and join) n times: it overestimates steps of many small experts most. The
+times need an otherwise idle machine: on 2 cores, a call split over both threads waits a
 scheduler time slice (~12 ms here, against ~0.1 ms of work at decode) whenever another process holds a core;
 the load average is printed before and after the runs (the script adds about 1 itself).
 
