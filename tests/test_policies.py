@@ -121,10 +121,29 @@ def test_dali_may_evict_an_expert_that_ran_on_the_gpu_in_the_same_step():
     the CPU (2 tokens: a copy would not pay off); 5 outscores 0, so the swap after the step evicts 0 (the
     background copy waits for the step's GPU work)."""
     step_loads = one_layer({0: 1, 5: 2})
-    run = replay(make_policy("dali", w_size=1, u_size=1), step_loads, budget=2, top_k=1)
+    run = replay(make_policy("dali", w_size=1, u_size=1, swap_budget=False), step_loads, budget=2, top_k=1)
     ((step, decision),) = run.trace
     assert step.cached.tolist() == [True, False] and decision.on_gpu.tolist() == [True, False]
     assert decision.background == ((5, 0),) and run.caches == [{5}]
+
+
+def test_dali_swaps_wait_for_idle_copy_time():
+    """The same layer step four times, with the copy budget (the default): its makespan is t_cpu(2) = 8 ms and
+    it copies nothing itself, so the copy stream idles 8 ms per step; the 28 ms swap of 5 for 0, proposed at
+    every step (w_size 1), waits until four steps' idle time (32 ms) pays for it."""
+    run = replay(make_policy("dali", w_size=1, u_size=1), one_layer(*[{0: 1, 5: 2}] * 4), budget=2, top_k=1)
+    assert [decision.background for _, decision in run.trace] == [(), (), (), ((5, 0),)]
+    assert run.caches == [{5}]
+    # Copies twice as fast (14 ms, still slower than computing 5 on the CPU): two steps' idle time pays.
+    fast_copy = CostModel(MIXTRAL_4090.workloads, MIXTRAL_4090.cpu_seconds, MIXTRAL_4090.gpu_seconds, 14.0)
+    run = replay(make_policy("dali", w_size=1, u_size=1), one_layer(*[{0: 1, 5: 2}] * 2), budget=2, top_k=1,
+                 cost=fast_copy)
+    assert [decision.background for _, decision in run.trace] == [(), ((5, 0),)]
+
+
+def test_dali_swap_budget_must_be_a_bool():
+    with pytest.raises(ValueError, match="swap_budget must be a bool"):
+        make_policy("dali", swap_budget="yes")
 
 
 def test_dali_window_defaults_follow_the_expert_count():
@@ -140,7 +159,8 @@ def test_dali_window_defaults_follow_the_expert_count():
 def test_dali_lru_cache_copies_every_miss_after_its_step():
     """cache="lru", cache {0, 1} (never used: the oldest, lower id first). Miss 5 replaces 0 after step 0,
     miss 6 replaces 1 after step 1, and 5 hits at step 2."""
-    run = replay(make_policy("dali", cache="lru"), one_layer({5: 1}, {6: 1}, {5: 1}), budget=3, top_k=1)
+    run = replay(make_policy("dali", cache="lru", swap_budget=False), one_layer({5: 1}, {6: 1}, {5: 1}), budget=3,
+                 top_k=1)
     assert [decision.background for _, decision in run.trace] == [((5, 0),), ((6, 1),), ()]
     assert run.hits == 1 and run.caches == [{5, 6}]
 
