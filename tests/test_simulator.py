@@ -72,6 +72,19 @@ def test_all_cpu_time_is_dense_host_and_cpu_experts_in_sequence():
     assert run.tokens == 2 and run.tokens_per_s == pytest.approx(2 / run.seconds)
 
 
+def test_a_cpu_calls_fixed_part_counts_once_per_layer_step():
+    """The same steps with a cost model whose CPU calls have a 0.4 ms fixed part: each layer step runs its two
+    CPU experts in one call, so it takes 2 x 1 ms - 0.4 ms."""
+    counts = routing([{0: 1, 1: 1}, {2: 1, 3: 1}], [{0: 1, 3: 1}, {1: 1, 2: 1}])
+    base = PROFILE.cost_model(MODEL.expert_bytes, MODEL.expert_flop_per_token)
+    with_call = dataclasses.replace(base, cpu_call_seconds=0.4e-3)
+    run = simulate(make_policy("all_cpu"), counts, PROFILE, MODEL, budget_slots=0, tokens_per_step=1, cost=with_call)
+    assert run.cpu_busy_s == pytest.approx(4 * (2 * CPU - 0.4e-3))
+    assert run.seconds == pytest.approx(4 * (DENSE + HOST + 2 * CPU - 0.4e-3))
+    with pytest.raises(ValueError, match="cpu_call_seconds"):
+        dataclasses.replace(base, cpu_call_seconds=2 * CPU)  # more than a whole call of one expert
+
+
 def test_staged_copies_reuse_one_slot_after_its_compute():
     # one staging slot: copy, compute, copy (after that compute), compute
     counts = routing([{0: 1, 1: 1}])

@@ -47,6 +47,11 @@ class CostModel:
     cpu_seconds: tuple[float, ...]
     gpu_seconds: tuple[float, ...]
     transfer_seconds: float
+    # The part of one CPU-experts call that does not grow with its experts (dispatch, starting the threads):
+    # each t_cpu includes it once, so n experts in one call take cpu_call_seconds + sum(t_cpu - it). The
+    # simulator times steps with it; the planner still sums whole t_cpu per expert (a known overestimate of
+    # the CPU side for steps of many small experts: see benchmarks/validate_simulator.py).
+    cpu_call_seconds: float = 0.0
 
     def __post_init__(self):
         w = np.asarray(self.workloads, dtype=np.float64)
@@ -58,6 +63,9 @@ class CostModel:
                 raise ValueError(f"{name} must be {len(w)} finite non-negative times, got {getattr(self, name)}")
         if not (self.transfer_seconds >= 0 and np.isfinite(self.transfer_seconds)):
             raise ValueError(f"transfer_seconds must be finite and >= 0, got {self.transfer_seconds}")
+        if not (0 <= self.cpu_call_seconds <= min(self.cpu_seconds) and np.isfinite(self.cpu_call_seconds)):
+            raise ValueError(f"cpu_call_seconds must be finite, >= 0 and within every t_cpu, got "
+                             f"{self.cpu_call_seconds}")
         # Not a dataclass field: equality, hashing, repr and asdict see only the profile.
         object.__setattr__(self, "_table", _CostTable(self))
 

@@ -37,13 +37,15 @@ from .planner import CostModel
 
 PROFILED_WORKLOADS = (1, 2, 4, 8, 16, 32, 64)
 REPEATS = 3
+CALL_EXPERTS = 8  # experts in the call that separates a CPU call's fixed part from its per-expert part
 
 
 def _key(accelerator: Accelerator, spec: LayerSpec) -> str:
     device = torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else accelerator.name
     shapes = "-".join("x".join(map(str, t.shape[1:])) for t in spec.tensors() if t is not None)
     threads = cpu_extension.get_num_threads() if cpu_extension.cpu_extension_available() else 1
-    return (f"{device}|{cpu_extension.cpu_isa()}x{threads}|torch{torch.__version__}|{spec.dtype}|{shapes}|"
+    # v3: CPU times without an accelerator sync, and the CPU call's fixed part (older entries are not reused)
+    return (f"v3|{device}|{cpu_extension.cpu_isa()}x{threads}|torch{torch.__version__}|{spec.dtype}|{shapes}|"
             f"{spec.layout.describe()}")
 
 
@@ -57,9 +59,11 @@ def _valid_entry(entry) -> bool:
     lists = [entry.get(name) for name in ("workloads", "cpu_seconds", "gpu_seconds")]
     if not all(isinstance(values, list) and values for values in lists) or len({len(v) for v in lists}) != 1:
         return False
-    numbers = [*lists[1], *lists[2], entry.get("transfer_seconds")]
+    call = entry.get("cpu_call_seconds", 0.0)  # absent in entries stored before it was measured: 0
+    numbers = [*lists[1], *lists[2], entry.get("transfer_seconds"), call]
     return (all(isinstance(w, int) and not isinstance(w, bool) for w in lists[0])
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in numbers))
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in numbers)
+            and 0 <= call <= min(lists[1]))
 
 
 def _read_store(path: Path) -> dict:
@@ -136,12 +140,30 @@ def measure_costs(accelerator: Accelerator, spec: LayerSpec, pool: SlotPool, slo
         hidden = torch.randn(w, H, dtype=spec.dtype)
         ids = torch.zeros(w, 1, dtype=torch.int64)
         weights = torch.ones(w, 1, dtype=torch.float32)
-        cpu_times.append(_median_seconds(lambda h=hidden, i=ids, g=weights: cpu_experts(spec, h, i, g, mask), sync))
+        # The CPU call returns when done: no accelerator sync in its timing (on the emulated device that sync
+        # alone added ~40 us to every CPU figure).
+        cpu_times.append(_median_seconds(lambda h=hidden, i=ids, g=weights: cpu_experts(spec, h, i, g, mask),
+                                         lambda: None))
         dh, di, dg = (accelerator.to_device(t) for t in (hidden, ids, weights))
         gpu_times.append(_median_seconds(
             lambda h=dh, i=di, g=dg: gpu_experts(h, i, g, pool.up, pool.down, pool.up_bias, pool.down_bias, table,
                                                  spec.layout), sync))
-    return CostModel(PROFILED_WORKLOADS, tuple(cpu_times), tuple(gpu_times), transfer)
+    return CostModel(PROFILED_WORKLOADS, tuple(cpu_times), tuple(gpu_times), transfer,
+                     _cpu_call_seconds(spec, min(E, CALL_EXPERTS), cpu_times[0], min(cpu_times)))
+
+
+def _cpu_call_seconds(spec: LayerSpec, k: int, one_expert: float, bound: float) -> float:
+    """The fixed part f of a CPU-experts call, from one call over k experts of one token each:
+    t_k = f + k m and t_1 = f + m give f = t_1 - (t_k - t_1) / (k - 1), kept within [0, bound] (every t_cpu)."""
+    if k < 2:
+        return 0.0
+    hidden = torch.randn(k, spec.hidden_size, dtype=spec.dtype)
+    ids = torch.arange(k, dtype=torch.int64)[:, None]
+    weights = torch.ones(k, 1, dtype=torch.float32)
+    mask = torch.zeros(spec.num_experts, dtype=torch.bool)
+    mask[:k] = True
+    many = _median_seconds(lambda: cpu_experts(spec, hidden, ids, weights, mask), lambda: None)
+    return min(bound, max(0.0, one_expert - (many - one_expert) / (k - 1)))
 
 
 def profiled_costs(accelerator: Accelerator, spec: LayerSpec, pool: SlotPool, slot: int,
@@ -152,8 +174,9 @@ def profiled_costs(accelerator: Accelerator, spec: LayerSpec, pool: SlotPool, sl
         entry = _read_store(path).get(key)
         if entry is not None:
             return CostModel(tuple(entry["workloads"]), tuple(entry["cpu_seconds"]), tuple(entry["gpu_seconds"]),
-                             float(entry["transfer_seconds"]))
+                             float(entry["transfer_seconds"]), float(entry.get("cpu_call_seconds", 0.0)))
     cost = measure_costs(accelerator, spec, pool, slot)  # not under the lock: it takes seconds
     _store_entry(path, key, {"workloads": list(cost.workloads), "cpu_seconds": list(cost.cpu_seconds),
-                             "gpu_seconds": list(cost.gpu_seconds), "transfer_seconds": cost.transfer_seconds})
+                             "gpu_seconds": list(cost.gpu_seconds), "transfer_seconds": cost.transfer_seconds,
+                             "cpu_call_seconds": cost.cpu_call_seconds})
     return cost

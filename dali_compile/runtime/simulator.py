@@ -11,7 +11,8 @@ resources that run concurrently (the CPU's cores, the GPU's compute stream, the 
    or its FLOPs, whichever takes longer (`dense_seconds`);
 2. the host's work of the layer step (routing to the host, counting, the policy, launches, the combine:
    `HardwareProfile.host_layer_s`, measured on our runtime) before any expert starts;
-3. CPU experts one after another on all cores: sum of t_cpu(w);
+3. CPU experts one after another on all cores, in one call: sum of t_cpu(w), the call's fixed part
+   (`CostModel.cpu_call_seconds`) counted once;
 4. GPU experts already resident (cached or prefetched) first; the copied ones (admitted or staged) on the
    copy stream in order, each computed once its copy has landed; a staged copy waits until the staging slot
    it reuses is free (the compute of the expert `staging_slots` before it), as the runtime's double buffer;
@@ -232,7 +233,9 @@ class _Timer:
         # each expert's t_cpu(w) and t_gpu(w) from the cost model's table (as resident: copies are timed apart)
         t_cpu, t_gpu, _ = _tabulated_costs(step.workloads, np.ones(len(experts), dtype=bool), self.timing)
         t_cpu, t_gpu = t_cpu.tolist(), t_gpu.tolist()
-        cpu_s = sum(c for c, g in zip(t_cpu, on_gpu, strict=True) if not g)
+        on_cpu = [c for c, g in zip(t_cpu, on_gpu, strict=True) if not g]
+        # one CPU-experts call per layer step: its fixed part once, not once per expert
+        cpu_s = sum(on_cpu) - self.timing.cpu_call_seconds * (len(on_cpu) - 1) if on_cpu else 0.0
         run.cpu_busy_s += cpu_s
         gpu_t = max(ready, c.gpu_free)
         copied = []
