@@ -4,7 +4,7 @@
 
     python benchmarks/simulate_pc.py                               # every profile, Mixtral and DeepSeek-V2-Lite
     python benchmarks/simulate_pc.py --profiles dali-paper-pc --models mixtral-8x7b --batches 1 8
-    python benchmarks/simulate_pc.py --host-us 1500                # today's measured host work per layer step
+    python benchmarks/simulate_pc.py --host-us 280                 # dali+prefetch's measured host work (host_work.py)
 
 No GPU has run the hybrid runtime yet, so this replays recorded routing through the real policies
 (`dali_compile.runtime.simulator.simulate`: the planner, cache replacement and checks the runtime uses) and
