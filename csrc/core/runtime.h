@@ -85,6 +85,7 @@ int dali_cpu_set_step_on_host_threads(int on_host);
 int dali_cpu_get_step_on_host_threads();
 // Threads that ran tasks in the latest region of step_parallel() (diagnostic for tests); -99 on error.
 int dali_cpu_last_region_threads();
+// Threads the latest region of step_parallel() was split across (deterministic, for tests); -99 on error.
 int dali_cpu_last_region_width();
 int64_t dali_cpu_get_dense_gemm_min_tokens();
 void dali_cpu_set_dense_gemm_min_tokens(int64_t n);

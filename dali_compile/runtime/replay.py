@@ -225,10 +225,10 @@ def _count(run: PolicyReplay, s: int, step: LayerStep, decision: Decision, cost:
     staged = sum(g and not c for g, c in zip(on_gpu, cached, strict=True)) - len(decision.admit)
     run.layer_steps += 1
     workloads = step.workloads.tolist()
-    gpu_tokens = sum(w for w, g in zip(workloads, on_gpu, strict=True) if g)
-    run.tokens += sum(workloads)
+    tokens, gpu_tokens = sum(workloads), sum(w for w, g in zip(workloads, on_gpu, strict=True) if g)
+    run.tokens += tokens
     run.tokens_gpu += gpu_tokens
-    run.tokens_cpu += sum(workloads) - gpu_tokens
+    run.tokens_cpu += tokens - gpu_tokens
     run.hits += hits
     run.misses += n - hits
     run.experts_gpu += gpu

@@ -156,8 +156,9 @@ def dense_seconds(profile: HardwareProfile, model: SimulatedModel, tokens: int) 
 @dataclass(frozen=True)
 class LayerTime:
     """One layer step's expert phase, from the moment its plan is made (the host's work done): the CPU experts'
-    seconds (sum of t_cpu), and the seconds until the GPU's last expert of the step finished (copies waited for
-    included; 0 without GPU experts). The step's expert phase lasts the longer of the two."""
+    seconds (sum of t_cpu, the call's fixed part once), and the seconds until the GPU's last expert of the step
+    finished (copies waited for included; 0 without GPU experts). The step's expert phase lasts the longer of
+    the two."""
 
     cpu_s: float
     gpu_s: float

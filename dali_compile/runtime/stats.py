@@ -29,8 +29,9 @@ class LayerStats:
     copy_wait_s: float = 0.0  # blocked on copies
     total_s: float = 0.0
     # The host thread's own CPU time in the step (counting, the policy, the prefetch's prediction and issue,
-    # submitting and launching, the combine's launch, Python glue): thread CPU time, so waits and time
-    # preempted by the CPU experts' threads are out, and the emulated accelerator's own work is taken out.
+    # issuing copies and launches, the combine's launch, Python glue): thread CPU time, so waits and time
+    # preempted by other threads are out, and the emulated accelerator's own work and the CPU experts' call
+    # (kernels on this thread) are taken out.
     host_s: float = 0.0
 
     def add(self, other: LayerStats) -> None:
