@@ -236,13 +236,16 @@ def test_the_c_greedy_serves_integer_workloads_and_agrees_with_python(monkeypatc
         pytest.skip("the C++ extension is not built here")
     monkeypatch.setattr(planner, "_native_function", native)
     rng = np.random.default_rng(0)
-    for n in (1, 8, 128):
+    kept = []  # earlier plans: the C greedy's reused buffers must not show through them
+    for n in (1, 8, 128, 300, 5):  # 300: past the buffers' first size
         workloads, cached = rng.integers(1, 70, n), rng.random(n) < 0.4
         fast = planner._native_greedy(np.arange(n), workloads, cached, MIXTRAL_4090, 3)
         assert fast is not None
+        kept.append((fast, fast.on_gpu.copy()))
         monkeypatch.setattr(planner, "_native_function", False)
         slow = greedy_plan(np.arange(n), workloads, cached, MIXTRAL_4090, 3)
         monkeypatch.setattr(planner, "_native_function", native)
         assert fast.on_gpu.tolist() == slow.on_gpu.tolist() and fast.makespan == slow.makespan
+    assert all((plan.on_gpu == seen).all() for plan, seen in kept)
     assert planner._native_greedy(np.arange(2), np.array([1.5, 2.0]), np.zeros(2, bool), MIXTRAL_4090, 1) is None
     assert planner._native_greedy(np.arange(1), np.array([10**6]), np.zeros(1, bool), MIXTRAL_4090, 1) is None

@@ -106,6 +106,32 @@ def test_the_predictor_applies_the_next_router_as_the_model_does(release_after):
     assert torch.allclose(torch.from_numpy(mass).float(), want_mass)
 
 
+def test_the_predictor_runs_the_routers_hooks(release_after):
+    """The predictor calls a router's forward directly only while no hook would run: a hook that changes the
+    router's output (here: every token to expert 3 first) changes the prediction as it changes the model."""
+    model = offload_with_prefetch("qwen3_moe")
+    release_after(model)
+    block = model.model.layers[1].mlp  # MoE layer 1: predicted from layer 0's gate input
+    router = find_router(block, 16, 32)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(2))
+    predictor = runtime_of(model).predictor
+    with torch.no_grad():
+        plain, _ = predictor.predict(0, x)
+
+        def to_expert_3(module, args, out):
+            logits, scores, ids = out
+            return logits, scores, torch.full_like(ids, 3)
+
+        handle = router.register_forward_hook(to_expert_3)
+        try:
+            hooked, _ = predictor.predict(0, x)
+        finally:
+            handle.remove()
+        again, _ = predictor.predict(0, x)
+    assert hooked[3] == 3 * router.top_k and hooked.sum() == hooked[3]
+    assert (again == plain).all() and plain[3] < 3 * router.top_k
+
+
 def test_calibration_files_and_bad_input(tmp_path, release_after):
     model = offload_with_prefetch("qwen3_moe")
     release_after(model)

@@ -371,7 +371,7 @@ class HybridLayer:
         stats.misses = int(experts.size) - stats.hits
         stats.prefetch_hits = len(set(prefetched) & set(experts.tolist())) if prefetched else 0
         stats.experts_cpu, stats.experts_gpu = int(cpu_set.size), int(gpu_set.size)
-        stats.tokens_cpu = int(counts[cpu_set].sum()) if cpu_set.size else 0
+        stats.tokens_cpu = int(counts[cpu_set].sum()) if gpu_set.size else host_ids.numel() if cpu_set.size else 0
         stats.tokens_gpu = host_ids.numel() - stats.tokens_cpu  # cpu_set and gpu_set partition the experts
         stats.bytes_copied = stats.copies * rt.slot_bytes  # prefetch copies are added when issued
         stats.total_s = time.perf_counter() - start

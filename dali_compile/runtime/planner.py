@@ -24,6 +24,7 @@ for integer workloads once, and the greedy loop runs over Python floats.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -212,6 +213,24 @@ def greedy_plan(experts, workloads, cached, cost: CostModel, max_uncached_on_gpu
 _native_function = None  # the C greedy (csrc/core/planner.cpp) once looked up; False without the extension
 
 
+class _NativeBuffers(threading.local):
+    """The C greedy's inputs and output, reused from call to call (one set per thread), with their addresses
+    taken once: numpy's `.ctypes` costs microseconds per access, three per call, on the decode step's path."""
+
+    capacity = 0
+
+    def reserve(self, n: int) -> None:
+        if n > self.capacity:
+            self.capacity = max(n, 256)
+            self.workloads = np.empty(self.capacity, dtype=np.int64)
+            self.cached = np.empty(self.capacity, dtype=bool)
+            self.on_gpu = np.empty(self.capacity, dtype=bool)
+            self.addresses = tuple(a.ctypes.data for a in (self.workloads, self.cached, self.on_gpu))
+
+
+_native_buffers = _NativeBuffers()
+
+
 def _native_greedy(experts, workloads: np.ndarray, cached: np.ndarray, cost: CostModel, max_uncached: int):
     """greedy_plan through the C implementation (same choices, about 10x less overhead per call), or None
     where it does not apply: no extension, non-integer workloads, or workloads past the cost table."""
@@ -224,13 +243,16 @@ def _native_greedy(experts, workloads: np.ndarray, cached: np.ndarray, cost: Cos
     if not _native_function or workloads.dtype.kind not in "iu" or workloads.ndim != 1 or cached.shape != (n,):
         return None
     table: _CostTable = cost._table
-    ids = np.ascontiguousarray(workloads, dtype=np.int64)
-    flags = np.ascontiguousarray(cached)
-    on_gpu = np.empty(n, dtype=bool)
-    status = _native_function(n, ids.ctypes.data, flags.ctypes.data, table.cpu_address, table.gpu_address,
-                              table.key_address, table.top, max_uncached, on_gpu.ctypes.data)
+    buffers = _native_buffers
+    buffers.reserve(n)
+    buffers.workloads[:n] = workloads
+    buffers.cached[:n] = cached
+    workloads_address, cached_address, on_gpu_address = buffers.addresses
+    status = _native_function(n, workloads_address, cached_address, table.cpu_address, table.gpu_address,
+                              table.key_address, table.top, max_uncached, on_gpu_address)
     if status != 0:
         return None
+    on_gpu = buffers.on_gpu[:n].copy()
 
     def costs():
         cpu, gpu, _ = _tabulated_costs(workloads, cached, cost)

@@ -132,11 +132,12 @@ def check_decision(step: LayerStep, decision: Decision, policy_name: str = "poli
         fail(f"on_gpu must be bool {step.experts.shape}, got {on_gpu.dtype} {on_gpu.shape}")
     # Staging: a GPU expert neither on the device for this step (step.cached also covers prefetched ones)
     # nor admitted into the cache runs in a staging slot; waves need at least one.
-    staged = on_gpu & ~step.cached
-    if decision.admit:
-        staged &= ~np.isin(step.experts, [int(expert) for expert, _ in decision.admit])
-    if step.staging_slots <= 0 and bool(staged.any()):
-        fail(f"experts {sorted(step.experts[staged].tolist())} need staging slots, but this step has none")
+    if step.staging_slots <= 0:
+        staged = on_gpu & ~step.cached
+        if decision.admit:
+            staged &= ~np.isin(step.experts, [int(expert) for expert, _ in decision.admit])
+        if staged.any():
+            fail(f"experts {sorted(step.experts[staged].tolist())} need staging slots, but this step has none")
     if not decision.admit and not decision.background:
         return  # the common step: no copies into the cache
     active = {int(e): i for i, e in enumerate(step.experts.tolist())}

@@ -33,7 +33,7 @@ def prefetch_choice(counts: np.ndarray, mass: np.ndarray, cached: np.ndarray, co
     layer whose cache holds `cached` (bool [E]): among the predicted experts not cached, those the planner would
     put on the GPU (all of them without a cost model), most predicted tokens first, then most routing weight
     (ties are the rule at one token per step), at most `count`. int64 ids."""
-    experts = np.flatnonzero(counts).astype(np.int64)
+    experts = np.flatnonzero(counts).astype(np.int64, copy=False)
     resident = cached[experts]
     if cost is not None and experts.size:
         wanted = greedy_plan(experts, counts[experts], resident, cost, count).on_gpu & ~resident
@@ -84,7 +84,7 @@ class ResidualPredictor:
         # Per layer: the residual in the gate input's device and dtype (converted once, not every step),
         # and where the router's ids and weights sit in its output tuple (found once, by `routing_of`).
         self._converted: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-        self._positions: dict[int, tuple[int, int | None]] = {}
+        self._positions: dict[int, tuple[int, int | None, int]] = {}  # ids, weights, the larger
 
     def set_residuals(self, residuals: list[torch.Tensor]) -> None:
         if len(residuals) != len(self.residuals):
@@ -104,7 +104,7 @@ class ResidualPredictor:
         if torch.is_grad_enabled():  # entering no_grad costs ~7 us: only where it is needed (not in generate)
             with torch.no_grad():
                 return self.predict(layer, gate_input)
-        x = gate_input.reshape(-1, self.hidden_size)
+        x = gate_input if gate_input.dim() == 2 else gate_input.reshape(-1, self.hidden_size)
         res = self.residuals[layer]
         if res is not None:
             key = (layer, x.device, x.dtype)
@@ -113,24 +113,41 @@ class ResidualPredictor:
                 converted = self._converted[key] = res.to(device=x.device, dtype=x.dtype)
             x = x + converted
         ids, weights = self._routed(layer + 1, x)
-        flat_ids = ids.reshape(-1).cpu().numpy()
+        flat_ids = _host_numpy(ids).reshape(-1)
         counts = np.bincount(flat_ids, minlength=self.num_experts)
-        mass = (np.zeros(self.num_experts) if weights is None else
-                np.bincount(flat_ids, weights=weights.reshape(-1).float().cpu().numpy(), minlength=self.num_experts))
-        return counts, mass
+        if weights is None:
+            return counts, np.zeros(self.num_experts)
+        weights = weights if weights.dtype == torch.float32 else weights.float()
+        return counts, np.bincount(flat_ids, weights=_host_numpy(weights).reshape(-1), minlength=self.num_experts)
 
     def _routed(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`routed(routers[layer], x)`, reading the router's output at the positions found on the first call."""
-        out = self.routers[layer](x)
+        router = self.routers[layer]
+        # Straight to forward when no hook would run: Module.__call__'s hook checks cost ~4 us a call
+        out = router.forward(x) if _hookless(router) else router(x)
         positions = self._positions.get(layer)
-        if positions is not None and isinstance(out, tuple) and len(out) > max(p or 0 for p in positions):
+        if positions is not None and isinstance(out, tuple) and len(out) > positions[2]:
             ids, weights = out[positions[0]], None if positions[1] is None else out[positions[1]]
             if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() == 2:
                 return ids, weights
         ids, weights = routing_of(out)
         if isinstance(out, tuple):
-            self._positions[layer] = (_position(out, ids), None if weights is None else _position(out, weights))
+            at_ids, at_weights = _position(out, ids), None if weights is None else _position(out, weights)
+            self._positions[layer] = (at_ids, at_weights, max(at_ids, at_weights or 0))
         return ids, weights
+
+
+def _host_numpy(t: torch.Tensor) -> np.ndarray:
+    """t as a numpy array (no copy for a CPU tensor: `.cpu()` alone is a dispatch)."""
+    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+
+
+def _hookless(module: nn.Module) -> bool:
+    """True when calling `module` would run its forward and nothing else (no hook of its own or global)."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks or nn.modules.module._global_backward_hooks
+                or nn.modules.module._global_backward_pre_hooks)
 
 
 def _position(items: tuple, tensor: torch.Tensor) -> int:
