@@ -38,8 +38,12 @@ move it. The decisions always use the runtime's cost model; the simulated times 
 profile times, one expert at a time). The 20% applies over the layer steps without a GPU expert ('alone': the
 CPU experts by themselves); every layer step with a CPU expert ('all') is shown beside it, where on the
 emulated accelerator its copy thread (and, in its async mode, its compute thread) may share the 2 cores.
-Each t_cpu(w) is a whole call for one expert, so the sum over a step's n experts counts a call's fixed cost
-(dispatch, the threads' start and join) n times: it overestimates steps of many small experts most. The
+The profile times calls over one and over 8 experts not in the caches, in interleaved rounds
+(`profiling.measure_costs`): t_cpu(w) = f + m(w), a call's fixed part f (dispatch, the threads' start and
+join) plus an expert's part in a call of many, and a step's n experts cost sum t_cpu - (n - 1) f. Layers
+small enough to stay in the last-level cache (the reduced Mixtral here: 12 MiB a layer) run faster when
+nothing else touches memory between their steps (all_cpu) than beside the emulated GPU's reference compute
+(layerwise), which no single profile of cold experts fits within 20% both; a real MoE's layers never fit. The
 times need an otherwise idle machine: on 2 cores, a call split over both threads waits a
 scheduler time slice (~12 ms here, against ~0.1 ms of work at decode) whenever another process holds a core;
 the load average is printed before and after the runs (the script adds about 1 itself).

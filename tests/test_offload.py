@@ -164,6 +164,15 @@ def test_hand_written_decode_loop_under_compile(offloaded):
     assert outputs[0] == outputs[1]
 
 
+def test_the_cpu_profile_times_cold_experts_and_cuts_noise_to_a_non_decreasing_curve():
+    from dali_compile.runtime import profiling
+
+    experts = profiling._ColdExperts(5)
+    taken = [experts.take(3) for _ in range(3)]
+    assert taken == [[0, 1, 2], [3, 4, 0], [1, 2, 3]]  # in turn, wrapping around (E >= 2k: no reuse in a row)
+    assert profiling._non_decreasing([3.0, 2.0, 2.5, 4.0, 3.5]) == [2.0, 2.0, 2.5, 3.5, 3.5]
+
+
 def test_dali_without_a_cost_model_profiles_once_and_refreshes_on_request(tmp_path, monkeypatch, offloaded):
     from dali_compile.runtime import profiling
 
@@ -177,6 +186,7 @@ def test_dali_without_a_cost_model_profiles_once_and_refreshes_on_request(tmp_pa
     cost = runtime_of(first).cost
     assert cost == runtime_of(second).cost  # cpu_call_seconds stored and read back too
     assert 0 <= cost.cpu_call_seconds <= min(cost.cpu_seconds)
+    assert list(cost.cpu_seconds) == sorted(cost.cpu_seconds)  # more tokens never cost less
     dali_compile.refresh_costs(first)
     assert len(calls) == 2
     with torch.no_grad():  # the scratch slot's cached expert was loaded back

@@ -36,7 +36,8 @@ from .layer_spec import LayerSpec
 from .planner import CostModel
 
 PROFILED_WORKLOADS = (1, 2, 4, 8, 16, 32, 64)
-REPEATS = 3
+REPEATS = 3  # timed calls per figure on the accelerator (after a warm-up)
+CPU_REPEATS = 9  # timed CPU calls per figure: they are short, and a 2-core host is noisy
 CALL_EXPERTS = 8  # experts in the call that separates a CPU call's fixed part from its per-expert part
 
 
@@ -44,8 +45,8 @@ def _key(accelerator: Accelerator, spec: LayerSpec) -> str:
     device = torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else accelerator.name
     shapes = "-".join("x".join(map(str, t.shape[1:])) for t in spec.tensors() if t is not None)
     threads = cpu_extension.get_num_threads() if cpu_extension.cpu_extension_available() else 1
-    # v3: CPU times without an accelerator sync, and the CPU call's fixed part (older entries are not reused)
-    return (f"v3|{device}|{cpu_extension.cpu_isa()}x{threads}|torch{torch.__version__}|{spec.dtype}|{shapes}|"
+    # v4: t_cpu from calls over one and over k experts not in the caches (measure_costs); v3 entries not reused
+    return (f"v4|{device}|{cpu_extension.cpu_isa()}x{threads}|torch{torch.__version__}|{spec.dtype}|{shapes}|"
             f"{spec.layout.describe()}")
 
 
@@ -113,11 +114,11 @@ def _store_entry(path: Path, key: str, entry: dict) -> None:
             raise
 
 
-def _median_seconds(fn, synchronize) -> float:
+def _median_seconds(fn, synchronize, repeats: int = REPEATS) -> float:
     fn()  # warm-up
     synchronize()
     times = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         fn()
         synchronize()
@@ -125,45 +126,92 @@ def _median_seconds(fn, synchronize) -> float:
     return statistics.median(times)
 
 
+class _ColdExperts:
+    """Hands out the layer's experts in turn, so that each timed CPU call reads weights that the calls just
+    before it did not bring into the caches: in a decode step an expert's weights come from memory (or the
+    last-level cache), not from the core's own cache as in a loop over one expert, which made the profile
+    0.6-0.75x of the runtime's calls on this machine."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.next = 0
+
+    def take(self, count: int) -> list[int]:
+        taken = [(self.next + i) % self.num_experts for i in range(count)]
+        self.next = (self.next + count) % self.num_experts
+        return taken
+
+
+def _cpu_seconds(spec: LayerSpec, cases: list[tuple[int, int]]) -> list[float]:
+    """Per case (tokens, experts per call): the median time of CPU-experts calls over that many experts of
+    that many tokens each. Every call reads experts the calls before it did not touch (`_ColdExperts`), and
+    the cases are timed in interleaved rounds (after a warm-up round), so that a burst of load from another
+    process slows one round of every case instead of every call of one case (on the 2-core host, one
+    case-by-case profile once came out 2x slower than the next)."""
+    experts = _ColdExperts(spec.num_experts)
+    inputs = []
+    for tokens, per_call in cases:
+        hidden = torch.randn(tokens * per_call, spec.hidden_size, dtype=spec.dtype)
+        weights = torch.ones(tokens * per_call, 1, dtype=torch.float32)
+        inputs.append((tokens, per_call, hidden, weights))
+    times: list[list[float]] = [[] for _ in cases]
+    for round_ in range(CPU_REPEATS + 1):
+        for case, (tokens, per_call, hidden, weights) in enumerate(inputs):
+            chosen = experts.take(per_call)
+            mask = torch.zeros(spec.num_experts, dtype=torch.bool)
+            mask[chosen] = True
+            ids = torch.tensor(chosen, dtype=torch.int64).repeat_interleave(tokens)[:, None]
+            # The CPU call returns when done: no accelerator sync in its timing (on the emulated device that
+            # sync alone added ~40 us to every CPU figure).
+            start = time.perf_counter()
+            cpu_experts(spec, hidden, ids, weights, mask)
+            if round_:  # round 0 warms up
+                times[case].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def _non_decreasing(seconds: list[float]) -> list[float]:
+    """A call over more tokens never takes less time: each figure is capped by every later one (noise that
+    says otherwise, a slow first figure most often, is cut down to them)."""
+    capped = list(seconds)
+    for i in range(len(capped) - 2, -1, -1):
+        capped[i] = min(capped[i], capped[i + 1])
+    return capped
+
+
 def measure_costs(accelerator: Accelerator, spec: LayerSpec, pool: SlotPool, slot: int) -> CostModel:
-    """Time one expert (expert 0 of `spec`, host weights) on the CPU runtime and in `slot` of `pool`."""
+    """Time the experts on the CPU runtime (host weights, experts the previous calls did not touch) and
+    expert 0 in `slot` of `pool`.
+
+    A decode step makes one CPU call over all its CPU experts, so the CPU side is measured as such calls: per
+    workload w, a call over one expert (t_1) and one over k experts (t_k), each of w tokens. The per-expert
+    part m(w) = (t_k - t_1) / (k - 1) and the call's fixed part f = t_1(1) - m(1) make t_cpu(w) = f + m(w),
+    so that n experts in one call cost f + sum m(w_i) = sum t_cpu(w_i) - (n - 1) f, as the simulator counts
+    them. (Single-expert calls summed instead overestimated steps of many one-token experts 1.4-1.6x.)"""
     H, E = spec.hidden_size, spec.num_experts
     sync = accelerator.synchronize
     transfer = _median_seconds(lambda: pool.load(slot, spec, 0, None), sync)
     table = torch.full((E,), -1, dtype=torch.int32)
     table[0] = slot
     table = accelerator.to_device(table)
-    mask = torch.zeros(E, dtype=torch.bool)
-    mask[0] = True
-    cpu_times, gpu_times = [], []
+    k = min(E, CALL_EXPERTS)
+    per_call = (1, k) if k >= 2 else (1,)
+    cpu = _cpu_seconds(spec, [(w, n) for w in PROFILED_WORKLOADS for n in per_call])
+    singles, many = cpu[::len(per_call)], cpu[1::len(per_call)]
+    gpu_times = []
     for w in PROFILED_WORKLOADS:
         hidden = torch.randn(w, H, dtype=spec.dtype)
         ids = torch.zeros(w, 1, dtype=torch.int64)
         weights = torch.ones(w, 1, dtype=torch.float32)
-        # The CPU call returns when done: no accelerator sync in its timing (on the emulated device that sync
-        # alone added ~40 us to every CPU figure).
-        cpu_times.append(_median_seconds(lambda h=hidden, i=ids, g=weights: cpu_experts(spec, h, i, g, mask),
-                                         lambda: None))
         dh, di, dg = (accelerator.to_device(t) for t in (hidden, ids, weights))
         gpu_times.append(_median_seconds(
             lambda h=dh, i=di, g=dg: gpu_experts(h, i, g, pool.up, pool.down, pool.up_bias, pool.down_bias, table,
                                                  spec.layout), sync))
-    return CostModel(PROFILED_WORKLOADS, tuple(cpu_times), tuple(gpu_times), transfer,
-                     _cpu_call_seconds(spec, min(E, CALL_EXPERTS), cpu_times[0], min(cpu_times)))
-
-
-def _cpu_call_seconds(spec: LayerSpec, k: int, one_expert: float, bound: float) -> float:
-    """The fixed part f of a CPU-experts call, from one call over k experts of one token each:
-    t_k = f + k m and t_1 = f + m give f = t_1 - (t_k - t_1) / (k - 1), kept within [0, bound] (every t_cpu)."""
-    if k < 2:
-        return 0.0
-    hidden = torch.randn(k, spec.hidden_size, dtype=spec.dtype)
-    ids = torch.arange(k, dtype=torch.int64)[:, None]
-    weights = torch.ones(k, 1, dtype=torch.float32)
-    mask = torch.zeros(spec.num_experts, dtype=torch.bool)
-    mask[:k] = True
-    many = _median_seconds(lambda: cpu_experts(spec, hidden, ids, weights, mask), lambda: None)
-    return min(bound, max(0.0, one_expert - (many - one_expert) / (k - 1)))
+    if k < 2:  # one expert per layer: every call is a single expert's
+        return CostModel(PROFILED_WORKLOADS, tuple(_non_decreasing(singles)), tuple(gpu_times), transfer, 0.0)
+    marginal = _non_decreasing([max(0.0, (t_k - t_1) / (k - 1)) for t_1, t_k in zip(singles, many, strict=True)])
+    fixed = max(0.0, singles[0] - marginal[0])
+    return CostModel(PROFILED_WORKLOADS, tuple(fixed + m for m in marginal), tuple(gpu_times), transfer, fixed)
 
 
 def profiled_costs(accelerator: Accelerator, spec: LayerSpec, pool: SlotPool, slot: int,
