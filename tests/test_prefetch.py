@@ -9,7 +9,8 @@ from test_offload import COST, PROMPT, eager_results, moe_geometry
 
 import dali_compile
 from dali_compile.offload import runtime_of
-from dali_compile.runtime.prefetch import find_router, routed_ids
+from dali_compile.runtime.planner import CostModel
+from dali_compile.runtime.prefetch import NativePrefetchChoice, find_router, prefetch_choice, routed_ids
 from dali_compile.tiny_models import tiny_model
 
 # Each test runs on both modes of the emulated accelerator (synchronous, asynchronous with random delays).
@@ -130,6 +131,41 @@ def test_the_predictor_runs_the_routers_hooks(release_after):
         again, _ = predictor.predict(0, x)
     assert hooked[3] == 3 * router.top_k and hooked.sum() == hooked[3]
     assert (again == plain).all() and plain[3] < 3 * router.top_k
+
+
+def test_the_c_prefetch_choice_equals_the_python_one():
+    """The runtime's prefetch goes through NativePrefetchChoice: the same counts, mass and chosen experts (in
+    order) as the predictor's counts and prefetch_choice, for random routings (ties of equal weights, bf16
+    weights, none, caches partly full, with and without a cost model); None where it does not apply."""
+    import numpy as np
+
+    cost = CostModel((1, 2, 4, 8, 16, 32, 64), tuple(np.linspace(1e-4, 2e-3, 7)), tuple(np.linspace(5e-5, 3e-4, 7)),
+                     4e-4, 2e-5)
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    chooser = NativePrefetchChoice(4, 2)
+    if chooser.function is None:
+        pytest.skip("the C++ extension is not built here")
+    for trial in range(400):
+        E, P = int(rng.integers(2, 130)), int(rng.integers(0, 6))
+        K, T = int(rng.integers(1, min(E, 9))), int(rng.integers(1, 40))
+        ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+        weights = torch.rand(T, K, generator=gen) if trial % 3 else torch.full((T, K), 0.25)
+        weights = None if trial % 11 == 0 else weights.bfloat16() if trial % 5 == 0 else weights
+        slots = np.where(rng.random(E) < 0.3, rng.integers(0, 50, E), -1).astype(np.int32)
+        model = None if trial % 7 == 0 else cost
+        chooser = NativePrefetchChoice(E, P)
+        got = chooser.choose(ids, weights, slots, model)
+        flat = ids.reshape(-1).numpy()
+        counts = np.bincount(flat, minlength=E)
+        mass = np.zeros(E) if weights is None else np.bincount(flat, weights=weights.float().reshape(-1).numpy(),
+                                                                 minlength=E)
+        assert got.tolist() == prefetch_choice(counts, mass, slots >= 0, model, P).tolist()
+        assert (chooser.counts == counts).all() and (chooser.mass == mass).all()
+    chooser = NativePrefetchChoice(8, 2)
+    slots = np.full(8, -1, dtype=np.int32)
+    assert chooser.choose(torch.tensor([[0, 8]]), None, slots, cost) is None  # an id out of range
+    assert chooser.choose(torch.tensor([[0, 1]]), torch.tensor([[float("nan"), 1.0]]), slots, cost) is None
+    assert chooser.choose(torch.tensor([[0, 1]]), None, slots.astype(np.int64), cost) is None  # not the slot table
 
 
 def test_calibration_files_and_bad_input(tmp_path, release_after):

@@ -47,10 +47,66 @@ int greedy_plan(int64_t n, const int64_t* workloads, const uint8_t* cached, cons
   return 0;
 }
 
+// prefetch.prefetch_choice after ResidualPredictor.predict, in one call (the prefetch's per-step path):
+// counts[e] and mass[e] as numpy's bincount gives them (mass summed in double, in the order of ids), then
+// among the predicted experts (ascending) those not cached that the greedy puts on the GPU (every one not
+// cached without a cost table), most predicted tokens first, then most routing weight, ties to the lower
+// id; at most `count`, written to chosen. Returns how many, or -1 for an id outside [0, E), a workload past
+// the table or a NaN weight (the caller then takes the Python path, which raises or interpolates).
+int prefetch_choice(int64_t m, const int64_t* ids, const float* weights, int64_t E, const int32_t* slot_of_expert,
+                    const double* cpu_table, const double* gpu_table, const double* key_table, int64_t top,
+                    int64_t count, int64_t* counts, double* mass, int64_t* chosen) {
+  std::fill(counts, counts + E, int64_t{0});
+  std::fill(mass, mass + E, 0.0);
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t e = ids[i];
+    if (e < 0 || e >= E) return -1;
+    ++counts[e];
+    if (weights != nullptr) mass[e] += static_cast<double>(weights[i]);
+  }
+  thread_local std::vector<int64_t> experts, workloads;
+  thread_local std::vector<uint8_t> cached, on_gpu;
+  experts.clear();
+  workloads.clear();
+  cached.clear();
+  for (int64_t e = 0; e < E; ++e) {
+    if (counts[e] == 0) continue;
+    if (mass[e] != mass[e]) return -1;  // NaN: no order to rank by
+    experts.push_back(e);
+    workloads.push_back(counts[e]);
+    cached.push_back(slot_of_expert[e] >= 0 ? 1 : 0);
+  }
+  const int64_t n = static_cast<int64_t>(experts.size());
+  on_gpu.assign(n, 1);
+  if (cpu_table != nullptr && n > 0 &&
+      greedy_plan(n, workloads.data(), cached.data(), cpu_table, gpu_table, key_table, top, count, on_gpu.data()) != 0)
+    return -1;
+  thread_local std::vector<int64_t> candidates;
+  candidates.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (on_gpu[i] && !cached[i]) candidates.push_back(experts[i]);
+  std::stable_sort(candidates.begin(), candidates.end(), [&](int64_t a, int64_t b) {
+    return counts[a] != counts[b] ? counts[a] > counts[b] : mass[a] > mass[b];
+  });
+  const int64_t taken = std::min<int64_t>(count, static_cast<int64_t>(candidates.size()));
+  std::copy(candidates.begin(), candidates.begin() + taken, chosen);
+  return static_cast<int>(taken);
+}
+
 }  // namespace
 }  // namespace dali_cpu
 
 extern "C" {
+
+int dali_prefetch_choice(int64_t m, const int64_t* ids, const float* weights, int64_t E, const int32_t* slot_of_expert,
+                         const double* cpu_table, const double* gpu_table, const double* key_table, int64_t top,
+                         int64_t count, int64_t* counts, double* mass, int64_t* chosen) {
+  if (m < 0 || E < 0 || count < 0) return -1;
+  return dali_cpu::call_guarded(dali_cpu::kCppException, [=] {
+    return dali_cpu::prefetch_choice(m, ids, weights, E, slot_of_expert, cpu_table, gpu_table, key_table, top, count,
+                                     counts, mass, chosen);
+  });
+}
 
 // on_gpu[i] = 1 for experts placed on the GPU. Returns 0, or -1 if a workload is outside [1, top] or
 // n < 0, or -99 if the scratch vectors could not be allocated (the caller then uses the Python path,

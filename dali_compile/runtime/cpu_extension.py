@@ -170,6 +170,9 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_cpu_read_buffers.restype = ctypes.c_int
     lib.dali_greedy_plan.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.dali_greedy_plan.restype = ctypes.c_int
+    lib.dali_prefetch_choice.argtypes = ([ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+                                         + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3)
+    lib.dali_prefetch_choice.restype = ctypes.c_int
     lib.dali_cpu_resident_publish.argtypes = [ctypes.c_int64] + [ctypes.c_ssize_t] * 6 + [ctypes.c_char_p] + [
         ctypes.c_int] * 3 + [ctypes.c_char_p, ctypes.c_double, ctypes.c_double]
     lib.dali_cpu_resident_publish.restype = ctypes.c_int
@@ -374,6 +377,12 @@ def greedy_plan_function():
     """The C greedy planner (`csrc/core/planner.cpp`), or None without the extension."""
     lib = _loaded()
     return None if lib is None else lib.dali_greedy_plan
+
+
+def prefetch_choice_function():
+    """The C prefetch choice (`csrc/core/planner.cpp`), or None without the extension."""
+    lib = _loaded()
+    return None if lib is None else lib.dali_prefetch_choice
 
 
 def last_region_threads() -> int:

@@ -48,7 +48,7 @@ from .expert_cache import LayerCache, SlotPool, expert_bytes, plan_slots
 from .layer_spec import LayerSpec
 from .planner import CostModel
 from .policies import LayerStep, Policy, check_decision
-from .prefetch import ResidualPredictor, prefetch_choice
+from .prefetch import NativePrefetchChoice, ResidualPredictor, prefetch_choice
 from .profiling import profiled_costs
 from .registry import LayerRegistry, layer_registry
 from .stats import LayerStats, format_table, total
@@ -97,6 +97,7 @@ class HybridRuntime:
                               for k in range(2)]
         self.predictor = predictor
         self.prefetching = self.prefetch > 0 and predictor is not None
+        self._prefetch_choice = NativePrefetchChoice(self.num_experts, self.prefetch)
         # Optional observer of every step: recorder(layer_index, gate_input [T, H], topk_ids, topk_weights).
         self.recorder = None
         self.last_compute: Event | None = None  # the latest GPU compute point: copies into slots wait for it
@@ -198,9 +199,14 @@ class HybridRuntime:
     def prefetch_for(self, index: int, gate_input: torch.Tensor) -> None:
         """Predict layer `index`'s workload from the previous layer's gate input and prefetch for it."""
         started = time.perf_counter()
-        counts, mass = self.predictor.predict(index - 1, gate_input)
-        self.layers[index].stats.plan_s += time.perf_counter() - started
-        self.prefetch_experts(index, counts, mass)
+        ids, weights = self.predictor.predicted_routing(index - 1, gate_input)
+        layer = self.layers[index]
+        chosen = self._prefetch_choice.choose(ids, weights, layer.cache.slot_of_expert, self.cost)
+        if chosen is None:  # the Python path (no extension, or inputs the C one does not take)
+            counts, mass = self.predictor.counts_of(ids, weights)
+            chosen = prefetch_choice(counts, mass, layer.cache.slot_of_expert >= 0, self.cost, self.prefetch)
+        layer.stats.plan_s += time.perf_counter() - started
+        self._issue_prefetch(index, chosen)
 
     def prefetch_experts(self, index: int, counts: np.ndarray, mass: np.ndarray) -> None:
         """Start copying, for layer `index`'s next step, the top-P experts of a prediction (tokens per expert [E],
@@ -209,6 +215,13 @@ class HybridRuntime:
         started = time.perf_counter()
         layer = self.layers[index]
         chosen = prefetch_choice(counts, mass, layer.cache.slot_of_expert >= 0, self.cost, self.prefetch)
+        layer.stats.plan_s += time.perf_counter() - started
+        self._issue_prefetch(index, chosen)
+
+    def _issue_prefetch(self, index: int, chosen: np.ndarray) -> None:
+        """Copy `chosen` into layer `index`'s prefetch set, for its next step only."""
+        started = time.perf_counter()
+        layer = self.layers[index]
         layer.prefetched = {}
         for expert, slot in zip(chosen.tolist(), self.prefetch_sets[index % 2], strict=False):
             self.pool.load(slot, layer.spec, expert, self.last_compute, owner=index)
