@@ -12,10 +12,10 @@
 #include <numeric>
 #include <vector>
 
+#include "planner.h"
 #include "runtime.h"
 
 namespace dali_cpu {
-namespace {
 
 int greedy_plan(int64_t n, const int64_t* workloads, const uint8_t* cached, const double* cpu_table,
                 const double* gpu_table, const double* key_table, int64_t top, int64_t max_uncached,
@@ -93,7 +93,6 @@ int prefetch_choice(int64_t m, const int64_t* ids, const float* weights, int64_t
   return static_cast<int>(taken);
 }
 
-}  // namespace
 }  // namespace dali_cpu
 
 extern "C" {

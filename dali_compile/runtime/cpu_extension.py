@@ -68,6 +68,7 @@ SOURCES = (
     "core/int8_activations.cpp",
     "core/runtime.cpp",
     "core/planner.cpp",
+    "core/prefetch.cpp",
     "binding/cpu_experts_ops.cpp",
     "binding/linear_ops.cpp",
     "binding/attention_ops.cpp",
@@ -173,6 +174,11 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_prefetch_choice.argtypes = ([ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
                                          + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3)
     lib.dali_prefetch_choice.restype = ctypes.c_int
+    lib.dali_predict_prefetch.argtypes = (
+        [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+         ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4
+        + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 5)
+    lib.dali_predict_prefetch.restype = ctypes.c_int
     lib.dali_cpu_resident_publish.argtypes = [ctypes.c_int64] + [ctypes.c_ssize_t] * 6 + [ctypes.c_char_p] + [
         ctypes.c_int] * 3 + [ctypes.c_char_p, ctypes.c_double, ctypes.c_double]
     lib.dali_cpu_resident_publish.restype = ctypes.c_int
@@ -383,6 +389,12 @@ def prefetch_choice_function():
     """The C prefetch choice (`csrc/core/planner.cpp`), or None without the extension."""
     lib = _loaded()
     return None if lib is None else lib.dali_prefetch_choice
+
+
+def predict_prefetch_function():
+    """The C routing and prefetch choice (`csrc/core/prefetch.cpp`), or None without the extension."""
+    lib = _loaded()
+    return None if lib is None else lib.dali_predict_prefetch
 
 
 def last_region_threads() -> int:

@@ -199,12 +199,15 @@ class HybridRuntime:
     def prefetch_for(self, index: int, gate_input: torch.Tensor) -> None:
         """Predict layer `index`'s workload from the previous layer's gate input and prefetch for it."""
         started = time.perf_counter()
-        ids, weights = self.predictor.predicted_routing(index - 1, gate_input)
         layer = self.layers[index]
-        chosen = self._prefetch_choice.choose(ids, weights, layer.cache.slot_of_expert, self.cost)
-        if chosen is None:  # the Python path (no extension, or inputs the C one does not take)
-            counts, mass = self.predictor.counts_of(ids, weights)
-            chosen = prefetch_choice(counts, mass, layer.cache.slot_of_expert >= 0, self.cost, self.prefetch)
+        chosen = self.predictor.fused_choice(index - 1, gate_input, layer.cache.slot_of_expert, self.cost,
+                                             self.prefetch)  # the router and the choice in one C call
+        if chosen is None:  # a router the C path does not compute: the module, then the choice in C
+            ids, weights = self.predictor.predicted_routing(index - 1, gate_input)
+            chosen = self._prefetch_choice.choose(ids, weights, layer.cache.slot_of_expert, self.cost)
+            if chosen is None:  # the Python path (no extension, or inputs the C choice does not take)
+                counts, mass = self.predictor.counts_of(ids, weights)
+                chosen = prefetch_choice(counts, mass, layer.cache.slot_of_expert >= 0, self.cost, self.prefetch)
         layer.stats.plan_s += time.perf_counter() - started
         self._issue_prefetch(index, chosen)
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .fused_router import DTYPE_CODES, FusedPrefetch, RouterForm, recognise
 from .planner import greedy_plan
 
 
@@ -136,6 +137,9 @@ class ResidualPredictor:
         # and where the router's ids and weights sit in its output tuple (found once, by `routing_of`).
         self._converted: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self._positions: dict[int, tuple[int, int | None, int]] = {}  # ids, weights, the larger
+        # Routers the C path computes (fused_router), recognised on first use; None: the module runs.
+        self._forms: dict[int, RouterForm | None] = {}
+        self._fused: FusedPrefetch | None = None
 
     def set_residuals(self, residuals: list[torch.Tensor]) -> None:
         if len(residuals) != len(self.residuals):
@@ -152,7 +156,34 @@ class ResidualPredictor:
         """Predicted tokens per expert [E] of layer `layer` + 1 from layer `layer`'s gate input [T, H], and the
         summed routing weight per expert [E] (to rank experts with equal counts: at one token per step every
         predicted expert has one token)."""
+        if self.fused_choice(layer, gate_input, None, None, 0) is not None:
+            return self._fused.counts.copy(), self._fused.mass.copy()
         return self.counts_of(*self.predicted_routing(layer, gate_input))
+
+    def fused_choice(self, layer: int, gate_input: torch.Tensor, slot_of_expert: np.ndarray | None, cost,
+                     count: int) -> np.ndarray | None:
+        """prefetch_choice(*predict(layer, gate_input), slot_of_expert >= 0, cost, count) in one C call
+        (fused_router), the same prediction `predict` gives; None where the router or the input is not one the
+        C path takes (then use predict and prefetch_choice)."""
+        router = self.routers[layer + 1]
+        x = gate_input if gate_input.dim() == 2 else gate_input.reshape(-1, self.hidden_size)
+        if x.device.type != "cpu" or x.dtype not in DTYPE_CODES or x.stride(-1) != 1 or not _hookless(router):
+            return None
+        form = self._forms.get(layer + 1)
+        if form is None and layer + 1 not in self._forms or form is not None and form.weight is not router.weight:
+            form = self._forms[layer + 1] = recognise(router, self.num_experts, self.hidden_size)
+        if form is None:
+            return None
+        if self._fused is None:
+            self._fused = FusedPrefetch(self.num_experts)
+        residual = self.residuals[layer]
+        if residual is not None:
+            key = (layer, torch.device("cpu"), torch.float32)
+            residual = self._converted.get(key)
+            if residual is None:
+                residual = self._converted[key] = self.residuals[layer].to("cpu", torch.float32).contiguous()
+        taken = self._fused.run(form, x, residual, slot_of_expert, cost, count)
+        return None if taken < 0 else self._fused.chosen[:taken].copy()
 
     def predicted_routing(self, layer: int, gate_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer `layer` + 1's router applied to layer `layer`'s gate input [T, H] plus the residual vector:

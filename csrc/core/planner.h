@@ -1,0 +1,19 @@
+// The per-step decisions of the offload runtime that run in C (called through ctypes from Python):
+// the greedy CPU/GPU assignment (planner.cpp) and the prefetch choice (planner.cpp, prefetch.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace dali_cpu {
+
+// DALI's greedy over n experts (see planner.cpp); 0, or -1 for a workload outside [1, top].
+int greedy_plan(int64_t n, const int64_t* workloads, const uint8_t* cached, const double* cpu_table,
+                const double* gpu_table, const double* key_table, int64_t top, int64_t max_uncached,
+                uint8_t* on_gpu);
+
+// prefetch.prefetch_choice from a routing of m (token, k) pairs (see planner.cpp); how many were chosen, or -1.
+int prefetch_choice(int64_t m, const int64_t* ids, const float* weights, int64_t E, const int32_t* slot_of_expert,
+                    const double* cpu_table, const double* gpu_table, const double* key_table, int64_t top,
+                    int64_t count, int64_t* counts, double* mass, int64_t* chosen);
+
+}  // namespace dali_cpu

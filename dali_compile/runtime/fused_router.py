@@ -1,0 +1,136 @@
+"""The residual prefetch's per-step path in one C call (csrc/core/prefetch.cpp): the next layer's router on
+this layer's gate input plus the residual vector, and the prefetch choice from that routing.
+
+# T tokens, H hidden, E experts, K top-k
+
+In a decode loop the Python path (the router module's seven ATen ops, then the counts and the choice in
+numpy) took ~50 us of host work per layer step, a third of the offload step's; the C call ~10. It serves
+routers of one form, computed in fp32: p = softmax(x W^T + b) (b optional), its top k, divided by their sum
+when `normalize` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; GPT-OSS's softmax over its top-k logits is the same
+as the renormalised top k of the softmax). A router is recognised by running it on a probe input and
+comparing its ids and weights with the form's (`form_reference`, the C kernel's specification); any other
+router (DeepSeek's sigmoid with group-limited top-k, a router with hooks, one on another device) keeps the
+module path. The forms' logits are not rounded
+to the router's dtype as the module's are, so experts whose probabilities tie to the last bits may come in
+another order: a prediction only ever costs time, never changes results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/core/dtypes.h DType
+PROBE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class RouterForm:
+    normalize: bool  # the top k divided by their sum
+    top_k: int
+    weight: torch.Tensor  # [E, H], the router's own (read in place)
+    bias: torch.Tensor | None  # [E] fp32 (a copy of the router's)
+
+
+def form_reference(form: RouterForm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [T, K], weights [T, K] fp32) of the form on x [T, H], in plain fp32 torch: what the C call computes."""
+    logits = x.float() @ form.weight.float().t()
+    if form.bias is not None:
+        logits = logits + form.bias
+    values, ids = torch.topk(torch.softmax(logits, dim=-1), form.top_k, dim=-1)
+    return ids, values / values.sum(dim=-1, keepdim=True) if form.normalize else values
+
+
+def recognise(router: nn.Module, num_experts: int, hidden_size: int) -> RouterForm | None:
+    """The form of `router`, if its output on a probe input is the form's, renormalised or not (same experts
+    per token, weights within 2% for 16-bit routers, 1e-4 for fp32); None otherwise."""
+    from .prefetch import routing_of
+
+    weight = getattr(router, "weight", None)
+    bias = getattr(router, "bias", None)
+    if (not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (num_experts, hidden_size)
+            or weight.device.type != "cpu" or weight.dtype not in DTYPE_CODES or not weight.is_contiguous()):
+        return None
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (num_experts,)):
+        return None
+    probe = torch.randn(PROBE_TOKENS, hidden_size, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    with torch.no_grad():
+        try:
+            ids, weights = routing_of(router.forward(probe))
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        if weights is None or ids.shape[0] != PROBE_TOKENS or not 1 <= ids.shape[1] <= num_experts:
+            return None
+        fp32_bias = None if bias is None else bias.detach().float().contiguous()
+        tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
+        for normalize in (True, False):
+            form = RouterForm(normalize, int(ids.shape[1]), weight, fp32_bias)
+            if _same_routing((ids, weights), form_reference(form, probe), tolerance):
+                return form
+    return None
+
+
+def _same_routing(got, want, tolerance: float) -> bool:
+    """Same experts per token (in any order) and their weights within `tolerance` (relative to the largest)."""
+    (got_ids, got_weights), (want_ids, want_weights) = got, want
+    got_order, want_order = got_ids.argsort(dim=-1), want_ids.argsort(dim=-1)
+    if not torch.equal(got_ids.gather(-1, got_order), want_ids.gather(-1, want_order)):
+        return False
+    got_weights = got_weights.float().gather(-1, got_order)
+    want_weights = want_weights.gather(-1, want_order)
+    return bool(((got_weights - want_weights).abs().max() <= tolerance * want_weights.abs().max()).item())
+
+
+class FusedPrefetch:
+    """The C call with its output arrays (their addresses taken once: numpy's `.ctypes` costs microseconds
+    per access). `counts`, `mass` (and `ids`, `weights` for the first T * K entries) hold the last call's
+    routing until the next call."""
+
+    def __init__(self, num_experts: int):
+        from . import cpu_extension
+
+        self.function = cpu_extension.predict_prefetch_function()
+        self.num_experts = num_experts
+        self.counts = np.zeros(num_experts, dtype=np.int64)
+        self.mass = np.zeros(num_experts, dtype=np.float64)
+        self.chosen = np.zeros(num_experts, dtype=np.int64)
+        self._fixed = tuple(a.ctypes.data for a in (self.counts, self.mass, self.chosen))
+        self._reserve(64)
+        self._slot_tables: dict[int, tuple[np.ndarray, int]] = {}  # id -> (a cache's slot_of_expert, address)
+        self._no_slots = np.full(num_experts, -1, dtype=np.int32)  # for predict(): nothing cached
+
+    def _reserve(self, pairs: int) -> None:
+        self.ids = np.zeros(pairs, dtype=np.int64)
+        self.weights = np.zeros(pairs, dtype=np.float32)
+        self._pair_addresses = (self.ids.ctypes.data, self.weights.ctypes.data)
+
+    def run(self, form: RouterForm, x: torch.Tensor, residual: torch.Tensor | None, slot_of_expert: np.ndarray | None,
+            cost, count: int) -> int:
+        """Route x [T, H] (a CPU tensor of a DTYPE_CODES dtype with unit stride in H) plus `residual` ([H] fp32
+        contiguous, or None) and choose up to `count` experts to prefetch for a cache whose slot table is
+        `slot_of_expert` (int32 [E]; None: nothing cached). How many were chosen (`chosen[:n]`), or -1 where the
+        C path does not apply (the caller then takes the Python path)."""
+        if not self.function or count > self.num_experts:
+            return -1
+        T, K = x.shape[0], form.top_k
+        if T * K > self.ids.shape[0]:
+            self._reserve(max(T * K, 2 * self.ids.shape[0]))
+        slots = self._no_slots if slot_of_expert is None else slot_of_expert
+        known = self._slot_tables.get(id(slots))
+        if known is None or known[0] is not slots:
+            if slots.dtype != np.int32 or slots.shape != (self.num_experts,) or not slots.flags.c_contiguous:
+                return -1
+            known = self._slot_tables[id(slots)] = (slots, slots.ctypes.data)
+        table = cost._table if cost is not None else None
+        ids_address, weights_address = self._pair_addresses
+        counts_address, mass_address, chosen_address = self._fixed
+        return self.function(
+            T, x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0) if T > 1 else x.shape[1],
+            0 if residual is None else residual.data_ptr(), form.weight.data_ptr(), DTYPE_CODES[form.weight.dtype],
+            0 if form.bias is None else form.bias.data_ptr(), self.num_experts, x.shape[1], K, int(form.normalize),
+            known[1], table.cpu_address if table else 0, table.gpu_address if table else 0,
+            table.key_address if table else 0, table.top if table else 0, count, ids_address, weights_address,
+            counts_address, mass_address, chosen_address)
