@@ -33,7 +33,8 @@ move it. The decisions always use the runtime's cost model; the simulated times 
   whatever load the machine had then);
 - remeasured: that profile measured again just before the runs (`profiling.measure_costs`, not stored): the
   simulator's time model apart from the age of its input;
-- profile: the hardware profile's roofline (`--profile`, by default this machine's CPU profile).
+- profile: the hardware profile's roofline (`--profile`; by default this machine's CPU profile measured in the
+  same run: streaming read bandwidth, fp32 GEMM rate and the CPU call's fixed part, `measured_profile`).
 `cpu_s` is the CPU experts' call on the step's own thread, after the GPU work was issued (the same op the
 profile times, one expert at a time). The 20% applies over the layer steps without a GPU expert ('alone': the
 CPU experts by themselves); every layer step with a CPU expert ('all') is shown beside it, where on the
@@ -225,6 +226,31 @@ def profiled_costs(model, nbytes: int, device: str) -> tuple[CostModel, CostMode
         dali_compile.release(model)
 
 
+MEASURED = "measured"  # --profile: this machine's CPU profile, measured in this run (measured_profile)
+MEASURED_BASE = "dev-2core+3090"  # its GPU side and host work
+
+
+def measured_profile(costs: CostModel):
+    """This machine's CPU profile, measured now: the streaming read bandwidth of the runtime's threads, the
+    fp32 GEMM rate (torch.mm, 1024^3) and the CPU call's fixed part of the cost model just measured; the rest
+    from MEASURED_BASE. The development machine changes from session to session (2-core AVX2 hosts at
+    19-37 GB/s, an AVX-512 one at 41): a profile written on one of them mispredicts the others."""
+    from dali_compile.runtime import cpu_extension
+
+    bandwidth = cpu_extension.read_bandwidth_gbps(512 << 20, 3) * 1e9
+    a = torch.randn(1024, 1024)
+    torch.mm(a, a)
+    seconds = []
+    for _ in range(5):
+        started = time.perf_counter()
+        torch.mm(a, a)
+        seconds.append(time.perf_counter() - started)
+    base = hardware_profile(MEASURED_BASE)
+    return dataclasses.replace(base, name=MEASURED, cpu_bytes_per_s=bandwidth,
+                               cpu_flop_per_s=2 * 1024**3 / min(seconds), cpu_call_s=costs.cpu_call_seconds,
+                               description=f"this machine's CPU, measured now; GPU as {MEASURED_BASE}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The replay and the comparison
 
@@ -361,8 +387,9 @@ def validate_model(shape: ModelShape, args) -> list[Comparison]:
           f"{slot / 2**20:.2f} MiB per expert (built in {time.perf_counter() - started:.1f} s)", flush=True)
     prompt = torch.randint(0, shape.vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to("cuda" if cuda else "cpu")
-    sim_model, profile = simulated_model(model, shape), hardware_profile(args.profile)
     stored, remeasured = profiled_costs(model, budget_bytes(geometry, max(args.budgets)), args.device)
+    sim_model = simulated_model(model, shape)
+    profile = measured_profile(remeasured) if args.profile == MEASURED else hardware_profile(args.profile)
     costs = {"runtime": stored, "remeasured": remeasured,
              "profile": profile.cost_model(sim_model.expert_bytes, sim_model.expert_flop_per_token)}
     print("  t_cpu(1, 8, 64 tokens) ms: " + ", ".join(
@@ -461,8 +488,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="N greedy decode steps (emulated 6, cuda 16)")
     parser.add_argument("--trials", type=int, default=4,
                         help="trials (prefill + decode); the first is the time comparisons' warm-up")
-    parser.add_argument("--profile", default="dev-2core+3090",
-                        help="hardware profile: the 'profile' timing, the non-expert part and host work")
+    parser.add_argument("--profile", default=MEASURED,
+                        help="hardware profile: the 'profile' timing, the non-expert part and host work "
+                             f"('{MEASURED}': this machine's CPU measured in this run, the GPU of {MEASURED_BASE})")
     parser.add_argument("--out", default=None, help="folder for validate_simulator.csv")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     args = parser.parse_args(argv)

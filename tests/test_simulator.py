@@ -189,6 +189,12 @@ def test_shipped_profiles_reproduce_their_sources():
     for profile in profiles.values():
         assert profile.sources and profile.description
     assert hardware_profile("dali-paper-pc") == profiles["dali-paper-pc"]
+    # A stated CPU call's fixed part: in every t_cpu, and the cost model's call part (counted once per step)
+    calling = dataclasses.replace(profiles["pc-4090-threadripper"], cpu_call_s=50e-6)
+    with_call = calling.cost_model(MIXTRAL_EXPERT_BYTES, 6 * 4096 * 14336)
+    assert with_call.cpu_call_seconds == 50e-6
+    assert np.allclose(np.subtract(with_call.cpu_seconds, cost.cpu_seconds), 50e-6)
+    assert cost.cpu_call_seconds == 0.0  # the shipped files state none (optional field)
 
 
 def test_budget_and_dense_time():

@@ -22,9 +22,10 @@ resources that run concurrently (the CPU's cores, the GPU's compute stream, the 
    next layer's step, computed once they have landed;
 7. the layer ends when the CPU and the GPU are both done; the next layer starts then.
 
-Per expert: t_cpu(w) = max(bytes / cpu_bandwidth, w * flop / cpu_flop_rate), t_gpu(w) likewise plus one
-kernel launch, a copy = bytes / PCIe bandwidth (`HardwareProfile.cost_model`, also what the policies see);
-or a given cost model's tables, such as the one a runtime profiled (`benchmarks/validate_simulator.py` replays
+Per expert: t_cpu(w) = max(bytes / cpu_bandwidth, w * flop / cpu_flop_rate) plus the CPU call's fixed part
+(`HardwareProfile.cpu_call_s`, 0 where a profile does not state it), t_gpu(w) likewise plus one kernel
+launch, a copy = bytes / PCIe bandwidth (`HardwareProfile.cost_model`, also what the policies see); or a
+given cost model's tables, such as the one a runtime profiled (`benchmarks/validate_simulator.py` replays
 a runtime's own run with it).
 
 Not modelled: the lm_head, embedding and sampling (the same for every policy; they lower all tokens/s
@@ -68,6 +69,7 @@ class HardwareProfile:
     gpu_kernel_s: float  # one kernel launch's fixed cost
     host_layer_s: float  # the host's work per MoE layer step (see the module docstring)
     gpu_memory_bytes: float  # the device's memory (what `expert_budget_slots` splits)
+    cpu_call_s: float = 0.0  # a CPU-experts call's fixed part (dispatch, the threads' start and join); optional
 
     def __post_init__(self):
         for f in fields(self):
@@ -84,7 +86,8 @@ class HardwareProfile:
         with open(path) as f:
             data = json.load(f)
         known = {f.name for f in fields(cls)}
-        missing, unknown = known - set(data), set(data) - known
+        optional = {f.name for f in fields(cls) if f.default is not dataclasses.MISSING}
+        missing, unknown = known - optional - set(data), set(data) - known
         if missing or unknown:
             raise ValueError(f"hardware profile {path}: missing fields {sorted(missing)}, unknown {sorted(unknown)}")
         data["sources"] = tuple(data["sources"])
@@ -98,8 +101,9 @@ class HardwareProfile:
         w = np.asarray(PROFILED_WORKLOADS, dtype=np.float64)
         cpu = np.maximum(expert_bytes / self.cpu_bytes_per_s, w * flop_per_token / self.cpu_flop_per_s)
         gpu = np.maximum(expert_bytes / self.gpu_bytes_per_s, w * flop_per_token / self.gpu_flop_per_s)
-        return CostModel(PROFILED_WORKLOADS, tuple(cpu.tolist()), tuple((gpu + self.gpu_kernel_s).tolist()),
-                         expert_bytes / self.pcie_bytes_per_s)
+        return CostModel(PROFILED_WORKLOADS, tuple((cpu + self.cpu_call_s).tolist()),
+                         tuple((gpu + self.gpu_kernel_s).tolist()), expert_bytes / self.pcie_bytes_per_s,
+                         self.cpu_call_s)
 
 
 def expert_budget_slots(profile: HardwareProfile, resident_bytes: int, expert_bytes: int, num_experts_total: int,
