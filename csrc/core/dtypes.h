@@ -55,4 +55,16 @@ inline float to_float(F16 v) {
 
 inline int64_t dtype_size(DType d) { return d == DType::kF32 ? 4 : 2; }
 
+// Element i of an array of `dtype` (bias vectors, activations), widened to fp32: for scalar loops only.
+inline float element(DType dtype, const void* base, int64_t i) {
+  switch (dtype) {
+    case DType::kBF16:
+      return to_float(static_cast<const BF16*>(base)[i]);
+    case DType::kF16:
+      return to_float(static_cast<const F16*>(base)[i]);
+    default:
+      return static_cast<const float*>(base)[i];
+  }
+}
+
 }  // namespace dali_cpu

@@ -135,17 +135,6 @@ inline float gate_activate(const ExpertWeights& layer, float gate, float up) {
   return activate(layer.activation, gate) * up;
 }
 
-float element(DType dtype, const void* base, int64_t index) {
-  switch (dtype) {
-    case DType::kBF16:
-      return to_float(static_cast<const BF16*>(base)[index]);
-    case DType::kF16:
-      return to_float(static_cast<const F16*>(base)[index]);
-    default:
-      return static_cast<const float*>(base)[index];
-  }
-}
-
 inline const char* offset(const void* base, DType dtype, int64_t elements) {
   return static_cast<const char*>(base) + elements * dtype_size(dtype);
 }

@@ -36,17 +36,6 @@ int64_t choose_block(int64_t n, int64_t row_bytes, int64_t rows, int threads) {
   return std::max<int64_t>(1, std::min({block, max_block, n}));
 }
 
-float bias_at(DType dtype, const void* bias, int64_t i) {
-  switch (dtype) {
-    case DType::kBF16:
-      return to_float(static_cast<const BF16*>(bias)[i]);
-    case DType::kF16:
-      return to_float(static_cast<const F16*>(bias)[i]);
-    default:
-      return static_cast<const float*>(bias)[i];
-  }
-}
-
 }  // namespace
 
 void run_row_blocks(int64_t out_features, int64_t row_bytes, const LinearInput& input, DType bias_dtype,
@@ -77,7 +66,7 @@ void run_row_blocks(int64_t out_features, int64_t row_bytes, const LinearInput& 
     if (bias == nullptr) return;
     for (int64_t t = 0; t < T; ++t) {
       float* row = out + t * ldo + n0;
-      for (int64_t i = 0; i < bn; ++i) row[i] += bias_at(bias_dtype, bias, n0 + i);
+      for (int64_t i = 0; i < bn; ++i) row[i] += element(bias_dtype, bias, n0 + i);
     }
   };
   if (N * row_bytes * T < kMinParallelBytes) {

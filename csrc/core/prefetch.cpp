@@ -23,17 +23,6 @@
 namespace dali_cpu {
 namespace {
 
-float element(const void* base, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kBF16:
-      return to_float(static_cast<const BF16*>(base)[i]);
-    case DType::kF16:
-      return to_float(static_cast<const F16*>(base)[i]);
-    default:
-      return static_cast<const float*>(base)[i];
-  }
-}
-
 // ids [T, K] and weights [T, K] (fp32) of the router on x [T, H] (rows ldx apart) plus residual [H] (or none).
 void route(int64_t T, const void* x, DType x_dtype, int64_t ldx, const float* residual, const void* w, DType w_dtype,
            const float* bias, int64_t E, int64_t H, int64_t K, bool normalize, int64_t* ids,
@@ -45,7 +34,7 @@ void route(int64_t T, const void* x, DType x_dtype, int64_t ldx, const float* re
   scores.resize(E);
   order.resize(E);
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t j = 0; j < H; ++j) row[j] = element(x, x_dtype, t * ldx + j) + (residual ? residual[j] : 0.0f);
+    for (int64_t j = 0; j < H; ++j) row[j] = element(x_dtype, x, t * ldx + j) + (residual ? residual[j] : 0.0f);
     kernels.dot_rows(w_dtype, w, H, E, H, row.data(), H, 1, false, scores.data(), E);
     if (bias != nullptr)
       for (int64_t e = 0; e < E; ++e) scores[e] += bias[e];
