@@ -286,9 +286,16 @@ def test_quantized_model_equals_its_dequantized_reference_eager_and_compiled(fam
             with reference_experts(quantized):
                 want = quantized(ids).logits
         eager = quantized(ids).logits
-        compiled = torch.compile(quantized, backend="dali")(ids).logits
+        # The experts' compiled path alone: the dense linears stay ATen's, as in the reference
+        compiled = torch.compile(quantized, backend="dali", options={"cpu_linears": False})(ids).logits
+        torch._dynamo.reset()
+        with_cpu_linears = torch.compile(quantized, backend="dali")(ids).logits
     assert relative_max_error(eager, want) <= FP32_RTOL
     assert relative_max_error(compiled, want) <= FP32_RTOL
+    # Our CPU linears sum in another order than ATen's (last bits; the AVX-512 path differs more often), and int4
+    # rounds the experts' activations to int8, which can turn such a difference into one rounding step: 1.2e-3
+    # on mixtral here, within the per-layer bound of test_int4_activation_rounding_error_is_small. int8 does not.
+    assert relative_max_error(with_cpu_linears, want) <= (FP32_RTOL if fmt == "int8" else 2e-2)
     for _, module in experts_modules(quantized):
         codes = [getattr(module, up_weight_name(module)), module.down_proj]
         assert all(c.dtype == (torch.int8 if fmt == "int8" else torch.uint8) for c in codes)
