@@ -17,5 +17,7 @@ bool isa_supported(Isa isa);
 Isa best_isa();
 // AVX-512 BF16 dot products (vdpbf16ps) on this CPU; only the AVX-512 path uses them.
 bool cpu_has_avx512_bf16();
+// AVX-512 VNNI (vpdpbusd) on this CPU; the AVX-512 path's int4 kernel uses it.
+bool cpu_has_avx512_vnni();
 
 }  // namespace dali_cpu

@@ -87,6 +87,9 @@ void dot_rows_int4_scalar(const QuantizedRows& w, int64_t rows, const Int8Activa
 using DotRowsInt4 = void (*)(const QuantizedRows&, int64_t, const Int8Activations&, int64_t, int64_t, float*,
                              int64_t);
 DotRowsInt4 dot_rows_int4_avx2();
+// The AVX-512 VNNI version (kernels_avx512_vnni.cpp), sending widths it does not take to `fallback`; only on
+// a CPU with AVX-512 VNNI (cpu_has_avx512_vnni). Not x86-64: `fallback` itself.
+DotRowsInt4 dot_rows_int4_avx512_vnni(DotRowsInt4 fallback);
 
 const KernelTable& portable_kernels();
 // nullptr where the build's target architecture has no such path (e.g. not x86-64).

@@ -14,6 +14,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
+#include "int4_tiling.h"  // its template runs inside this target
+
 namespace dali_cpu {
 namespace {
 
@@ -198,27 +200,17 @@ void int4_tile_n(int n, const uint8_t* q, int64_t ldq, const F16* ws, int64_t ld
   }
 }
 
-// As dot_rows_quantized: tiles of 4 rows from the block's 4 quarters (4 sequential streams), two tokens
-// sharing each run of unpacked codes.
+// Widths in whole 32-byte runs of codes (int4_tiling.h's tiles); others go to the scalar kernel.
 void avx2_dot_rows_int4(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first, int64_t n,
                         float* out, int64_t ldo) {
   if (x.group % 32 != 0 || x.len % 64 != 0) {  // whole 32-byte runs of codes only (real models' widths)
     dot_rows_int4_scalar(w, rows, x, first, n, out, ldo);
     return;
   }
-  const uint8_t* q = static_cast<const uint8_t*>(w.codes);
-  const int64_t quarter = rows / 4;
-  for (int64_t t = 0; t < n; t += 2) {
-    const int tn = n - t < 2 ? 1 : 2;
-    float* ot = out + t * ldo;
-    for (int64_t r = 0; r < quarter; ++r) {
-      int4_tile_n<4>(tn, q + r * w.ld, quarter * w.ld, w.scales + r * w.lds, quarter * w.lds, x, first + t, ot + r,
-                     ldo, quarter);
-    }
-    for (int64_t r = 4 * quarter; r < rows; ++r) {
-      int4_tile_n<1>(tn, q + r * w.ld, w.ld, w.scales + r * w.lds, w.lds, x, first + t, ot + r, ldo, 1);
-    }
-  }
+  int4_row_tiles(w, rows, first, n, out, ldo, [&](auto tile_rows, int tn, const uint8_t* q, int64_t ldq, const F16* ws,
+                                                  int64_t lds, int64_t t0, float* o, int64_t orow) {
+    int4_tile_n<decltype(tile_rows)::value>(tn, q, ldq, ws, lds, x, t0, o, ldo, orow);
+  });
 }
 
 }  // namespace

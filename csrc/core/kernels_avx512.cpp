@@ -195,7 +195,8 @@ const KernelTable* avx512_kernels() {
     return KernelTable{Isa::kAvx512,        avx512_dot_rows,        avx512_axpy_rows,      avx512_convert,
                        avx512_silu_mul,     avx512_exp_shifted,     avx512_dot_rows_quantized,
                        avx512_dequantize_rows,
-                       dot_rows_int4_avx2()};  // AVX-512 CPUs have AVX2; no 512-bit version written yet
+                       // AVX-512 CPUs have AVX2: its int4 kernel where there is no VNNI, and for odd widths
+                       cpu_has_avx512_vnni() ? dot_rows_int4_avx512_vnni(dot_rows_int4_avx2()) : dot_rows_int4_avx2()};
   }();
   return &table;
 }

@@ -59,6 +59,7 @@ SOURCES = (
     "core/kernels_portable.cpp",
     "core/kernels_avx2.cpp",
     "core/kernels_avx512.cpp",
+    "core/kernels_avx512_vnni.cpp",
     "core/thread_pool.cpp",
     "core/job_queue.cpp",
     "core/experts.cpp",
