@@ -17,6 +17,7 @@ another order: a prediction only ever costs time, never changes results.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,7 @@ def form_reference(form: RouterForm, x: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def recognise(router: nn.Module, num_experts: int, hidden_size: int) -> RouterForm | None:
     """The form of `router`, if its output on a probe input is the form's, renormalised or not (same experts
-    per token, weights within 2% for 16-bit routers, 1e-4 for fp32); None otherwise."""
+    per token, weights within 1e-4); None otherwise."""
     from .prefetch import routing_of
 
     weight = getattr(router, "weight", None)
@@ -56,19 +57,21 @@ def recognise(router: nn.Module, num_experts: int, hidden_size: int) -> RouterFo
         return None
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (num_experts,)):
         return None
-    probe = torch.randn(PROBE_TOKENS, hidden_size, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    # The form does not depend on the dtype: a 16-bit router is probed as an fp32 copy, so that no logit rounded
+    # to 16 bits ties with another at the top-k boundary (fp32 sums of the same products: within 1e-4).
+    probed = router if weight.dtype == torch.float32 else copy.deepcopy(router).float()
+    probe = torch.randn(PROBE_TOKENS, hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         try:
-            ids, weights = routing_of(router.forward(probe))
+            ids, weights = routing_of(probed.forward(probe))
         except (TypeError, ValueError, RuntimeError):
             return None
         if weights is None or ids.shape[0] != PROBE_TOKENS or not 1 <= ids.shape[1] <= num_experts:
             return None
         fp32_bias = None if bias is None else bias.detach().float().contiguous()
-        tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
         for normalize in (True, False):
             form = RouterForm(normalize, int(ids.shape[1]), weight, fp32_bias)
-            if _same_routing((ids, weights), form_reference(form, probe), tolerance):
+            if _same_routing((ids, weights), form_reference(form, probe), 1e-4):
                 return form
     return None
 
