@@ -9,8 +9,9 @@ from test_offload import COST, PROMPT, eager_results, moe_geometry
 
 import dali_compile
 from dali_compile.offload import runtime_of
+from dali_compile.runtime.fused_router import NativePrefetchChoice
 from dali_compile.runtime.planner import CostModel
-from dali_compile.runtime.prefetch import NativePrefetchChoice, find_router, prefetch_choice, routed_ids
+from dali_compile.runtime.prefetch import find_router, prefetch_choice, routed_ids
 from dali_compile.tiny_models import tiny_model
 
 # Each test runs on both modes of the emulated accelerator (synchronous, asynchronous with random delays).

@@ -45,10 +45,11 @@ from dali_compile.ops.gpu_experts import gpu_experts
 
 from .accelerator import Accelerator, Event, ExpertMemoryError
 from .expert_cache import LayerCache, SlotPool, expert_bytes, plan_slots
+from .fused_router import NativePrefetchChoice
 from .layer_spec import LayerSpec
 from .planner import CostModel
 from .policies import LayerStep, Policy, check_decision
-from .prefetch import NativePrefetchChoice, ResidualPredictor, prefetch_choice
+from .prefetch import ResidualPredictor, prefetch_choice
 from .profiling import profiled_costs
 from .registry import LayerRegistry, layer_registry
 from .stats import LayerStats, format_table, total

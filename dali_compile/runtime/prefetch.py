@@ -44,55 +44,7 @@ def prefetch_choice(counts: np.ndarray, mass: np.ndarray, cached: np.ndarray, co
     return candidates[np.lexsort((-mass[candidates], -counts[candidates]))][:count]
 
 
-class NativePrefetchChoice:
-    """`prefetch_choice` over a predicted routing (`ResidualPredictor.predicted_routing`) in one C call
-    (csrc/core/planner.cpp): the counts, the mass and the same experts in the same order, ~3 us against ~25
-    of numpy calls per layer step. It owns its output arrays, with their addresses taken once (numpy's
-    `.ctypes` costs microseconds per access). `choose` returns None where the C path does not apply (no
-    extension, a slot table that is not int32, an id outside [0, E), a NaN weight, a workload past the cost
-    table): the caller then takes the Python path."""
-
-    def __init__(self, num_experts: int, count: int):
-        from . import cpu_extension
-
-        self.function = cpu_extension.prefetch_choice_function()
-        self.num_experts, self.count = num_experts, count
-        self.counts = np.zeros(num_experts, dtype=np.int64)
-        self.mass = np.zeros(num_experts, dtype=np.float64)
-        self.chosen = np.zeros(max(count, 1), dtype=np.int64)
-        self._addresses = tuple(a.ctypes.data for a in (self.counts, self.mass, self.chosen))
-        self._slot_tables: dict[int, tuple[np.ndarray, int]] = {}  # id -> (a cache's slot_of_expert, address)
-
-    def choose(self, ids: torch.Tensor, weights: torch.Tensor | None, slot_of_expert: np.ndarray,
-               cost) -> np.ndarray | None:
-        """The experts prefetch_choice(counts, mass, slot_of_expert >= 0, cost, count) gives for the counts and
-        mass of this routing (int64, a fresh array; `counts` and `mass` hold them until the next call), or
-        None: take the Python path."""
-        if not self.function:
-            return None
-        ids = _on_host(ids, torch.int64)
-        weights = None if weights is None else _on_host(weights, torch.float32)
-        known = self._slot_tables.get(id(slot_of_expert))
-        if known is None or known[0] is not slot_of_expert:
-            if slot_of_expert.dtype != np.int32 or not slot_of_expert.flags.c_contiguous:
-                return None
-            known = self._slot_tables[id(slot_of_expert)] = (slot_of_expert, slot_of_expert.ctypes.data)
-        table = cost._table if cost is not None else None
-        counts_address, mass_address, chosen_address = self._addresses
-        taken = self.function(ids.numel(), ids.data_ptr(), 0 if weights is None else weights.data_ptr(),
-                              self.num_experts, known[1], table.cpu_address if table else 0,
-                              table.gpu_address if table else 0, table.key_address if table else 0,
-                              table.top if table else 0, self.count, counts_address, mass_address, chosen_address)
-        return None if taken < 0 else self.chosen[:taken].copy()
-
-
-def _on_host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t as a contiguous CPU tensor of `dtype` (itself when it is one already)."""
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.dtype != dtype:
-        t = t.to(dtype)
-    return t if t.is_contiguous() else t.contiguous()
+_UNRECOGNISED = object()  # ResidualPredictor._forms: a router not probed yet
 
 
 def find_router(block: nn.Module, num_experts: int, hidden_size: int) -> nn.Module:
@@ -169,19 +121,14 @@ class ResidualPredictor:
         x = gate_input if gate_input.dim() == 2 else gate_input.reshape(-1, self.hidden_size)
         if x.device.type != "cpu" or x.dtype not in DTYPE_CODES or x.stride(-1) != 1 or not _hookless(router):
             return None
-        form = self._forms.get(layer + 1)
-        if form is None and layer + 1 not in self._forms or form is not None and form.weight is not router.weight:
+        form = self._forms.get(layer + 1, _UNRECOGNISED)
+        if form is _UNRECOGNISED or form is not None and form.weight is not router.weight:  # new, or replaced
             form = self._forms[layer + 1] = recognise(router, self.num_experts, self.hidden_size)
         if form is None:
             return None
         if self._fused is None:
             self._fused = FusedPrefetch(self.num_experts)
-        residual = self.residuals[layer]
-        if residual is not None:
-            key = (layer, torch.device("cpu"), torch.float32)
-            residual = self._converted.get(key)
-            if residual is None:
-                residual = self._converted[key] = self.residuals[layer].to("cpu", torch.float32).contiguous()
+        residual = self._residual(layer, torch.device("cpu"), torch.float32)
         taken = self._fused.run(form, x, residual, slot_of_expert, cost, count)
         return None if taken < 0 else self._fused.chosen[:taken].copy()
 
@@ -192,14 +139,19 @@ class ResidualPredictor:
             with torch.no_grad():
                 return self.predicted_routing(layer, gate_input)
         x = gate_input if gate_input.dim() == 2 else gate_input.reshape(-1, self.hidden_size)
+        residual = self._residual(layer, x.device, x.dtype)
+        return self._routed(layer + 1, x if residual is None else x + residual)
+
+    def _residual(self, layer: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """res_vec(layer) on `device` in `dtype`, contiguous (converted once), or None without calibration."""
         res = self.residuals[layer]
-        if res is not None:
-            key = (layer, x.device, x.dtype)
-            converted = self._converted.get(key)
-            if converted is None:
-                converted = self._converted[key] = res.to(device=x.device, dtype=x.dtype)
-            x = x + converted
-        return self._routed(layer + 1, x)
+        if res is None:
+            return None
+        key = (layer, device, dtype)
+        converted = self._converted.get(key)
+        if converted is None:
+            converted = self._converted[key] = res.to(device=device, dtype=dtype).contiguous()
+        return converted
 
     def counts_of(self, ids: torch.Tensor, weights: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
         """Tokens per expert [E] and summed routing weight per expert [E] (float64) of a routing."""

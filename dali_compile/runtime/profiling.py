@@ -114,11 +114,11 @@ def _store_entry(path: Path, key: str, entry: dict) -> None:
             raise
 
 
-def _median_seconds(fn, synchronize, repeats: int = REPEATS) -> float:
+def _median_seconds(fn, synchronize) -> float:
     fn()  # warm-up
     synchronize()
     times = []
-    for _ in range(repeats):
+    for _ in range(REPEATS):
         start = time.perf_counter()
         fn()
         synchronize()
