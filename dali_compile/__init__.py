@@ -5,11 +5,14 @@
 
     model = dali_compile.offload(model, device="cuda", expert_memory="12GiB")   # experts beyond the GPU
     print(dali_compile.offload_stats(model)["total"])
+
+    model = dali_compile.load("/path/to/checkpoint", device="cuda", expert_memory="auto")   # from disk
 """
 
 from . import ops  # noqa: F401  (defines the dali::* ops)
 from .config import DaliConfig, DaliOptionError
 from .experts_interface import register_experts_interface
+from .loading import LoadError, LoadSummary, load, load_summary
 from .offload import calibrate, load_calibration, offload, offload_stats, refresh_costs, release, save_calibration
 from .quantization import QuantizedLinear, quantize
 from .report import CompileReport, clear_reports, last_report, reports
@@ -32,6 +35,10 @@ __all__ = [
     "clear_reports",
     "last_report",
     "layer_registry",
+    "load",
+    "load_summary",
+    "LoadError",
+    "LoadSummary",
     "offload",
     "offload_stats",
     "quantize",

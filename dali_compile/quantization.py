@@ -18,8 +18,10 @@ time, and the model is switched to the "dali" experts implementation, whose `dal
 runs them (the C++ CPU runtime reads the codes in place). Formats as for `dense`: int8 one scale per
 row, int4 one per `group_size` columns.
 
-Not there yet: quantized experts and linears run on the CPU only (eager, torch.compile, the C++
-runtime); the Triton kernels and `offload(...)` refuse them.
+Quantized linears run on the CPU only; quantized experts run on the CPU (eager, torch.compile, the C++
+runtime) and under `offload(...)` (the slots hold codes and scales; the Triton kernels dequantize them).
+`dali_compile.load(path, quantize=...)` quantizes while it reads a checkpoint (loading.py), through the
+same functions, one tensor at a time.
 
 Everything is checked before the first weight is converted: a bad value, a compiled or already
 quantized model, a weight dtype the kernels do not take or a group size that does not divide a
@@ -134,7 +136,7 @@ def _check_layer(name: str, linear: nn.Linear, bits: int, group_size: int) -> No
     if weight.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"dali_compile.quantize: {name} has {weight.dtype} weights; the quantized kernels take "
                         f"{', '.join(str(d) for d in ACTIVATION_DTYPES)} models")
-    if weight.device.type != "cpu":
+    if weight.device.type not in ("cpu", "meta"):  # meta: checked before loading (loading.py)
         raise ValueError(f"dali_compile.quantize: {name} is on {weight.device}; quantized linears run on the CPU only")
     C = linear.in_features
     if bits == 4 and (group_size < 2 or group_size % 2 or C % group_size):
@@ -142,9 +144,11 @@ def _check_layer(name: str, linear: nn.Linear, bits: int, group_size: int) -> No
                          f"size {group_size} (an even number); choose a group_size that divides it")
 
 
-def _replace(model: nn.Module, name: str, linear: nn.Linear, bits: int, group_size: int) -> None:
+def _replace(model: nn.Module, name: str, linear: nn.Linear, bits: int, group_size: int,
+             weight: torch.Tensor | None = None) -> None:
+    """Puts a QuantizedLinear of `weight` (default: the linear's own) with the linear's bias in its place."""
     group = linear.in_features if bits == 8 else group_size
-    qweight, scales = quantize_weight(linear.weight.detach(), bits, group)
+    qweight, scales = quantize_weight((linear.weight if weight is None else weight).detach(), bits, group)
     assert qweight.dtype == QWEIGHT_DTYPES[bits] and scales.dtype == SCALE_DTYPE
     bias = None if linear.bias is None else linear.bias.detach()
     quantized = QuantizedLinear(linear.in_features, linear.out_features, bits, group, qweight, scales, bias)
@@ -170,7 +174,7 @@ def _checked_experts(model: nn.Module, bits: int, group_size: int) -> list[tuple
         if up.dtype not in ACTIVATION_DTYPES or down.dtype != up.dtype:
             raise TypeError(f"dali_compile.quantize: {name} has {up.dtype} experts; the quantized kernels take "
                             f"{', '.join(str(d) for d in ACTIVATION_DTYPES)} models")
-        if up.device.type != "cpu":
+        if up.device.type not in ("cpu", "meta"):
             raise ValueError(f"dali_compile.quantize: {name} is on {up.device}; quantized experts run on the CPU only")
         H, I = (down.shape[2], down.shape[1]) if layout.transposed else (down.shape[1], down.shape[2])
         if bits == 4 and (H % group_size or I % group_size):
@@ -182,14 +186,23 @@ def _checked_experts(model: nn.Module, bits: int, group_size: int) -> list[tuple
 def _quantize_experts(module: nn.Module, bits: int, group_size: int) -> None:
     """Replaces the module's up and down weights by codes and scales, one projection at a time (quantized expert by
     expert): each full-precision tensor goes as soon as its codes exist."""
-    transposed = bool(module.is_transposed)
     dtype = module.down_proj.dtype
     for name in (up_weight_name(module), "down_proj"):
-        weight = getattr(module, name)
-        codes, scales = quantize_stacked(weight.detach(), bits, None if bits == 8 else group_size, transposed)
-        setattr(module, name, nn.Parameter(codes, requires_grad=False))
-        setattr(module, f"{name}_scales", nn.Parameter(scales, requires_grad=False))
-        del weight
+        _quantize_projection(module, name, getattr(module, name), bits, group_size)
+    _mark_quantized(module, bits, dtype)
+
+
+def _quantize_projection(module: nn.Module, name: str, weight: torch.Tensor, bits: int, group_size: int) -> None:
+    """Codes and scales of the stacked projection `weight` become the module's parameters `name`, `name_scales`
+    (row form; `weight` is in the module's current layout)."""
+    transposed = bool(module.is_transposed)
+    codes, scales = quantize_stacked(weight.detach(), bits, None if bits == 8 else group_size, transposed)
+    setattr(module, name, nn.Parameter(codes, requires_grad=False))
+    setattr(module, f"{name}_scales", nn.Parameter(scales, requires_grad=False))
+
+
+def _mark_quantized(module: nn.Module, bits: int, dtype: torch.dtype) -> None:
+    """After both projections are codes: the module's layout says so (`dtype`: the activations' dtype)."""
     module.is_transposed = False  # codes are in row form
     setattr(module, QUANTIZATION_ATTRIBUTE, ExpertQuantization(bits, dtype))
     forget_layout(module)  # the cached layout described the full-precision weights

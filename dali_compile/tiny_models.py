@@ -98,3 +98,79 @@ def _perturb_router_biases(model) -> None:
     for name, buffer in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buffer.copy_(torch.randn_like(buffer) * 0.1)
+
+
+def character_vocabulary(size: int) -> list[str]:
+    """`size` characters for a character-level vocabulary: the unknown character (id 0), printable ASCII, then
+    Latin letters beyond ASCII (a toy model's vocabulary is often larger than ASCII's)."""
+    chars = ["\x00", "\n"] + [chr(c) for c in range(32, 127)]
+    chars += [chr(0x100 + i) for i in range(max(0, size - len(chars)))]
+    return chars[:size]
+
+
+def write_tiny_checkpoint(directory, family: str = "mixtral", dtype: torch.dtype = torch.float32,
+                          max_shard_size: str | int | None = None, fused: bool = False, seed: int = 0,
+                          **overrides):
+    """Writes a tiny random-weight model of `family` as a local Hugging Face checkpoint and returns the model.
+
+    The directory gets config.json, generation_config.json, safetensors shards (one, or shards of at most
+    `max_shard_size`, e.g. "200KB", with their index) and a character vocabulary (`vocab.json`, read by
+    `python -m dali_compile run`). `fused=False` writes what `save_pretrained` writes (the families'
+    checkpoint conventions: per-expert tensors where the family's checkpoints have them); `fused=True`
+    writes the model's own parameter names (stacked 3-D expert tensors), as a converted checkpoint would.
+    """
+    import json
+    from pathlib import Path
+
+    model = tiny_model(family, dtype, seed=seed, **overrides)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(directory, **kwargs)
+    if fused:
+        _rewrite_fused(model, directory, max_shard_size)
+    vocabulary = {"type": "char", "chars": character_vocabulary(model.config.vocab_size)}
+    (directory / "vocab.json").write_text(json.dumps(vocabulary, ensure_ascii=False))
+    return model
+
+
+def _rewrite_fused(model, directory, max_shard_size) -> None:
+    """Replaces the shards save_pretrained wrote by shards of the model's own state dict."""
+    import json
+
+    from safetensors.torch import save_file
+
+    for old in list(directory.glob("*.safetensors")) + list(directory.glob("*.safetensors.index.json")):
+        old.unlink()
+    limit = None if max_shard_size is None else _parse_size(max_shard_size)
+    shards, current, size = [], {}, 0
+    for name, tensor in model.state_dict().items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and limit is not None and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor.detach().contiguous()
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for index, shard in enumerate(shards, 1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _parse_size(value: str | int) -> int:
+    if isinstance(value, int):
+        return value
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = value.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * units[unit])
+    return int(text)

@@ -1,0 +1,171 @@
+"""Quantize while transformers reads a checkpoint: dali's formats behind transformers' quantizer interface.
+
+`dali_compile.load(path, quantize={"experts": "int4", "dense": "int8"})` passes a `DaliQuantizationConfig`
+to `from_pretrained`. transformers then hands each weight that `param_needs_quantization` names to
+`QuantizeOnLoad.convert` as soon as it has read it, after its own checkpoint conversions (per-expert
+tensors of a legacy checkpoint arrive merged into the fused [E, ...] tensor of the model's experts
+module), and never stores the full-precision tensor itself. `convert` quantizes it with the functions
+`dali_compile.quantize` uses (quantization.py), so quantizing on load gives the very codes and scales
+that quantizing after loading gives, and the host never holds more than one full-precision tensor
+beyond the quantized model (plus what transformers has read of the current shard).
+
+Dense linears keep their `nn.Linear` (still on the meta device) while loading, so their bias loads as
+usual; the codes wait on the module and it becomes a `QuantizedLinear` after the last shard. Expert
+modules get their codes and scales as parameters at once, and their layout is marked quantized after
+loading, once both projections arrived (a checkpoint without one is an error).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .experts_interface import IMPLEMENTATION_NAME, experts_modules, up_weight_name
+from .quantization import FORMATS, _dense_linears, _mark_quantized, _quantize_projection, _replace
+
+METHOD = "dali"
+_PENDING = "_dali_pending_quantized_weight"
+
+
+def _registered() -> tuple[type, type]:
+    """(config class, quantizer class), registered with transformers on first use."""
+    global _CLASSES
+    if _CLASSES is None:
+        _CLASSES = _define_classes()
+    return _CLASSES
+
+
+_CLASSES: tuple[type, type] | None = None
+
+
+def quantization_config(experts: str | None, dense: str | None, group_size: int):
+    """The `quantization_config=` for `from_pretrained` (formats already checked by the caller)."""
+    config_class, _ = _registered()
+    return config_class(experts=experts, dense=dense, group_size=group_size)
+
+
+def _define_classes() -> tuple[type, type]:
+    # transformers' quantizer machinery is imported only when a quantized load happens.
+    from transformers.core_model_loading import ConversionOps
+    from transformers.quantizers import HfQuantizer
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    class DaliQuantizationConfig(QuantizationConfigMixin):
+        """dali's int8/int4 formats for `experts` and `dense` linears (csrc/README.md)."""
+
+        def __init__(self, experts: str | None = None, dense: str | None = None, group_size: int = 32, **_):
+            self.quant_method = METHOD
+            self.experts, self.dense, self.group_size = experts, dense, group_size
+
+    class QuantizeOnLoad(ConversionOps):
+        """Quantizes one weight as transformers reads it; returns nothing for transformers to store."""
+
+        def __init__(self, quantizer):
+            self.quantizer = quantizer
+
+        def convert(self, input_dict, model=None, missing_keys=None, full_layer_name=None, **_):
+            (value,) = input_dict.values()
+            value = value[0] if isinstance(value, list) else value
+            self.quantizer.quantize_tensor(model, full_layer_name, value)
+            if missing_keys is not None:
+                missing_keys.discard(full_layer_name)
+            return {}
+
+    class DaliQuantizer(HfQuantizer):
+        requires_calibration = False
+
+        def __init__(self, quantization_config, **kwargs):
+            super().__init__(quantization_config, **kwargs)
+            self.targets: dict[str, tuple[str, int]] = {}  # parameter name -> ("experts" | "dense", bits)
+            self.arrived: set[str] = set()
+            self.expert_dtypes: dict[str, torch.dtype] = {}  # experts module name -> its activations' dtype
+
+        def validate_environment(self, *args, **kwargs):
+            return None
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            config = self.quantization_config
+            if config.dense is not None:
+                bits = FORMATS[config.dense]
+                self.targets.update({f"{name}.weight": ("dense", bits) for name, _ in _dense_linears(model)})
+            if config.experts is not None:
+                bits = FORMATS[config.experts]
+                for name, module in experts_modules(model):
+                    self.expert_dtypes[name] = module.down_proj.dtype
+                    for projection in (up_weight_name(module), "down_proj"):
+                        self.targets[f"{name}.{projection}"] = ("experts", bits)
+
+        def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+            return param_name in self.targets
+
+        def get_quantize_ops(self):
+            return QuantizeOnLoad(self)
+
+        def quantize_tensor(self, model: nn.Module, name: str, value: torch.Tensor) -> None:
+            kind, bits = self.targets[name]
+            module_name, _, attribute = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            # the model's dtype, as quantize-after-load sees it (transformers skips its cast for these)
+            value = value.to(device="cpu", dtype=getattr(module, attribute).dtype)
+            if kind == "experts":
+                _quantize_projection(module, attribute, value, bits, self.quantization_config.group_size)
+                for new in (attribute, f"{attribute}_scales"):  # loaded: transformers must not initialise them
+                    getattr(module, new)._is_hf_initialized = True
+            else:
+                setattr(module, _PENDING, value)  # quantized in place of the module after loading
+            self.arrived.add(name)
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            config = self.quantization_config
+            self._quantize_loaded_elsewhere(model)
+            for name, linear in _dense_linears(model):
+                pending = linear.__dict__.pop(_PENDING, None)
+                if pending is not None:
+                    _replace(model, name, linear, FORMATS[config.dense], config.group_size, weight=pending)
+            if config.experts is not None:
+                for name, module in experts_modules(model):
+                    _mark_quantized(module, FORMATS[config.experts], self.expert_dtypes[name])
+                model.set_experts_implementation(IMPLEMENTATION_NAME)
+            return model
+
+        def _quantize_loaded_elsewhere(self, model: nn.Module) -> None:
+            """Targets transformers did not pass to `convert`: a tied weight (an lm_head sharing the embeddings)
+            is quantized from what it is tied to; one still on the meta device was not in the checkpoint."""
+            absent = []
+            for name in sorted(set(self.targets) - self.arrived):
+                module_name, _, attribute = name.rpartition(".")
+                weight = getattr(model.get_submodule(module_name), attribute)
+                if weight.device.type == "meta":
+                    absent.append(name)
+                else:
+                    self.quantize_tensor(model, name, weight.detach())
+            if absent:
+                raise ValueError(f"the checkpoint has no tensor for {', '.join(absent[:4])}"
+                                 f"{' ...' if len(absent) > 4 else ''}")
+
+        def is_serializable(self, *args, **kwargs):
+            return False
+
+        @property
+        def is_trainable(self):
+            return False
+
+    if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(METHOD)(DaliQuantizationConfig)
+    if METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(METHOD)(DaliQuantizer)
+    return AUTO_QUANTIZATION_CONFIG_MAPPING[METHOD], AUTO_QUANTIZER_MAPPING[METHOD]
+
+
+def forget_quantizer(model: nn.Module) -> None:
+    """After loading: the model is a plain model whose layers dali quantized (as after `dali_compile.quantize`),
+    not one transformers would treat as carrying a serialisable quantization method."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
