@@ -73,8 +73,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distributed_speed  # noqa: E402  (section 2, a sibling file)
-from train_tiny_moe import CharTokenizer, play_texts, split_ids  # noqa: E402  (the sibling script)
+from train_tiny_moe import play_texts, split_ids  # noqa: E402  (the sibling script)
 
+from dali_compile.char_tokenizer import CharTokenizer  # noqa: E402
 from dali_compile.distributed.layers import moe_layers  # noqa: E402
 from dali_compile.distributed.messages import Kind, Message  # noqa: E402
 from dali_compile.distributed.shadow import Shadow, make_shadow  # noqa: E402

@@ -44,9 +44,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny_moe import DEFAULT_OUT, CharTokenizer, play_texts, split_ids  # noqa: E402  (the sibling script)
+from train_tiny_moe import DEFAULT_OUT, play_texts, split_ids  # noqa: E402  (the sibling script)
 
 import dali_compile  # noqa: E402
+from dali_compile.char_tokenizer import CharTokenizer  # noqa: E402
 from dali_compile.offload import runtime_of  # noqa: E402
 from dali_compile.runtime.prefetch import default_prefetch_count, find_router, measure_residuals  # noqa: E402
 from dali_compile.runtime.recorder import record_routing  # noqa: E402

