@@ -9,8 +9,8 @@ module), and never stores the full-precision tensor itself. `convert` quantizes 
 that quantizing after loading gives, and the host never holds more than one full-precision tensor
 beyond the quantized model (plus what transformers has read of the current shard).
 
-Dense linears keep their `nn.Linear` (still on the meta device) while loading, so their bias loads as
-usual; the codes wait on the module and it becomes a `QuantizedLinear` after the last shard. Expert
+Dense linears keep their `nn.Linear` (its weight still on the meta device) while loading, so their bias
+loads as usual; the codes wait on the module, which becomes a `QuantizedLinear` after the last shard. Expert
 modules get their codes and scales as parameters at once, and their layout is marked quantized after
 loading, once both projections arrived (a checkpoint without one is an error).
 """
@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from .experts_interface import IMPLEMENTATION_NAME, experts_modules, up_weight_name
-from .quantization import FORMATS, _dense_linears, _mark_quantized, _quantize_projection, _replace
+from .memory_budget import return_freed_memory
+from .ops.quantized_linear import quantize_weight
+from .quantization import FORMATS, _dense_linears, _install, _mark_quantized, _quantize_projection
 
 METHOD = "dali"
 _PENDING = "_dali_pending_quantized_weight"
@@ -117,9 +119,12 @@ def _define_classes() -> tuple[type, type]:
                 _quantize_projection(module, attribute, value, bits, self.quantization_config.group_size)
                 for new in (attribute, f"{attribute}_scales"):  # loaded: transformers must not initialise them
                     getattr(module, new)._is_hf_initialized = True
-            else:
-                setattr(module, _PENDING, value)  # quantized in place of the module after loading
+            else:  # the codes wait on the linear, which becomes a QuantizedLinear after loading (its bias too)
+                group = value.shape[1] if bits == 8 else self.quantization_config.group_size
+                setattr(module, _PENDING, (group, *quantize_weight(value, bits, group)))
             self.arrived.add(name)
+            del value
+            return_freed_memory()
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             config = self.quantization_config
@@ -127,7 +132,7 @@ def _define_classes() -> tuple[type, type]:
             for name, linear in _dense_linears(model):
                 pending = linear.__dict__.pop(_PENDING, None)
                 if pending is not None:
-                    _replace(model, name, linear, FORMATS[config.dense], config.group_size, weight=pending)
+                    _install(model, name, linear, FORMATS[config.dense], *pending)
             if config.experts is not None:
                 for name, module in experts_modules(model):
                     _mark_quantized(module, FORMATS[config.experts], self.expert_dtypes[name])

@@ -38,6 +38,7 @@ from .memory_budget import (
     device_free_memory,
     format_bytes,
     probe_forward,
+    return_freed_memory,
 )
 from .quantization import DEFAULT_GROUP_SIZE, FORMATS, _check_layer, _checked_experts, _dense_linears
 from .runtime.accelerator import parse_bytes
@@ -218,9 +219,18 @@ def _check_quantizable(meta: nn.Module, quantize: dict | None, group_size: int) 
 
 
 def _shard_files(directory: Path) -> list[Path]:
+    """The checkpoint's shards, each one's header read (a damaged or truncated shard is an error naming it)."""
+    from safetensors import safe_open
+
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         raise LoadError(f"load: {directory} has no .safetensors file (dali loads safetensors checkpoints)")
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt"):
+                pass
+        except Exception as error:  # safetensors' own error type is not an OSError
+            raise LoadError(f"load: {shard} is not a readable safetensors file: {_first_line(error)}") from None
     return shards
 
 
@@ -308,7 +318,8 @@ def _read_checkpoint(directory: Path, dtype: torch.dtype, quantize: dict | None,
             model, info = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=dtype, local_files_only=True, output_loading_info=True, **extra)
     except (OSError, ValueError, RuntimeError) as error:  # a damaged shard, a shape the config does not have
-        raise LoadError(f"load: reading {directory} failed: {_first_line(error)}") from None
+        hint = " (a tensor's shape differs from config.json's)" if "mismatched" in str(error) else ""
+        raise LoadError(f"load: reading {directory} failed{hint}: {_first_line(error)}") from None
     problems = []
     if info.get("missing_keys"):
         problems.append(f"weights missing from the checkpoint: {_some(info['missing_keys'])}")
@@ -320,6 +331,7 @@ def _read_checkpoint(directory: Path, dtype: torch.dtype, quantize: dict | None,
         logger.warning("dali_compile.load: %s has tensors the model does not use: %s", directory,
                        _some(info["unexpected_keys"]))
     forget_quantizer(model)
+    return_freed_memory()
     return model.eval()
 
 

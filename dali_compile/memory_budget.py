@@ -173,3 +173,23 @@ def device_free_memory(device: torch.device) -> tuple[int, int, str]:
         return int(free), int(total), f"{device} ({torch.cuda.get_device_name(device)})"
     total = parse_bytes(os.environ.get("DALI_EMULATED_MEMORY", EMULATED_MEMORY))
     return total, total, f"the emulated accelerator (DALI_EMULATED_MEMORY={format_bytes(total)})"
+
+
+def return_freed_memory() -> None:
+    """Hands the heap's free pages back to the system (glibc's malloc_trim). glibc raises its mmap threshold
+    after a large block is freed, so later full-precision tensors of a load come from the heap, and freeing
+    them would otherwise leave that memory counted against the process. No-op off glibc."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None

@@ -144,11 +144,16 @@ def _check_layer(name: str, linear: nn.Linear, bits: int, group_size: int) -> No
                          f"size {group_size} (an even number); choose a group_size that divides it")
 
 
-def _replace(model: nn.Module, name: str, linear: nn.Linear, bits: int, group_size: int,
-             weight: torch.Tensor | None = None) -> None:
-    """Puts a QuantizedLinear of `weight` (default: the linear's own) with the linear's bias in its place."""
+def _replace(model: nn.Module, name: str, linear: nn.Linear, bits: int, group_size: int) -> None:
+    """Puts a QuantizedLinear of the linear's weight and bias in its place."""
     group = linear.in_features if bits == 8 else group_size
-    qweight, scales = quantize_weight((linear.weight if weight is None else weight).detach(), bits, group)
+    qweight, scales = quantize_weight(linear.weight.detach(), bits, group)
+    _install(model, name, linear, bits, group, qweight, scales)
+
+
+def _install(model: nn.Module, name: str, linear: nn.Linear, bits: int, group: int, qweight: torch.Tensor,
+             scales: torch.Tensor) -> None:
+    """Puts a QuantizedLinear of these codes (`group`: columns per scale) and the linear's bias in its place."""
     assert qweight.dtype == QWEIGHT_DTYPES[bits] and scales.dtype == SCALE_DTYPE
     bias = None if linear.bias is None else linear.bias.detach()
     quantized = QuantizedLinear(linear.in_features, linear.out_features, bits, group, qweight, scales, bias)
