@@ -145,7 +145,11 @@ def _device_kind(device) -> str:
     name = str(device)
     if name in ("cpu", "emulated", "emulated-sync", "emulated-async"):
         return name.split("-")[0]
-    if torch.device(name).type == "cuda":
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind == "cuda":
         if not torch.cuda.is_available():
             raise LoadError(f"load: device {name!r} but CUDA is not available here; use 'cpu' or 'emulated'")
         return "cuda"
