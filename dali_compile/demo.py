@@ -2,12 +2,16 @@
 
     python -m dali_compile.demo [--family mixtral] [--tokens 32] [--no-inductor] [--dtype bf16]
                                 [--policy dali] [--expert-fraction 0.5] [--no-offload]
+                                [--checkpoint DIR] [--no-checkpoint]
 
 Part 1 prints the rewrite report, both token sequences' agreement, and tokens/s of each (experts run
 in the C++ CPU runtime). Part 2 offloads the same model (`dali_compile.offload`) with a budget for a
 fraction of its experts, to CUDA when there is a GPU and otherwise to the emulated accelerator (a CPU
 test double whose timings mean nothing), generates again through torch.compile, checks the tokens,
-and prints the runtime's statistics.
+and prints the runtime's statistics. Part 3 writes the model as a Hugging Face checkpoint (several
+safetensors shards, a character vocabulary) to a temporary directory, or to `--checkpoint DIR` to keep it,
+loads it back with `dali_compile.load` (quantized experts on the CPU), checks its tokens against its
+dequantized reference, and prints the command line that runs it (`python -m dali_compile run ...`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="dali", help="offload policy (part 2)")
     parser.add_argument("--expert-fraction", type=float, default=0.5,
                         help="share of all experts the device budget holds (part 2)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="directory to write the checkpoint of part 3 to and keep (default: a temporary one)")
+    parser.add_argument("--no-checkpoint", action="store_true", help="skip part 3 (checkpoint and load)")
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.prompt_length < 1:
         parser.error("--tokens and --prompt-length must be at least 1")
@@ -86,9 +93,50 @@ def main(argv: list[str] | None = None) -> int:
           f"(ratio {dali_speed / eager_speed:.2f}); tokens identical: {same}")
     print(f"dali tokens: {dali_tokens[:16]}{' ...' if len(dali_tokens) > 16 else ''}")
     ok = same or dtype != torch.float32
+    if not args.no_checkpoint:  # before part 2, which leaves the model offloaded
+        ok = checkpoint_part(args, model, prompt) and ok
     if not args.no_offload:
         ok = offload_part(args, model, prompt, eager_tokens) and ok
     return 0 if ok else 1
+
+
+def checkpoint_part(args, model, prompt) -> bool:
+    """Part 3: the model to a checkpoint on disk and back through `dali_compile.load`, quantized on the way."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from dali_compile.tiny_models import save_checkpoint
+
+    keep = args.checkpoint is not None
+    directory = Path(args.checkpoint) if keep else Path(tempfile.mkdtemp(prefix="dali-demo-"))
+    save_checkpoint(model, directory, max_shard_size="1MB")
+    files = sorted(directory.glob("*.safetensors"))
+    print(f"\ncheckpoint: {len(files)} safetensors shards in {directory}; loading it back with int8 experts "
+          "(dali_compile.load, quantized while read)...")
+    quantize = {"experts": "int8"}
+    loaded = dali_compile.load(directory, device="cpu", quantize=quantize, progress=False)
+    reference = dali_compile.quantize(_copy_of(model, directory), **quantize)  # quantized after loading
+    reference.set_experts_implementation("dali")
+    tokens, speed = greedy_decode(loaded.forward, loaded, prompt, args.tokens, desc="loaded")
+    want, _ = greedy_decode(reference.forward, reference, prompt, args.tokens, desc="reference")
+    summary = dali_compile.load_summary(loaded)
+    same = tokens == want
+    print(f"loaded in {summary.seconds:.1f} s, {summary.host_bytes / 1e6:.1f} MB of weights (int8 experts); "
+          f"{speed:.1f} tok/s eager; tokens identical to quantize-after-load: {same}")
+    if keep:
+        print(f"the command line on it: python -m dali_compile run --model {directory} --prompt 'To be'")
+    else:
+        shutil.rmtree(directory)
+        print("(pass --checkpoint DIR to keep the checkpoint, then: python -m dali_compile run --model DIR "
+              "--prompt 'To be')")
+    return same
+
+
+def _copy_of(model, directory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=model.dtype).eval()
 
 
 def offload_part(args, model, prompt, eager_tokens: list[int]) -> bool:

@@ -119,10 +119,16 @@ def write_tiny_checkpoint(directory, family: str = "mixtral", dtype: torch.dtype
     checkpoint conventions: per-expert tensors where the family's checkpoints have them); `fused=True`
     writes the model's own parameter names (stacked 3-D expert tensors), as a converted checkpoint would.
     """
+    model = tiny_model(family, dtype, seed=seed, **overrides)
+    save_checkpoint(model, directory, max_shard_size, fused)
+    return model
+
+
+def save_checkpoint(model, directory, max_shard_size: str | int | None = None, fused: bool = False) -> None:
+    """`model` as a checkpoint in `directory`, with a character vocabulary (see write_tiny_checkpoint)."""
     import json
     from pathlib import Path
 
-    model = tiny_model(family, dtype, seed=seed, **overrides)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
@@ -131,7 +137,6 @@ def write_tiny_checkpoint(directory, family: str = "mixtral", dtype: torch.dtype
         _rewrite_fused(model, directory, max_shard_size)
     vocabulary = {"type": "char", "chars": character_vocabulary(model.config.vocab_size)}
     (directory / "vocab.json").write_text(json.dumps(vocabulary, ensure_ascii=False))
-    return model
 
 
 def _rewrite_fused(model, directory, max_shard_size) -> None:
