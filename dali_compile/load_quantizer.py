@@ -1,13 +1,18 @@
-"""Quantize while transformers reads a checkpoint: dali's formats behind transformers' quantizer interface.
+"""Quantize and place weights while transformers reads a checkpoint, through transformers' quantizer interface.
 
-`dali_compile.load(path, quantize={"experts": "int4", "dense": "int8"})` passes a `DaliQuantizationConfig`
-to `from_pretrained`. transformers then hands each weight that `param_needs_quantization` names to
-`QuantizeOnLoad.convert` as soon as it has read it, after its own checkpoint conversions (per-expert
-tensors of a legacy checkpoint arrive merged into the fused [E, ...] tensor of the model's experts
-module), and never stores the full-precision tensor itself. `convert` quantizes it with the functions
-`dali_compile.quantize` uses (quantization.py), so quantizing on load gives the very codes and scales
-that quantizing after loading gives, and the host never holds more than one full-precision tensor
-beyond the quantized model (plus what transformers has read of the current shard).
+`dali_compile.load(path, quantize={"experts": "int4", "dense": "int8"})` (or `device="cuda"`) passes a
+`DaliLoadConfig` to `from_pretrained`. transformers then hands each weight that `param_needs_quantization`
+names to `QuantizeOnLoad.convert` as soon as it has read it, after its own checkpoint conversions
+(per-expert tensors of a legacy checkpoint arrive merged into the fused [E, ...] tensor of the model's
+experts module), and never stores the tensor itself:
+- a weight to quantize is quantized with the functions `dali_compile.quantize` uses (quantization.py), so
+  quantizing on load gives the very codes and scales that quantizing after loading gives, and the host
+  never holds more than one full-precision tensor beyond the quantized model (plus what transformers has
+  read of the current shard);
+- with a `place_on` device (CUDA), every parameter outside the experts modules goes straight there, so the
+  host never holds the non-expert weights (accelerate's `device_map` would treat the host-resident experts
+  as CPU-offloaded modules and hook them; this keeps them plain host tensors for `offload`).
+transformers does not compare the shapes of the weights it hands over, so `convert` does.
 
 Dense linears keep their `nn.Linear` (its weight still on the meta device) while loading, so their bias
 loads as usual; the codes wait on the module, which becomes a `QuantizedLinear` after the last shard. Expert
@@ -40,10 +45,11 @@ def _registered() -> tuple[type, type]:
 _CLASSES: tuple[type, type] | None = None
 
 
-def quantization_config(experts: str | None, dense: str | None, group_size: int):
+def load_config(experts: str | None, dense: str | None, group_size: int, place_on: torch.device | None = None):
     """The `quantization_config=` for `from_pretrained` (formats already checked by the caller)."""
     config_class, _ = _registered()
-    return config_class(experts=experts, dense=dense, group_size=group_size)
+    return config_class(experts=experts, dense=dense, group_size=group_size,
+                        place_on=None if place_on is None else str(place_on))
 
 
 def _define_classes() -> tuple[type, type]:
@@ -58,12 +64,14 @@ def _define_classes() -> tuple[type, type]:
     )
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    class DaliQuantizationConfig(QuantizationConfigMixin):
-        """dali's int8/int4 formats for `experts` and `dense` linears (csrc/README.md)."""
+    class DaliLoadConfig(QuantizationConfigMixin):
+        """dali's int8/int4 formats for `experts` and `dense` linears (csrc/README.md), and where the non-expert
+        parameters go (`place_on`: None keeps them where transformers puts them)."""
 
-        def __init__(self, experts: str | None = None, dense: str | None = None, group_size: int = 32, **_):
+        def __init__(self, experts: str | None = None, dense: str | None = None, group_size: int = 32,
+                     place_on: str | None = None, **_):
             self.quant_method = METHOD
-            self.experts, self.dense, self.group_size = experts, dense, group_size
+            self.experts, self.dense, self.group_size, self.place_on = experts, dense, group_size, place_on
 
     class QuantizeOnLoad(ConversionOps):
         """Quantizes one weight as transformers reads it; returns nothing for transformers to store."""
@@ -84,7 +92,7 @@ def _define_classes() -> tuple[type, type]:
 
         def __init__(self, quantization_config, **kwargs):
             super().__init__(quantization_config, **kwargs)
-            self.targets: dict[str, tuple[str, int]] = {}  # parameter name -> ("experts" | "dense", bits)
+            self.targets: dict[str, tuple[str, int]] = {}  # parameter name -> ("experts" | "dense" | "place", bits)
             self.arrived: set[str] = set()
             self.expert_dtypes: dict[str, torch.dtype] = {}  # experts module name -> its activations' dtype
 
@@ -93,6 +101,11 @@ def _define_classes() -> tuple[type, type]:
 
         def _process_model_before_weight_loading(self, model, **kwargs):
             config = self.quantization_config
+            if config.place_on is not None:
+                expert_parameters = {f"{name}.{p}" for name, m in experts_modules(model)
+                                     for p, _ in m.named_parameters(recurse=False)}
+                self.targets.update({name: ("place", 0) for name, _ in model.named_parameters()
+                                     if name not in expert_parameters})
             if config.dense is not None:
                 bits = FORMATS[config.dense]
                 self.targets.update({f"{name}.weight": ("dense", bits) for name, _ in _dense_linears(model)})
@@ -113,8 +126,18 @@ def _define_classes() -> tuple[type, type]:
             kind, bits = self.targets[name]
             module_name, _, attribute = name.rpartition(".")
             module = model.get_submodule(module_name)
+            expected = getattr(module, attribute)
+            if tuple(value.shape) != tuple(expected.shape):
+                raise ValueError(f"{name} has shape {tuple(value.shape)} in the checkpoint and {tuple(expected.shape)} "
+                                 "in the model its config.json describes (mismatched)")
+            if kind == "place":
+                placed = value.to(device=self.quantization_config.place_on, dtype=expected.dtype)
+                module._parameters[attribute] = nn.Parameter(placed, requires_grad=expected.requires_grad)
+                module._parameters[attribute]._is_hf_initialized = True
+                self.arrived.add(name)
+                return
             # the model's dtype, as quantize-after-load sees it (transformers skips its cast for these)
-            value = value.to(device="cpu", dtype=getattr(module, attribute).dtype)
+            value = value.to(device="cpu", dtype=expected.dtype)
             if kind == "experts":
                 _quantize_projection(module, attribute, value, bits, self.quantization_config.group_size)
                 for new in (attribute, f"{attribute}_scales"):  # loaded: transformers must not initialise them
@@ -162,7 +185,7 @@ def _define_classes() -> tuple[type, type]:
             return False
 
     if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(METHOD)(DaliQuantizationConfig)
+        register_quantization_config(METHOD)(DaliLoadConfig)
     if METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(METHOD)(DaliQuantizer)
     return AUTO_QUANTIZATION_CONFIG_MAPPING[METHOD], AUTO_QUANTIZER_MAPPING[METHOD]

@@ -6,12 +6,12 @@
 
 transformers reads the checkpoint (its conventions: legacy per-expert tensors or fused ones, sharded or
 not, renamed keys), shard by shard, and each tensor goes where it will live: with `device="cuda"` the
-non-expert weights straight to the GPU (a `device_map`) and the experts to host memory; quantized
-tensors through dali's quantizer as they are read (load_quantizer.py), so the full-precision model never
-exists in host memory. Before anything is read, the checkpoint is checked against its config on the meta
-device (a model with no MoE layer, a quantization the layers cannot take) and against the host's memory
-(memory_budget.py); after reading, any weight the checkpoint lacks or has in another shape is an error,
-never a randomly initialised model.
+non-expert weights straight to the GPU and the experts to host memory; quantized tensors through dali's
+quantizer as they are read (both through transformers' quantizer interface: load_quantizer.py), so the
+full-precision model never exists in host memory. Before anything is read, the checkpoint is checked
+against its config on the meta device (a model with no MoE layer, a quantization the layers cannot take)
+and against the host's memory (memory_budget.py); after reading, any weight the checkpoint lacks or has in
+another shape is an error, never a randomly initialised model.
 
 Then `device="cpu"`: every expert runs in the C++ CPU runtime (the "dali" experts implementation, eager or
 under `torch.compile(backend="dali")`). `device="emulated"` or `"cuda"`: the model is offloaded
@@ -95,14 +95,14 @@ def load(path, device: str = "cpu", expert_memory: int | str = "auto", quantize:
     host_needed, largest_shard = _host_bytes_needed(meta, quantize, group_size, kind), max(f.stat().st_size
                                                                                              for f in shards)
     _check_host_memory(host_needed, largest_shard, directory)
-    device_map = _device_map(meta, device) if kind == "cuda" else None
+    place_on = torch.device(device) if kind == "cuda" else None
     del meta
     if progress:
         print(f"dali_compile.load: {directory} ({len(shards)} shard{'s' * (len(shards) > 1)}, "
               f"{format_bytes(sum(f.stat().st_size for f in shards))}) as {str(dtype).removeprefix('torch.')}"
               f"{_quantize_text(quantize)}, to {device}; host memory needed about {format_bytes(host_needed)}",
               flush=True)
-    model = _read_checkpoint(directory, dtype, quantize, group_size, device_map, progress)
+    model = _read_checkpoint(directory, dtype, quantize, group_size, place_on, progress)
     budget, note = None, "every expert on the CPU"
     if kind == "cpu":
         register_experts_interface()
@@ -277,14 +277,6 @@ def _check_host_memory(needed: int, largest_shard: int, directory: Path) -> None
                         "offload to a GPU, or free memory")
 
 
-def _device_map(meta: nn.Module, device) -> dict[str, str]:
-    """Everything to the device but the experts modules, which stay on the host (offload pins them there)."""
-    device_map = {"": str(device)}
-    for name, _ in experts_modules(meta):
-        device_map[name] = "cpu"
-    return device_map
-
-
 def _quantize_text(quantize: dict | None) -> str:
     if quantize is None:
         return ""
@@ -306,17 +298,18 @@ def _transformers_progress(enabled: bool):
         (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
 
 
-def _read_checkpoint(directory: Path, dtype: torch.dtype, quantize: dict | None, group_size: int, device_map,
-                     progress: bool) -> nn.Module:
+def _read_checkpoint(directory: Path, dtype: torch.dtype, quantize: dict | None, group_size: int,
+                     place_on: torch.device | None, progress: bool) -> nn.Module:
+    """The model as transformers reads it, quantized and placed on the way (`place_on`: the device for every
+    parameter outside the experts modules; None: the CPU)."""
     from transformers import AutoModelForCausalLM
 
-    from .load_quantizer import forget_quantizer, quantization_config
+    from .load_quantizer import forget_quantizer, load_config
 
     extra = {}
-    if quantize is not None:
-        extra["quantization_config"] = quantization_config(quantize["experts"], quantize["dense"], group_size)
-    if device_map is not None:
-        extra["device_map"] = device_map
+    if quantize is not None or place_on is not None:
+        quantize = quantize or {"experts": None, "dense": None}
+        extra["quantization_config"] = load_config(quantize["experts"], quantize["dense"], group_size, place_on)
     try:
         with _transformers_progress(progress):
             model, info = AutoModelForCausalLM.from_pretrained(

@@ -294,3 +294,35 @@ def test_loading_holds_at_most_the_loaded_model_and_one_shard(large_checkpoint, 
                            f"MB plus one shard"
     if experts != "none":  # the bound is below the full-precision model: a loader that built it would fail here
         assert bound < checkpoint_bytes
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_non_expert_weights_go_straight_to_the_device_and_experts_stay_on_the_host(root, family):
+    """What `load(device="cuda")` does, with the meta device standing in for CUDA (none here): every parameter
+    outside the experts modules is placed as it is read, the experts stay plain host tensors."""
+    from dali_compile.loading import _read_checkpoint
+
+    directory = checkpoint(root, family, "fp32", "several", "legacy")
+    model = _read_checkpoint(directory, torch.float32, None, 32, torch.device("meta"), progress=False)
+    expert_names = {f"{name}.{p}" for name, m in experts_modules(model) for p, _ in m.named_parameters()}
+    devices = {name: p.device.type for name, p in model.named_parameters()}
+    assert expert_names and all(devices[name] == "cpu" for name in expert_names)
+    assert {devices[name] for name in devices if name not in expert_names} == {"meta"}
+    assert getattr(model.config, "quantization_config", None) is None
+    written = from_pretrained(directory, "fp32")
+    for name, _ in experts_modules(model):
+        assert torch.equal(model.get_submodule(name).down_proj, written.get_submodule(name).down_proj)
+
+
+def test_a_mismatched_weight_is_refused_when_quantized_or_placed_on_load(root, tmp_path):
+    from dali_compile.loading import _read_checkpoint
+
+    directory = copy_checkpoint(checkpoint(root, "mixtral", "fp32", "several", "legacy"), tmp_path / "ckpt")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "intermediate_size": 32}))
+    for quantize in ({"experts": "int8", "dense": None}, {"experts": None, "dense": "int8"}):
+        with pytest.raises(dali_compile.LoadError, match="reading .* failed"):
+            dali_compile.load(directory, quantize=quantize, progress=False)
+    (directory / "config.json").write_text(json.dumps({**config, "num_attention_heads": 8, "head_dim": 8}))
+    with pytest.raises(dali_compile.LoadError, match="reading .* failed"):
+        _read_checkpoint(directory, torch.float32, None, 32, torch.device("meta"), progress=False)
