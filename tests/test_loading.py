@@ -326,3 +326,29 @@ def test_a_mismatched_weight_is_refused_when_quantized_or_placed_on_load(root, t
     (directory / "config.json").write_text(json.dumps({**config, "num_attention_heads": 8, "head_dim": 8}))
     with pytest.raises(dali_compile.LoadError, match="reading .* failed"):
         _read_checkpoint(directory, torch.float32, None, 32, torch.device("meta"), progress=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("quantize", [None, {"experts": "int8"}])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_cuda_load_with_the_auto_budget_equals_eager(root, family, quantize):
+    """On a real GPU: non-expert weights read straight onto it, experts pinned in host memory, the auto budget
+    measured (KV cache and activations) and within the device's free memory; tokens as eager on the CPU."""
+    directory = checkpoint(root, family, "fp32", "several", "legacy")
+    free_before, _ = torch.cuda.mem_get_info()
+    loaded = dali_compile.load(directory, device="cuda", expert_memory="auto", context_length=256,
+                               quantize=quantize, group_size=8, cost_model=COST, progress=False)
+    try:
+        summary = dali_compile.load_summary(loaded)
+        assert 0 < summary.expert_memory < free_before and "KV cache" in summary.budget_note
+        assert all(p.device.type == "cuda" for n, p in loaded.named_parameters() if ".experts." not in n)
+        reference = from_pretrained(directory, "fp32")
+        if quantize is not None:
+            dali_compile.quantize(reference, **quantize, group_size=8)
+        with torch.no_grad():
+            want = reference.generate(PROMPT, max_new_tokens=5, do_sample=False)
+            got = loaded.generate(PROMPT.cuda(), max_new_tokens=5, do_sample=False)
+        assert torch.equal(got.cpu(), want)
+    finally:
+        dali_compile.release(loaded)
