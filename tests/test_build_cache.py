@@ -123,6 +123,17 @@ def test_builds_of_different_sources_or_flags_get_their_own_folders(tmp_path, mo
     assert build_cache.build_dir([sources[0]], [], FLAGS, ()).parent == tmp_path / "cache" / "0.0.0+other"
 
 
+def test_the_key_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """The same build asked for from two working directories is one folder: `dali-compile` runs from anywhere,
+    and a key that followed the working directory rebuilt the runtime (minutes on 2 cores) in every new one."""
+    source = stand_in(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    key = build_cache.build_key([source], [source], FLAGS, ())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert build_cache.build_key([source], [source], FLAGS, ()) == key
+
+
 _BUILD_ONCE = textwrap.dedent(
     """
     import ctypes, sys

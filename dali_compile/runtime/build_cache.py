@@ -75,9 +75,11 @@ def build_key(sources: Sequence[str], headers: Sequence[str], cflags: Sequence[s
     for part in parts:
         digest.update(part.encode() + b"\0")
     for path in (*sources, "|", *headers):
+        if path == "|":  # the separator, not a file: made absolute it would put the working directory in the key
+            digest.update(b"|\0")
+            continue
         digest.update(os.path.abspath(path).encode() + b"\0")
-        if path != "|":
-            digest.update(Path(path).read_bytes())
+        digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:12]
 
 
