@@ -16,6 +16,7 @@ from helpers import FP32_RTOL, relative_max_error
 
 import dali_compile
 from dali_compile.experts_interface import experts_modules, spec_of_module, up_weight_name
+from dali_compile.offload import runtime_of
 from dali_compile.ops import cpu_experts as ops
 from dali_compile.ops.expert_math import dequantize_expert, expert_weights, moe_reference
 from dali_compile.ops.quantized_linear import quantize_stacked, round_activations
@@ -403,6 +404,24 @@ def test_offloaded_quantized_model_matches_its_eager_run_under_every_policy(poli
     assert stats["slot_bytes"] == slot
     if policy not in ("all_cpu", "layerwise"):
         assert stats["total"]["experts_gpu"] > 0
+
+
+@pytest.mark.parametrize("fmt", ("int8", "int4"))
+def test_the_cost_model_of_quantized_experts_is_profiled_on_their_slots(fmt, tmp_path, monkeypatch):
+    """No cost model given: offload profiles one on the quantized slots (the GPU side reads codes and scales)."""
+    monkeypatch.setenv("DALI_COMPILE_CACHE", str(tmp_path))
+    model = dali_compile.quantize(tiny_model("qwen3_moe").eval(), experts=fmt, group_size=8)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=3, do_sample=False)
+    dali_compile.offload(model, device="emulated", expert_memory="1MiB", policy="dali")
+    try:
+        cost = runtime_of(model).cost
+        assert all(t > 0 for t in cost.gpu_seconds) and cost.transfer_seconds > 0
+        with torch.no_grad():
+            assert torch.equal(model.generate(prompt, max_new_tokens=3, do_sample=False), want)
+    finally:
+        dali_compile.release(model)
 
 
 @pytest.mark.cuda

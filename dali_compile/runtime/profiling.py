@@ -206,7 +206,7 @@ def measure_costs(accelerator: Accelerator, spec: LayerSpec, pool: SlotPool, slo
         dh, di, dg = (accelerator.to_device(t) for t in (hidden, ids, weights))
         gpu_times.append(_median_seconds(
             lambda h=dh, i=di, g=dg: gpu_experts(h, i, g, pool.up, pool.down, pool.up_bias, pool.down_bias, table,
-                                                 spec.layout), sync))
+                                                 spec.layout, pool.up_scales, pool.down_scales), sync))
     if k < 2:  # one expert per layer: every call is a single expert's
         return CostModel(PROFILED_WORKLOADS, tuple(_non_decreasing(singles)), tuple(gpu_times), transfer, 0.0)
     marginal = _non_decreasing([max(0.0, (t_k - t_1) / (k - 1)) for t_1, t_k in zip(singles, many, strict=True)])
