@@ -194,6 +194,35 @@ def test_bad_flag_values_are_one_error_line_and_exit_2(mixtral, tmp_path, capsys
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
 
 
+def write_dense_checkpoint(directory) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+
+
+def test_every_load_error_is_one_error_line_and_exit_2_end_to_end(mixtral, tmp_path):
+    """In a subprocess, as a user meets them: a model with no MoE layer, a shard that does not match its config,
+    too little host memory for the checkpoint."""
+    write_dense_checkpoint(tmp_path / "dense")
+    assert_one_error_line(cli("run", "--model", tmp_path / "dense", "--prompt-ids", "1,2", "--no-compile"),
+                          "no MoE layer")
+    mismatched = tmp_path / "mismatched"
+    mismatched.mkdir()
+    for file in mixtral[0].iterdir():
+        (mismatched / file.name).write_bytes(file.read_bytes())
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "intermediate_size": 32}))
+    assert_one_error_line(cli("run", "--model", mismatched, "--prompt", "x", "--no-compile", "--device", "cpu"),
+                          "shape differs from config.json")
+    env = {**os.environ, "DALI_HOST_MEMORY": "100KB"}
+    result = subprocess.run([sys.executable, "-m", "dali_compile", "run", "--model", str(mixtral[0]), "--prompt", "x",
+                             "--no-compile", "--device", "cpu"], capture_output=True, text=True, timeout=TIMEOUT,
+                            env=env)
+    assert_one_error_line(result, "not enough host memory")
+
+
 def test_a_checkpoint_without_tokenizer_suggests_prompt_ids(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert main(["run", "--model", str(tmp_path), "--prompt", "x"]) == 2
