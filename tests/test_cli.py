@@ -291,3 +291,14 @@ def test_the_loop_equals_generate_and_sampling_repeats_with_its_seed(mixtral):
     sampled = [generate(model, prompt, 6, Sampler(temperature=1.0, top_k=5, seed=3))[0] for _ in range(2)]
     assert sampled[0] == sampled[1]
     assert generate(model, prompt, 6, Sampler(temperature=1.0, top_k=1, seed=3))[0] == tokens  # top-1 is greedy
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(mixtral):
+    """`dali-compile run ... | head -c 8`: the closed pipe ends the run with status 0 and no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "dali_compile", "run", "--model", str(mixtral[0]),
+                                "--prompt", "To be", "--no-compile", "--device", "cpu", "--max-new-tokens", "100"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(process.stdout.read(8)) == 8
+    process.stdout.close()
+    _, err = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
