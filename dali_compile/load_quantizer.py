@@ -11,7 +11,9 @@ experts module), and never stores the tensor itself:
   read of the current shard);
 - with a `place_on` device (CUDA), every parameter outside the experts modules goes straight there, so the
   host never holds the non-expert weights (accelerate's `device_map` would treat the host-resident experts
-  as CPU-offloaded modules and hook them; this keeps them plain host tensors for `offload`).
+  as CPU-offloaded modules and hook them; this keeps them plain host tensors for `offload`);
+- with a `keep` set of parameter names, every other parameter is dropped as it is read and stays on the meta
+  device (a distributed worker reads only its own layers' experts).
 transformers does not compare the shapes of the weights it hands over, so `convert` does.
 
 Dense linears keep their `nn.Linear` (its weight still on the meta device) while loading, so their bias
@@ -45,11 +47,12 @@ def _registered() -> tuple[type, type]:
 _CLASSES: tuple[type, type] | None = None
 
 
-def load_config(experts: str | None, dense: str | None, group_size: int, place_on: torch.device | None = None):
+def load_config(experts: str | None, dense: str | None, group_size: int, place_on: torch.device | None = None,
+                keep: frozenset | None = None):
     """The `quantization_config=` for `from_pretrained` (formats already checked by the caller)."""
     config_class, _ = _registered()
     return config_class(experts=experts, dense=dense, group_size=group_size,
-                        place_on=None if place_on is None else str(place_on))
+                        place_on=None if place_on is None else str(place_on), keep=keep)
 
 
 def _define_classes() -> tuple[type, type]:
@@ -69,9 +72,13 @@ def _define_classes() -> tuple[type, type]:
         parameters go (`place_on`: None keeps them where transformers puts them)."""
 
         def __init__(self, experts: str | None = None, dense: str | None = None, group_size: int = 32,
-                     place_on: str | None = None, **_):
+                     place_on: str | None = None, keep: frozenset | None = None, **_):
             self.quant_method = METHOD
             self.experts, self.dense, self.group_size, self.place_on = experts, dense, group_size, place_on
+            self.keep = keep
+
+        def to_dict(self):  # `keep` is a set of names, not JSON; it never goes into a saved config
+            return {k: v for k, v in super().to_dict().items() if k != "keep"}
 
     class QuantizeOnLoad(ConversionOps):
         """Quantizes one weight as transformers reads it; returns nothing for transformers to store."""
@@ -115,6 +122,9 @@ def _define_classes() -> tuple[type, type]:
                     self.expert_dtypes[name] = module.down_proj.dtype
                     for projection in (up_weight_name(module), "down_proj"):
                         self.targets[f"{name}.{projection}"] = ("experts", bits)
+            if config.keep is not None:  # last: a dropped parameter is neither quantized nor placed
+                self.targets.update({name: ("drop", 0) for name, _ in model.named_parameters()
+                                     if name not in config.keep})
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
             return param_name in self.targets
@@ -130,6 +140,9 @@ def _define_classes() -> tuple[type, type]:
             if tuple(value.shape) != tuple(expected.shape):
                 raise ValueError(f"{name} has shape {tuple(value.shape)} in the checkpoint and {tuple(expected.shape)} "
                                  "in the model its config.json describes (mismatched)")
+            if kind == "drop":  # stays on the meta device, never materialised beyond this tensor
+                self.arrived.add(name)
+                return
             if kind == "place":
                 placed = value.to(device=self.quantization_config.place_on, dtype=expected.dtype)
                 module._parameters[attribute] = nn.Parameter(placed, requires_grad=expected.requires_grad)
@@ -158,7 +171,8 @@ def _define_classes() -> tuple[type, type]:
                     _install(model, name, linear, FORMATS[config.dense], *pending)
             if config.experts is not None:
                 for name, module in experts_modules(model):
-                    _mark_quantized(module, FORMATS[config.experts], self.expert_dtypes[name])
+                    if module.down_proj.device.type != "meta":  # not dropped
+                        _mark_quantized(module, FORMATS[config.experts], self.expert_dtypes[name])
                 model.set_experts_implementation(IMPLEMENTATION_NAME)
             return model
 

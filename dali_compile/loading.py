@@ -299,17 +299,19 @@ def _transformers_progress(enabled: bool):
 
 
 def _read_checkpoint(directory: Path, dtype: torch.dtype, quantize: dict | None, group_size: int,
-                     place_on: torch.device | None, progress: bool) -> nn.Module:
+                     place_on: torch.device | None, progress: bool, keep: frozenset | None = None) -> nn.Module:
     """The model as transformers reads it, quantized and placed on the way (`place_on`: the device for every
-    parameter outside the experts modules; None: the CPU)."""
+    parameter outside the experts modules; None: the CPU; `keep`: the parameters to read, the others stay on
+    the meta device; None: all)."""
     from transformers import AutoModelForCausalLM
 
     from .load_quantizer import forget_quantizer, load_config
 
     extra = {}
-    if quantize is not None or place_on is not None:
+    if quantize is not None or place_on is not None or keep is not None:
         quantize = quantize or {"experts": None, "dense": None}
-        extra["quantization_config"] = load_config(quantize["experts"], quantize["dense"], group_size, place_on)
+        extra["quantization_config"] = load_config(quantize["experts"], quantize["dense"], group_size, place_on,
+                                                   keep)
     try:
         with _transformers_progress(progress):
             model, info = AutoModelForCausalLM.from_pretrained(
@@ -394,3 +396,23 @@ def _resident_bytes(model: nn.Module) -> tuple[int, int]:
         else:
             device += nbytes
     return host, device
+
+
+def read_experts_of_layers(path, layers_of, dtype: torch.dtype | str | None = None,
+                           progress: bool = False) -> nn.Module:
+    """The model of the checkpoint at `path` with only the experts of its MoE layers `layers_of(number of MoE
+    layers)` (indices in model order) read into host memory; every other parameter stays on the meta device and
+    is never held in full (a distributed worker's model: it serves those layers' experts and nothing else)."""
+    directory = _checked_directory(path)
+    config = _read_config(directory)
+    dtype = _resolved_dtype(dtype, config)
+    meta = _meta_model(config, dtype, directory)
+    modules = experts_modules(meta)
+    layers = list(layers_of(len(modules)))
+    if any(not 0 <= layer < len(modules) for layer in layers):
+        raise LoadError(f"load: MoE layers {layers} outside the model's {len(modules)}")
+    keep = frozenset(f"{modules[layer][0]}.{name}" for layer in layers
+                     for name, _ in modules[layer][1].named_parameters(recurse=False))
+    _shard_files(directory)
+    del meta
+    return _read_checkpoint(directory, dtype, None, DEFAULT_GROUP_SIZE, None, progress, keep)

@@ -283,6 +283,32 @@ def test_a_worker_keeps_only_its_share_of_its_groups_experts():
     worker.runtime.close()
 
 
+def test_a_worker_reads_only_its_layers_experts_from_a_checkpoint(tmp_path):
+    """load_for_rank on rank 3 of 5 (2 groups, no shadow): the checkpoint's experts of layers 0 and 2 are read,
+    every other parameter stays on the meta device; the worker then holds what it holds from a built model."""
+    from dali_compile.distributed import load_for_rank
+    from dali_compile.distributed.worker import Worker
+
+    model = tiny_model("qwen3_moe", num_hidden_layers=4)
+    model.save_pretrained(tmp_path / "ckpt")
+    read = load_for_rank(tmp_path / "ckpt", groups=2, predictor="residual", rank=3, world_size=5)
+    real = {name for name, p in read.named_parameters() if p.device.type != "meta"}
+    modules = experts_modules(read)
+    assert real == {f"{modules[layer][0]}.{p}" for layer in (0, 2) for p in ("gate_up_proj", "down_proj")}
+    worker = Worker(read, Topology(5, 2, False), rank=3, device="emulated", memory=None, timeout_s=5,
+                    idle_timeout_s=5)
+    originals = [spec_of_module(module) for _, module in experts_modules(model)]
+    held = [t for layer in worker.runtime.layers for t in layer.spec.tensors()]
+    expected = [t for layer in (0, 2) for t in originals[layer].tensors()]
+    for mine, full in zip(held, expected, strict=True):
+        assert (mine is None) == (full is None)
+        if mine is not None:
+            assert torch.equal(mine, full[1::2])
+    worker.runtime.close()
+    main = load_for_rank(tmp_path / "ckpt", groups=2, predictor="residual", rank=0, world_size=5)
+    assert all(p.device.type == "cpu" for p in main.parameters())  # the main rank reads the whole model
+
+
 # -- the main rank's fallback logic in one process, over a loopback transport --------------------------------------
 
 class Loopback:

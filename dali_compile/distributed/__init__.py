@@ -15,6 +15,9 @@ rank its role (topology.py):
     torchrun --nnodes 3 --nproc-per-node 2 --rdzv-endpoint HOST:PORT ... my_script.py
 
 or the command `python -m dali_compile.distributed --help` (a built-in tiny model or a checkpoint).
+`load_for_rank(path, groups=2, predictor="shadow")` reads a local checkpoint as each rank needs it: the main
+and shadow ranks the whole model, a worker only its own layers' experts (the rest of its model stays on the
+meta device), so no worker ever holds the whole model.
 
 Faults: a worker that dies is noticed at the next message to or from it (its connection closes); one that
 stops answering, after `timeout_s`. Either way its experts are computed on the main rank from then on (from
@@ -41,7 +44,8 @@ from .worker import WORKER_DEVICES, Worker
 PREDICTORS = ("shadow", "residual", "next_gate", "none", "wrong")
 _RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
-__all__ = ["PREDICTORS", "SHADOW_PRECISIONS", "WORKER_DEVICES", "MainSession", "ServedSession", "Topology", "serve"]
+__all__ = ["PREDICTORS", "SHADOW_PRECISIONS", "WORKER_DEVICES", "MainSession", "ServedSession", "Topology",
+           "load_for_rank", "serve"]
 
 
 class ServedSession:
@@ -126,6 +130,30 @@ def serve(model: nn.Module, *, groups: int = 1, predictor: str = "shadow", worke
         if owns_group:
             leave()
     return ServedSession(role, stats)
+
+
+def load_for_rank(path, *, groups: int = 1, predictor: str = "shadow", dtype=None, rank: int | None = None,
+                  world_size: int | None = None) -> nn.Module:
+    """This rank's model from the local checkpoint directory `path` (rank and world size default to torchrun's
+    variables): the whole model on the main and shadow ranks, only the experts of the worker's layers on a
+    worker. Pass the same `groups` and `predictor` to `serve`."""
+    from dali_compile.loading import LoadError, read_experts_of_layers
+
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world_size = _world_size_from_environment() if world_size is None else world_size
+    topology = Topology(world_size, groups, shadow=predictor == "shadow")
+    if topology.role(rank) == "worker":
+        return read_experts_of_layers(path, lambda layers: topology.layers_of_worker(rank, layers), dtype).eval()
+    from transformers import AutoModelForCausalLM
+
+    from dali_compile.loading import _checked_directory, _read_config, _resolved_dtype
+
+    directory = _checked_directory(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=_resolved_dtype(dtype, _read_config(directory)),
+                                                    local_files_only=True).eval()
+    except (OSError, ValueError) as error:
+        raise LoadError(f"load: reading {directory} failed: {error}") from None
 
 
 def leave() -> None:

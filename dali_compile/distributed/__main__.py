@@ -15,21 +15,20 @@ import time
 
 import torch
 
-from . import PREDICTORS, SHADOW_PRECISIONS, WORKER_DEVICES, serve
+from . import PREDICTORS, SHADOW_PRECISIONS, WORKER_DEVICES, load_for_rank, serve
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_model(spec: str, dtype: torch.dtype, layers: int, hidden: int, seed: int):
-    """`tiny:FAMILY` (random weights from `seed`, the same on every rank) or a local checkpoint directory."""
+def build_model(spec: str, dtype: torch.dtype, layers: int, hidden: int, seed: int, groups: int, predictor: str):
+    """`tiny:FAMILY` (random weights from `seed`, the same on every rank) or a local checkpoint directory, read as
+    this rank needs it (a worker reads only its own layers' experts)."""
     if spec.startswith("tiny:"):
         from dali_compile.tiny_models import tiny_model
 
         return tiny_model(spec[5:], dtype=dtype, seed=seed, num_hidden_layers=layers, hidden_size=hidden,
                           vocab_size=256)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype).eval()
+    return load_for_rank(spec, groups=groups, predictor=predictor, dtype=dtype)
 
 
 @torch.no_grad()
@@ -65,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="rank 0 writes tokens and statistics here")
     args = parser.parse_args(argv)
 
-    model = build_model(args.model, _DTYPES[args.dtype], args.layers, args.hidden, args.seed)
+    model = build_model(args.model, _DTYPES[args.dtype], args.layers, args.hidden, args.seed, args.groups,
+                        args.predictor)
     generator = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_length), generator=generator)
     reference = generate(model, prompt, args.max_new_tokens)[0] if args.check and _rank() == 0 else None

@@ -65,7 +65,7 @@ def drop_weights(model: nn.Module) -> None:
     with torch.no_grad():
         for module in model.modules():
             for param in module._parameters.values():
-                if param is not None:
+                if param is not None and param.device.type != "meta":  # meta: never read (loading.py)
                     param.data = torch.empty(0, dtype=param.dtype)
             for name, buffer in module._buffers.items():
                 if buffer is not None:
