@@ -352,3 +352,16 @@ def test_cuda_load_with_the_auto_budget_equals_eager(root, family, quantize):
         assert torch.equal(got.cpu(), want)
     finally:
         dali_compile.release(loaded)
+
+
+def test_a_tied_lm_head_is_quantized_from_the_embeddings_it_shares(tmp_path):
+    """A checkpoint with tie_word_embeddings has no lm_head tensor: transformers ties it after reading, and the
+    loader quantizes it from the embeddings, as quantize() does after loading."""
+    write_tiny_checkpoint(tmp_path, "qwen3_moe", torch.float32, tie_word_embeddings=True)
+    loaded = dali_compile.load(tmp_path, quantize={"dense": "int8"}, progress=False)
+    after = dali_compile.quantize(from_pretrained(tmp_path, "fp32"), dense="int8")
+    after.set_experts_implementation("dali")
+    assert type(loaded.lm_head).__name__ == "QuantizedLinear"
+    got, want = loaded.state_dict(), after.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert torch.equal(logits_of(loaded), logits_of(after))
