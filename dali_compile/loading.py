@@ -88,7 +88,9 @@ def load(path, device: str = "cpu", expert_memory: int | str = "auto", quantize:
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
         raise LoadError(f"load: context_length must be a positive int, got {context_length!r}")
     config = _read_config(directory)
+    _check_not_prequantized(config, directory)
     dtype = _resolved_dtype(dtype, config)
+    context_length = _within_positions(context_length, config)
     meta = _meta_model(config, dtype, directory)
     _check_quantizable(meta, quantize, group_size)
     shards = _shard_files(directory)
@@ -178,6 +180,23 @@ def _read_config(directory: Path):
         return AutoConfig.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise LoadError(f"load: {directory}/config.json cannot be read by transformers: {error}") from None
+
+
+def _check_not_prequantized(config, directory: Path) -> None:
+    """A checkpoint stored quantized by another tool (GPT-OSS's mxfp4, fp8, GPTQ, AWQ, ...) holds formats dali's
+    kernels do not read; reading it through transformers' own quantizer would leave modules dali cannot run."""
+    stored = getattr(config, "quantization_config", None)
+    if stored is not None:
+        method = stored.get("quant_method") if isinstance(stored, dict) else getattr(stored, "quant_method", stored)
+        raise LoadError(f"load: {directory} is stored quantized ({method}); dali reads bf16, fp16 or fp32 checkpoints "
+                        "and quantizes them itself (quantize={'experts': 'int4'}): use the model's unquantized "
+                        "release")
+
+
+def _within_positions(context_length: int, config) -> int:
+    """The KV cache never holds more positions than the model has (max_position_embeddings)."""
+    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return min(context_length, positions) if isinstance(positions, int) and positions > 0 else context_length
 
 
 def _resolved_dtype(dtype, config) -> torch.dtype:
@@ -405,6 +424,7 @@ def read_experts_of_layers(path, layers_of, dtype: torch.dtype | str | None = No
     is never held in full (a distributed worker's model: it serves those layers' experts and nothing else)."""
     directory = _checked_directory(path)
     config = _read_config(directory)
+    _check_not_prequantized(config, directory)
     dtype = _resolved_dtype(dtype, config)
     meta = _meta_model(config, dtype, directory)
     modules = experts_modules(meta)

@@ -365,3 +365,23 @@ def test_a_tied_lm_head_is_quantized_from_the_embeddings_it_shares(tmp_path):
     got, want = loaded.state_dict(), after.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert torch.equal(logits_of(loaded), logits_of(after))
+
+
+def test_a_checkpoint_stored_quantized_by_another_tool_is_refused(root, tmp_path):
+    directory = copy_checkpoint(checkpoint(root, "gpt_oss", "fp32", "one", "fused"), tmp_path / "ckpt")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router"]}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(dali_compile.LoadError, match=r"stored quantized \(mxfp4\).*unquantized release"):
+        dali_compile.load(directory, progress=False)
+
+
+def test_the_auto_budget_reserves_at_most_the_models_positions(root, monkeypatch):
+    """context_length beyond max_position_embeddings (128 in the tiny configs) reserves only 128 positions."""
+    monkeypatch.setenv("DALI_EMULATED_MEMORY", "64MiB")
+    loaded = dali_compile.load(checkpoint(root, "mixtral", "fp32", "one", "fused"), device="emulated",
+                               context_length=100_000, cost_model=COST, progress=False)
+    try:
+        assert "(128 tokens)" in dali_compile.load_summary(loaded).budget_note
+    finally:
+        dali_compile.release(loaded)
