@@ -27,6 +27,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# This module is imported only by a load that needs the hook (loading.py), so transformers' quantizer machinery
+# is imported then, not with dali_compile.
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
 from .experts_interface import IMPLEMENTATION_NAME, experts_modules, up_weight_name
 from .memory_budget import return_freed_memory
 from .ops.quantized_linear import quantize_weight
@@ -36,173 +48,152 @@ METHOD = "dali"
 _PENDING = "_dali_pending_quantized_weight"
 
 
-def _registered() -> tuple[type, type]:
-    """(config class, quantizer class), registered with transformers on first use."""
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _define_classes()
-    return _CLASSES
-
-
-_CLASSES: tuple[type, type] | None = None
-
-
 def load_config(experts: str | None, dense: str | None, group_size: int, place_on: torch.device | None = None,
                 keep: frozenset | None = None):
     """The `quantization_config=` for `from_pretrained` (formats already checked by the caller)."""
-    config_class, _ = _registered()
-    return config_class(experts=experts, dense=dense, group_size=group_size,
-                        place_on=None if place_on is None else str(place_on), keep=keep)
+    return AUTO_QUANTIZATION_CONFIG_MAPPING[METHOD](experts=experts, dense=dense, group_size=group_size,
+                                                    place_on=None if place_on is None else str(place_on), keep=keep)
 
 
-def _define_classes() -> tuple[type, type]:
-    # transformers' quantizer machinery is imported only when a quantized load happens.
-    from transformers.core_model_loading import ConversionOps
-    from transformers.quantizers import HfQuantizer
-    from transformers.quantizers.auto import (
-        AUTO_QUANTIZATION_CONFIG_MAPPING,
-        AUTO_QUANTIZER_MAPPING,
-        register_quantization_config,
-        register_quantizer,
-    )
-    from transformers.utils.quantization_config import QuantizationConfigMixin
+class DaliLoadConfig(QuantizationConfigMixin):
+    """dali's int8/int4 formats for `experts` and `dense` linears (csrc/README.md), and where the non-expert
+    parameters go (`place_on`: None keeps them where transformers puts them)."""
 
-    class DaliLoadConfig(QuantizationConfigMixin):
-        """dali's int8/int4 formats for `experts` and `dense` linears (csrc/README.md), and where the non-expert
-        parameters go (`place_on`: None keeps them where transformers puts them)."""
+    def __init__(self, experts: str | None = None, dense: str | None = None, group_size: int = 32,
+                 place_on: str | None = None, keep: frozenset | None = None, **_):
+        self.quant_method = METHOD
+        self.experts, self.dense, self.group_size, self.place_on = experts, dense, group_size, place_on
+        self.keep = keep
 
-        def __init__(self, experts: str | None = None, dense: str | None = None, group_size: int = 32,
-                     place_on: str | None = None, keep: frozenset | None = None, **_):
-            self.quant_method = METHOD
-            self.experts, self.dense, self.group_size, self.place_on = experts, dense, group_size, place_on
-            self.keep = keep
+    def to_dict(self):  # `keep` is a set of names, not JSON; it never goes into a saved config
+        return {k: v for k, v in super().to_dict().items() if k != "keep"}
 
-        def to_dict(self):  # `keep` is a set of names, not JSON; it never goes into a saved config
-            return {k: v for k, v in super().to_dict().items() if k != "keep"}
 
-    class QuantizeOnLoad(ConversionOps):
-        """Quantizes one weight as transformers reads it; returns nothing for transformers to store."""
+class QuantizeOnLoad(ConversionOps):
+    """Quantizes one weight as transformers reads it; returns nothing for transformers to store."""
 
-        def __init__(self, quantizer):
-            self.quantizer = quantizer
+    def __init__(self, quantizer):
+        self.quantizer = quantizer
 
-        def convert(self, input_dict, model=None, missing_keys=None, full_layer_name=None, **_):
-            (value,) = input_dict.values()
-            value = value[0] if isinstance(value, list) else value
-            self.quantizer.quantize_tensor(model, full_layer_name, value)
-            if missing_keys is not None:
-                missing_keys.discard(full_layer_name)
-            return {}
+    def convert(self, input_dict, model=None, missing_keys=None, full_layer_name=None, **_):
+        (value,) = input_dict.values()
+        value = value[0] if isinstance(value, list) else value
+        self.quantizer.quantize_tensor(model, full_layer_name, value)
+        if missing_keys is not None:
+            missing_keys.discard(full_layer_name)
+        return {}
 
-    class DaliQuantizer(HfQuantizer):
-        requires_calibration = False
 
-        def __init__(self, quantization_config, **kwargs):
-            super().__init__(quantization_config, **kwargs)
-            self.targets: dict[str, tuple[str, int]] = {}  # parameter name -> ("experts" | "dense" | "place", bits)
-            self.arrived: set[str] = set()
-            self.expert_dtypes: dict[str, torch.dtype] = {}  # experts module name -> its activations' dtype
+class DaliQuantizer(HfQuantizer):
+    requires_calibration = False
 
-        def validate_environment(self, *args, **kwargs):
-            return None
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.targets: dict[str, tuple[str, int]] = {}  # parameter name -> ("experts" | "dense" | "place", bits)
+        self.arrived: set[str] = set()
+        self.expert_dtypes: dict[str, torch.dtype] = {}  # experts module name -> its activations' dtype
 
-        def _process_model_before_weight_loading(self, model, **kwargs):
-            config = self.quantization_config
-            if config.place_on is not None:
-                expert_parameters = {f"{name}.{p}" for name, m in experts_modules(model)
-                                     for p, _ in m.named_parameters(recurse=False)}
-                self.targets.update({name: ("place", 0) for name, _ in model.named_parameters()
-                                     if name not in expert_parameters})
-            if config.dense is not None:
-                bits = FORMATS[config.dense]
-                self.targets.update({f"{name}.weight": ("dense", bits) for name, _ in _dense_linears(model)})
-            if config.experts is not None:
-                bits = FORMATS[config.experts]
-                for name, module in experts_modules(model):
-                    self.expert_dtypes[name] = module.down_proj.dtype
-                    for projection in (up_weight_name(module), "down_proj"):
-                        self.targets[f"{name}.{projection}"] = ("experts", bits)
-            if config.keep is not None:  # last: a dropped parameter is neither quantized nor placed
-                self.targets.update({name: ("drop", 0) for name, _ in model.named_parameters()
-                                     if name not in config.keep})
+    def validate_environment(self, *args, **kwargs):
+        return None
 
-        def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
-            return param_name in self.targets
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        config = self.quantization_config
+        if config.place_on is not None:
+            expert_parameters = {f"{name}.{p}" for name, m in experts_modules(model)
+                                 for p, _ in m.named_parameters(recurse=False)}
+            self.targets.update({name: ("place", 0) for name, _ in model.named_parameters()
+                                 if name not in expert_parameters})
+        if config.dense is not None:
+            bits = FORMATS[config.dense]
+            self.targets.update({f"{name}.weight": ("dense", bits) for name, _ in _dense_linears(model)})
+        if config.experts is not None:
+            bits = FORMATS[config.experts]
+            for name, module in experts_modules(model):
+                self.expert_dtypes[name] = module.down_proj.dtype
+                for projection in (up_weight_name(module), "down_proj"):
+                    self.targets[f"{name}.{projection}"] = ("experts", bits)
+        if config.keep is not None:  # last: a dropped parameter is neither quantized nor placed
+            self.targets.update({name: ("drop", 0) for name, _ in model.named_parameters()
+                                 if name not in config.keep})
 
-        def get_quantize_ops(self):
-            return QuantizeOnLoad(self)
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return param_name in self.targets
 
-        def quantize_tensor(self, model: nn.Module, name: str, value: torch.Tensor) -> None:
-            kind, bits = self.targets[name]
-            module_name, _, attribute = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            expected = getattr(module, attribute)
-            if tuple(value.shape) != tuple(expected.shape):
-                raise ValueError(f"{name} has shape {tuple(value.shape)} in the checkpoint and {tuple(expected.shape)} "
-                                 "in the model its config.json describes (mismatched)")
-            if kind == "drop":  # stays on the meta device, never materialised beyond this tensor
-                self.arrived.add(name)
-                return
-            if kind == "place":
-                placed = value.to(device=self.quantization_config.place_on, dtype=expected.dtype)
-                module._parameters[attribute] = nn.Parameter(placed, requires_grad=expected.requires_grad)
-                module._parameters[attribute]._is_hf_initialized = True
-                self.arrived.add(name)
-                return
-            # the model's dtype, as quantize-after-load sees it (transformers skips its cast for these)
-            value = value.to(device="cpu", dtype=expected.dtype)
-            if kind == "experts":
-                _quantize_projection(module, attribute, value, bits, self.quantization_config.group_size)
-                for new in (attribute, f"{attribute}_scales"):  # loaded: transformers must not initialise them
-                    getattr(module, new)._is_hf_initialized = True
-            else:  # the codes wait on the linear, which becomes a QuantizedLinear after loading (its bias too)
-                group = value.shape[1] if bits == 8 else self.quantization_config.group_size
-                setattr(module, _PENDING, (group, *quantize_weight(value, bits, group)))
+    def get_quantize_ops(self):
+        return QuantizeOnLoad(self)
+
+    def quantize_tensor(self, model: nn.Module, name: str, value: torch.Tensor) -> None:
+        kind, bits = self.targets[name]
+        module_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        expected = getattr(module, attribute)
+        if tuple(value.shape) != tuple(expected.shape):
+            raise ValueError(f"{name} has shape {tuple(value.shape)} in the checkpoint and {tuple(expected.shape)} "
+                             "in the model its config.json describes (mismatched)")
+        if kind == "drop":  # stays on the meta device, never materialised beyond this tensor
             self.arrived.add(name)
-            del value
-            return_freed_memory()
+            return
+        if kind == "place":
+            placed = value.to(device=self.quantization_config.place_on, dtype=expected.dtype)
+            module._parameters[attribute] = nn.Parameter(placed, requires_grad=expected.requires_grad)
+            module._parameters[attribute]._is_hf_initialized = True
+            self.arrived.add(name)
+            return
+        # the model's dtype, as quantize-after-load sees it (transformers skips its cast for these)
+        value = value.to(device="cpu", dtype=expected.dtype)
+        if kind == "experts":
+            _quantize_projection(module, attribute, value, bits, self.quantization_config.group_size)
+            for new in (attribute, f"{attribute}_scales"):  # loaded: transformers must not initialise them
+                getattr(module, new)._is_hf_initialized = True
+        else:  # the codes wait on the linear, which becomes a QuantizedLinear after loading (its bias too)
+            group = value.shape[1] if bits == 8 else self.quantization_config.group_size
+            setattr(module, _PENDING, (group, *quantize_weight(value, bits, group)))
+        self.arrived.add(name)
+        del value
+        return_freed_memory()
 
-        def _process_model_after_weight_loading(self, model, **kwargs):
-            config = self.quantization_config
-            self._quantize_loaded_elsewhere(model)
-            for name, linear in _dense_linears(model):
-                pending = linear.__dict__.pop(_PENDING, None)
-                if pending is not None:
-                    _install(model, name, linear, FORMATS[config.dense], *pending)
-            if config.experts is not None:
-                for name, module in experts_modules(model):
-                    if module.down_proj.device.type != "meta":  # not dropped
-                        _mark_quantized(module, FORMATS[config.experts], self.expert_dtypes[name])
-                model.set_experts_implementation(IMPLEMENTATION_NAME)
-            return model
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        config = self.quantization_config
+        self._quantize_loaded_elsewhere(model)
+        for name, linear in _dense_linears(model):
+            pending = linear.__dict__.pop(_PENDING, None)
+            if pending is not None:
+                _install(model, name, linear, FORMATS[config.dense], *pending)
+        if config.experts is not None:
+            for name, module in experts_modules(model):
+                if module.down_proj.device.type != "meta":  # not dropped
+                    _mark_quantized(module, FORMATS[config.experts], self.expert_dtypes[name])
+            model.set_experts_implementation(IMPLEMENTATION_NAME)
+        return model
 
-        def _quantize_loaded_elsewhere(self, model: nn.Module) -> None:
-            """Targets transformers did not pass to `convert`: a tied weight (an lm_head sharing the embeddings)
-            is quantized from what it is tied to; one still on the meta device was not in the checkpoint."""
-            absent = []
-            for name in sorted(set(self.targets) - self.arrived):
-                module_name, _, attribute = name.rpartition(".")
-                weight = getattr(model.get_submodule(module_name), attribute)
-                if weight.device.type == "meta":
-                    absent.append(name)
-                else:
-                    self.quantize_tensor(model, name, weight.detach())
-            if absent:
-                raise ValueError(f"the checkpoint has no tensor for {', '.join(absent[:4])}"
-                                 f"{' ...' if len(absent) > 4 else ''}")
+    def _quantize_loaded_elsewhere(self, model: nn.Module) -> None:
+        """Targets transformers did not pass to `convert`: a tied weight (an lm_head sharing the embeddings)
+        is quantized from what it is tied to; one still on the meta device was not in the checkpoint."""
+        absent = []
+        for name in sorted(set(self.targets) - self.arrived):
+            module_name, _, attribute = name.rpartition(".")
+            weight = getattr(model.get_submodule(module_name), attribute)
+            if weight.device.type == "meta":
+                absent.append(name)
+            else:
+                self.quantize_tensor(model, name, weight.detach())
+        if absent:
+            raise ValueError(f"the checkpoint has no tensor for {', '.join(absent[:4])}"
+                             f"{' ...' if len(absent) > 4 else ''}")
 
-        def is_serializable(self, *args, **kwargs):
-            return False
+    def is_serializable(self, *args, **kwargs):
+        return False
 
-        @property
-        def is_trainable(self):
-            return False
+    @property
+    def is_trainable(self):
+        return False
 
-    if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(METHOD)(DaliLoadConfig)
-    if METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(METHOD)(DaliQuantizer)
-    return AUTO_QUANTIZATION_CONFIG_MAPPING[METHOD], AUTO_QUANTIZER_MAPPING[METHOD]
+
+# Registered once per process (a reloaded module finds its method taken and keeps the first classes).
+if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    register_quantization_config(METHOD)(DaliLoadConfig)
+if METHOD not in AUTO_QUANTIZER_MAPPING:
+    register_quantizer(METHOD)(DaliQuantizer)
 
 
 def forget_quantizer(model: nn.Module) -> None:
