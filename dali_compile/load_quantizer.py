@@ -91,6 +91,8 @@ class DaliQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.targets: dict[str, tuple[str, int]] = {}  # parameter name -> ("experts" | "dense" | "place", bits)
         self.arrived: set[str] = set()
+        self.errors: list[str] = []  # what convert refused (some transformers releases only log its errors)
+        self.shapes: dict[str, tuple] = {}  # every parameter's shape as config.json gives it
         self.expert_dtypes: dict[str, torch.dtype] = {}  # experts module name -> its activations' dtype
 
     def validate_environment(self, *args, **kwargs):
@@ -98,6 +100,7 @@ class DaliQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         config = self.quantization_config
+        self.shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         if config.place_on is not None:
             expert_parameters = {f"{name}.{p}" for name, m in experts_modules(model)
                                  for p, _ in m.named_parameters(recurse=False)}
@@ -128,6 +131,7 @@ class DaliQuantizer(HfQuantizer):
         module = model.get_submodule(module_name)
         expected = getattr(module, attribute)
         if tuple(value.shape) != tuple(expected.shape):
+            self.errors.append(f"{name}: {tuple(value.shape)} in the checkpoint, {tuple(expected.shape)} in the model")
             raise ValueError(f"{name} has shape {tuple(value.shape)} in the checkpoint and {tuple(expected.shape)} "
                              "in the model its config.json describes (mismatched)")
         if kind == "drop":  # stays on the meta device, never materialised beyond this tensor
@@ -153,6 +157,13 @@ class DaliQuantizer(HfQuantizer):
         return_freed_memory()
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # With a quantizer present some transformers releases (5.17) store a tensor of any shape in the
+        # parameters it sets itself: compare them all here, as it does without one.
+        for name, param in model.named_parameters():
+            if name not in self.targets and name in self.shapes and tuple(param.shape) != self.shapes[name]:
+                self.errors.append(f"{name}: {tuple(param.shape)} in the checkpoint, {self.shapes[name]} in the model")
+        if self.errors:
+            raise ValueError(f"tensors whose shape differs from config.json's (mismatched): {'; '.join(self.errors)}")
         config = self.quantization_config
         self._quantize_loaded_elsewhere(model)
         for name, linear in _dense_linears(model):
