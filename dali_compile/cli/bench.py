@@ -56,6 +56,9 @@ def bench(args: argparse.Namespace) -> int:
     if not is_offloaded(model):
         print("device cpu: every expert runs on the CPU, the policies do not apply", file=sys.stderr)
         policies = [NOT_OFFLOADED]
+    elif args.device.startswith("emulated"):
+        print("device emulated: a CPU test double of a GPU; its hit rates and CPU/GPU splits mean something, "
+              "its tokens/s do not (its 'GPU' experts run a Python reference)", file=sys.stderr)
     rows = []
     for index, policy in enumerate(policies):
         if index:
