@@ -136,8 +136,12 @@ def load_summary(model: nn.Module) -> LoadSummary:
 def _checked_directory(path) -> Path:
     directory = Path(path).expanduser()
     if not directory.is_dir():
+        hint = ""
+        if isinstance(path, str) and path.count("/") == 1 and not path.startswith((".", "/", "~")):
+            hint = (f"; {path!r} looks like a Hugging Face Hub id: dali reads local directories only (nothing is "
+                    f"downloaded), e.g. after `huggingface-cli download {path} --local-dir DIR`")
         raise LoadError(f"load: {directory} is not a directory (a local Hugging Face checkpoint: config.json and "
-                        "safetensors shards)")
+                        f"safetensors shards){hint}")
     if not (directory / "config.json").is_file():
         raise LoadError(f"load: {directory} has no config.json; it is not a Hugging Face checkpoint directory")
     return directory.resolve()

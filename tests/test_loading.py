@@ -385,3 +385,14 @@ def test_the_auto_budget_reserves_at_most_the_models_positions(root, monkeypatch
         assert "(128 tokens)" in dali_compile.load_summary(loaded).budget_note
     finally:
         dali_compile.release(loaded)
+
+
+def test_a_hub_id_or_a_missing_shard_is_a_clear_error(root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(dali_compile.LoadError, match="looks like a Hugging Face Hub id.*huggingface-cli download"):
+        dali_compile.load("Qwen/Qwen3-30B-A3B")
+    directory = copy_checkpoint(checkpoint(root, "qwen3_moe", "fp32", "several", "legacy"), tmp_path / "ckpt")
+    shards = sorted(directory.glob("*.safetensors"))
+    shards[1].unlink()  # the index still names it
+    with pytest.raises(dali_compile.LoadError, match="reading .* failed"):
+        dali_compile.load(directory, progress=False)
