@@ -94,9 +94,8 @@ def load(path, device: str = "cpu", expert_memory: int | str = "auto", quantize:
     meta = _meta_model(config, dtype, directory)
     _check_quantizable(meta, quantize, group_size)
     shards = _shard_files(directory)
-    host_needed, largest_shard = _host_bytes_needed(meta, quantize, group_size, kind), max(f.stat().st_size
-                                                                                             for f in shards)
-    _check_host_memory(host_needed, largest_shard, directory)
+    host_needed = _host_bytes_needed(meta, quantize, group_size, kind)
+    _check_host_memory(host_needed, max(f.stat().st_size for f in shards), directory)
     place_on = torch.device(device) if kind == "cuda" else None
     del meta
     if progress:
