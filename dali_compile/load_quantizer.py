@@ -13,7 +13,9 @@ experts module), and never stores the tensor itself:
   host never holds the non-expert weights (accelerate's `device_map` would treat the host-resident experts
   as CPU-offloaded modules and hook them; this keeps them plain host tensors for `offload`);
 - with a `keep` set of parameter names, every other parameter is dropped as it is read and stays on the meta
-  device (a distributed worker reads only its own layers' experts).
+  device (a distributed worker reads only its own layers' experts);
+- with a `progress` (load_progress.ShardProgress), every parameter goes through the hook (to the CPU where
+  nothing else is asked), so each shard's bar sees its tensors arrive.
 transformers does not compare the shapes of the weights it hands over, so `convert` does.
 
 Dense linears keep their `nn.Linear` (its weight still on the meta device) while loading, so their bias
@@ -49,10 +51,20 @@ _PENDING = "_dali_pending_quantized_weight"
 
 
 def load_config(experts: str | None, dense: str | None, group_size: int, place_on: torch.device | None = None,
-                keep: frozenset | None = None):
-    """The `quantization_config=` for `from_pretrained` (formats already checked by the caller)."""
+                keep: frozenset | None = None, progress=None, problems: Problems | None = None):
+    """The `quantization_config=` for `from_pretrained` (formats already checked by the caller); `problems`
+    collects what the hook refuses."""
     return AUTO_QUANTIZATION_CONFIG_MAPPING[METHOD](experts=experts, dense=dense, group_size=group_size,
-                                                    place_on=None if place_on is None else str(place_on), keep=keep)
+                                                    place_on=None if place_on is None else str(place_on), keep=keep,
+                                                    progress=progress, problems=problems)
+
+
+class Problems(list):
+    """What the hook refused, shared with the caller: transformers deep-copies its quantization config, and some
+    releases only log a conversion's own error, so the caller reads them here."""
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 class DaliLoadConfig(QuantizationConfigMixin):
@@ -60,13 +72,15 @@ class DaliLoadConfig(QuantizationConfigMixin):
     parameters go (`place_on`: None keeps them where transformers puts them)."""
 
     def __init__(self, experts: str | None = None, dense: str | None = None, group_size: int = 32,
-                 place_on: str | None = None, keep: frozenset | None = None, **_):
+                 place_on: str | None = None, keep: frozenset | None = None, progress=None,
+                 problems: Problems | None = None, **_):
         self.quant_method = METHOD
         self.experts, self.dense, self.group_size, self.place_on = experts, dense, group_size, place_on
-        self.keep = keep
+        self.keep, self.progress = keep, progress
+        self.problems = Problems() if problems is None else problems
 
-    def to_dict(self):  # `keep` is a set of names, not JSON; it never goes into a saved config
-        return {k: v for k, v in super().to_dict().items() if k != "keep"}
+    def to_dict(self):  # these are not JSON; they never go into a saved config
+        return {k: v for k, v in super().to_dict().items() if k not in ("keep", "progress", "problems")}
 
 
 class QuantizeOnLoad(ConversionOps):
@@ -91,7 +105,7 @@ class DaliQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.targets: dict[str, tuple[str, int]] = {}  # parameter name -> ("experts" | "dense" | "place", bits)
         self.arrived: set[str] = set()
-        self.errors: list[str] = []  # what convert refused (some transformers releases only log its errors)
+        self.errors = quantization_config.problems  # what convert refused (shared with the caller)
         self.shapes: dict[str, tuple] = {}  # every parameter's shape as config.json gives it
         self.expert_dtypes: dict[str, torch.dtype] = {}  # experts module name -> its activations' dtype
 
@@ -101,11 +115,12 @@ class DaliQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         config = self.quantization_config
         self.shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-        if config.place_on is not None:
+        if config.place_on is not None or config.progress is not None:
             expert_parameters = {f"{name}.{p}" for name, m in experts_modules(model)
                                  for p, _ in m.named_parameters(recurse=False)}
-            self.targets.update({name: ("place", 0) for name, _ in model.named_parameters()
-                                 if name not in expert_parameters})
+            for name, _ in model.named_parameters():  # experts stay on the host; the rest go to place_on
+                device = "cpu" if name in expert_parameters or config.place_on is None else config.place_on
+                self.targets[name] = ("place", device)
         if config.dense is not None:
             bits = FORMATS[config.dense]
             self.targets.update({f"{name}.weight": ("dense", bits) for name, _ in _dense_linears(model)})
@@ -126,19 +141,20 @@ class DaliQuantizer(HfQuantizer):
         return QuantizeOnLoad(self)
 
     def quantize_tensor(self, model: nn.Module, name: str, value: torch.Tensor) -> None:
-        kind, bits = self.targets[name]
+        kind, bits = self.targets[name]  # bits: the format's; a device for "place"
         module_name, _, attribute = name.rpartition(".")
         module = model.get_submodule(module_name)
         expected = getattr(module, attribute)
-        if tuple(value.shape) != tuple(expected.shape):
+        if tuple(value.shape) != tuple(expected.shape):  # refused after loading, with every other one
             self.errors.append(f"{name}: {tuple(value.shape)} in the checkpoint, {tuple(expected.shape)} in the model")
-            raise ValueError(f"{name} has shape {tuple(value.shape)} in the checkpoint and {tuple(expected.shape)} "
-                             "in the model its config.json describes (mismatched)")
+            return
+        if self.quantization_config.progress is not None:
+            self.quantization_config.progress.advance(name, value.numel())
         if kind == "drop":  # stays on the meta device, never materialised beyond this tensor
             self.arrived.add(name)
             return
         if kind == "place":
-            placed = value.to(device=self.quantization_config.place_on, dtype=expected.dtype)
+            placed = value.to(device=bits, dtype=expected.dtype)
             module._parameters[attribute] = nn.Parameter(placed, requires_grad=expected.requires_grad)
             module._parameters[attribute]._is_hf_initialized = True
             self.arrived.add(name)
@@ -157,6 +173,8 @@ class DaliQuantizer(HfQuantizer):
         return_freed_memory()
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.quantization_config.progress is not None:
+            self.quantization_config.progress.close()
         # With a quantizer present some transformers releases (5.17) store a tensor of any shape in the
         # parameters it sets itself: compare them all here, as it does without one.
         for name, param in model.named_parameters():

@@ -324,21 +324,26 @@ def _read_checkpoint(directory: Path, dtype: torch.dtype, quantize: dict | None,
                      place_on: torch.device | None, progress: bool, keep: frozenset | None = None) -> nn.Module:
     """The model as transformers reads it, quantized and placed on the way (`place_on`: the device for every
     parameter outside the experts modules; None: the CPU; `keep`: the parameters to read, the others stay on
-    the meta device; None: all)."""
+    the meta device; None: all; `progress`: a bar per shard)."""
     from transformers import AutoModelForCausalLM
 
-    from .load_quantizer import forget_quantizer, load_config
+    from .load_progress import ShardProgress
+    from .load_quantizer import Problems, forget_quantizer, load_config
 
-    extra = {}
-    if quantize is not None or place_on is not None or keep is not None:
+    extra, problems = {}, Problems()
+    bars = ShardProgress(_shard_files(directory)) if progress else None
+    if quantize is not None or place_on is not None or keep is not None or bars is not None:
         quantize = quantize or {"experts": None, "dense": None}
         extra["quantization_config"] = load_config(quantize["experts"], quantize["dense"], group_size, place_on,
-                                                   keep)
+                                                   keep, bars, problems)
     try:
-        with _transformers_progress(progress):
+        with _transformers_progress(False):  # one bar per shard instead (load_progress.py)
             model, info = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=dtype, local_files_only=True, output_loading_info=True, **extra)
     except (OSError, ValueError, RuntimeError) as error:  # a damaged shard, a shape the config does not have
+        if problems:  # the hook's own refusals say more than transformers' summary of them
+            raise LoadError(f"load: reading {directory} failed (a tensor's shape differs from config.json's): "
+                            f"{_some(problems)}") from None
         hint = " (a tensor's shape differs from config.json's)" if "mismatched" in str(error) else ""
         raise LoadError(f"load: reading {directory} failed{hint}: {_first_line(error)}") from None
     problems = []

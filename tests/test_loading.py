@@ -396,3 +396,21 @@ def test_a_hub_id_or_a_missing_shard_is_a_clear_error(root, tmp_path, monkeypatc
     shards[1].unlink()  # the index still names it
     with pytest.raises(dali_compile.LoadError, match="reading .* failed"):
         dali_compile.load(directory, progress=False)
+
+
+@pytest.mark.parametrize("quantize", [None, {"experts": "int8", "dense": "int8"}])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_a_progress_line_per_shard_and_the_same_model_as_without(root, family, quantize, capsys):
+    """With progress (the default) every parameter passes the loader's hook so each shard's progress sees its
+    tensors; the model is the one a load without progress gives. Not a terminal here: one line per shard."""
+    directory = checkpoint(root, family, "fp32", "several", "legacy")
+    quiet = dali_compile.load(directory, quantize=quantize, group_size=8, progress=False)
+    capsys.readouterr()
+    shown = dali_compile.load(directory, quantize=quantize, group_size=8, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("shard ")]
+    shards = sorted(directory.glob("*.safetensors"))
+    assert sorted(line.split(": read")[0] for line in lines) == sorted(f"shard {i + 1}/{len(shards)} {s.name}"
+                                                                        for i, s in enumerate(shards))
+    got, want = shown.state_dict(), quiet.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert torch.equal(logits_of(shown), logits_of(quiet))
