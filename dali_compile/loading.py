@@ -79,7 +79,7 @@ def load(path, device: str = "cpu", expert_memory: int | str = "auto", quantize:
     with `group_size`). policy and offload_options: as `dali_compile.offload`. dtype: the weights' dtype
     (default the checkpoint's). context_length: the tokens the KV cache must hold, for the auto budget."""
     start = time.perf_counter()
-    directory = _checked_directory(path)
+    _checked_directory(path)  # before the options: a wrong path is the likeliest mistake
     kind = _device_kind(device)
     quantize = _checked_quantize(quantize, kind)
     if kind == "cpu" and expert_memory != "auto":
@@ -87,9 +87,7 @@ def load(path, device: str = "cpu", expert_memory: int | str = "auto", quantize:
                         "expert runs on the CPU")
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
         raise LoadError(f"load: context_length must be a positive int, got {context_length!r}")
-    config = _read_config(directory)
-    _check_not_prequantized(config, directory)
-    dtype = _resolved_dtype(dtype, config)
+    directory, config, dtype = _opened(path, dtype)
     context_length = _within_positions(context_length, config)
     meta = _meta_model(config, dtype, directory)
     _check_quantizable(meta, quantize, group_size)
@@ -103,7 +101,7 @@ def load(path, device: str = "cpu", expert_memory: int | str = "auto", quantize:
               f"{format_bytes(sum(f.stat().st_size for f in shards))}) as {str(dtype).removeprefix('torch.')}"
               f"{_quantize_text(quantize)}, to {device}; host memory needed about {format_bytes(host_needed)}",
               flush=True)
-    model = _read_checkpoint(directory, dtype, quantize, group_size, place_on, progress)
+    model = _read_checkpoint(directory, dtype, quantize, group_size, place_on, shards if progress else None)
     budget, note = None, "every expert on the CPU"
     if kind == "cpu":
         register_experts_interface()
@@ -144,6 +142,15 @@ def _checked_directory(path) -> Path:
     if not (directory / "config.json").is_file():
         raise LoadError(f"load: {directory} has no config.json; it is not a Hugging Face checkpoint directory")
     return directory.resolve()
+
+
+def _opened(path, dtype) -> tuple[Path, object, torch.dtype]:
+    """The checked checkpoint directory, its config (not stored quantized by another tool) and the dtype to
+    read it in."""
+    directory = _checked_directory(path)
+    config = _read_config(directory)
+    _check_not_prequantized(config, directory)
+    return directory, config, _resolved_dtype(dtype, config)
 
 
 def _device_kind(device) -> str:
@@ -321,17 +328,18 @@ def _transformers_progress(enabled: bool):
 
 
 def _read_checkpoint(directory: Path, dtype: torch.dtype, quantize: dict | None, group_size: int,
-                     place_on: torch.device | None, progress: bool, keep: frozenset | None = None) -> nn.Module:
+                     place_on: torch.device | None, progress_of: list[Path] | None,
+                     keep: frozenset | None = None) -> nn.Module:
     """The model as transformers reads it, quantized and placed on the way (`place_on`: the device for every
     parameter outside the experts modules; None: the CPU; `keep`: the parameters to read, the others stay on
-    the meta device; None: all; `progress`: a bar per shard)."""
+    the meta device; None: all; `progress_of`: the checked shards, a bar each; None: no progress)."""
     from transformers import AutoModelForCausalLM
 
     from .load_progress import ShardProgress
     from .load_quantizer import Problems, forget_quantizer, load_config
 
     extra, problems = {}, Problems()
-    bars = ShardProgress(_shard_files(directory)) if progress else None
+    bars = None if progress_of is None else ShardProgress(progress_of)
     if quantize is not None or place_on is not None or keep is not None or bars is not None:
         quantize = quantize or {"experts": None, "dense": None}
         extra["quantization_config"] = load_config(quantize["experts"], quantize["dense"], group_size, place_on,
@@ -425,22 +433,19 @@ def _resident_bytes(model: nn.Module) -> tuple[int, int]:
     return host, device
 
 
-def read_experts_of_layers(path, layers_of, dtype: torch.dtype | str | None = None,
-                           progress: bool = False) -> nn.Module:
-    """The model of the checkpoint at `path` with only the experts of its MoE layers `layers_of(number of MoE
-    layers)` (indices in model order) read into host memory; every other parameter stays on the meta device and
-    is never held in full (a distributed worker's model: it serves those layers' experts and nothing else)."""
-    directory = _checked_directory(path)
-    config = _read_config(directory)
-    _check_not_prequantized(config, directory)
-    dtype = _resolved_dtype(dtype, config)
-    meta = _meta_model(config, dtype, directory)
-    modules = experts_modules(meta)
-    layers = list(layers_of(len(modules)))
-    if any(not 0 <= layer < len(modules) for layer in layers):
-        raise LoadError(f"load: MoE layers {layers} outside the model's {len(modules)}")
-    keep = frozenset(f"{modules[layer][0]}.{name}" for layer in layers
-                     for name, _ in modules[layer][1].named_parameters(recurse=False))
+def read_checkpoint(path, dtype: torch.dtype | str | None = None, experts_of_layers=None) -> nn.Module:
+    """The model of the checkpoint at `path`, read on the CPU with the checks of `load` (no placement,
+    quantization or offload). `experts_of_layers(number of MoE layers)`: read only the experts of those MoE
+    layers (indices in model order); every other parameter stays on the meta device and is never held in full
+    (a distributed worker's model: it serves those layers' experts and nothing else)."""
+    directory, config, dtype = _opened(path, dtype)
+    keep = None
+    if experts_of_layers is not None:
+        modules = experts_modules(_meta_model(config, dtype, directory))
+        layers = list(experts_of_layers(len(modules)))
+        if any(not 0 <= layer < len(modules) for layer in layers):
+            raise LoadError(f"load: MoE layers {layers} outside the model's {len(modules)}")
+        keep = frozenset(f"{modules[layer][0]}.{name}" for layer in layers
+                         for name, _ in modules[layer][1].named_parameters(recurse=False))
     _shard_files(directory)
-    del meta
-    return _read_checkpoint(directory, dtype, None, DEFAULT_GROUP_SIZE, None, progress, keep)
+    return _read_checkpoint(directory, dtype, None, DEFAULT_GROUP_SIZE, None, None, keep)

@@ -303,7 +303,7 @@ def test_non_expert_weights_go_straight_to_the_device_and_experts_stay_on_the_ho
     from dali_compile.loading import _read_checkpoint
 
     directory = checkpoint(root, family, "fp32", "several", "legacy")
-    model = _read_checkpoint(directory, torch.float32, None, 32, torch.device("meta"), progress=False)
+    model = _read_checkpoint(directory, torch.float32, None, 32, torch.device("meta"), progress_of=None)
     expert_names = {f"{name}.{p}" for name, m in experts_modules(model) for p, _ in m.named_parameters()}
     devices = {name: p.device.type for name, p in model.named_parameters()}
     assert expert_names and all(devices[name] == "cpu" for name in expert_names)
@@ -325,7 +325,7 @@ def test_a_mismatched_weight_is_refused_when_quantized_or_placed_on_load(root, t
             dali_compile.load(directory, quantize=quantize, progress=False)
     (directory / "config.json").write_text(json.dumps({**config, "num_attention_heads": 8, "head_dim": 8}))
     with pytest.raises(dali_compile.LoadError, match="reading .* failed"):
-        _read_checkpoint(directory, torch.float32, None, 32, torch.device("meta"), progress=False)
+        _read_checkpoint(directory, torch.float32, None, 32, torch.device("meta"), progress_of=None)
 
 
 @pytest.mark.cuda
@@ -414,3 +414,4 @@ def test_a_progress_line_per_shard_and_the_same_model_as_without(root, family, q
     got, want = shown.state_dict(), quiet.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert torch.equal(logits_of(shown), logits_of(quiet))
+

@@ -137,23 +137,14 @@ def load_for_rank(path, *, groups: int = 1, predictor: str = "shadow", dtype=Non
     """This rank's model from the local checkpoint directory `path` (rank and world size default to torchrun's
     variables): the whole model on the main and shadow ranks, only the experts of the worker's layers on a
     worker. Pass the same `groups` and `predictor` to `serve`."""
-    from dali_compile.loading import LoadError, read_experts_of_layers
+    from dali_compile.loading import read_checkpoint
 
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world_size = _world_size_from_environment() if world_size is None else world_size
     topology = Topology(world_size, groups, shadow=predictor == "shadow")
-    if topology.role(rank) == "worker":
-        return read_experts_of_layers(path, lambda layers: topology.layers_of_worker(rank, layers), dtype).eval()
-    from transformers import AutoModelForCausalLM
-
-    from dali_compile.loading import _checked_directory, _read_config, _resolved_dtype
-
-    directory = _checked_directory(path)
-    try:
-        return AutoModelForCausalLM.from_pretrained(directory, dtype=_resolved_dtype(dtype, _read_config(directory)),
-                                                    local_files_only=True).eval()
-    except (OSError, ValueError) as error:
-        raise LoadError(f"load: reading {directory} failed: {error}") from None
+    if topology.role(rank) != "worker":
+        return read_checkpoint(path, dtype)
+    return read_checkpoint(path, dtype, experts_of_layers=lambda layers: topology.layers_of_worker(rank, layers))
 
 
 def leave() -> None:
