@@ -197,14 +197,15 @@ class DaliQuantizer(HfQuantizer):
 
     def _quantize_loaded_elsewhere(self, model: nn.Module) -> None:
         """Targets transformers did not pass to `convert`: a tied weight (an lm_head sharing the embeddings)
-        is quantized from what it is tied to; one still on the meta device was not in the checkpoint."""
+        is quantized from what it is tied to, and left as it is when only placed or dropped (it is where its
+        twin went, and stays the same Parameter); one still on the meta device was not in the checkpoint."""
         absent = []
         for name in sorted(set(self.targets) - self.arrived):
             module_name, _, attribute = name.rpartition(".")
             weight = getattr(model.get_submodule(module_name), attribute)
             if weight.device.type == "meta":
                 absent.append(name)
-            else:
+            elif self.targets[name][0] in ("experts", "dense"):
                 self.quantize_tensor(model, name, weight.detach())
         if absent:
             raise ValueError(f"the checkpoint has no tensor for {', '.join(absent[:4])}"

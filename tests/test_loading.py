@@ -415,3 +415,10 @@ def test_a_progress_line_per_shard_and_the_same_model_as_without(root, family, q
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert torch.equal(logits_of(shown), logits_of(quiet))
 
+
+def test_a_tied_lm_head_stays_the_embeddings_parameter(tmp_path):
+    """With progress every parameter passes the hook; a tied lm_head, never read, keeps sharing the embeddings'
+    Parameter, as from_pretrained leaves it."""
+    write_tiny_checkpoint(tmp_path, "qwen3_moe", torch.float32, tie_word_embeddings=True)
+    loaded = dali_compile.load(tmp_path, progress=True)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
