@@ -147,7 +147,9 @@ def _rewrite_fused(model, directory, max_shard_size) -> None:
 
     for old in list(directory.glob("*.safetensors")) + list(directory.glob("*.safetensors.index.json")):
         old.unlink()
-    limit = None if max_shard_size is None else _parse_size(max_shard_size)
+    from dali_compile.runtime.accelerator import parse_bytes
+
+    limit = None if max_shard_size is None else parse_bytes(max_shard_size)
     shards, current, size = [], {}, 0
     for name, tensor in model.state_dict().items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -168,14 +170,3 @@ def _rewrite_fused(model, directory, max_shard_size) -> None:
     total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _parse_size(value: str | int) -> int:
-    if isinstance(value, int):
-        return value
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    text = value.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * units[unit])
-    return int(text)
