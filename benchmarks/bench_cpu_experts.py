@@ -5,7 +5,7 @@
     python benchmarks/bench_cpu_experts.py                 # full grid, CSV to bench_cpu_experts.csv
     python benchmarks/bench_cpu_experts.py --quick         # decode and n=16, Qwen3 and OLMoE
     python benchmarks/bench_cpu_experts.py --models olmoe --dtypes bf16 --tokens 1 4
-    python benchmarks/bench_cpu_experts.py --crossover     # fp32: streaming kernels vs ATen GEMM by n
+    python benchmarks/bench_cpu_experts.py --crossover --dtypes fp32 bf16   # streaming kernels vs ATen GEMM by n
     python benchmarks/bench_cpu_experts.py --quick --dtypes int8 int4   # quantized experts against bf16
 
 Grid: the K routed experts of one token of Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V2-Lite and OLMoE
@@ -208,24 +208,37 @@ def bench_point(model: ModelShape, dtype_name: str, n: int, layers, args) -> Res
     )
 
 
+# Per dtype: (getter, setter) of the threshold from which its experts take ATen's GEMM (fp32: fp32 GEMM; bf16:
+# ATen's bf16 GEMM on the stored weights, on by default only on CPUs with AMX-BF16).
+GEMM_THRESHOLDS = {
+    "fp32": (cpu_extension.get_dense_gemm_min_tokens, cpu_extension.set_dense_gemm_min_tokens),
+    "bf16": (cpu_extension.get_bf16_gemm_min_tokens, cpu_extension.set_bf16_gemm_min_tokens),
+}
+
+
 def crossover(args) -> None:
-    """fp32 only: the streaming kernels against ATen's GEMM, to place the dense-GEMM threshold."""
-    default = cpu_extension.get_dense_gemm_min_tokens()
-    print(f"fp32 crossover (current threshold: {default} tokens per expert)")
-    print(f"{'model':<18} {'n':>4} {'kernels ms':>11} {'gemm ms':>9} {'torch ms':>9}")
-    try:
-        for model in [m for m in MODELS if m.name in args.models]:
-            layers = make_layers(model, "fp32", args.min_bytes)
-            for n in args.tokens:
-                row = []
-                for threshold in (0, 1):  # 0: never the GEMM, 1: always
-                    cpu_extension.set_dense_gemm_min_tokens(threshold)
-                    row.append(bench_point(model, "fp32", n, layers, args))
-                print(f"{model.name:<18} {n:>4} {row[0].ours_ms:>11.2f} {row[1].ours_ms:>9.2f} {row[0].torch_ms:>9.2f}",
-                      flush=True)
-            del layers
-    finally:
-        cpu_extension.set_dense_gemm_min_tokens(default)
+    """The streaming kernels against ATen's GEMM (fp32, and bf16 as stored), to place the dense-GEMM thresholds."""
+    print(f"AMX-BF16: {cpu_extension.has_amx_bf16()}")
+    for dtype_name in [d for d in args.dtypes if d in GEMM_THRESHOLDS]:
+        get, set_threshold = GEMM_THRESHOLDS[dtype_name]
+        default = get()
+        print(f"{dtype_name} crossover (current threshold: {default} tokens per expert; <= 0: never the GEMM)")
+        print(f"{'model':<18} {'n':>4} {'kernels ms':>11} {'gemm ms':>9} {'torch ms':>9} {'gemm/kernels':>12} "
+              f"{'load':>5}")
+        try:
+            for model in [m for m in MODELS if m.name in args.models]:
+                layers = make_layers(model, dtype_name, args.min_bytes)
+                for n in args.tokens:
+                    row = []
+                    for threshold in (0, 1):  # 0: never the GEMM, 1: always
+                        set_threshold(threshold)
+                        row.append(bench_point(model, dtype_name, n, layers, args))
+                    print(f"{model.name:<18} {n:>4} {row[0].ours_ms:>11.2f} {row[1].ours_ms:>9.2f} "
+                          f"{row[0].torch_ms:>9.2f} {row[1].ours_ms / row[0].ours_ms:>12.2f} {row[1].load:>5.1f}",
+                          flush=True)
+                del layers
+        finally:
+            set_threshold(default)
 
 
 def print_header(bandwidth: float, torch_sum: float) -> None:
@@ -266,7 +279,7 @@ def parse_args(argv=None):
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS_PER_EXPERT),
                         help="tokens per expert (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="Qwen3 and OLMoE, n in {1, 16}")
-    parser.add_argument("--crossover", action="store_true", help="fp32 streaming kernels vs ATen GEMM by n")
+    parser.add_argument("--crossover", action="store_true", help="fp32/bf16: streaming kernels vs ATen GEMM by n")
     parser.add_argument("--repeats", type=int, default=2, help="minimum rounds (blocks of calls per side) per point")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per point")
     parser.add_argument("--min-bytes", type=int, default=512 << 20,

@@ -9,7 +9,8 @@ Places the crossover of `cpu_extension.set_linear_gemm_min_rows`: per point, in 
 (`bench_cpu_experts.paired_ms`), median ms of
 - torch: F.linear in the weight dtype (what the model runs without dali);
 - stream: our streaming kernel on the runtime's pool (forced: threshold off);
-- gemm: ATen's fp32 GEMM behind the op (forced: threshold 1), 16-bit weights widened chunk by chunk;
+- gemm: ATen's GEMM behind the op (forced: threshold 1): fp32; 16-bit weights widened chunk by chunk, or, on a CPU
+  with AMX-BF16, bf16 weights multiplied as stored (`set_linear_bf16_gemm_min_rows`);
 - limit: the runtime's threads only reading the same weight (`cpu_extension.read_tensors`).
 Weights cycle through copies totalling --min-bytes so no call finds them in the last-level cache.
 Columns: ms of each, GB/s and GFLOP/s of the faster of ours, the fraction of the limit for stream,
@@ -85,8 +86,13 @@ def cycling(fn, weights):
 
 
 def with_threshold(rows: int, fn):
+    """fn with the op's GEMM thresholds at `rows` (0: the streaming kernel always). The bf16 GEMM on stored weights
+    stays off where it is off by default (no AMX-BF16): there the op's GEMM widens 16-bit weights to fp32."""
+    bf16_rows = rows if cpu_extension.has_amx_bf16() else 0
+
     def call(w):
         cpu_extension.set_linear_gemm_min_rows(rows)
+        cpu_extension.set_linear_bf16_gemm_min_rows(bf16_rows)
         return fn(w)
 
     return call
@@ -126,8 +132,10 @@ def main(argv=None) -> None:
     if not cpu_extension.cpu_extension_available():
         raise SystemExit("the C++ CPU runtime is not available (see the warning above)")
     default = cpu_extension.get_linear_gemm_min_rows()
+    default_bf16 = cpu_extension.get_linear_bf16_gemm_min_rows()
     print(f"{cpu_extension.get_num_threads()} runtime threads, ISA {cpu_extension.cpu_isa()}, torch "
-          f"{torch.__version__} with {torch.get_num_threads()} threads; current threshold {default} rows")
+          f"{torch.__version__} with {torch.get_num_threads()} threads; current thresholds {default} rows, "
+          f"bf16 as stored {default_bf16} rows (AMX-BF16: {cpu_extension.has_amx_bf16()})")
     print(f"{'shape':<12} {'dtype':<5} {'T':>4} {'torch ms':>9} {'stream ms':>10} {'gemm ms':>8} {'limit ms':>9} "
           f"{'of lim':>7} {'GFLOP/s':>8} {'load':>5}")
     results = []
@@ -143,6 +151,7 @@ def main(argv=None) -> None:
                           f"{r.load:>5.1f}", flush=True)
     finally:
         cpu_extension.set_linear_gemm_min_rows(default)
+        cpu_extension.set_linear_bf16_gemm_min_rows(default_bf16)
     with open(args.csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
         writer.writeheader()

@@ -60,8 +60,13 @@ def gemm_rows():
     from dali_compile.runtime import cpu_extension
 
     default = cpu_extension.get_linear_gemm_min_rows()
+    default_bf16 = cpu_extension.get_linear_bf16_gemm_min_rows()
+    # The bf16 GEMM on stored weights is on by default on AMX-BF16 CPUs only: off here, so a test sees the same
+    # paths on every host; the tests of that path set it themselves (restored below).
+    cpu_extension.set_linear_bf16_gemm_min_rows(0)
     yield cpu_extension.set_linear_gemm_min_rows
     cpu_extension.set_linear_gemm_min_rows(default)
+    cpu_extension.set_linear_bf16_gemm_min_rows(default_bf16)
 
 
 @pytest.fixture(params=("portable", "avx2", "avx512"))

@@ -24,7 +24,7 @@ from torch._inductor.utils import run_and_get_code
 
 from dali_compile import Activation, ExpertLayout, LayerSpec
 from dali_compile.ops import cpu_experts as ops
-from dali_compile.ops.expert_math import expert_forward
+from dali_compile.ops.expert_math import expert_forward, expert_weights, gate_and_activate
 from dali_compile.runtime import cpu_extension
 
 # Every dtype gets the same bound: both sides widen the identical bf16/fp16/fp32 inputs exactly to
@@ -241,6 +241,56 @@ def test_dense_gemm_path_for_many_tokens(layout, transposed_max_rows):
     finally:
         cpu_extension.set_dense_gemm_min_tokens(default)
         cpu_extension.set_transposed_gemm_max_rows(default_rows)
+
+
+def bf16_gemm_reference(spec: LayerSpec, hidden, ids, weights) -> torch.Tensor:
+    """What the bf16 GEMM path computes: each projection a bf16 linear (its input rounded to bf16, fp32 sums rounded
+    to bf16); biases, activation and the weighting in fp32."""
+    layout = spec.layout
+
+    def bf16_linear(x, w):
+        return (x.bfloat16().float() @ (w if layout.transposed else w.T)).bfloat16().float()
+
+    out = torch.zeros(*ids.shape, hidden.shape[1])
+    for e in range(spec.up_weight.shape[0]):
+        t, k = (ids == e).nonzero(as_tuple=True)
+        up, down = expert_weights(spec, e)
+        h = bf16_linear(hidden[t].float(), up)
+        if layout.has_bias:
+            h = h + spec.up_bias[e].float()
+        y = bf16_linear(gate_and_activate(layout, h), down)
+        if layout.has_bias:
+            y = y + spec.down_bias[e].float()
+        out[t, k] = weights[t, k, None] * y
+    return out
+
+
+@pytest.mark.parametrize("layout", ["mixtral", "gpt_oss", "nemotron", "aria", "interleaved_bias"])
+def test_bf16_gemm_path_for_many_tokens(layout):
+    """bf16 experts with at least `bf16_gemm_min_tokens` tokens (default on AMX-BF16 CPUs; forced here) run as two
+    ATen bf16 GEMMs on the stored weights: equal to their own bf16-rounding reference (all but a few elements
+    exactly, the rest where an fp32 sum's order flips one bf16 rounding) and within bf16 rounding of the fp32
+    reference; the other experts stream, in the same call."""
+    default = cpu_extension.get_bf16_gemm_min_tokens()
+    spec = make_spec(LAYOUTS[layout], torch.bfloat16, seed=12)
+    hidden, ids, weights = make_routing("zero_tokens", torch.bfloat16, seed=12)  # 2 to 30 tokens per expert
+    counts = torch.bincount(ids.flatten(), minlength=E)
+    threshold = int(counts[counts > 0].median())
+    try:
+        cpu_extension.set_bf16_gemm_min_tokens(threshold)  # some experts each way
+        got = run(spec, hidden, ids, weights)
+    finally:
+        cpu_extension.set_bf16_gemm_min_tokens(default)
+    by_gemm = (counts >= threshold)[ids]  # [T, K]: slots whose expert took the GEMM
+    assert by_gemm.any() and not by_gemm.all()
+    own = bf16_gemm_reference(spec, hidden, ids, weights)
+    scale = own.abs().max()
+    differ = (got[by_gemm] - own[by_gemm]).abs() > 1e-6 * scale
+    assert float(differ.float().mean()) < 0.02, f"{int(differ.sum())} of {differ.numel()} elements differ"
+    assert float((got[by_gemm] - own[by_gemm]).abs().max() / scale) < 1e-2
+    want = reference(spec, hidden, ids, weights)
+    assert float((got - want).abs().max() / want.abs().max()) < 2e-2  # bf16 rounding of h, act and y
+    assert_matches(got[~by_gemm], want[~by_gemm])  # the streamed experts: as exact as ever
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")

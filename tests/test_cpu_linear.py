@@ -64,6 +64,24 @@ def test_gemm_path_equals_reference(T, dtype, gemm_rows):
     assert rel_err(cpu_linear(x, w, b), cpu_linear_reference(x, w, b)) <= RTOL[dtype]
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("T", [8, 40])
+def test_bf16_gemm_on_stored_weights_equals_reference(T, bias, gemm_rows):
+    """bf16 weights from linear_bf16_gemm_min_rows rows on (default on AMX-BF16 CPUs): ATen's bf16 linear on the
+    weight as stored, what F.linear gives; below it the streaming kernel. Both within bf16 rounding of the fp32
+    reference, on any CPU (forced here)."""
+    gemm_rows(0)
+    cpu_extension.set_linear_bf16_gemm_min_rows(8)  # the fixture restores the default
+    x, w = draw(T, 96, dtype=torch.bfloat16, seed=4), draw(130, 96, dtype=torch.bfloat16, seed=5)
+    b = draw(130, dtype=torch.bfloat16, seed=6) if bias else None
+    got = cpu_linear(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (T, 130)
+    assert rel_err(got, cpu_linear_reference(x, w, b)) <= RTOL[torch.bfloat16]
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=0, atol=0)
+    below = cpu_linear(x[:7], w, b)  # under the threshold: the streaming kernel
+    assert rel_err(below, cpu_linear_reference(x[:7], w, b)) <= RTOL[torch.bfloat16]
+
+
 def test_every_isa_path_and_thread_count(gemm_rows):
     gemm_rows(0)
     x, w = draw(2, 300, dtype=torch.bfloat16, seed=7), draw(130, 300, dtype=torch.bfloat16, seed=8)

@@ -61,6 +61,19 @@ void aten_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, bool b_
   result.copy_(transposed.t());
 }
 
+// ATen's 16-bit GEMM on the weights as stored (see DenseGemm::fn16): oneDNN's AMX path for bf16. The
+// activations are rounded to the weights' dtype and the product comes back in it, as a 16-bit linear's would.
+void aten_gemm16(const float* a, int64_t lda, DType b_dtype, const void* b, int64_t ldb, bool b_kn, float* c,
+                 int64_t ldc, int64_t m, int64_t n, int64_t k) {
+  const at::ScalarType half = b_dtype == DType::kBF16 ? at::kBFloat16 : at::kHalf;
+  const auto fp32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor lhs = at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, fp32).to(half);
+  void* w = const_cast<void*>(b);
+  const at::Tensor rhs = b_kn ? at::from_blob(w, {k, n}, {ldb, 1}, fp32.dtype(half))
+                              : at::from_blob(w, {n, k}, {ldb, 1}, fp32.dtype(half)).t();
+  at::from_blob(c, {m, n}, {ldc, 1}, fp32).copy_(at::mm(lhs, rhs));
+}
+
 // at::parallel_for: the element-wise steps between two aten_gemm calls share the GEMM's threads.
 void aten_parallel(int64_t num_tasks, const std::function<void(int64_t)>& task) {
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
@@ -72,7 +85,7 @@ void aten_parallel(int64_t num_tasks, const std::function<void(int64_t)>& task) 
 // jobs on the runtime's own pool: they run beside the caller's thread, which meanwhile drives the GPU.
 void run(const PreparedCall& call, Parallel& parallel) {
   run_experts(call.layer, call.routing, call.out.data_ptr<float>(), parallel, active_kernels(),
-              DenseGemm{&aten_gemm, dense_gemm_min_tokens(), &aten_parallel});
+              DenseGemm{&aten_gemm, dense_gemm_min_tokens(), &aten_parallel, &aten_gemm16, bf16_gemm_min_tokens()});
 }
 
 DType weight_dtype(const at::Tensor& t, const char* op) { return core_dtype(t.scalar_type(), op, "expert weights"); }

@@ -5,7 +5,8 @@
 // Up to linear_gemm_min_rows() - 1 rows the runtime's kernel reads the weight in place on the pool
 // (decode: weight-bound, one read of every byte). From that many rows on the matmul is compute-bound
 // and goes to ATen's fp32 GEMM (MKL): fp32 weights directly, 16-bit ones widened to fp32 chunk by
-// chunk first (a CPU without native bf16/fp16 dot products runs the 16-bit GEMM far slower).
+// chunk first (a CPU without native bf16/fp16 dot products runs the 16-bit GEMM far slower). On a CPU
+// with AMX-BF16, bf16 weights go to ATen's bf16 GEMM as stored from linear_bf16_gemm_min_rows() rows on.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -72,6 +73,10 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   const int64_t T = x2.size(0);
+  const int64_t bf16_gemm_rows = linear_bf16_gemm_min_rows();
+  if (weight.scalar_type() == at::kBFloat16 && bf16_gemm_rows > 0 && T >= bf16_gemm_rows) {
+    return at::linear(x2, weight, bias).view(out_shape);  // oneDNN's AMX GEMM: see runtime.cpp
+  }
   const int64_t gemm_rows = linear_gemm_min_rows();
   if (gemm_rows > 0 && T >= gemm_rows) return gemm_linear(x2, weight, bias).view(out_shape);
 

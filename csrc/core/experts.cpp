@@ -6,7 +6,8 @@
 //   1. up + activation: act[S, I] = act(x . up_e^T + b)      tasks = (expert, block of I)
 //   2. down + weighted write: out[slot] = w * (act . down_e^T + b)   tasks = (expert, block of H)
 //   3. fp32 and quantized experts with many tokens: the same math as two dense GEMMs (DenseGemm), one expert at
-//      a time, a quantized expert's weights dequantized to fp32 first (exact: a code times an fp16 scale)
+//      a time, a quantized expert's weights dequantized to fp32 first (exact: a code times an fp16 scale);
+//      bf16 experts with many tokens on CPUs with a fast bf16 GEMM (AMX): two bf16 GEMMs on the stored weights
 //
 // int4 experts take their activations rounded to int8 (kernels.h, Int8Activations): xs after the gather and act
 // after the activation are rounded in place (x' = xq * s, what the GEMM path multiplies) and their int8 codes
@@ -231,9 +232,7 @@ class ExpertRun {
     std::vector<ExpertGroup> dense;
     std::vector<ExpertGroup> streamed;
     for (const ExpertGroup& g : plan_.groups) {
-      const bool use_gemm = gemm_.fn != nullptr && gemm_.min_tokens > 0 &&
-                            (L_.dtype == DType::kF32 || L_.bits != 0) && g.count >= gemm_.min_tokens;
-      (use_gemm ? dense : streamed).push_back(g);
+      (uses_gemm(g.count) ? dense : streamed).push_back(g);
     }
     run_streamed(streamed);
     if (dense.empty()) return;
@@ -249,6 +248,24 @@ class ExpertRun {
   }
 
  private:
+  bool uses_gemm(int64_t tokens) const {
+    if (L_.bits == 0 && L_.dtype == DType::kBF16) {
+      return gemm_.fn16 != nullptr && gemm_.min_tokens16 > 0 && tokens >= gemm_.min_tokens16;
+    }
+    return gemm_.fn != nullptr && gemm_.min_tokens > 0 && (L_.dtype == DType::kF32 || L_.bits != 0) &&
+           tokens >= gemm_.min_tokens;
+  }
+
+  // c [m, n] = a [m, k] . w^T (w [n, k], or [k, n] when transposed) of one expert's stored weights: w is
+  // fp32 (dequantized or stored) for gemm_.fn, bf16 as stored for gemm_.fn16.
+  void expert_gemm(const float* a, const void* w, int64_t ldw, float* c, int64_t m, int64_t n, int64_t k) const {
+    if (L_.bits == 0 && L_.dtype != DType::kF32) {
+      gemm_.fn16(a, k, L_.dtype, w, ldw, L_.transposed, c, n, m, n, k);
+    } else {
+      gemm_.fn(a, k, static_cast<const float*>(w), ldw, L_.transposed, c, n, m, n, k);
+    }
+  }
+
   void run_streamed(const std::vector<ExpertGroup>& groups_list) {
     if (groups_list.empty()) return;
     const int threads = pool_.num_threads();
@@ -355,15 +372,16 @@ class ExpertRun {
     });
   }
 
-  // One fp32 or quantized expert with many tokens: two dense GEMMs, the activation and the write in between.
+  // One expert with many tokens (fp32, quantized or, with gemm_.fn16, bf16): two dense GEMMs, the activation
+  // and the write in between.
   // The element-wise steps run in token chunks on the GEMM's own threads (gemm_.parallel): our
   // pool's workers would contend with them for the cores.
   void run_dense(const ExpertGroup& g) {
     const int64_t H = L_.hidden, I = L_.intermediate, X = L_.gated ? 2 * I : I, n = g.count;
     float* h = dense_h_.data();
     float* y = dense_y_.data();
-    const float* up;
-    const float* down;
+    const void* up;
+    const void* down;
     int64_t up_ld, down_ld;
     if (L_.bits != 0) {
       dequantize_expert(true, g.expert, X, H, dense_up_.data());
@@ -373,8 +391,8 @@ class ExpertRun {
       up_ld = H;
       down_ld = I;
     } else {
-      up = static_cast<const float*>(L_.up) + g.expert * L_.up_expert_stride;
-      down = static_cast<const float*>(L_.down) + g.expert * L_.down_expert_stride;
+      up = offset(L_.up, L_.dtype, g.expert * L_.up_expert_stride);
+      down = offset(L_.down, L_.dtype, g.expert * L_.down_expert_stride);
       up_ld = L_.up_row_stride;
       down_ld = L_.down_row_stride;
     }
@@ -385,12 +403,12 @@ class ExpertRun {
         body(t0, std::min(kTokenChunk, n - t0));
       });
     };
-    gemm_.fn(xs_.data() + g.first * H, H, up, up_ld, L_.transposed, h, X, n, X, H);
+    expert_gemm(xs_.data() + g.first * H, up, up_ld, h, n, X, H);
     in_chunks([&](int64_t t0, int64_t nt) {
       activate_block(g, 0, I, t0, nt, h + t0 * X, X);
       if (L_.bits == 4) act_int8_.round_rows(act_.data(), g.first + t0, nt, I, L_.down_group);
     });
-    gemm_.fn(act_.data() + g.first * I, I, down, down_ld, L_.transposed, y, H, n, H, I);
+    expert_gemm(act_.data() + g.first * I, down, down_ld, y, n, H, I);
     in_chunks([&](int64_t t0, int64_t nt) { write_slots(g, 0, H, t0, nt, y + t0 * H, H); });
   }
 

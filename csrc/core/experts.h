@@ -75,6 +75,12 @@ struct DenseGemm {
   // Runs task(0) .. task(num_tasks - 1) on fn's threads (nullptr: on the caller), for the
   // element-wise work between the GEMMs.
   void (*parallel)(int64_t num_tasks, const std::function<void(int64_t)>& task) = nullptr;
+  // The same product with b in a 16-bit `b_dtype` as stored: a is rounded to b_dtype first, c is the
+  // 16-bit product widened (what a 16-bit linear gives). For bf16 experts with at least min_tokens16
+  // tokens (<= 0: never), on CPUs whose 16-bit GEMM beats widening the weights (see runtime.cpp).
+  void (*fn16)(const float* a, int64_t lda, DType b_dtype, const void* b, int64_t ldb, bool b_kn, float* c,
+               int64_t ldc, int64_t m, int64_t n, int64_t k) = nullptr;
+  int64_t min_tokens16 = 0;
 };
 
 // Asks the kernel to back [data, data + bytes) with 2 MiB pages where it can (Linux, transparent

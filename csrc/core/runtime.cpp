@@ -59,6 +59,19 @@ std::atomic<int64_t> g_transposed_gemm_max_rows{kDefaultTransposedGemmMaxRows};
 constexpr int64_t kDefaultLinearGemmMinRows = 1024;
 std::atomic<int64_t> g_linear_gemm_min_rows{kDefaultLinearGemmMinRows};
 
+// bf16 weights multiplied by ATen's bf16 GEMM as stored (no widening), on CPUs with AMX-BF16 only: there
+// oneDNN's bf16 GEMM runs 3-4x faster than its fp32 GEMM (2-core Sapphire Rapids-class Xeon, torch.mm at
+// 2048^3: 825 against 230 GFLOP/s); elsewhere it is slower than widening. Crossovers measured on that
+// machine, GEMM ms / streaming ms:
+//   experts (bench_cpu_experts.py --crossover --dtypes bf16): at 4 tokens per expert 1.2-1.7, at 8 0.49
+//     (Mixtral) to 1.45 (Qwen3-30B-A3B), at 16 0.43-0.70;
+//   dense linears (bench_cpu_linear.py --dtypes bf16, 2048-4096 features): at 4 rows 1.07-1.84, at 8 0.66-0.95.
+// Set with set_bf16_gemm_min_tokens and set_linear_bf16_gemm_min_rows; <= 0 disables the path.
+constexpr int64_t kAmxBf16GemmMinTokens = 16;
+constexpr int64_t kAmxLinearBf16GemmMinRows = 8;
+std::atomic<int64_t> g_bf16_gemm_min_tokens{cpu_has_amx_bf16() ? kAmxBf16GemmMinTokens : 0};
+std::atomic<int64_t> g_linear_bf16_gemm_min_rows{cpu_has_amx_bf16() ? kAmxLinearBf16GemmMinRows : 0};
+
 // The read side of the bandwidth probe sums 64-bit words the way the kernels read weights: four
 // interleaved streams over consecutive 8 KiB segments (four weight rows). One sequential stream per
 // thread reads measurably slower than that on some machines, which would understate the limit.
@@ -226,6 +239,10 @@ int64_t transposed_gemm_max_rows() { return g_transposed_gemm_max_rows.load(std:
 
 int64_t linear_gemm_min_rows() { return g_linear_gemm_min_rows.load(std::memory_order_relaxed); }
 
+int64_t bf16_gemm_min_tokens() { return g_bf16_gemm_min_tokens.load(std::memory_order_relaxed); }
+
+int64_t linear_bf16_gemm_min_rows() { return g_linear_bf16_gemm_min_rows.load(std::memory_order_relaxed); }
+
 }  // namespace dali_cpu
 
 extern "C" {
@@ -305,6 +322,16 @@ void dali_cpu_set_transposed_gemm_max_rows(int64_t n) { dali_cpu::g_transposed_g
 int64_t dali_cpu_get_linear_gemm_min_rows() { return dali_cpu::linear_gemm_min_rows(); }
 
 void dali_cpu_set_linear_gemm_min_rows(int64_t n) { dali_cpu::g_linear_gemm_min_rows.store(n); }
+
+int64_t dali_cpu_get_bf16_gemm_min_tokens() { return dali_cpu::bf16_gemm_min_tokens(); }
+
+void dali_cpu_set_bf16_gemm_min_tokens(int64_t n) { dali_cpu::g_bf16_gemm_min_tokens.store(n); }
+
+int64_t dali_cpu_get_linear_bf16_gemm_min_rows() { return dali_cpu::linear_bf16_gemm_min_rows(); }
+
+void dali_cpu_set_linear_bf16_gemm_min_rows(int64_t n) { dali_cpu::g_linear_bf16_gemm_min_rows.store(n); }
+
+int dali_cpu_has_amx_bf16() { return dali_cpu::cpu_has_amx_bf16() ? 1 : 0; }
 
 double dali_cpu_read_bandwidth_gbps(int64_t bytes, int repeats) {
   if (bytes < 8 || repeats < 1) {

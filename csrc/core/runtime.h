@@ -40,6 +40,10 @@ int64_t dense_gemm_min_tokens();
 int64_t transposed_gemm_max_rows();
 // dali::cpu_linear calls with at least this many rows go to ATen's fp32 GEMM; <= 0: never.
 int64_t linear_gemm_min_rows();
+// bf16 experts with at least this many tokens, and dali::cpu_linear calls on bf16 weights with at least
+// this many rows, go to ATen's bf16 GEMM on the weights as stored; <= 0: never (the default without AMX-BF16).
+int64_t bf16_gemm_min_tokens();
+int64_t linear_bf16_gemm_min_rows();
 
 // The most threads the pool may have: a guard against a typo (10**9), far above any real machine's need.
 constexpr int kMaxThreads = 1024;
@@ -93,6 +97,12 @@ int64_t dali_cpu_get_transposed_gemm_max_rows();
 void dali_cpu_set_transposed_gemm_max_rows(int64_t n);
 int64_t dali_cpu_get_linear_gemm_min_rows();
 void dali_cpu_set_linear_gemm_min_rows(int64_t n);
+int64_t dali_cpu_get_bf16_gemm_min_tokens();
+void dali_cpu_set_bf16_gemm_min_tokens(int64_t n);
+int64_t dali_cpu_get_linear_bf16_gemm_min_rows();
+void dali_cpu_set_linear_bf16_gemm_min_rows(int64_t n);
+// 1 if this CPU has AMX-BF16 enabled by the OS (see cpu_has_amx_bf16), else 0.
+int dali_cpu_has_amx_bf16();
 // Streaming read bandwidth of this machine in GB/s: every pool thread sums its share of a fresh
 // buffer of `bytes` (choose it much larger than the last-level cache); best of `repeats`. -1 on error
 // (bytes < 8, repeats < 1, or the buffer could not be allocated).

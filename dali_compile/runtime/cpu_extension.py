@@ -26,6 +26,9 @@ error code (-99, with dali_cpu_last_error()), raised here as RuntimeError; bad v
     set_dense_gemm_min_tokens(n)          # fp32 experts with >= n tokens use ATen's GEMM
     set_transposed_gemm_max_rows(n)       # ... as w . x^T plus a transposing copy up to n tokens
     set_linear_gemm_min_rows(n)           # dali::cpu_linear: ATen's fp32 GEMM from n rows on
+    set_bf16_gemm_min_tokens(n); set_linear_bf16_gemm_min_rows(n)   # bf16 weights: ATen's bf16 GEMM as
+                                          # stored from n tokens per expert / rows on (default: AMX-BF16 CPUs only)
+    has_amx_bf16()
     read_bandwidth_gbps(); read_tensors(*tensors)   # the physical limit, for benchmarks
 
 Env: DALI_CPU_EXTENSION=0 disables the extension (reference only), DALI_CPU_THREADS sets the
@@ -165,6 +168,11 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_cpu_get_step_on_host_threads.restype = ctypes.c_int
     lib.dali_cpu_get_linear_gemm_min_rows.restype = ctypes.c_int64
     lib.dali_cpu_set_linear_gemm_min_rows.argtypes = [ctypes.c_int64]
+    lib.dali_cpu_get_bf16_gemm_min_tokens.restype = ctypes.c_int64
+    lib.dali_cpu_set_bf16_gemm_min_tokens.argtypes = [ctypes.c_int64]
+    lib.dali_cpu_get_linear_bf16_gemm_min_rows.restype = ctypes.c_int64
+    lib.dali_cpu_set_linear_bf16_gemm_min_rows.argtypes = [ctypes.c_int64]
+    lib.dali_cpu_has_amx_bf16.restype = ctypes.c_int
     lib.dali_cpu_read_bandwidth_gbps.argtypes = [ctypes.c_int64, ctypes.c_int]
     lib.dali_cpu_read_bandwidth_gbps.restype = ctypes.c_double
     lib.dali_cpu_read_buffers.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
@@ -355,6 +363,31 @@ def get_linear_gemm_min_rows() -> int:
 def set_linear_gemm_min_rows(n: int) -> None:
     """Set the row count from which `dali::cpu_linear` uses ATen's fp32 GEMM; n <= 0 never uses it."""
     _require().dali_cpu_set_linear_gemm_min_rows(int(n))
+
+
+def has_amx_bf16() -> bool:
+    """Whether this CPU has AMX-BF16 enabled by the OS: the bf16 GEMM paths below are on by default only there."""
+    return bool(_require().dali_cpu_has_amx_bf16())
+
+
+def get_bf16_gemm_min_tokens() -> int:
+    """bf16 experts with at least this many tokens run ATen's bf16 GEMM on their stored weights; <= 0: never."""
+    return int(_require().dali_cpu_get_bf16_gemm_min_tokens())
+
+
+def set_bf16_gemm_min_tokens(n: int) -> None:
+    """Set the tokens per bf16 expert from which ATen's bf16 GEMM is used; n <= 0 never uses it."""
+    _require().dali_cpu_set_bf16_gemm_min_tokens(int(n))
+
+
+def get_linear_bf16_gemm_min_rows() -> int:
+    """`dali::cpu_linear` calls on bf16 weights with at least this many rows run ATen's bf16 GEMM; <= 0: never."""
+    return int(_require().dali_cpu_get_linear_bf16_gemm_min_rows())
+
+
+def set_linear_bf16_gemm_min_rows(n: int) -> None:
+    """Set the rows from which `dali::cpu_linear` on bf16 weights uses ATen's bf16 GEMM; n <= 0 never uses it."""
+    _require().dali_cpu_set_linear_bf16_gemm_min_rows(int(n))
 
 
 def read_bandwidth_gbps(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
