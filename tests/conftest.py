@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import dali_compile
+
+# The bf16 GEMM paths on stored weights are on by default on AMX-BF16 CPUs only: off for every test (and the
+# subprocesses tests start), so each host runs the same paths against the same tolerances. The tests of those
+# paths turn them on themselves (tests/test_cpu_experts.py, test_cpu_linear.py, test_families.py).
+os.environ["DALI_CPU_BF16_GEMM"] = "0"
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +68,7 @@ def gemm_rows():
 
     default = cpu_extension.get_linear_gemm_min_rows()
     default_bf16 = cpu_extension.get_linear_bf16_gemm_min_rows()
-    # The bf16 GEMM on stored weights is on by default on AMX-BF16 CPUs only: off here, so a test sees the same
-    # paths on every host; the tests of that path set it themselves (restored below).
-    cpu_extension.set_linear_bf16_gemm_min_rows(0)
+    cpu_extension.set_linear_bf16_gemm_min_rows(0)  # off in tests (above); restored as the test found it
     yield cpu_extension.set_linear_gemm_min_rows
     cpu_extension.set_linear_gemm_min_rows(default)
     cpu_extension.set_linear_bf16_gemm_min_rows(default_bf16)

@@ -66,6 +66,42 @@ def test_logits_equal_eager(family, impl, dtype, phase):
 
 
 @pytest.mark.parametrize("family", available_families())
+def test_bf16_gemm_paths_equal_eager(family):
+    """With the bf16 GEMM paths on (the default on AMX-BF16 CPUs; forced here on any CPU): every bf16 expert and
+    dense linear of a prefill multiplies its stored weights in ATen's bf16 GEMM, and the logits equal eager's within
+    bf16 rounding of the fp32 truth. The GEMM rounds each projection's input and output to bf16 as eager does, in
+    a different order, so a token whose router sits on a near-tie (the tiny models' random routers have margins of
+    0.01) may take another expert, as eager's own bf16 may: two prompts of three must match (measured: all three
+    do except Mixtral's first, whose second layer has a 0.013 margin between its 2nd and 3rd expert)."""
+    from dali_compile.runtime import cpu_extension
+
+    if not cpu_extension.cpu_extension_available():
+        pytest.skip("needs the C++ CPU runtime")
+    model = tiny_model(family, torch.bfloat16)
+    truth_model = copy.deepcopy(model).float()
+    experts, rows = cpu_extension.get_bf16_gemm_min_tokens(), cpu_extension.get_linear_bf16_gemm_min_rows()
+    failures = []
+    try:
+        cpu_extension.set_bf16_gemm_min_tokens(1)
+        cpu_extension.set_linear_bf16_gemm_min_rows(1)
+        compiled = compile_dali(model, fullgraph=True)
+        for seed in (1, 2, 3):
+            ids = _inputs(model.config.vocab_size, PREFILL_TOKENS, seed=seed)
+            with torch.no_grad():
+                eager, truth = model(input_ids=ids).logits, truth_model(input_ids=ids).logits
+                got = compiled(input_ids=ids).logits
+            try:
+                assert_close_to_eager(got, eager, truth)
+            except AssertionError as error:
+                failures.append(f"seed {seed}: {error}")
+    finally:
+        cpu_extension.set_bf16_gemm_min_tokens(experts)
+        cpu_extension.set_linear_bf16_gemm_min_rows(rows)
+    assert dali_compile.last_report().num_rewritten == num_moe_layers(model)
+    assert len(failures) <= 1, failures
+
+
+@pytest.mark.parametrize("family", available_families())
 def test_generate_same_tokens(family):
     model = tiny_model(family, torch.float32)
     ids = _inputs(model.config.vocab_size, PROMPT, seed=2)

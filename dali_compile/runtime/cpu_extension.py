@@ -32,7 +32,8 @@ error code (-99, with dali_cpu_last_error()), raised here as RuntimeError; bad v
     read_bandwidth_gbps(); read_tensors(*tensors)   # the physical limit, for benchmarks
 
 Env: DALI_CPU_EXTENSION=0 disables the extension (reference only), DALI_CPU_THREADS sets the
-initial thread count, DALI_CPU_ISA the initial ISA path.
+initial thread count, DALI_CPU_ISA the initial ISA path, DALI_CPU_BF16_GEMM=0 turns the bf16 GEMM paths off (default
+"auto": on with AMX-BF16 only).
 
 Fork: a child forked after the runtime's threads started gets a fresh pool and job queue on first use
 (csrc/core/runtime.h), and its synchronous calls run on that pool, since ATen's OpenMP team does not
@@ -231,6 +232,13 @@ def _configure(lib: ctypes.CDLL) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+    bf16_gemm = os.environ.get("DALI_CPU_BF16_GEMM")
+    if bf16_gemm == "0":
+        lib.dali_cpu_set_bf16_gemm_min_tokens(0)
+        lib.dali_cpu_set_linear_bf16_gemm_min_rows(0)
+    elif bf16_gemm not in (None, "", "auto"):
+        warnings.warn(f"DALI_CPU_BF16_GEMM={bf16_gemm!r} is not understood (0 turns the bf16 GEMM paths off, auto "
+                      "keeps the default: on with AMX-BF16 only); keeping the default", RuntimeWarning, stacklevel=3)
 
 
 def _loaded() -> ctypes.CDLL | None:
