@@ -114,17 +114,23 @@ DALI_AVX512_BF16_TARGET void dot_tile_dpbf16_n(int n, const BF16* w, int64_t ldw
     case 2:
       dot_tile_dpbf16<R, 2>(w, ldw, len, x, ldx, out, ldo, orow);
       break;
-    default:
+    case 3:
       dot_tile_dpbf16<R, 3>(w, ldw, len, x, ldx, out, ldo, orow);
+      break;
+    default:
+      dot_tile_dpbf16<R, 4>(w, ldw, len, x, ldx, out, ldo, orow);
       break;
   }
 }
 
 DALI_AVX512_BF16_TARGET void dot_rows_dpbf16(const BF16* w, int64_t ldw, int64_t rows, int64_t len, const float* x,
                                              int64_t ldx, int64_t n, float* out, int64_t ldo) {
+  // Up to 4 tokens per pass over the weights (16 accumulators + 4 x vectors + 1 weight vector of the 32 zmm
+  // registers): a batch-4 decode step reads each weight once, where the generic tiles' 3 read it twice.
+  constexpr int64_t kTokens = 4;
   const int64_t q = rows / 4;  // four streams over the block's quarters, as dot_rows_impl
-  for (int64_t t = 0; t < n; t += 3) {
-    const int tn = static_cast<int>(n - t < 3 ? n - t : 3);
+  for (int64_t t = 0; t < n; t += kTokens) {
+    const int tn = static_cast<int>(n - t < kTokens ? n - t : kTokens);
     const float* xt = x + t * ldx;
     float* ot = out + t * ldo;
     for (int64_t r = 0; r < q; ++r) dot_tile_dpbf16_n<4>(tn, w + r * ldw, q * ldw, len, xt, ldx, ot + r, ldo, q);
