@@ -9,6 +9,7 @@ the layer's other tensors) are settled when loading ends, when every bar is clos
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections import Counter
@@ -30,7 +31,7 @@ class ShardProgress:
                 for name in handle.keys():
                     self.shard_of[name] = index
                     shape = handle.get_slice(name).get_shape()
-                    total += _numel(shape)
+                    total += math.prod(shape)
             totals.append(total)
         self._layer_shard = self._shards_by_layer()
         self.file = file or sys.stderr
@@ -85,9 +86,3 @@ class ShardProgress:
         elif self.done[index] == self.totals[index]:
             print(f"{self.names[index]}: read ({self.totals[index]:,} weights)", file=self.file, flush=True)
 
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

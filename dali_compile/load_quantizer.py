@@ -146,7 +146,7 @@ class DaliQuantizer(HfQuantizer):
         module = model.get_submodule(module_name)
         expected = getattr(module, attribute)
         if tuple(value.shape) != tuple(expected.shape):  # refused after loading, with every other one
-            self.errors.append(f"{name}: {tuple(value.shape)} in the checkpoint, {tuple(expected.shape)} in the model")
+            self.errors.append(_mismatch(name, value.shape, expected.shape))
             return
         if self.quantization_config.progress is not None:
             self.quantization_config.progress.advance(name, value.numel())
@@ -179,7 +179,7 @@ class DaliQuantizer(HfQuantizer):
         # parameters it sets itself: compare them all here, as it does without one.
         for name, param in model.named_parameters():
             if name not in self.targets and name in self.shapes and tuple(param.shape) != self.shapes[name]:
-                self.errors.append(f"{name}: {tuple(param.shape)} in the checkpoint, {self.shapes[name]} in the model")
+                self.errors.append(_mismatch(name, param.shape, self.shapes[name]))
         if self.errors:
             raise ValueError(f"tensors whose shape differs from config.json's (mismatched): {'; '.join(self.errors)}")
         config = self.quantization_config
@@ -217,6 +217,10 @@ class DaliQuantizer(HfQuantizer):
     @property
     def is_trainable(self):
         return False
+
+
+def _mismatch(name: str, in_checkpoint, in_model) -> str:
+    return f"{name}: {tuple(in_checkpoint)} in the checkpoint, {tuple(in_model)} in the model"
 
 
 # Registered once per process (a reloaded module finds its method taken and keeps the first classes).

@@ -65,6 +65,7 @@ def test_logits_equal_eager(family, impl, dtype, phase):
     assert_close_to_eager(got, eager, truth)
 
 
+@pytest.mark.usefixtures("cpu_runtime")
 @pytest.mark.parametrize("family", available_families())
 def test_bf16_gemm_paths_equal_eager(family):
     """With the bf16 GEMM paths on (the default on AMX-BF16 CPUs; forced here on any CPU): every bf16 expert and
@@ -75,8 +76,6 @@ def test_bf16_gemm_paths_equal_eager(family):
     do except Mixtral's first, whose second layer has a 0.013 margin between its 2nd and 3rd expert)."""
     from dali_compile.runtime import cpu_extension
 
-    if not cpu_extension.cpu_extension_available():
-        pytest.skip("needs the C++ CPU runtime")
     model = tiny_model(family, torch.bfloat16)
     truth_model = copy.deepcopy(model).float()
     experts, rows = cpu_extension.get_bf16_gemm_min_tokens(), cpu_extension.get_linear_bf16_gemm_min_rows()
