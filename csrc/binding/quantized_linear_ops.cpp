@@ -103,7 +103,7 @@ struct RoundedActivations {
     scale.resize(T * (C / group));
     offset.resize(T * (C / group));
     float* r = rounded.data_ptr<float>();
-    round_to_int8(r, C, T, C, group, q.data(), scale.data(), offset.data(), r);
+    active_kernels().round_to_int8(r, C, T, C, group, q.data(), scale.data(), offset.data(), r);
   }
   Int8Activations view(int64_t C, int64_t group) const {
     return Int8Activations{q.data(), scale.data(), offset.data(), C, group};

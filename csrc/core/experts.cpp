@@ -183,9 +183,9 @@ struct Int8Rows {
     return Int8Activations{q.data(), scale.data(), offset.data(), len, group};
   }
   // Rounds rows [first, first + n) of x [*, len] in place and keeps their codes.
-  void round_rows(float* x, int64_t first, int64_t n, int64_t len, int64_t group) {
+  void round_rows(const KernelTable& kernels, float* x, int64_t first, int64_t n, int64_t len, int64_t group) {
     const int64_t groups = len / group;
-    round_to_int8(x + first * len, len, n, len, group, q.data() + first * len, scale.data() + first * groups,
+    kernels.round_to_int8(x + first * len, len, n, len, group, q.data() + first * len, scale.data() + first * groups,
                   offset.data() + first * groups, x + first * len);
   }
 };
@@ -323,7 +323,7 @@ class ExpertRun {
     const int64_t tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
     auto task = [&](int64_t i) {
       const int64_t r0 = i * kRowsPerTask;
-      codes.round_rows(x, first + r0, std::min(kRowsPerTask, n - r0), len, group);
+      codes.round_rows(k_, x, first + r0, std::min(kRowsPerTask, n - r0), len, group);
     };
     if (n * len <= (int64_t{1} << 16)) {
       for (int64_t i = 0; i < tasks; ++i) task(i);
@@ -406,7 +406,7 @@ class ExpertRun {
     expert_gemm(xs_.data() + g.first * H, up, up_ld, h, n, X, H);
     in_chunks([&](int64_t t0, int64_t nt) {
       activate_block(g, 0, I, t0, nt, h + t0 * X, X);
-      if (L_.bits == 4) act_int8_.round_rows(act_.data(), g.first + t0, nt, I, L_.down_group);
+      if (L_.bits == 4) act_int8_.round_rows(k_, act_.data(), g.first + t0, nt, I, L_.down_group);
     });
     expert_gemm(act_.data() + g.first * I, down, down_ld, y, n, H, I);
     in_chunks([&](int64_t t0, int64_t nt) { write_slots(g, 0, H, t0, nt, y + t0 * H, H); });

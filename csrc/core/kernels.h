@@ -72,10 +72,14 @@ struct KernelTable {
   // Any even group size (w.group == x.group).
   void (*dot_rows_int4)(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first, int64_t n,
                         float* out, int64_t ldo);
+  // round_to_int8 (below), vectorised where the ISA has a version; every version gives the same bits.
+  void (*round_to_int8)(const float* x, int64_t ldx, int64_t n, int64_t len, int64_t group, int8_t* q, float* scale,
+                        float* offset, float* rounded);
 };
 
 // Rounds x [n, len] (rows ldx apart) to int8 per token and group into q [n, len], scale and offset [n, len / G]
 // (the arrays Int8Activations points to), and writes x' = xq * s to rounded [n, len] (may be x itself, ldx apart).
+// The scalar version (the portable and AVX2 tables'); call it through KernelTable::round_to_int8.
 void round_to_int8(const float* x, int64_t ldx, int64_t n, int64_t len, int64_t group, int8_t* q, float* scale,
                    float* offset, float* rounded);
 

@@ -203,7 +203,9 @@ void int4_tile_n(int n, const uint8_t* q, int64_t ldq, const F16* ws, int64_t ld
 // Widths in whole 32-byte runs of codes (int4_tiling.h's tiles); others go to the scalar kernel.
 void avx2_dot_rows_int4(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first, int64_t n,
                         float* out, int64_t ldo) {
-  if (x.group % 32 != 0 || x.len % 64 != 0) {  // whole 32-byte runs of codes only (real models' widths)
+  // Whole 32-byte runs of codes only (real models' widths), each within one group or holding two whole ones: a
+  // group of 96 columns (48 bytes) would end inside a run, whose lanes all take one group's scale.
+  if ((x.group != 32 && x.group % 64 != 0) || x.len % 64 != 0) {
     dot_rows_int4_scalar(w, rows, x, first, n, out, ldo);
     return;
   }
@@ -228,7 +230,8 @@ const KernelTable* avx2_kernels() {
   static const KernelTable table{Isa::kAvx2,          avx2_dot_rows,        avx2_axpy_rows,
                                  avx2_convert,        avx2_silu_mul,        avx2_exp_shifted,
                                  avx2_dot_rows_quantized,
-                                 avx2_dequantize_rows, dot_rows_int4_avx2()};
+                                 avx2_dequantize_rows, dot_rows_int4_avx2(),
+                                 round_to_int8};
   return &table;
 }
 

@@ -186,6 +186,45 @@ void avx512_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int6
   dequantize_rows_generic<Avx512>(bits, w, rows, len, dst, ldd);
 }
 
+// round_to_int8 16 columns at a time, for groups of a multiple of 32 (16-column blocks within each half; others:
+// the scalar one). The same operations as the scalar version per element (IEEE division, round half to even, the
+// clamp's and the maximum's NaN cases, which take std::max's operand), and integer sums: the same bits.
+void avx512_round_to_int8(const float* x, int64_t ldx, int64_t n, int64_t len, int64_t group, int8_t* q,
+                          float* scale, float* offset, float* rounded) {
+  if (group % 32 != 0) {
+    round_to_int8(x, ldx, n, len, group, q, scale, offset, rounded);
+    return;
+  }
+  const int64_t half = group / 2, groups = len / group;
+  const __m512 limit = _mm512_set1_ps(127.0f);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* xt = x + t * ldx;
+    float* rt = rounded + t * ldx;
+    int8_t* low = q + t * len;
+    int8_t* high = low + len / 2;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = xt + g * group;
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t i = 0; i < group; i += 16) amax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xg + i)), amax);
+      const float s = _mm512_reduce_max_ps(amax) / 127.0f;
+      const __m512 divisor = _mm512_set1_ps(s > 0.0f ? s : 1.0f), vs = _mm512_set1_ps(s);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t i = 0; i < group; i += 16) {
+        __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(xg + i), divisor),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
+        const __m512i codes = _mm512_cvtps_epi32(v);
+        sum = _mm512_add_epi32(sum, codes);
+        _mm512_storeu_ps(rt + g * group + i, _mm512_mul_ps(v, vs));
+        int8_t* dst = i < half ? low + g * half + i : high + g * half + i - half;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(codes));
+      }
+      scale[t * groups + g] = s;
+      offset[t * groups + g] = 8.0f * s * static_cast<float>(_mm512_reduce_add_epi32(sum));
+    }
+  }
+}
+
 }  // namespace
 }  // namespace dali_cpu
 
@@ -202,7 +241,8 @@ const KernelTable* avx512_kernels() {
                        avx512_silu_mul,     avx512_exp_shifted,     avx512_dot_rows_quantized,
                        avx512_dequantize_rows,
                        // AVX-512 CPUs have AVX2: its int4 kernel where there is no VNNI, and for odd widths
-                       cpu_has_avx512_vnni() ? dot_rows_int4_avx512_vnni(dot_rows_int4_avx2()) : dot_rows_int4_avx2()};
+                       cpu_has_avx512_vnni() ? dot_rows_int4_avx512_vnni(dot_rows_int4_avx2()) : dot_rows_int4_avx2(),
+                       avx512_round_to_int8};
   }();
   return &table;
 }

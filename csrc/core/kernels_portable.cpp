@@ -92,7 +92,8 @@ const KernelTable& portable_kernels() {
                                  exp_shifted_generic<Portable>,
                                  dot_rows_quantized_generic<Portable>,
                                  dequantize_rows_generic<Portable>,
-                                 dot_rows_int4_scalar};
+                                 dot_rows_int4_scalar,
+                                 round_to_int8};
   return table;
 }
 
