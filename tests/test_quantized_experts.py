@@ -183,6 +183,28 @@ def test_round_activations_by_hand():
     assert torch.equal(rounded[0, 4:], torch.zeros(4))
 
 
+@pytest.mark.parametrize("group", (8, 32, 128))
+def test_cpu_rounding_of_activations_equals_round_activations_bit_for_bit(group, isa, gemm_rows):
+    """The C++ rounding of int4's activations (scalar, or 16 columns at a time on AVX-512 for groups of 32k) gives
+    exactly round_activations' values, ties to even and the clamp included: an identity int4 weight (codes 9 on
+    the diagonal, scale 1) on the GEMM path returns the rounded input itself, as every other product is 0."""
+    width = 256
+    gen = torch.Generator().manual_seed(group)
+    x = torch.randn(5, width, generator=gen)
+    x[0, :group] = torch.arange(group) - group / 2 + 0.5  # amax 127 ... ties at every value
+    x[0, 0] = 127.0
+    x[1, :group] = 0.0  # a group of zeros
+    identity = torch.full((width, width // 2), 0x88, dtype=torch.uint8)
+    for j in range(width):  # nibble layout: low nibbles hold a group's first half, high nibbles its second
+        g, i = divmod(j, group)
+        byte, shift = g * group // 2 + i % (group // 2), 4 * (i >= group // 2)
+        identity[j, byte] = (identity[j, byte] & ~(0xF << shift)) | (9 << shift)
+    scales = torch.ones(width, width // group, dtype=torch.float16)
+    gemm_rows(1)
+    got = torch.ops.dali.quantized_linear(x, identity, scales, None, 4, group)
+    assert torch.equal(got, round_activations(x, group))
+
+
 @needs_extension
 @pytest.mark.parametrize("group", (32, 128))
 def test_int4_activation_rounding_error_is_small(group):
