@@ -17,31 +17,24 @@ namespace dali_cpu {
 
 void round_to_int8(const float* x, int64_t ldx, int64_t n, int64_t len, int64_t group, int8_t* q, float* scale,
                    float* offset, float* rounded) {
-  const int64_t half = group / 2, groups = len / group;
-  for (int64_t t = 0; t < n; ++t) {
-    const float* xt = x + t * ldx;
-    float* rt = rounded + t * ldx;
-    int8_t* low = q + t * len;
-    int8_t* high = low + len / 2;
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* xg = xt + g * group;
-      float amax = 0.0f;
-      for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(xg[i]));
-      const float s = amax / 127.0f;
-      const float divisor = s > 0.0f ? s : 1.0f;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < group; ++i) {
-        // nearbyint rounds half to even (the default rounding mode), as torch.round does
-        const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(xg[i] / divisor)));
-        const int8_t code = static_cast<int8_t>(v);
-        sum += code;
-        rt[g * group + i] = v * s;
-        (i < half ? low[g * half + i] : high[g * half + i - half]) = code;
-      }
-      scale[t * groups + g] = s;
-      offset[t * groups + g] = 8.0f * s * static_cast<float>(sum);
+  const int64_t half = group / 2;
+  round_groups_to_int8(x, ldx, n, len, group, q, scale, offset, rounded,
+                       [&](const float* xg, float* rg, int8_t* low, int8_t* high) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(xg[i]));
+    const float s = amax / 127.0f;
+    const float divisor = s > 0.0f ? s : 1.0f;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < group; ++i) {
+      // nearbyint rounds half to even (the default rounding mode), as torch.round does
+      const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(xg[i] / divisor)));
+      const int8_t code = static_cast<int8_t>(v);
+      sum += code;
+      rg[i] = v * s;
+      (i < half ? low[i] : high[i - half]) = code;
     }
-  }
+    return RoundedGroup{s, sum};
+  });
 }
 
 void dot_rows_int4_scalar(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first, int64_t n,

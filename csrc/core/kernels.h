@@ -83,6 +83,29 @@ struct KernelTable {
 void round_to_int8(const float* x, int64_t ldx, int64_t n, int64_t len, int64_t group, int8_t* q, float* scale,
                    float* offset, float* rounded);
 
+// The layout every round_to_int8 writes, walked once for all of them: for each token and group,
+// round_group(xg, rounded_g, low, high) rounds the group's G values, writes the codes of its first G / 2 columns to
+// low and the rest to high (the weight codes' nibble order) and x' to rounded_g, and returns {s, sum of the codes}.
+struct RoundedGroup {
+  float scale;
+  int32_t code_sum;
+};
+template <class RoundGroup>
+inline void round_groups_to_int8(const float* x, int64_t ldx, int64_t n, int64_t len, int64_t group, int8_t* q,
+                                 float* scale, float* offset, float* rounded, RoundGroup&& round_group) {
+  const int64_t half = group / 2, groups = len / group;
+  for (int64_t t = 0; t < n; ++t) {
+    int8_t* low = q + t * len;
+    int8_t* high = low + len / 2;
+    for (int64_t g = 0; g < groups; ++g) {
+      const RoundedGroup r = round_group(x + t * ldx + g * group, rounded + t * ldx + g * group, low + g * half,
+                                         high + g * half);
+      scale[t * groups + g] = r.scale;
+      offset[t * groups + g] = 8.0f * r.scale * static_cast<float>(r.code_sum);
+    }
+  }
+}
+
 // The scalar dot_rows_int4 (the portable table's), and the AVX2 one (group sizes that are multiples of 32 and rows
 // of a multiple of 64 columns; others go to the scalar one), also the AVX-512 table's; nullptr where the build has
 // no x86-64 path.

@@ -195,34 +195,27 @@ void avx512_round_to_int8(const float* x, int64_t ldx, int64_t n, int64_t len, i
     round_to_int8(x, ldx, n, len, group, q, scale, offset, rounded);
     return;
   }
-  const int64_t half = group / 2, groups = len / group;
-  const __m512 limit = _mm512_set1_ps(127.0f);
-  for (int64_t t = 0; t < n; ++t) {
-    const float* xt = x + t * ldx;
-    float* rt = rounded + t * ldx;
-    int8_t* low = q + t * len;
-    int8_t* high = low + len / 2;
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* xg = xt + g * group;
-      __m512 amax = _mm512_setzero_ps();
-      for (int64_t i = 0; i < group; i += 16) amax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xg + i)), amax);
-      const float s = _mm512_reduce_max_ps(amax) / 127.0f;
-      const __m512 divisor = _mm512_set1_ps(s > 0.0f ? s : 1.0f), vs = _mm512_set1_ps(s);
-      __m512i sum = _mm512_setzero_si512();
-      for (int64_t i = 0; i < group; i += 16) {
-        __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(xg + i), divisor),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        v = _mm512_min_ps(_mm512_max_ps(v, _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
-        const __m512i codes = _mm512_cvtps_epi32(v);
-        sum = _mm512_add_epi32(sum, codes);
-        _mm512_storeu_ps(rt + g * group + i, _mm512_mul_ps(v, vs));
-        int8_t* dst = i < half ? low + g * half + i : high + g * half + i - half;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(codes));
-      }
-      scale[t * groups + g] = s;
-      offset[t * groups + g] = 8.0f * s * static_cast<float>(_mm512_reduce_add_epi32(sum));
+  const int64_t half = group / 2;
+  const __m512 limit = _mm512_set1_ps(127.0f), minus_limit = _mm512_set1_ps(-127.0f);
+  round_groups_to_int8(x, ldx, n, len, group, q, scale, offset, rounded,
+                       [&](const float* xg, float* rg, int8_t* low, int8_t* high) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < group; i += 16) amax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xg + i)), amax);
+    const float s = _mm512_reduce_max_ps(amax) / 127.0f;
+    const __m512 divisor = _mm512_set1_ps(s > 0.0f ? s : 1.0f), vs = _mm512_set1_ps(s);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t i = 0; i < group; i += 16) {
+      __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(xg + i), divisor),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm512_min_ps(_mm512_max_ps(v, minus_limit), limit);
+      const __m512i codes = _mm512_cvtps_epi32(v);
+      sum = _mm512_add_epi32(sum, codes);
+      _mm512_storeu_ps(rg + i, _mm512_mul_ps(v, vs));
+      int8_t* dst = i < half ? low + i : high + i - half;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(codes));
     }
-  }
+    return RoundedGroup{s, _mm512_reduce_add_epi32(sum)};
+  });
 }
 
 }  // namespace
