@@ -33,16 +33,20 @@ Look-ahead distance d: the prediction for (t, l) must exist when the main model 
 - The shadow starts step t when the main model does (with the main's token t and, re-aligned, its keys and
   values of step t-1), so for l >= d its prediction is its ordinary step t. For l < d the prediction is
   needed while the main model still runs step t-1 (at its layer L - (d - l)), before token t is known: the
-  shadow then speculates, with one extra step from its own greedy token on its cache not yet re-aligned
-  with step t-1 (that step's positions still hold its own keys and values); its cache is cropped back
-  before the real, re-aligned step (tokens-only speculates the same way). d is at most L (a single
-  speculative step). Without re-alignment the shadow needs nothing of the main's step, so its prediction
+  shadow then speculates (`Shadow._speculate`, run at the end of its step t-1 as the shadow rank runs it):
+  one extra step from each of its --speculative-tokens most likely next tokens (default 2; 1 = its greedy
+  token alone) on its cache not yet re-aligned with step t-1 (that step's positions still hold its own keys
+  and values), each cropped back afterwards, the prediction being the union of their experts (up to K times
+  the candidates); tokens-only speculates the same way. d is at most L (a single speculative step).
+  Without re-alignment the shadow needs nothing of the main's step, so its prediction
   is the same at every d (as shadow.py deploys it, it still waits for the main's TOKENS message; starting it
   earlier changes no prediction).
 
 Recall = |predicted ∩ actual| / |actual| per (token, layer), averaged over the decode steps' (step, layer)
 cells the predictor covers at that distance; the table also splits it into layers l >= d (the cells every
-predictor covers: the like-for-like comparison) and l < d (the shadow's speculative cells). The prefill is
+predictor covers: the like-for-like comparison) and l < d (the shadow's speculative cells); loads/K is what the
+recall costs, the distinct experts predicted per (token, layer) over K (1 for a top-k prediction, up to the
+candidates in speculative cells), averaged like the recall. The prefill is
 excluded from that table and reported on its own (every prompt token; the shadows with no look-ahead limit,
 since they cannot speculate a prompt, the single-node predictors at d = 1). Targets (the issue): re-aligned
 bf16 shadow >= 99%, int8 >= 97% (judged on every decode row, speculative cells included), re-alignment
@@ -78,7 +82,7 @@ from train_tiny_moe import play_texts, split_ids  # noqa: E402  (the sibling scr
 from dali_compile.char_tokenizer import CharTokenizer  # noqa: E402
 from dali_compile.distributed.layers import moe_layers  # noqa: E402
 from dali_compile.distributed.messages import Kind, Message  # noqa: E402
-from dali_compile.distributed.shadow import Shadow, make_shadow  # noqa: E402
+from dali_compile.distributed.shadow import SPECULATIVE_CANDIDATES, Shadow, make_shadow  # noqa: E402
 from dali_compile.distributed.topology import Topology  # noqa: E402
 from dali_compile.hf_compat import cache_keyword  # noqa: E402
 from dali_compile.runtime.prefetch import find_router, measure_residuals, routing_of  # noqa: E402
@@ -188,27 +192,44 @@ def tokens_message(trace: Trace, step: int, with_kv: bool = True) -> Message:
 # ------------------------------------------------------------------------------------------ predictions
 
 
+class RecordingShadow(Shadow):
+    """The shadow rank's own code with its predictions kept instead of sent: {(message step, layer): ids} of its
+    ordinary steps and of its speculative ones (the union over its candidate tokens)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ordinary: dict[tuple[int, int], torch.Tensor] = {}
+        self.speculative: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _send_prediction(self, layer: int, ids: torch.Tensor) -> None:
+        (self.ordinary if self._gathered is None else self.speculative)[(self.step, layer)] = ids
+
+
 @torch.no_grad()
-def shadow_predictions(model, trace: Trace, alignment: str) -> tuple[list, list]:
-    """The shadow's top-k ids [step][layer] (the shadow rank's `_run` on the main's messages; `alignment` one of
-    ALIGNMENTS), and those of its speculative steps [step][layer] (None at the prefill; without re-alignment,
-    the ordinary ones: that shadow's steps do not depend on the main's)."""
+def shadow_predictions(model, trace: Trace, alignment: str, candidates: int) -> tuple[list, list]:
+    """The shadow's predicted ids [step][layer] (the shadow rank's `_run` on the main's messages, its routers
+    hooked as `Shadow.serve` hooks them; `alignment` one of ALIGNMENTS), and those of its speculative steps
+    [step][layer] (None at the prefill; without re-alignment, the ordinary ones: that shadow's steps do not
+    depend on the main's). The speculative steps run every layer (look-ahead = the model's MoE layers), from
+    the shadow's `candidates` most likely tokens."""
     speculate = alignment != "none"
-    shadow = Shadow(model, SIMULATED_TOPOLOGY, speculate, timeout_s=1.0, idle_timeout_s=1.0)
-    ordinary, speculative = [], []
-    with Recorder(shadow.routers) as recorder:
+    layers = len(trace.ids[0])
+    shadow = RecordingShadow(model, SIMULATED_TOPOLOGY, speculate, timeout_s=1.0, idle_timeout_s=1.0,
+                             lookahead=layers if speculate else 0, candidates=candidates)
+    hooks = [router.register_forward_hook(shadow._routed(layer)) for layer, router in enumerate(shadow.routers)]
+    try:
         for step in range(len(trace.inputs)):
-            if speculate and step:
-                past = shadow.cache.get_seq_length()
-                shadow.model(input_ids=shadow.own_token, **{shadow.keyword: shadow.cache}, use_cache=True)
-                shadow.cache.crop(past - shadow.cache.get_seq_length())  # negative: tokens to drop, any version
-                speculative.append(recorder.take()[0])
             shadow._run(tokens_message(trace, step, with_kv=alignment == "full"))
-            ordinary.append(recorder.take()[0])
-            if not (speculate and step):
-                speculative.append(None if step == 0 else ordinary[-1])
+    finally:
+        for hook in hooks:
+            hook.remove()
     if shadow.counters["skipped_steps"] or shadow.counters["steps"] != len(trace.inputs):
         raise RuntimeError(f"the simulated shadow did not run every step: {shadow.counters}")
+    # tokens_message numbers trace step s as message step s + 1; a speculative prediction for step s is made
+    # at the end of step s - 1 and carries step s's number
+    ordinary = [[shadow.ordinary[(s + 1, layer)] for layer in range(layers)] for s in range(len(trace.inputs))]
+    speculative = [None] + [[shadow.speculative[(s + 1, layer)] for layer in range(layers)] if speculate
+                            else ordinary[s] for s in range(1, len(trace.inputs))]
     if alignment == "full":
         print(f"    re-aligned cache: max |shadow - main| over positions 0..{trace.pasts[-1] - 1}: "
               f"{alignment_error(shadow.cache, trace):.3g}", flush=True)
@@ -255,9 +276,17 @@ def token_recall(predicted: torch.Tensor | None, actual: torch.Tensor) -> torch.
     return (actual[:, :, None] == predicted[:, None, :]).any(-1).float().mean(-1)
 
 
-def recall_cells(predictions: list[list], trace: Trace, steps: range) -> torch.Tensor:
-    """Recall per (token, layer) [tokens of `steps`, L]."""
-    return torch.cat([torch.stack([token_recall(predictions[s][l], trace.ids[s][l])
+def token_loads(predicted: torch.Tensor | None, actual: torch.Tensor) -> torch.Tensor:
+    """Distinct experts predicted per token over K [T] (what a worker loads for it; NaN where nothing is
+    predicted): 1 for a top-k prediction, up to the candidates for a speculative union."""
+    if predicted is None:
+        return torch.full((actual.shape[0],), math.nan)
+    return torch.tensor([row.unique().numel() / actual.shape[1] for row in predicted], dtype=torch.float32)
+
+
+def recall_cells(predictions: list[list], trace: Trace, steps: range, measure=token_recall) -> torch.Tensor:
+    """Recall (or another per-token `measure`) per (token, layer) [tokens of `steps`, L]."""
+    return torch.cat([torch.stack([measure(predictions[s][l], trace.ids[s][l])
                                    for l in range(len(trace.ids[s]))], dim=1) for s in steps])
 
 
@@ -273,12 +302,13 @@ def mean(cells: torch.Tensor) -> float | None:
     return None if math.isnan(value) else value
 
 
-def summary(predictor: str, phase: str, distance: int | None, cells: torch.Tensor) -> dict:
+def summary(predictor: str, phase: str, distance: int | None, cells: torch.Tensor, loads: torch.Tensor) -> dict:
     covered = [l for l in range(cells.shape[1]) if not cells[:, l].isnan().all()]
     split = distance or 0
     return dict(predictor=predictor, phase=phase, distance=distance, recall=mean(cells),
                 layers=f"{covered[0]}-{covered[-1]}" if covered else "", cells=int((~cells.isnan()).sum()),
-                recall_l_ge_d=mean(cells[:, split:]), recall_l_lt_d=mean(cells[:, :split]) if split else None)
+                recall_l_ge_d=mean(cells[:, split:]), recall_l_lt_d=mean(cells[:, :split]) if split else None,
+                loads_per_k=mean(loads))
 
 
 def calibration_ids(tokenizer: CharTokenizer, plays: dict, splits: dict, windows: int, length: int) -> torch.Tensor:
@@ -298,12 +328,14 @@ def shadow_rows(args, main_model, trace: Trace, decode: range, prefill: range) -
         for alignment, suffix in ALIGNMENTS.items():
             name = f"shadow-{precision}{suffix}"
             print(f"  {name} ...", flush=True)
-            ordinary, speculative = shadow_predictions(shadow_model, trace, alignment)
-            ordinary_cells = recall_cells(ordinary, trace, decode)
-            speculative_cells = recall_cells(speculative, trace, decode)
-            rows += [summary(name, "decode", d, shadow_cells(ordinary_cells, speculative_cells, d))
+            ordinary, speculative = shadow_predictions(shadow_model, trace, alignment, args.speculative_tokens)
+            cells = {part: (recall_cells(predictions, trace, decode),
+                            recall_cells(predictions, trace, decode, token_loads))
+                     for part, predictions in (("ordinary", ordinary), ("speculative", speculative))}
+            rows += [summary(name, "decode", d, *(shadow_cells(o, s, d) for o, s in zip(*cells.values(), strict=True)))
                      for d in args.distances]
-            rows.append(summary(name, "prefill", None, recall_cells(ordinary, trace, prefill)))
+            rows.append(summary(name, "prefill", None, recall_cells(ordinary, trace, prefill),
+                                recall_cells(ordinary, trace, prefill, token_loads)))
         del shadow_model
     return rows
 
@@ -313,9 +345,11 @@ def single_node_rows(args, main_model, trace: Trace, decode: range, prefill: ran
     for name, vectors in (("residual", residuals), ("next_gate", None)):
         for d in args.distances:
             predictions = single_node_predictions(routers, vectors, trace, d)
-            rows.append(summary(name, "decode", d, recall_cells(predictions, trace, decode)))
+            rows.append(summary(name, "decode", d, recall_cells(predictions, trace, decode),
+                                recall_cells(predictions, trace, decode, token_loads)))
             if d == 1:
-                rows.append(summary(name, "prefill", d, recall_cells(predictions, trace, prefill)))
+                rows.append(summary(name, "prefill", d, recall_cells(predictions, trace, prefill),
+                                    recall_cells(predictions, trace, prefill, token_loads)))
     return rows
 
 
@@ -351,7 +385,8 @@ def recall_section(args) -> list[dict]:
     if not all(1 <= d <= num_layers for d in args.distances):
         raise SystemExit(f"--distances must lie in 1..{num_layers} (the model's MoE layers)")
     print(f"main model: fp32, {num_layers} MoE layers; prompt {prompt.numel()} characters of "
-          f"{'+'.join(training['splits']['evaluation'])} at {args.prompt_offset}, {args.tokens} decode steps",
+          f"{'+'.join(training['splits']['evaluation'])} at {args.prompt_offset}, {args.tokens} decode steps; "
+          f"speculative steps from the shadow's {args.speculative_tokens} most likely tokens",
           flush=True)
     trace = decode_main(main_model, prompt, args.tokens)
     print(f"  prompt   {tokenizer.decode(prompt)!r}\n  decoded  "
@@ -372,7 +407,7 @@ def percent(value: float | None) -> str:
 
 
 def print_tables(rows: list[dict]) -> None:
-    header = (f"{'predictor':<26} {'d':>2} {'recall':>8} {'layers':>6} {'l>=d':>8} {'l<d':>8}  target")
+    header = (f"{'predictor':<26} {'d':>2} {'recall':>8} {'layers':>6} {'l>=d':>8} {'l<d':>8} {'loads/K':>7}  target")
     for phase, title in (("decode", "decode steps (prefill excluded)"),
                          ("prefill", "prefill, every prompt token (shadows: no look-ahead limit)")):
         print(f"\n{title}\n{header}")
@@ -380,7 +415,7 @@ def print_tables(rows: list[dict]) -> None:
             target = f"{r['target']}: {'met' if r['met'] else 'MISSED'}" if "target" in r else ""
             print(f"{r['predictor']:<26} {r['distance'] if r['distance'] is not None else '-':>2} "
                   f"{percent(r['recall']):>8} {r['layers']:>6} {percent(r['recall_l_ge_d']):>8} "
-                  f"{percent(r['recall_l_lt_d']):>8}  {target}")
+                  f"{percent(r['recall_l_lt_d']):>8} {r['loads_per_k'] or math.nan:>7.3f}  {target}")
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -403,6 +438,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where the prompt starts in the evaluation play (default: %(default)s)")
     p.add_argument("--distances", type=int, nargs="+", default=[1, 2, 3, 4],
                    help="look-ahead distances in layers (default: %(default)s)")
+    p.add_argument("--speculative-tokens", type=int, default=SPECULATIVE_CANDIDATES,
+                   help="the shadow's most likely next tokens its speculative steps run from (1: its greedy token)")
     p.add_argument("--precisions", nargs="+", default=["same", "bf16", "int8"],
                    help="shadow precisions; 'same' checks the simulation (default: %(default)s)")
     p.add_argument("--calibration-windows", type=int, default=16,

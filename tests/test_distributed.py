@@ -8,6 +8,7 @@ torchrun would give them.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -20,14 +21,17 @@ import pytest
 import torch
 
 from dali_compile.distributed import serve
-from dali_compile.distributed.messages import Message, _pack, _unpack
+from dali_compile.distributed.messages import Kind, Message, _pack, _unpack
+from dali_compile.distributed.shadow import Shadow
 from dali_compile.distributed.topology import Topology
 from dali_compile.experts_interface import experts_modules, spec_of_module
+from dali_compile.hf_compat import cache_keyword
 from dali_compile.runtime.accelerator import make_accelerator
 from dali_compile.runtime.expert_cache import expert_bytes
 from dali_compile.runtime.hybrid import HybridRuntime
 from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
 from dali_compile.runtime.policies import make_policy
+from dali_compile.runtime.prefetch import routing_of
 from dali_compile.tiny_models import tiny_model
 
 COMMAND = [sys.executable, "-m", "dali_compile.distributed", "--max-new-tokens", "6", "--prompt-length", "8",
@@ -67,6 +71,63 @@ def test_messages_carry_tensors_of_every_dtype_and_shape():
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+class _KeptShadow(Shadow):
+    """The shadow rank's code with its predictions kept instead of sent: (step, layer, speculative, ids)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent = []
+
+    def _send_prediction(self, layer, ids):
+        self.sent.append((self.step, layer, self._gathered is not None, ids))
+
+
+def _routed_ids(model, routers, cache, input_ids) -> dict[int, torch.Tensor]:
+    """Each router's top-k ids when `model` runs `input_ids` on `cache`."""
+    ids = {}
+    hooks = [router.register_forward_hook(lambda m, a, out, layer=layer: ids.__setitem__(layer, routing_of(out)[0]))
+             for layer, router in enumerate(routers)]
+    try:
+        model(input_ids=input_ids, **{cache_keyword(model): cache}, use_cache=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ids
+
+
+@pytest.mark.parametrize("candidates", [1, 2, 3])
+@torch.no_grad()
+def test_the_shadow_speculates_from_its_most_likely_tokens_and_predicts_their_union(candidates):
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    model = tiny_model("qwen3_moe", num_hidden_layers=3).eval()
+    shadow = _KeptShadow(model, Topology(world_size=3, groups=1, shadow=True), realign=True, timeout_s=1.0,
+                         idle_timeout_s=1.0, lookahead=2, candidates=candidates)
+    hooks = [router.register_forward_hook(shadow._routed(layer)) for layer, router in enumerate(shadow.routers)]
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5))
+    try:
+        shadow._run(Message(Kind.TOKENS, 1, 0, [prompt], arg=0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # the reference: the model alone on the prompt, then each of its most likely next tokens on a copy of its cache
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=prompt, **{cache_keyword(model): cache}, use_cache=True).logits[:, -1]
+    tokens = logits.topk(candidates, dim=-1).indices[0]
+    assert int(tokens[0]) == int(logits.argmax(-1))
+    assert [int(t) for t in shadow.own_candidates] == tokens.tolist()
+    runs = [_routed_ids(model, shadow.routers, copy.deepcopy(cache), token.view(1, 1)) for token in tokens]
+    ordinary = [(step, layer) for step, layer, speculative, _ in shadow.sent if not speculative]
+    speculative = {layer: ids for step, layer, is_speculative, ids in shadow.sent if is_speculative and step == 2}
+    assert ordinary == [(1, 0), (1, 1), (1, 2)]  # the step itself, then the next step's first 2 layers
+    assert sorted(speculative) == [0, 1] and len(shadow.sent) == 5
+    for layer in (0, 1):
+        assert torch.equal(speculative[layer], torch.cat([run[layer] for run in runs], dim=-1))
+    assert shadow.cache.get_seq_length() == prompt.shape[1]  # every speculative run was cut back
+    assert shadow.counters["speculative_steps"] == 1
+
+
 def test_hybrid_layer_contributions_sum_to_its_forward():
     torch.manual_seed(0)
     up, down = torch.randn(6, 16, 8), torch.randn(6, 8, 8)
@@ -96,6 +157,7 @@ def test_serve_without_a_rendezvous_says_how_to_launch(monkeypatch):
     (dict(worker_device="tpu"), "worker_device must be one of"),
     (dict(shadow_precision="fp8"), "shadow precision must be one of|shadow_precision must be one of"),
     (dict(timeout_s=0), "timeout_s must be above 0"),
+    (dict(speculative_tokens=0), "speculative candidates must be an int >= 1"),
     (dict(groups=3, predictor="none"), "3 groups but 2 workers"),
     (dict(workers=3, predictor="none"), "workers=3 but 3 processes give 2"),
     (dict(groups=2, predictor="none", world=6), "2 groups but the model has 1 MoE layers"),

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .main_rank import MainSession
-from .shadow import SHADOW_PRECISIONS, Shadow, make_shadow
+from .shadow import SHADOW_PRECISIONS, SPECULATIVE_CANDIDATES, Shadow, check_candidates, make_shadow
 from .topology import Topology
 from .worker import WORKER_DEVICES, Worker
 
@@ -70,7 +70,8 @@ class ServedSession:
 
 
 def serve(model: nn.Module, *, groups: int = 1, predictor: str = "shadow", workers: int | None = None,
-          shadow_precision: str = "bf16", realign: bool = True, lookahead: int = 0, worker_device: str = "emulated",
+          shadow_precision: str = "bf16", realign: bool = True, lookahead: int = 0,
+          speculative_tokens: int = SPECULATIVE_CANDIDATES, worker_device: str = "emulated",
           worker_memory: int | str | None = None, timeout_s: float = 30.0, idle_timeout_s: float = 3600.0,
           rendezvous_timeout_s: float = 120.0, calibration_ids: torch.Tensor | None = None):
     """Join the distributed job (initializing torch.distributed from torchrun's environment if needed) and take
@@ -78,7 +79,8 @@ def serve(model: nn.Module, *, groups: int = 1, predictor: str = "shadow", worke
 
     groups: G, worker groups taking MoE layers round-robin. predictor: 'shadow' (rank 1 runs the model at
     `shadow_precision`, re-aligned each step unless realign=False; with `lookahead` N > 0 it also runs the
-    first N MoE layers of the next step from its own greedy token before the main rank has it), 'residual' /
+    first N MoE layers of the next step before the main rank has it, once from each of its
+    `speculative_tokens` most likely next tokens, and predicts the union of their experts), 'residual' /
     'next_gate' (the main rank predicts the next layer from this one's gate input, with or without calibrated
     residuals), 'none', or
     'wrong' (always wrong: a test double). workers: if given, checked against the world size. worker_device:
@@ -99,6 +101,7 @@ def serve(model: nn.Module, *, groups: int = 1, predictor: str = "shadow", worke
                          f"got {shadow_precision!r}")
     if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
         raise ValueError(f"dali distributed: lookahead must be an int >= 0 (layers), got {lookahead!r}")
+    check_candidates(speculative_tokens)
     for name, value in (("timeout_s", timeout_s), ("idle_timeout_s", idle_timeout_s),
                         ("rendezvous_timeout_s", rendezvous_timeout_s)):
         if not value > 0:
@@ -123,7 +126,7 @@ def serve(model: nn.Module, *, groups: int = 1, predictor: str = "shadow", worke
     try:
         if role == "shadow":
             stats = Shadow(make_shadow(model, shadow_precision), topology, realign, timeout_s, idle_timeout_s,
-                           lookahead).serve()
+                           lookahead, speculative_tokens).serve()
         else:
             stats = Worker(model, topology, rank, worker_device, worker_memory, timeout_s, idle_timeout_s).serve()
     finally:

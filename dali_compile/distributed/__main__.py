@@ -16,6 +16,7 @@ import time
 import torch
 
 from . import PREDICTORS, SHADOW_PRECISIONS, WORKER_DEVICES, load_for_rank, serve
+from .shadow import SPECULATIVE_CANDIDATES
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-realign", action="store_true", help="the shadow runs on its own tokens and cache")
     parser.add_argument("--lookahead", type=int, default=0,
                         help="MoE layers of the next step the shadow speculates from its own token")
+    parser.add_argument("--speculative-tokens", type=int, default=SPECULATIVE_CANDIDATES,
+                        help="the shadow's most likely next tokens it speculates from (their experts' union)")
     parser.add_argument("--worker-device", default="emulated", choices=WORKER_DEVICES)
     parser.add_argument("--worker-memory", default=None, help="each worker's expert budget, e.g. 4MiB")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds before a silent worker is dropped")
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = generate(model, prompt, args.max_new_tokens)[0] if args.check and _rank() == 0 else None
     session = serve(model, groups=args.groups, predictor=args.predictor, workers=args.workers,
                     shadow_precision=args.shadow_precision, realign=not args.no_realign, lookahead=args.lookahead,
+                    speculative_tokens=args.speculative_tokens,
                     worker_device=args.worker_device, worker_memory=args.worker_memory, timeout_s=args.timeout,
                     rendezvous_timeout_s=args.rendezvous_timeout)
     if not session.is_main:
