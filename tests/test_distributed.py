@@ -128,6 +128,30 @@ def test_the_shadow_speculates_from_its_most_likely_tokens_and_predicts_their_un
     assert shadow.counters["speculative_steps"] == 1
 
 
+@torch.no_grad()
+def test_a_speculative_run_that_fails_leaves_the_cache_as_it_was():
+    torch.manual_seed(0)
+    model = tiny_model("qwen3_moe", num_hidden_layers=3).eval()
+    shadow = _KeptShadow(model, Topology(world_size=3, groups=1, shadow=True), realign=True, timeout_s=1.0,
+                         idle_timeout_s=1.0, lookahead=2)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5))
+    calls = []
+
+    def fail_when_speculating(module, args, output):
+        calls.append(shadow._gathered is not None)
+        if shadow._gathered is not None:
+            raise RuntimeError("speculative run failed")
+
+    hook = shadow.routers[1].register_forward_hook(fail_when_speculating)
+    try:
+        with pytest.raises(RuntimeError, match="speculative run failed"):
+            shadow._run(Message(Kind.TOKENS, 1, 0, [prompt], arg=0))
+    finally:
+        hook.remove()
+    assert calls == [False, True]  # the step itself ran, then the first speculative run failed in layer 1
+    assert shadow.cache.get_seq_length() == prompt.shape[1]
+
+
 def test_hybrid_layer_contributions_sum_to_its_forward():
     torch.manual_seed(0)
     up, down = torch.randn(6, 16, 8), torch.randn(6, 8, 8)

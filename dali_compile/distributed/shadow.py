@@ -181,7 +181,9 @@ class Shadow:
                     self.model(input_ids=token, **{self.keyword: self.cache}, use_cache=True)
                 except _EnoughLayers:
                     pass
-                if not self._crop_to(past):
+                finally:  # also when the run raised: the next step needs the cache as it was
+                    cropped = self._crop_to(past)
+                if not cropped:
                     break
             for layer, parts in sorted(self._gathered.items()):
                 self._send_prediction(layer, torch.cat(parts, dim=-1))
