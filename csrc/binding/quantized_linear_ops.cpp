@@ -93,21 +93,15 @@ at::Tensor gemm_quantized_linear(const at::Tensor& x2, const QuantizedWeights& l
 // ops/quantized_linear.py): x' (the rounded values in fp32, what the GEMM path multiplies) and the codes.
 struct RoundedActivations {
   at::Tensor rounded;  // [T, C] fp32
-  std::vector<int8_t> q;
-  std::vector<float> scale, offset;
+  Int8Rows codes;
 
   RoundedActivations(const at::Tensor& x2, int64_t group) {
     const int64_t T = x2.size(0), C = x2.size(1);
     rounded = x2.to(at::kFloat).contiguous().clone();
-    q.resize(T * C);
-    scale.resize(T * (C / group));
-    offset.resize(T * (C / group));
-    float* r = rounded.data_ptr<float>();
-    active_kernels().round_to_int8(r, C, T, C, group, q.data(), scale.data(), offset.data(), r);
+    codes.resize(T, C, group);
+    codes.round_rows(active_kernels(), rounded.data_ptr<float>(), 0, T, C, group);
   }
-  Int8Activations view(int64_t C, int64_t group) const {
-    return Int8Activations{q.data(), scale.data(), offset.data(), C, group};
-  }
+  Int8Activations view(int64_t C, int64_t group) const { return codes.view(C, group); }
 };
 
 at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

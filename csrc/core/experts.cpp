@@ -169,27 +169,6 @@ class AlignedFloats {
 // The call's working buffers, kept by the calling thread between calls: a fresh multi-MiB buffer
 // page-faults once per 4 KiB on first touch, measured at ~5% of a 256-token fp32 call. Buffers
 // above kRetainedFloats are freed when the call ends, so a long prefill does not pin its memory.
-// int8 activations of every slot (int4 experts): codes, scales and offsets as Int8Activations describes them.
-struct Int8Rows {
-  std::vector<int8_t> q;
-  std::vector<float> scale, offset;
-
-  void resize(int64_t rows, int64_t len, int64_t group) {
-    q.resize(rows * len);
-    scale.resize(rows * (len / group));
-    offset.resize(rows * (len / group));
-  }
-  Int8Activations view(int64_t len, int64_t group) const {
-    return Int8Activations{q.data(), scale.data(), offset.data(), len, group};
-  }
-  // Rounds rows [first, first + n) of x [*, len] in place and keeps their codes.
-  void round_rows(const KernelTable& kernels, float* x, int64_t first, int64_t n, int64_t len, int64_t group) {
-    const int64_t groups = len / group;
-    kernels.round_to_int8(x + first * len, len, n, len, group, q.data() + first * len, scale.data() + first * groups,
-                  offset.data() + first * groups, x + first * len);
-  }
-};
-
 struct CallScratch {
   AlignedFloats xs, act, dense_h, dense_y, dense_up, dense_down;
   Int8Rows xs_int8, act_int8;

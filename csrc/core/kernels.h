@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "dtypes.h"
 #include "isa.h"
@@ -105,6 +106,28 @@ inline void round_groups_to_int8(const float* x, int64_t ldx, int64_t n, int64_t
     }
   }
 }
+
+// Owned int8 activations of `rows` rows (codes, scales and offsets as Int8Activations describes them): what an int4
+// call rounds its inputs into (run_experts' slots, dali::quantized_linear's rows).
+struct Int8Rows {
+  std::vector<int8_t> q;
+  std::vector<float> scale, offset;
+
+  void resize(int64_t rows, int64_t len, int64_t group) {
+    q.resize(rows * len);
+    scale.resize(rows * (len / group));
+    offset.resize(rows * (len / group));
+  }
+  Int8Activations view(int64_t len, int64_t group) const {
+    return Int8Activations{q.data(), scale.data(), offset.data(), len, group};
+  }
+  // Rounds rows [first, first + n) of x [*, len] in place and keeps their codes.
+  void round_rows(const KernelTable& kernels, float* x, int64_t first, int64_t n, int64_t len, int64_t group) {
+    const int64_t groups = len / group;
+    kernels.round_to_int8(x + first * len, len, n, len, group, q.data() + first * len, scale.data() + first * groups,
+                          offset.data() + first * groups, x + first * len);
+  }
+};
 
 // The scalar dot_rows_int4 (the portable table's), and the AVX2 one (group sizes that are multiples of 32 and rows
 // of a multiple of 64 columns; others go to the scalar one), also the AVX-512 table's; nullptr where the build has
