@@ -10,7 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dali_compile.ops.quantized_linear import dequantize, quantize_weight, quantized_linear, quantized_linear_reference
+from dali_compile.ops.quantized_linear import (
+    dequantize,
+    quantize_weight,
+    quantized_linear,
+    quantized_linear_reference,
+    round_activations,
+)
 from dali_compile.runtime import cpu_extension
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -80,6 +86,53 @@ def test_gemm_path_equals_reference(T, bits, dtype, gemm_rows, isa):
     """At and above the crossover: weight chunks dequantized to fp32, then ATen's GEMM."""
     gemm_rows(16)
     check(T, 130, 96, bits, 32, dtype, bias=True, seed=4)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("group", [None, 32], ids=["row", "G32"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bf16_gemm_path_multiplies_the_bf16_rounded_weights(bits, group, bias, gemm_rows):
+    """bf16 activations from linear_bf16_gemm_min_rows rows on (default on AMX-BF16 CPUs; forced here on any
+    CPU): blocks of dequantized rows (600 rows: a full block of 512 and a partial one) rounded to bf16 and
+    multiplied by ATen's bf16 GEMM. What F.linear computes on the bf16-rounded dequantized weight (int4: on its
+    rounded activations) but for a few elements where an fp32 sum's order flips a bf16 rounding; within bf16
+    rounding of the reference. Below the threshold the streaming kernel, as exact as ever."""
+    gemm_rows(0)
+    cpu_extension.set_linear_bf16_gemm_min_rows(8)  # the fixture restores the default
+    N, C, T = 600, 256, 40
+    G = C if group is None else group
+    qweight, scales = quantized(N, C, bits, group, seed=11)
+    x = draw(T, C, dtype=torch.bfloat16, seed=12)
+    b = draw(N, dtype=torch.bfloat16, seed=13) if bias else None
+    got = quantized_linear(x, qweight, scales, b, bits, group)
+    assert got.dtype == torch.bfloat16 and got.shape == (T, N)
+    x_used = x if bits == 8 else round_activations(x, G).bfloat16()
+    own = F.linear(x_used, dequantize(qweight, scales, bits, G).bfloat16()).float()
+    own = (own if b is None else own + b.float()).bfloat16()
+    differ = (got.float() - own.float()).abs() > 1e-6 * own.float().abs().max()
+    assert float(differ.float().mean()) < 0.02, f"{int(differ.sum())} of {differ.numel()} elements differ"
+    assert rel_err(got, own) < 1e-2
+    assert rel_err(got, quantized_linear_reference(x, qweight, scales, b, bits, G)) <= RTOL[torch.bfloat16]
+    below = quantized_linear(x[:7], qweight, scales, b, bits, group)
+    assert rel_err(below, quantized_linear_reference(x[:7], qweight, scales, b, bits, G)) <= RTOL[torch.bfloat16]
+
+
+def test_bf16_gemm_path_rounds_each_dequantized_weight_as_torch_does(gemm_rows, isa):
+    """One-hot activations read single weights back: each is the dequantized weight rounded to bf16 bit for bit
+    as torch rounds it (KernelTable::round_to_bf16 on every ISA), ties to even included: scale 1 + 2^-8 times an
+    odd code lies halfway between two bf16 values."""
+    gemm_rows(0)
+    cpu_extension.set_linear_bf16_gemm_min_rows(8)  # the fixture restores the default
+    N, C = 40, 64
+    gen = torch.Generator().manual_seed(21)
+    qweight = torch.randint(-127, 128, (N, C), dtype=torch.int8, generator=gen)
+    scales = (torch.rand(N, 1, generator=gen) * 0.5 + 0.01).half()
+    scales[:8] = 1 + 2**-8
+    qweight[:8, 0] = 1  # 1 + 2^-8: exactly between 1 and 1 + 2^-7 (bf16 keeps 7 mantissa bits)
+    got = quantized_linear(torch.eye(C, dtype=torch.bfloat16), qweight, scales, None, 8, None)
+    want = dequantize(qweight, scales, 8, C).bfloat16().T
+    assert torch.equal(got, want)
+    assert (got[0, :8] == 1.0).all()  # the ties went to even
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -23,6 +23,7 @@
 #include "../core/experts.h"
 #include "../core/runtime.h"
 #include "aten_dtypes.h"
+#include "chunked_gemm.h"
 #include "cpu_experts_call.h"
 
 namespace dali_cpu {
@@ -74,6 +75,15 @@ void aten_gemm16(const float* a, int64_t lda, DType b_dtype, const void* b, int6
   at::from_blob(c, {m, n}, {ldc, 1}, fp32).copy_(at::mm(lhs, rhs));
 }
 
+// ATen's bf16 GEMM for a quantized expert with bf16 hidden states (see DenseGemm::fn16_filled): the activations
+// rounded to bf16 once, the weight rows dequantized, rounded and multiplied block by block (chunked_gemm.h).
+void aten_gemm16_filled(const float* a, int64_t lda, const std::function<void(int64_t, int64_t, float*)>& fill,
+                        float* c, int64_t ldc, int64_t m, int64_t n, int64_t k) {
+  const auto fp32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor lhs = at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, fp32).to(at::kBFloat16);
+  blocked_bf16_gemm(lhs, n, fill, at::from_blob(c, {m, n}, {ldc, 1}, fp32));
+}
+
 // at::parallel_for: the element-wise steps between two aten_gemm calls share the GEMM's threads.
 void aten_parallel(int64_t num_tasks, const std::function<void(int64_t)>& task) {
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
@@ -85,7 +95,8 @@ void aten_parallel(int64_t num_tasks, const std::function<void(int64_t)>& task) 
 // jobs on the runtime's own pool: they run beside the caller's thread, which meanwhile drives the GPU.
 void run(const PreparedCall& call, Parallel& parallel) {
   run_experts(call.layer, call.routing, call.out.data_ptr<float>(), parallel, active_kernels(),
-              DenseGemm{&aten_gemm, dense_gemm_min_tokens(), &aten_parallel, &aten_gemm16, bf16_gemm_min_tokens()});
+              DenseGemm{&aten_gemm, dense_gemm_min_tokens(), &aten_parallel, &aten_gemm16, bf16_gemm_min_tokens(),
+                        &aten_gemm16_filled});
 }
 
 DType weight_dtype(const at::Tensor& t, const char* op) { return core_dtype(t.scalar_type(), op, "expert weights"); }

@@ -6,7 +6,10 @@
 // As dali::cpu_linear (linear_ops.cpp): up to linear_gemm_min_rows() - 1 rows the runtime's kernel
 // reads the codes in place on the step's threads (decode: weight-bound, one read of every byte);
 // from that many rows on, chunks of weight rows are dequantized to fp32 and multiplied by ATen's
-// fp32 GEMM (compute-bound).
+// fp32 GEMM (compute-bound). With bf16 activations on a CPU with AMX-BF16, from
+// linear_bf16_gemm_min_rows() rows on, blocks of weight rows are dequantized, rounded to bf16 and
+// multiplied by ATen's bf16 GEMM instead (blocked_bf16_gemm): the bf16 linear's arithmetic on the
+// bf16-rounded weights, as a bf16 model's own linears run there.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -81,12 +84,28 @@ QuantizedWeights describe(const at::Tensor& qweight, const at::Tensor& scales, c
                           bias.defined() ? bias.data_ptr() : nullptr};
 }
 
-// Compute-bound sizes: weight rows dequantized chunk by chunk (on the pool), then ATen's fp32 GEMM.
+// Weight rows [n0, n0 + rows) dequantized to fp32 into dst (on the step's threads).
+FillWeightRows dequantized_rows(const QuantizedWeights& layer) {
+  return [&layer](int64_t n0, int64_t rows, float* dst) {
+    dequantize_weight_rows(layer, n0, rows, dst, layer.in_features, step_parallel(), active_kernels());
+  };
+}
+
+// Compute-bound sizes: weight rows dequantized chunk by chunk, then ATen's fp32 GEMM.
 at::Tensor gemm_quantized_linear(const at::Tensor& x2, const QuantizedWeights& layer,
                                  const std::optional<at::Tensor>& bias) {
-  return chunked_fp32_gemm(x2, layer.out_features, [&](int64_t n0, int64_t rows, float* dst) {
-    dequantize_weight_rows(layer, n0, rows, dst, layer.in_features, step_parallel(), active_kernels());
-  }, bias);
+  return chunked_fp32_gemm(x2, layer.out_features, dequantized_rows(layer), bias);
+}
+
+// Compute-bound sizes with bf16 activations where ATen's bf16 GEMM is fast (AMX): x2 (x, or int4's rounded
+// activations, in fp32) rounded to bf16, blocks of dequantized rows rounded to bf16; the bias is added to the
+// fp32 widening of the bf16 products, then one rounding to bf16.
+at::Tensor bf16_gemm_quantized_linear(const at::Tensor& x2, const QuantizedWeights& layer,
+                                      const std::optional<at::Tensor>& bias) {
+  at::Tensor out = at::empty({x2.size(0), layer.out_features}, x2.options().dtype(at::kFloat));
+  blocked_bf16_gemm(x2.to(at::kBFloat16), layer.out_features, dequantized_rows(layer), out);
+  if (bias.has_value()) out.add_(*bias);
+  return out.to(at::kBFloat16);
 }
 
 // int4 weights multiply activations rounded to int8 per row and group (round_activations in
@@ -123,6 +142,10 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, cons
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   const int64_t T = x2.size(0);
+  const int64_t bf16_gemm_rows = linear_bf16_gemm_min_rows();
+  if (x.scalar_type() == at::kBFloat16 && bf16_gemm_rows > 0 && T >= bf16_gemm_rows) {
+    return bf16_gemm_quantized_linear(x2, layer, bias).view(out_shape);
+  }
   const int64_t gemm_rows = linear_gemm_min_rows();
   if (gemm_rows > 0 && T >= gemm_rows) {
     return gemm_quantized_linear(x2, layer, bias).to(x.scalar_type()).view(out_shape);

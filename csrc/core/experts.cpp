@@ -7,7 +7,8 @@
 //   2. down + weighted write: out[slot] = w * (act . down_e^T + b)   tasks = (expert, block of H)
 //   3. fp32 and quantized experts with many tokens: the same math as two dense GEMMs (DenseGemm), one expert at
 //      a time, a quantized expert's weights dequantized to fp32 first (exact: a code times an fp16 scale);
-//      bf16 experts with many tokens on CPUs with a fast bf16 GEMM (AMX): two bf16 GEMMs on the stored weights
+//      bf16 experts with many tokens on CPUs with a fast bf16 GEMM (AMX): two bf16 GEMMs on the stored weights,
+//      and quantized ones with bf16 hidden states there: two bf16 GEMMs on blocks of dequantized rows
 //
 // int4 experts take their activations rounded to int8 (kernels.h, Int8Activations): xs after the gather and act
 // after the activation are rounded in place (x' = xq * s, what the GEMM path multiplies) and their int8 codes
@@ -219,7 +220,7 @@ class ExpertRun {
     const int64_t n_max = dense.front().count;
     dense_h_.resize(n_max * (L_.gated ? 2 * L_.intermediate : L_.intermediate));
     dense_y_.resize(n_max * L_.hidden);
-    if (L_.bits != 0) {
+    if (L_.bits != 0 && !uses_gemm16(dense.back().count)) {  // some expert dequantized whole (the fewest tokens)
       dense_up_.resize((L_.gated ? 2 : 1) * L_.intermediate * L_.hidden);
       dense_down_.resize(L_.hidden * L_.intermediate);
     }
@@ -228,11 +229,17 @@ class ExpertRun {
 
  private:
   bool uses_gemm(int64_t tokens) const {
-    if (L_.bits == 0 && L_.dtype == DType::kBF16) {
-      return gemm_.fn16 != nullptr && gemm_.min_tokens16 > 0 && tokens >= gemm_.min_tokens16;
-    }
+    if (uses_gemm16(tokens)) return true;
+    if (L_.bits == 0 && L_.dtype == DType::kBF16) return false;
     return gemm_.fn != nullptr && gemm_.min_tokens > 0 && (L_.dtype == DType::kF32 || L_.bits != 0) &&
            tokens >= gemm_.min_tokens;
+  }
+
+  // The 16-bit GEMM: bf16 experts as stored (fn16), quantized experts with bf16 hidden states dequantized
+  // block by block (fn16_filled).
+  bool uses_gemm16(int64_t tokens) const {
+    if (L_.dtype != DType::kBF16 || gemm_.min_tokens16 <= 0 || tokens < gemm_.min_tokens16) return false;
+    return L_.bits == 0 ? gemm_.fn16 != nullptr : gemm_.fn16_filled != nullptr;
   }
 
   // c [m, n] = a [m, k] . w^T (w [n, k], or [k, n] when transposed) of one expert's stored weights: w is
@@ -341,14 +348,23 @@ class ExpertRun {
     }
   }
 
-  // One expert's quantized weights (`rows` rows of `len` columns) in fp32, dst [rows, len].
-  void dequantize_expert(bool up_side, int64_t expert, int64_t rows, int64_t len, float* dst) const {
+  // Rows [first, first + rows) of one expert's quantized weights (rows of `len` columns) in fp32, dst [rows, len].
+  void dequantize_expert(bool up_side, int64_t expert, int64_t first, int64_t rows, int64_t len, float* dst) const {
     constexpr int64_t kRowsPerTask = 16;
     on_gemm_threads((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
       const int64_t r0 = task * kRowsPerTask;
-      k_.dequantize_rows(L_.bits, quantized_rows(up_side, expert, r0), std::min(kRowsPerTask, rows - r0), len,
-                         dst + r0 * len, len);
+      k_.dequantize_rows(L_.bits, quantized_rows(up_side, expert, first + r0), std::min(kRowsPerTask, rows - r0),
+                         len, dst + r0 * len, len);
     });
+  }
+
+  // c [m, n] = a [m, k] . w^T of one quantized expert's up (w [n = X, k = H]) or down (w [n = H, k = I]) rows,
+  // on the 16-bit GEMM, the rows dequantized block by block where it multiplies them.
+  void quantized_gemm16(bool up_side, int64_t expert, const float* a, float* c, int64_t m, int64_t n,
+                        int64_t k) const {
+    gemm_.fn16_filled(a, k, [&](int64_t first, int64_t rows, float* dst) {
+      dequantize_expert(up_side, expert, first, rows, k, dst);
+    }, c, n, m, n, k);
   }
 
   // One expert with many tokens (fp32, quantized or, with gemm_.fn16, bf16): two dense GEMMs, the activation
@@ -362,9 +378,13 @@ class ExpertRun {
     const void* up;
     const void* down;
     int64_t up_ld, down_ld;
-    if (L_.bits != 0) {
-      dequantize_expert(true, g.expert, X, H, dense_up_.data());
-      dequantize_expert(false, g.expert, H, I, dense_down_.data());
+    const bool blocks16 = L_.bits != 0 && uses_gemm16(n);  // quantized rows dequantized where they are multiplied
+    if (blocks16) {
+      up = down = nullptr;
+      up_ld = down_ld = 0;
+    } else if (L_.bits != 0) {
+      dequantize_expert(true, g.expert, 0, X, H, dense_up_.data());
+      dequantize_expert(false, g.expert, 0, H, I, dense_down_.data());
       up = dense_up_.data();
       down = dense_down_.data();
       up_ld = H;
@@ -382,12 +402,20 @@ class ExpertRun {
         body(t0, std::min(kTokenChunk, n - t0));
       });
     };
-    expert_gemm(xs_.data() + g.first * H, up, up_ld, h, n, X, H);
+    if (blocks16) {
+      quantized_gemm16(true, g.expert, xs_.data() + g.first * H, h, n, X, H);
+    } else {
+      expert_gemm(xs_.data() + g.first * H, up, up_ld, h, n, X, H);
+    }
     in_chunks([&](int64_t t0, int64_t nt) {
       activate_block(g, 0, I, t0, nt, h + t0 * X, X);
       if (L_.bits == 4) act_int8_.round_rows(k_, act_.data(), g.first + t0, nt, I, L_.down_group);
     });
-    expert_gemm(act_.data() + g.first * I, down, down_ld, y, n, H, I);
+    if (blocks16) {
+      quantized_gemm16(false, g.expert, act_.data() + g.first * I, y, n, H, I);
+    } else {
+      expert_gemm(act_.data() + g.first * I, down, down_ld, y, n, H, I);
+    }
     in_chunks([&](int64_t t0, int64_t nt) { write_slots(g, 0, H, t0, nt, y + t0 * H, H); });
   }
 

@@ -104,6 +104,8 @@ void avx2_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int64_
   dequantize_rows_generic<Avx2>(bits, w, rows, len, dst, ldd);
 }
 
+void avx2_round_to_bf16(const float* src, int64_t n, BF16* dst) { round_to_bf16_generic<Avx2>(src, n, dst); }
+
 // ---- int4 codes times int8 activations (KernelTable::dot_rows_int4): group sizes and rows that are multiples of
 // 32 and 64 columns ----
 //
@@ -231,7 +233,7 @@ const KernelTable* avx2_kernels() {
                                  avx2_convert,        avx2_silu_mul,        avx2_exp_shifted,
                                  avx2_dot_rows_quantized,
                                  avx2_dequantize_rows, dot_rows_int4_avx2(),
-                                 round_to_int8};
+                                 round_to_int8,       avx2_round_to_bf16};
   return &table;
 }
 

@@ -186,6 +186,8 @@ void avx512_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int6
   dequantize_rows_generic<Avx512>(bits, w, rows, len, dst, ldd);
 }
 
+void avx512_round_to_bf16(const float* src, int64_t n, BF16* dst) { round_to_bf16_generic<Avx512>(src, n, dst); }
+
 // round_to_int8 16 columns at a time, for groups of a multiple of 32 (16-column blocks within each half; others:
 // the scalar one). The same operations as the scalar version per element (IEEE division, round half to even, the
 // clamp's and the maximum's NaN cases, which take std::max's operand), and integer sums: the same bits.
@@ -235,7 +237,7 @@ const KernelTable* avx512_kernels() {
                        avx512_dequantize_rows,
                        // AVX-512 CPUs have AVX2: its int4 kernel where there is no VNNI, and for odd widths
                        cpu_has_avx512_vnni() ? dot_rows_int4_avx512_vnni(dot_rows_int4_avx2()) : dot_rows_int4_avx2(),
-                       avx512_round_to_int8};
+                       avx512_round_to_int8,        avx512_round_to_bf16};
   }();
   return &table;
 }

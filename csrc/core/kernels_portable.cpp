@@ -93,7 +93,8 @@ const KernelTable& portable_kernels() {
                                  dot_rows_quantized_generic<Portable>,
                                  dequantize_rows_generic<Portable>,
                                  dot_rows_int4_scalar,
-                                 round_to_int8};
+                                 round_to_int8,
+                                 round_to_bf16_generic<Portable>};
   return table;
 }
 

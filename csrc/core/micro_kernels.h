@@ -446,3 +446,16 @@ void dequantize_rows_generic(int bits, const QuantizedRows& w, int64_t rows, int
     }
   }
 }
+
+// ---- Rounding to bf16 (KernelTable::round_to_bf16) ----
+
+// A plain loop that -O3 vectorises for each file's target.
+template <class V>
+void round_to_bf16_generic(const float* src, int64_t n, BF16* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof u);
+    const uint32_t nearest_even = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    dst[i].bits = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : nearest_even);
+  }
+}
