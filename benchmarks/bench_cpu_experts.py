@@ -6,6 +6,7 @@
     python benchmarks/bench_cpu_experts.py --quick         # decode and n=16, Qwen3 and OLMoE
     python benchmarks/bench_cpu_experts.py --models olmoe --dtypes bf16 --tokens 1 4
     python benchmarks/bench_cpu_experts.py --crossover --dtypes fp32 bf16   # streaming kernels vs ATen GEMM by n
+    python benchmarks/bench_cpu_experts.py --crossover --dtypes int8 int4 --tokens 16 32 64   # quantized: the bf16 GEMM
     python benchmarks/bench_cpu_experts.py --quick --dtypes int8 int4   # quantized experts against bf16
 
 Grid: the K routed experts of one token of Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V2-Lite and OLMoE
@@ -209,10 +210,14 @@ def bench_point(model: ModelShape, dtype_name: str, n: int, layers, args) -> Res
 
 
 # Per dtype: (getter, setter) of the threshold from which its experts take ATen's GEMM (fp32: fp32 GEMM; bf16:
-# ATen's bf16 GEMM on the stored weights, on by default only on CPUs with AMX-BF16).
+# ATen's bf16 GEMM on the stored weights, on by default only on CPUs with AMX-BF16; int8 / int4, with bf16
+# hidden states here: the same bf16 GEMM on blocks of dequantized rows; int4's threshold is twice the set one,
+# so its rows run the GEMM from 2 tokens on where 1 is set).
 GEMM_THRESHOLDS = {
     "fp32": (cpu_extension.get_dense_gemm_min_tokens, cpu_extension.set_dense_gemm_min_tokens),
     "bf16": (cpu_extension.get_bf16_gemm_min_tokens, cpu_extension.set_bf16_gemm_min_tokens),
+    "int8": (cpu_extension.get_quantized_bf16_gemm_min_rows, cpu_extension.set_quantized_bf16_gemm_min_rows),
+    "int4": (cpu_extension.get_quantized_bf16_gemm_min_rows, cpu_extension.set_quantized_bf16_gemm_min_rows),
 }
 
 
@@ -279,7 +284,8 @@ def parse_args(argv=None):
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS_PER_EXPERT),
                         help="tokens per expert (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="Qwen3 and OLMoE, n in {1, 16}")
-    parser.add_argument("--crossover", action="store_true", help="fp32/bf16: streaming kernels vs ATen GEMM by n")
+    parser.add_argument("--crossover", action="store_true",
+                        help="streaming kernels vs ATen GEMM by n (fp32, bf16; int8/int4: the bf16 GEMM)")
     parser.add_argument("--repeats", type=int, default=2, help="minimum rounds (blocks of calls per side) per point")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed rounds per point")
     parser.add_argument("--min-bytes", type=int, default=512 << 20,

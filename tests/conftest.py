@@ -68,10 +68,13 @@ def gemm_rows():
 
     default = cpu_extension.get_linear_gemm_min_rows()
     default_bf16 = cpu_extension.get_linear_bf16_gemm_min_rows()
+    default_quantized = cpu_extension.get_quantized_bf16_gemm_min_rows()
     cpu_extension.set_linear_bf16_gemm_min_rows(0)  # off in tests (above); restored as the test found it
+    cpu_extension.set_quantized_bf16_gemm_min_rows(0)
     yield cpu_extension.set_linear_gemm_min_rows
     cpu_extension.set_linear_gemm_min_rows(default)
     cpu_extension.set_linear_bf16_gemm_min_rows(default_bf16)
+    cpu_extension.set_quantized_bf16_gemm_min_rows(default_quantized)
 
 
 @pytest.fixture(params=("portable", "avx2", "avx512"))

@@ -610,7 +610,7 @@ _BF16_GEMM_PROBE = textwrap.dedent(
         from dali_compile.runtime import cpu_extension as c
         assert c.cpu_extension_available()
     print(json.dumps({"amx": c.has_amx_bf16(), "experts": c.get_bf16_gemm_min_tokens(),
-                      "rows": c.get_linear_bf16_gemm_min_rows(),
+                      "rows": c.get_linear_bf16_gemm_min_rows(), "quantized": c.get_quantized_bf16_gemm_min_rows(),
                       "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}))
     """
 )
@@ -618,16 +618,16 @@ _BF16_GEMM_PROBE = textwrap.dedent(
 
 @pytest.mark.parametrize("value", ["auto", "0", "sometimes"])
 def test_bf16_gemm_env_setting(value):
-    """DALI_CPU_BF16_GEMM: "0" turns both bf16 GEMM paths off, "auto" keeps the default (16 tokens per expert and 8
-    linear rows with AMX-BF16, off without), anything else warns and keeps the default."""
+    """DALI_CPU_BF16_GEMM: "0" turns the bf16 GEMM paths off, "auto" keeps the default (16 tokens per expert and 8
+    linear rows with AMX-BF16, 32 for quantized weights, off without), anything else warns and keeps the default."""
     import json
 
     done = subprocess.run([sys.executable, "-c", _BF16_GEMM_PROBE], env={**os.environ, "DALI_CPU_BF16_GEMM": value},
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.strip().splitlines()[-1])
-    default = (16, 8) if got["amx"] else (0, 0)
-    assert (got["experts"], got["rows"]) == ((0, 0) if value == "0" else default)
+    default = (16, 8, 32) if got["amx"] else (0, 0, 0)
+    assert (got["experts"], got["rows"], got["quantized"]) == ((0, 0, 0) if value == "0" else default)
     expected_warnings = 1 if value == "sometimes" else 0
     assert len(got["warnings"]) == expected_warnings, got["warnings"]
     assert all("DALI_CPU_BF16_GEMM" in w for w in got["warnings"])

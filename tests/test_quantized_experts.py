@@ -128,16 +128,16 @@ def test_many_tokens_take_the_dequantized_gemm_path(bits):
     mask = torch.tensor([True, True, False, True, True, True])
     args = op_args(layer, routing(40, torch.bfloat16), mask)
     previous = cpu_extension.get_dense_gemm_min_tokens()
-    previous16 = cpu_extension.get_bf16_gemm_min_tokens()
+    previous16 = cpu_extension.get_quantized_bf16_gemm_min_rows()
     try:
-        cpu_extension.set_bf16_gemm_min_tokens(0)  # the bf16 GEMM (AMX hosts' default) has a test of its own
+        cpu_extension.set_quantized_bf16_gemm_min_rows(0)  # the bf16 GEMM (AMX hosts' default): a test of its own
         cpu_extension.set_dense_gemm_min_tokens(4)
         gemm = torch.ops.dali.cpu_experts(*args)
         cpu_extension.set_dense_gemm_min_tokens(0)  # disabled: the streaming kernels
         streamed = torch.ops.dali.cpu_experts(*args)
     finally:
         cpu_extension.set_dense_gemm_min_tokens(previous)
-        cpu_extension.set_bf16_gemm_min_tokens(previous16)
+        cpu_extension.set_quantized_bf16_gemm_min_rows(previous16)
     want = ops.cpu_experts_reference(*args)
     assert relative_max_error(gemm, want) <= FP32_RTOL
     assert relative_max_error(streamed, want) <= FP32_RTOL
@@ -148,25 +148,27 @@ def test_many_tokens_take_the_dequantized_gemm_path(bits):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bits", (8, 4))
 def test_bf16_hidden_with_many_tokens_take_the_bf16_gemm_on_dequantized_blocks(bits, layout):
-    """With bf16 hidden states, experts with at least bf16_gemm_min_tokens tokens (default on AMX-BF16 CPUs; forced
-    here) multiply blocks of dequantized rows rounded to bf16 on ATen's bf16 GEMM, the activations rounded to bf16
-    before each GEMM: within bf16 rounding of the dequantizing reference, and not the exact fp32 path's result
-    (so the path ran); the other experts stream, in the same call, as exact as ever."""
+    """With bf16 hidden states, experts with at least quantized_bf16_gemm_min_rows tokens (int4: twice as many;
+    default on AMX-BF16 CPUs; forced here) multiply blocks of dequantized rows rounded to bf16 on ATen's bf16
+    GEMM, the activations rounded to bf16 before each GEMM: within bf16 rounding of the dequantizing reference,
+    and not the exact fp32 path's result (so the path ran); the other experts stream, in the same call, as exact
+    as ever."""
     layer = quantized_layer(bits, layout, torch.bfloat16, seed=3)
     route = routing(40, torch.bfloat16, seed=4)
     args = op_args(layer, route)
     counts = torch.bincount(route[1].flatten(), minlength=E)
-    threshold = int(counts[counts > 0].median())
-    previous, previous16 = cpu_extension.get_dense_gemm_min_tokens(), cpu_extension.get_bf16_gemm_min_tokens()
+    setting = int(counts[counts > 0].median()) // (1 if bits == 8 else 2)
+    threshold = setting if bits == 8 else 2 * setting  # int4 takes the GEMM from twice the setting
+    previous, previous16 = cpu_extension.get_dense_gemm_min_tokens(), cpu_extension.get_quantized_bf16_gemm_min_rows()
     try:
         cpu_extension.set_dense_gemm_min_tokens(0)
-        cpu_extension.set_bf16_gemm_min_tokens(threshold)  # some experts each way
+        cpu_extension.set_quantized_bf16_gemm_min_rows(setting)  # some experts each way
         got = torch.ops.dali.cpu_experts(*args)
-        cpu_extension.set_bf16_gemm_min_tokens(0)
+        cpu_extension.set_quantized_bf16_gemm_min_rows(0)
         exact = torch.ops.dali.cpu_experts(*args)
     finally:
         cpu_extension.set_dense_gemm_min_tokens(previous)
-        cpu_extension.set_bf16_gemm_min_tokens(previous16)
+        cpu_extension.set_quantized_bf16_gemm_min_rows(previous16)
     by_gemm = (counts >= threshold)[route[1]]  # [T, K]: slots whose expert took the bf16 GEMM
     assert by_gemm.any() and not by_gemm.all()
     want = ops.cpu_experts_reference(*args)

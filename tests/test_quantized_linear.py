@@ -92,13 +92,13 @@ def test_gemm_path_equals_reference(T, bits, dtype, gemm_rows, isa):
 @pytest.mark.parametrize("group", [None, 32], ids=["row", "G32"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_bf16_gemm_path_multiplies_the_bf16_rounded_weights(bits, group, bias, gemm_rows):
-    """bf16 activations from linear_bf16_gemm_min_rows rows on (default on AMX-BF16 CPUs; forced here on any
-    CPU): blocks of dequantized rows (600 rows: a full block of 512 and a partial one) rounded to bf16 and
-    multiplied by ATen's bf16 GEMM. What F.linear computes on the bf16-rounded dequantized weight (int4: on its
-    rounded activations) but for a few elements where an fp32 sum's order flips a bf16 rounding; within bf16
-    rounding of the reference. Below the threshold the streaming kernel, as exact as ever."""
+    """bf16 activations from quantized_bf16_gemm_min_rows rows on (int4: twice as many; default on AMX-BF16 CPUs;
+    forced here on any CPU): blocks of dequantized rows (600 rows: a full block of 512 and a partial one) rounded
+    to bf16 and multiplied by ATen's bf16 GEMM. What F.linear computes on the bf16-rounded dequantized weight
+    (int4: on its rounded activations) but for a few elements where an fp32 sum's order flips a bf16 rounding;
+    within bf16 rounding of the reference. Below the threshold the streaming kernel, as exact as ever."""
     gemm_rows(0)
-    cpu_extension.set_linear_bf16_gemm_min_rows(8)  # the fixture restores the default
+    cpu_extension.set_quantized_bf16_gemm_min_rows(8 if bits == 8 else 4)  # 8 rows for both; the fixture restores it
     N, C, T = 600, 256, 40
     G = C if group is None else group
     qweight, scales = quantized(N, C, bits, group, seed=11)
@@ -122,7 +122,7 @@ def test_bf16_gemm_path_rounds_each_dequantized_weight_as_torch_does(gemm_rows, 
     as torch rounds it (KernelTable::round_to_bf16 on every ISA), ties to even included: scale 1 + 2^-8 times an
     odd code lies halfway between two bf16 values."""
     gemm_rows(0)
-    cpu_extension.set_linear_bf16_gemm_min_rows(8)  # the fixture restores the default
+    cpu_extension.set_quantized_bf16_gemm_min_rows(8)  # the fixture restores the default
     N, C = 40, 64
     gen = torch.Generator().manual_seed(21)
     qweight = torch.randint(-127, 128, (N, C), dtype=torch.int8, generator=gen)

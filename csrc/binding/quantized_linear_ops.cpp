@@ -7,7 +7,7 @@
 // reads the codes in place on the step's threads (decode: weight-bound, one read of every byte);
 // from that many rows on, chunks of weight rows are dequantized to fp32 and multiplied by ATen's
 // fp32 GEMM (compute-bound). With bf16 activations on a CPU with AMX-BF16, from
-// linear_bf16_gemm_min_rows() rows on, blocks of weight rows are dequantized, rounded to bf16 and
+// quantized_bf16_gemm_min_rows(bits) rows on, blocks of weight rows are dequantized, rounded to bf16 and
 // multiplied by ATen's bf16 GEMM instead (blocked_bf16_gemm): the bf16 linear's arithmetic on the
 // bf16-rounded weights, as a bf16 model's own linears run there.
 #include <ATen/core/Tensor.h>
@@ -142,7 +142,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, cons
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   const int64_t T = x2.size(0);
-  const int64_t bf16_gemm_rows = linear_bf16_gemm_min_rows();
+  const int64_t bf16_gemm_rows = quantized_bf16_gemm_min_rows(static_cast<int>(bits));
   if (x.scalar_type() == at::kBFloat16 && bf16_gemm_rows > 0 && T >= bf16_gemm_rows) {
     return bf16_gemm_quantized_linear(x2, layer, bias).view(out_shape);
   }

@@ -71,6 +71,15 @@ constexpr int64_t kAmxBf16GemmMinTokens = 16;
 constexpr int64_t kAmxLinearBf16GemmMinRows = 8;
 std::atomic<int64_t> g_bf16_gemm_min_tokens{cpu_has_amx_bf16() ? kAmxBf16GemmMinTokens : 0};
 std::atomic<int64_t> g_linear_bf16_gemm_min_rows{cpu_has_amx_bf16() ? kAmxLinearBf16GemmMinRows : 0};
+// Quantized weights with bf16 activations take the same bf16 GEMM on blocks of dequantized rows (chunked_gemm.h)
+// later: their streaming kernels read 2x (int8) or 4x (int4) fewer bytes, and the dequantizing and rounding cost
+// about as much as the GEMM. Measured on the same machine, GEMM ms / streaming ms:
+//   experts (bench_cpu_experts.py --crossover --dtypes int8 int4, OLMoE and Qwen3-30B-A3B shapes): int8 at 16
+//     tokens per expert 1.63-1.72, at 32 0.91-0.98, at 48 0.84-0.86; int4 at 32 1.43-1.46, at 64 1.01-1.05;
+//   dense linears (2048 x 2048): int8 at 16 rows 1.35, at 32 1.01, at 64 0.77; int4 at 32 1.19, at 64 0.97.
+// One setting for both: int8 from n tokens or rows on, int4 from 2n (set_quantized_bf16_gemm_min_rows).
+constexpr int64_t kAmxQuantizedBf16GemmMinRows = 32;
+std::atomic<int64_t> g_quantized_bf16_gemm_min_rows{cpu_has_amx_bf16() ? kAmxQuantizedBf16GemmMinRows : 0};
 
 // The read side of the bandwidth probe sums 64-bit words the way the kernels read weights: four
 // interleaved streams over consecutive 8 KiB segments (four weight rows). One sequential stream per
@@ -243,6 +252,11 @@ int64_t bf16_gemm_min_tokens() { return g_bf16_gemm_min_tokens.load(std::memory_
 
 int64_t linear_bf16_gemm_min_rows() { return g_linear_bf16_gemm_min_rows.load(std::memory_order_relaxed); }
 
+int64_t quantized_bf16_gemm_min_rows(int bits) {
+  const int64_t n = g_quantized_bf16_gemm_min_rows.load(std::memory_order_relaxed);
+  return n > 0 && bits == 4 ? 2 * n : n;
+}
+
 }  // namespace dali_cpu
 
 extern "C" {
@@ -330,6 +344,10 @@ void dali_cpu_set_bf16_gemm_min_tokens(int64_t n) { dali_cpu::g_bf16_gemm_min_to
 int64_t dali_cpu_get_linear_bf16_gemm_min_rows() { return dali_cpu::linear_bf16_gemm_min_rows(); }
 
 void dali_cpu_set_linear_bf16_gemm_min_rows(int64_t n) { dali_cpu::g_linear_bf16_gemm_min_rows.store(n); }
+
+int64_t dali_cpu_get_quantized_bf16_gemm_min_rows() { return dali_cpu::g_quantized_bf16_gemm_min_rows.load(); }
+
+void dali_cpu_set_quantized_bf16_gemm_min_rows(int64_t n) { dali_cpu::g_quantized_bf16_gemm_min_rows.store(n); }
 
 int dali_cpu_has_amx_bf16() { return dali_cpu::cpu_has_amx_bf16() ? 1 : 0; }
 

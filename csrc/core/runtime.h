@@ -44,6 +44,10 @@ int64_t linear_gemm_min_rows();
 // this many rows, go to ATen's bf16 GEMM on the weights as stored; <= 0: never (the default without AMX-BF16).
 int64_t bf16_gemm_min_tokens();
 int64_t linear_bf16_gemm_min_rows();
+// int8 (bits 8) or int4 (bits 4) weights with bf16 activations: experts with at least this many tokens and
+// dali::quantized_linear calls with at least this many rows go to ATen's bf16 GEMM on blocks of dequantized
+// rows; <= 0: never (the default without AMX-BF16).
+int64_t quantized_bf16_gemm_min_rows(int bits);
 
 // The most threads the pool may have: a guard against a typo (10**9), far above any real machine's need.
 constexpr int kMaxThreads = 1024;
@@ -101,6 +105,8 @@ int64_t dali_cpu_get_bf16_gemm_min_tokens();
 void dali_cpu_set_bf16_gemm_min_tokens(int64_t n);
 int64_t dali_cpu_get_linear_bf16_gemm_min_rows();
 void dali_cpu_set_linear_bf16_gemm_min_rows(int64_t n);
+int64_t dali_cpu_get_quantized_bf16_gemm_min_rows();
+void dali_cpu_set_quantized_bf16_gemm_min_rows(int64_t n);
 // 1 if this CPU has AMX-BF16 enabled by the OS (see cpu_has_amx_bf16), else 0.
 int dali_cpu_has_amx_bf16();
 // Streaming read bandwidth of this machine in GB/s: every pool thread sums its share of a fresh

@@ -28,6 +28,8 @@ error code (-99, with dali_cpu_last_error()), raised here as RuntimeError; bad v
     set_linear_gemm_min_rows(n)           # dali::cpu_linear: ATen's fp32 GEMM from n rows on
     set_bf16_gemm_min_tokens(n); set_linear_bf16_gemm_min_rows(n)   # bf16 weights: ATen's bf16 GEMM as
                                           # stored from n tokens per expert / rows on (default: AMX-BF16 CPUs only)
+    set_quantized_bf16_gemm_min_rows(n)   # int8 / int4 with bf16 activations: the bf16 GEMM on dequantized
+                                          # blocks from n (int4: 2n) tokens per expert or rows on (AMX-BF16 only)
     has_amx_bf16()
     read_bandwidth_gbps(); read_tensors(*tensors)   # the physical limit, for benchmarks
 
@@ -173,6 +175,8 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_cpu_set_bf16_gemm_min_tokens.argtypes = [ctypes.c_int64]
     lib.dali_cpu_get_linear_bf16_gemm_min_rows.restype = ctypes.c_int64
     lib.dali_cpu_set_linear_bf16_gemm_min_rows.argtypes = [ctypes.c_int64]
+    lib.dali_cpu_get_quantized_bf16_gemm_min_rows.restype = ctypes.c_int64
+    lib.dali_cpu_set_quantized_bf16_gemm_min_rows.argtypes = [ctypes.c_int64]
     lib.dali_cpu_has_amx_bf16.restype = ctypes.c_int
     lib.dali_cpu_read_bandwidth_gbps.argtypes = [ctypes.c_int64, ctypes.c_int]
     lib.dali_cpu_read_bandwidth_gbps.restype = ctypes.c_double
@@ -236,6 +240,7 @@ def _configure(lib: ctypes.CDLL) -> None:
     if bf16_gemm == "0":
         lib.dali_cpu_set_bf16_gemm_min_tokens(0)
         lib.dali_cpu_set_linear_bf16_gemm_min_rows(0)
+        lib.dali_cpu_set_quantized_bf16_gemm_min_rows(0)
     elif bf16_gemm not in (None, "", "auto"):
         warnings.warn(f"DALI_CPU_BF16_GEMM={bf16_gemm!r} is not understood (0 turns the bf16 GEMM paths off, auto "
                       "keeps the default: on with AMX-BF16 only); keeping the default", RuntimeWarning, stacklevel=3)
@@ -396,6 +401,19 @@ def get_linear_bf16_gemm_min_rows() -> int:
 def set_linear_bf16_gemm_min_rows(n: int) -> None:
     """Set the rows from which `dali::cpu_linear` on bf16 weights uses ATen's bf16 GEMM; n <= 0 never uses it."""
     _require().dali_cpu_set_linear_bf16_gemm_min_rows(int(n))
+
+
+def get_quantized_bf16_gemm_min_rows() -> int:
+    """int8 weights with bf16 activations (experts with at least this many tokens, `dali::quantized_linear` calls
+    with at least this many rows) run ATen's bf16 GEMM on blocks of dequantized rows; int4 from twice as many;
+    <= 0: never."""
+    return int(_require().dali_cpu_get_quantized_bf16_gemm_min_rows())
+
+
+def set_quantized_bf16_gemm_min_rows(n: int) -> None:
+    """Set the tokens per expert / rows from which int8 weights (int4: twice as many) with bf16 activations use
+    ATen's bf16 GEMM on dequantized blocks; n <= 0 never uses it."""
+    _require().dali_cpu_set_quantized_bf16_gemm_min_rows(int(n))
 
 
 def read_bandwidth_gbps(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
