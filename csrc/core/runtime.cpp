@@ -75,7 +75,7 @@ std::atomic<int64_t> g_linear_bf16_gemm_min_rows{cpu_has_amx_bf16() ? kAmxLinear
 // later: their streaming kernels read 2x (int8) or 4x (int4) fewer bytes, and the dequantizing and rounding cost
 // about as much as the GEMM. Measured on the same machine, GEMM ms / streaming ms:
 //   experts (bench_cpu_experts.py --crossover --dtypes int8 int4, OLMoE and Qwen3-30B-A3B shapes): int8 at 16
-//     tokens per expert 1.63-1.72, at 32 0.91-0.98, at 48 0.84-0.86; int4 at 32 1.43-1.46, at 64 1.01-1.05;
+//     tokens per expert 1.63-1.72, at 32 0.91-1.12, at 48 0.84-0.86; int4 at 32 1.20-1.46, at 64 1.01-1.05;
 //   dense linears (2048 x 2048): int8 at 16 rows 1.35, at 32 1.01, at 64 0.77; int4 at 32 1.19, at 64 0.97.
 // One setting for both: int8 from n tokens or rows on, int4 from 2n (set_quantized_bf16_gemm_min_rows).
 constexpr int64_t kAmxQuantizedBf16GemmMinRows = 32;
