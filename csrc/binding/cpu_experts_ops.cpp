@@ -96,7 +96,7 @@ void aten_parallel(int64_t num_tasks, const std::function<void(int64_t)>& task) 
 void run(const PreparedCall& call, Parallel& parallel) {
   run_experts(call.layer, call.routing, call.out.data_ptr<float>(), parallel, active_kernels(),
               DenseGemm{&aten_gemm, dense_gemm_min_tokens(), &aten_parallel, &aten_gemm16, bf16_gemm_min_tokens(),
-                        &aten_gemm16_filled, quantized_bf16_gemm_min_rows(8)});
+                        &aten_gemm16_filled, quantized_bf16_gemm_min_rows(call.layer.bits)});
 }
 
 DType weight_dtype(const at::Tensor& t, const char* op) { return core_dtype(t.scalar_type(), op, "expert weights"); }

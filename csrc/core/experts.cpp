@@ -240,8 +240,7 @@ class ExpertRun {
   bool uses_gemm16(int64_t tokens) const {
     if (L_.dtype != DType::kBF16) return false;
     if (L_.bits == 0) return gemm_.fn16 != nullptr && gemm_.min_tokens16 > 0 && tokens >= gemm_.min_tokens16;
-    const int64_t min_tokens = L_.bits == 4 ? 2 * gemm_.min_tokens16_int8 : gemm_.min_tokens16_int8;
-    return gemm_.fn16_filled != nullptr && min_tokens > 0 && tokens >= min_tokens;
+    return gemm_.fn16_filled != nullptr && gemm_.min_tokens16_quantized > 0 && tokens >= gemm_.min_tokens16_quantized;
   }
 
   // c [m, n] = a [m, k] . w^T (w [n, k], or [k, n] when transposed) of one expert's stored weights: w is
