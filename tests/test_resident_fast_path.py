@@ -87,6 +87,30 @@ def test_published_layer_equals_python_kernel(registry, layout, dtype):
         registry.release(handle)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_path_sum_over_k_equals_python_kernel_at_wide_shapes(registry, dtype):
+    """The fast path sums the (token, k) contributions and rounds them in C++ (sum_over_k): with top-8 routing, a
+    hidden size past its 512-column chunks and enough tokens to split the rows over threads, bit-equal to the
+    Python kernel's `contributions.sum(dim=1).to(dtype)`."""
+    hidden_size, experts, top_k, tokens = 600, 10, 8, 40
+    gen = torch.Generator().manual_seed(3)
+    up = (torch.randn(experts, 2 * I, hidden_size, generator=gen) * 0.1).to(dtype)
+    down = (torch.randn(experts, hidden_size, I, generator=gen) * 0.3).to(dtype)
+    spec = LayerSpec(LAYOUTS["gated"], up, down, None, None, name="wide fast-path test")
+    hidden = torch.randn(tokens, hidden_size, generator=gen).to(dtype)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=gen)
+    handle = registry.register(spec)
+    try:
+        op(hidden[:1], ids[:1], weights[:1], handle)  # the Python kernel publishes it
+        for rows in (1, 3, tokens):
+            fast = op(hidden[:rows], ids[:rows], weights[:rows], handle)
+            python = moe_hybrid_cpu_kernel(hidden[:rows], ids[:rows], weights[:rows], handle)
+            assert fast.dtype == dtype and torch.equal(fast, python), rows
+    finally:
+        registry.release(handle)
+
+
 def test_release_forgets_and_raises(registry):
     handle = published(registry, make_spec(LAYOUTS["gated"]))
     registry.release(handle)

@@ -7,12 +7,12 @@
 // a row sees a position; out [B, Hq, L, D] contiguous in that dtype.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
 #include <torch/library.h>
 
 #include <optional>
 
 #include "aten_dtypes.h"
+#include "decode_output.h"
 #include "../core/attention.h"
 #include "../core/runtime.h"
 
@@ -64,15 +64,34 @@ at::Tensor cpu_attention(const at::Tensor& q, const at::Tensor& k_in, const at::
   // The kernel reads rows in place; a cache with a strided head dim (never seen in practice) is copied.
   const at::Tensor k = k_in.size(3) > 1 && k_in.stride(3) != 1 ? k_in.contiguous() : k_in;
   const at::Tensor v = v_in.size(3) > 1 && v_in.stride(3) != 1 ? v_in.contiguous() : v_in;
-  const at::Tensor q_scaled = at::mul(q.to(at::kFloat), at::Scalar(scale)).contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
-  if (q.numel() > 0) {
-    DecodeAttention a{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
-                      core_dtype(k.scalar_type(), kOp, "k"), q_scaled.data_ptr<float>(), cached(k), cached(v), seen,
-                      out.data_ptr<float>()};
-    run_decode_attention(a, step_parallel(), active_kernels());
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous, in q's dtype
+  const int64_t count = q.numel();
+  if (count == 0) return out;
+  // fp32 q times the scale (what at::mul(q.float(), scale) gives), then the fp32 results, in the thread's scratch;
+  // the results rounded into out once (decode_output.h).
+  const KernelTable& kernels = active_kernels();
+  const Fp32Scratch scratch(2 * count);
+  float* q_scaled = scratch.data();
+  float* results = q_scaled + count;
+  const float factor = static_cast<float>(scale);
+  const at::Tensor qr = q.size(3) > 1 && q.stride(3) != 1 ? q.contiguous() : q;
+  const DType q_dtype = core_dtype(qr.scalar_type(), kOp, "q");
+  const int64_t D = qr.size(3), element = qr.element_size();
+  float* row = q_scaled;
+  for (int64_t b = 0; b < qr.size(0); ++b) {
+    for (int64_t h = 0; h < qr.size(1); ++h) {
+      for (int64_t l = 0; l < qr.size(2); ++l, row += D) {
+        const int64_t offset = b * qr.stride(0) + h * qr.stride(1) + l * qr.stride(2);
+        kernels.convert(q_dtype, static_cast<const char*>(qr.data_ptr()) + offset * element, D, row);
+        for (int64_t d = 0; d < D; ++d) row[d] *= factor;
+      }
+    }
   }
-  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+  DecodeAttention a{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3),
+                    core_dtype(k.scalar_type(), kOp, "k"), q_scaled, cached(k), cached(v), seen, results};
+  run_decode_attention(a, step_parallel(), kernels);
+  store_rounded(results, count, out.data_ptr(), q.scalar_type(), kernels);
+  return out;
 }
 
 }  // namespace

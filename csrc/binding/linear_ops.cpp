@@ -24,6 +24,7 @@
 
 #include "aten_dtypes.h"
 #include "chunked_gemm.h"
+#include "decode_output.h"
 #include "../core/linear.h"
 #include "../core/runtime.h"
 
@@ -84,6 +85,13 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight, const std::
   LinearWeights layer{to_dtype(weight.scalar_type()), N, C, weight.data_ptr(), weight.size(0) > 1 ? weight.stride(0) : C,
                       b.defined() ? b.data_ptr() : nullptr};
   LinearInput input{T, layer.dtype, x2.data_ptr(), T > 1 ? x2.stride(0) : C, C};
+  if (x.scalar_type() == at::kBFloat16) {  // fp32 results in scratch, each row block rounded into out by its task
+    at::Tensor out = at::empty({T, N}, x.options());
+    const Fp32Scratch results(T * N);
+    run_linear(layer, input, results.data(), N, step_parallel(), active_kernels(),
+               Bf16Output{static_cast<BF16*>(out.data_ptr()), N});
+    return out.view(out_shape);
+  }
   at::Tensor out = at::empty({T, N}, x.options().dtype(at::kFloat));
   run_linear(layer, input, out.data_ptr<float>(), N, step_parallel(), active_kernels());
   if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());

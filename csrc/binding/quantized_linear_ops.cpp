@@ -29,6 +29,7 @@
 #include "../core/runtime.h"
 #include "aten_dtypes.h"
 #include "chunked_gemm.h"
+#include "decode_output.h"
 
 namespace dali_cpu {
 namespace {
@@ -152,14 +153,16 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, cons
   }
 
   LinearInput input{T, core_dtype(x2.scalar_type(), kOp, "x"), x2.data_ptr(), T > 1 ? x2.stride(0) : C, C};
-  at::Tensor out = at::empty({T, N}, x.options().dtype(at::kFloat));
-  if (int8_x.has_value()) {
-    const Int8Activations view = int8_x->view(C, group_size);
-    run_quantized_linear(layer, input, out.data_ptr<float>(), N, step_parallel(), active_kernels(), &view);
-  } else {
-    run_quantized_linear(layer, input, out.data_ptr<float>(), N, step_parallel(), active_kernels());
-  }
-  if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
+  // bf16: fp32 results in scratch, each row block rounded into out by its task (decode_output.h)
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor out = at::empty({T, N}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const Fp32Scratch scratch(bf16 ? T * N : 0);
+  float* results = bf16 ? scratch.data() : out.data_ptr<float>();
+  const Bf16Output rounded = bf16 ? Bf16Output{static_cast<BF16*>(out.data_ptr()), N} : Bf16Output{};
+  std::optional<Int8Activations> view;
+  if (int8_x.has_value()) view = int8_x->view(C, group_size);
+  run_quantized_linear(layer, input, results, N, step_parallel(), active_kernels(), view ? &*view : nullptr, rounded);
+  if (!bf16 && x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
   return out.view(out_shape);
 }
 

@@ -6,7 +6,7 @@
 // each layer it found resident (registered, no runtime attached, no per-thread redirect) into a table
 // of weak tensor references; later calls of that layer are served from the table by this kernel,
 // registered for AutogradCPU so it runs before the Python one, with the same arithmetic
-// (dali::cpu_experts, then the sum over k in fp32, rounded once to hidden's dtype).
+// (dali::cpu_experts, then the sum over k in fp32, rounded once to hidden's dtype: sum_over_k).
 //
 // Anything else goes down to the Python kernel, unchanged:
 //   - a handle not in the table: the registry forgets the whole table whenever a layer is dropped,
@@ -20,10 +20,14 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/sum.h>
 #include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <mutex>
@@ -34,6 +38,7 @@
 
 #include "../core/runtime.h"
 #include "cpu_experts_call.h"
+#include "decode_output.h"
 
 namespace dali_cpu {
 namespace {
@@ -81,6 +86,26 @@ bool accepted(const at::Tensor& hidden, const at::Tensor& ids, const at::Tensor&
   return true;
 }
 
+// out[t] = the sum over k of contributions[t, k] ([T, K, H] fp32) as at::sum(contributions, {1}) adds them (its
+// order: the Python kernel's), rounded once to `dtype`: the fp32 sum goes to scratch instead of a tensor of its
+// own, and is rounded into out without an ATen conversion (decode_output.h).
+at::Tensor sum_over_k(const at::Tensor& contributions, at::ScalarType dtype) {
+  const int64_t T = contributions.size(0), H = contributions.size(2);
+  if (dtype == at::kFloat) return at::sum(contributions, {1});
+  const Fp32Scratch scratch(T * H);
+  at::Tensor summed = at::from_blob(scratch.data(), {T, H}, contributions.options());
+  at::sum_out(summed, contributions, {1});
+  at::Tensor out = at::empty({T, H}, contributions.options().dtype(dtype));
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t element = out.element_size();
+  const KernelTable& kernels = active_kernels();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, H));  // rows of ~32K values
+  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+    store_rounded(scratch.data() + t0 * H, (t1 - t0) * H, dst + t0 * H * element, dtype, kernels);
+  });
+  return out;
+}
+
 std::optional<at::Tensor> serve(int64_t handle, const at::Tensor& hidden, const at::Tensor& ids,
                                 const at::Tensor& weights) {
   ResidentLayer layer;
@@ -110,7 +135,7 @@ std::optional<at::Tensor> serve(int64_t handle, const at::Tensor& hidden, const 
   } catch (const c10::IndexError&) {
     return std::nullopt;  // an id out of range: the Python kernel raises it naming the layer
   }
-  return at::sum(contributions, {1}).to(hidden.scalar_type());
+  return sum_over_k(contributions, hidden.scalar_type());
 }
 
 using MoeHybridSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);

@@ -40,7 +40,7 @@ int64_t choose_block(int64_t n, int64_t row_bytes, int64_t rows, int threads) {
 
 void run_row_blocks(int64_t out_features, int64_t row_bytes, const LinearInput& input, DType bias_dtype,
                     const void* bias, float* out, int64_t ldo, Parallel& pool, const KernelTable& kernels,
-                    const RowBlockDot& dot) {
+                    const RowBlockDot& dot, const Bf16Output& rounded) {
   const int64_t T = input.rows, N = out_features;
   if (T == 0 || N == 0) return;
   // x widened to fp32 by the caller's thread: T x C values, a few KiB at decode.
@@ -63,11 +63,14 @@ void run_row_blocks(int64_t out_features, int64_t row_bytes, const LinearInput& 
     const int64_t n0 = task * block;
     const int64_t bn = std::min(block, N - n0);
     dot(n0, bn, x, ldx);
-    if (bias == nullptr) return;
-    for (int64_t t = 0; t < T; ++t) {
-      float* row = out + t * ldo + n0;
-      for (int64_t i = 0; i < bn; ++i) row[i] += element(bias_dtype, bias, n0 + i);
+    if (bias != nullptr) {
+      for (int64_t t = 0; t < T; ++t) {
+        float* row = out + t * ldo + n0;
+        for (int64_t i = 0; i < bn; ++i) row[i] += element(bias_dtype, bias, n0 + i);
+      }
     }
+    if (rounded.data == nullptr) return;
+    for (int64_t t = 0; t < T; ++t) kernels.round_to_bf16(out + t * ldo + n0, bn, rounded.data + t * rounded.ld + n0);
   };
   if (N * row_bytes * T < kMinParallelBytes) {
     for (int64_t task = 0; task < blocks; ++task) body(task);
@@ -77,7 +80,7 @@ void run_row_blocks(int64_t out_features, int64_t row_bytes, const LinearInput& 
 }
 
 void run_linear(const LinearWeights& layer, const LinearInput& input, float* out, int64_t ldo, Parallel& pool,
-                const KernelTable& kernels) {
+                const KernelTable& kernels, const Bf16Output& rounded) {
   const int64_t wsize = dtype_size(layer.dtype);
   const bool exact_bf16 = input.dtype == DType::kBF16;
   run_row_blocks(layer.out_features, layer.in_features * wsize, input, layer.dtype, layer.bias, out, ldo, pool,
@@ -85,7 +88,7 @@ void run_linear(const LinearWeights& layer, const LinearInput& input, float* out
                    const void* w = static_cast<const char*>(layer.weight) + n0 * layer.ldw * wsize;
                    kernels.dot_rows(layer.dtype, w, layer.ldw, rows, layer.in_features, x, ldx, input.rows,
                                     exact_bf16, out + n0, ldo);
-                 });
+                 }, rounded);
 }
 
 }  // namespace dali_cpu

@@ -34,18 +34,28 @@ struct LinearInput {
   int64_t features;  // C
 };
 
+// Optionally, the outputs rounded to bf16 as well (to nearest even, as torch rounds): dst[t * ld + n] =
+// bf16(out[t * ldo + n]), each row block by the task that computed it, while it is still in cache. A bf16
+// model's decode step then gets its output in its dtype without a second pass (an ATen conversion per call
+// cost a few microseconds of dispatch and allocation, a few dozen calls per step). data null: fp32 only.
+struct Bf16Output {
+  BF16* data = nullptr;
+  int64_t ld = 0;
+};
+
 // The decode-size driver of every dense kernel (this file's and quantized_linear.h's): x widened to fp32
 // once per call (per-thread scratch), N output features split into row blocks of `row_bytes` weight
 // bytes per row, one task each on the pool (or the caller alone below a few dozen KiB of work), bias in
-// `bias_dtype` (nullable) added in fp32. dot(n0, rows, x, ldx) writes out[:, n0 .. n0 + rows).
+// `bias_dtype` (nullable) added in fp32, then the block rounded into `rounded` (if given).
+// dot(n0, rows, x, ldx) writes out[:, n0 .. n0 + rows).
 using RowBlockDot = std::function<void(int64_t n0, int64_t rows, const float* x, int64_t ldx)>;
 void run_row_blocks(int64_t out_features, int64_t row_bytes, const LinearInput& input, DType bias_dtype,
                     const void* bias, float* out, int64_t ldo, Parallel& pool, const KernelTable& kernels,
-                    const RowBlockDot& dot);
+                    const RowBlockDot& dot, const Bf16Output& rounded = {});
 
 // Every output row block is a task on the pool; x is widened to fp32 once per call (per thread
 // scratch). Inputs must have been validated (shapes, dtypes).
 void run_linear(const LinearWeights& layer, const LinearInput& input, float* out, int64_t ldo, Parallel& pool,
-                const KernelTable& kernels);
+                const KernelTable& kernels, const Bf16Output& rounded = {});
 
 }  // namespace dali_cpu

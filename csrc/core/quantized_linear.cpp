@@ -29,7 +29,8 @@ QuantizedRows rows_from(const QuantizedWeights& layer, int64_t n0) {
 }  // namespace
 
 void run_quantized_linear(const QuantizedWeights& layer, const LinearInput& input, float* out, int64_t ldo,
-                          Parallel& pool, const KernelTable& kernels, const Int8Activations* int8_x) {
+                          Parallel& pool, const KernelTable& kernels, const Int8Activations* int8_x,
+                          const Bf16Output& rounded) {
   run_row_blocks(layer.out_features, code_bytes_per_row(layer), input, layer.bias_dtype, layer.bias, out, ldo, pool,
                  kernels, [&](int64_t n0, int64_t rows, const float* x, int64_t ldx) {
                    if (layer.bits == 4) {
@@ -38,7 +39,7 @@ void run_quantized_linear(const QuantizedWeights& layer, const LinearInput& inpu
                      kernels.dot_rows_quantized(layer.bits, rows_from(layer, n0), rows, layer.in_features, x, ldx,
                                                 input.rows, out + n0, ldo);
                    }
-                 });
+                 }, rounded);
 }
 
 void dequantize_weight_rows(const QuantizedWeights& layer, int64_t n0, int64_t rows, float* dst, int64_t ldd,

@@ -29,9 +29,10 @@ struct QuantizedWeights {
 // Every output row block is a task on the pool, each reading its block of codes once per group of 3
 // rows of x; x is widened to fp32 once per call. int4 weights multiply int8 activations instead: `int8_x`,
 // x rounded by round_to_int8 with the layer's group size (required for bits 4, unused for 8). Inputs must
-// have been validated (shapes, dtypes).
+// have been validated (shapes, dtypes). `rounded`: as run_linear's.
 void run_quantized_linear(const QuantizedWeights& layer, const LinearInput& input, float* out, int64_t ldo,
-                          Parallel& pool, const KernelTable& kernels, const Int8Activations* int8_x = nullptr);
+                          Parallel& pool, const KernelTable& kernels, const Int8Activations* int8_x = nullptr,
+                          const Bf16Output& rounded = {});
 
 // Weight rows [n0, n0 + rows) in fp32 into dst [rows, C] (rows `ldd` apart), split over the pool: the
 // GEMM path's weight chunks. No bias.
