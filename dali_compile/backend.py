@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 
 import torch
 from torch.fx import GraphModule
@@ -109,8 +110,20 @@ def _checking_bindings(compiled, bindings: list[WeightBinding], registry: LayerR
         resolved[key] = handle
         return handle
 
+    # The common call passes the very tensor objects of the last call whose every layer was its graph's own handle:
+    # while the registry's generation says no handle changed since, that answer stands, and the check is one
+    # identity test per expert tensor (~0.1 us) instead of each binding's lookup (~3.5 us a layer, a decode step).
+    tensor_inputs = tuple(i for binding in bindings for i in binding.input_indices if i is not None)
+    verified = None  # (registry generation, weak references to those inputs of that call)
+
     # Dynamo calls the backend's result with the graph inputs unpacked, inductor's too.
     def run(*args):
+        nonlocal verified
+        known = verified
+        if known is not None and known[0] == registry.generation and all(
+                ref() is args[i] for i, ref in zip(tensor_inputs, known[1], strict=True)):
+            return compiled(*args)
+        generation = registry.generation  # read first: a change while resolving leaves the record stale
         redirects = {}
         for binding in bindings:
             given = [None if i is None else args[i] for i in binding.input_indices]
@@ -118,6 +131,7 @@ def _checking_bindings(compiled, bindings: list[WeightBinding], registry: LayerR
             if handle != binding.layer:
                 redirects[binding.layer] = handle
         if not redirects:
+            verified = (generation, tuple(weakref.ref(args[i]) for i in tensor_inputs))
             return compiled(*args)
         with registry.redirect(redirects):
             return compiled(*args)

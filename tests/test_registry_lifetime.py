@@ -18,6 +18,7 @@ from helpers import FP32_RTOL, relative_max_error
 
 import dali_compile
 from dali_compile.backend import dali_backend
+from dali_compile.experts_interface import spec_of_module
 from dali_compile.runtime.layer_spec import Activation, ExpertLayout, LayerSpec
 from dali_compile.runtime.planner import CostModel
 from dali_compile.runtime.registry import LayerRegistry, UnknownLayerError, layer_registry
@@ -224,3 +225,24 @@ def test_one_graph_two_instances_from_two_threads(two_instances, mode):
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+def test_a_call_is_checked_again_once_its_handle_changes():
+    """The compiled graph's wrapper trusts the previous call's check of the same tensor objects while the registry's
+    generation stands. Rebinding the graph's handles to another instance's experts moves it: the next call of the
+    first instance resolves its own tensors again (trusting the old answer would run the other instance's experts)."""
+    a, b = (tiny_model("mixtral", seed=seed) for seed in (0, 1))
+    with torch.no_grad():
+        want, other = a(PROMPT).logits, b(PROMPT).logits
+    assert relative_max_error(other, want) > 1e-2
+    registry = layer_registry()
+    run = torch.compile(lambda m, x: m(x).logits, backend="dali")
+    with torch.no_grad():
+        for _ in range(3):  # the first call checks and records, the next ones take the recorded answer
+            assert relative_max_error(run(a, PROMPT), want) <= FP32_RTOL
+        for mine, theirs in zip(_experts(a), _experts(b), strict=True):
+            handle = registry.lookup(spec_of_module(mine))
+            assert handle is not None
+            registry.rebind(handle, spec_of_module(theirs))
+        assert relative_max_error(run(a, PROMPT), want) <= FP32_RTOL
+        assert relative_max_error(run(b, PROMPT), other) <= FP32_RTOL

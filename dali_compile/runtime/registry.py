@@ -122,6 +122,10 @@ class LayerRegistry:
         self._dying: list[int] = []  # appended by weakref callbacks (any thread, any moment), purged under lock
         self._local = threading.local()
         self._next = 0
+        # Bumped whenever what an existing handle holds or whom it is served by changes (rebind, release, attach,
+        # detach, clear, a death purged): a caller that checked `holds` may keep trusting its answer for the same
+        # tensor objects while this number stays the same (the backend's per-call check does).
+        self.generation = 0
 
     # -- registration ---------------------------------------------------------------------------------
 
@@ -189,6 +193,7 @@ class LayerRegistry:
             new = _Entry(handle, spec, _identity(spec), entry.spec is None, self._on_death(handle))
             new.runtime = entry.runtime
             self._entries[handle] = new
+            self.generation += 1
             _serving_changed()
             # Another handle may already own these tensors; keep its entry so releasing it stays exact.
             self._by_identity.setdefault(new.key, handle)
@@ -202,6 +207,7 @@ class LayerRegistry:
         with self._locked():
             entry = self._entries[handle]
             entry.runtime = weakref.ref(runtime, self._on_death(handle))
+            self.generation += 1
             _serving_changed()
 
     def detach(self, handle: int) -> None:
@@ -209,6 +215,7 @@ class LayerRegistry:
             entry = self._entries.get(handle)
             if entry is not None:
                 entry.runtime = None
+            self.generation += 1
             _serving_changed()
 
     def attached(self, handle: int):
@@ -267,6 +274,7 @@ class LayerRegistry:
     def clear(self) -> None:
         with self._locked():
             self._entries.clear()
+            self.generation += 1
             _serving_changed()
             self._by_identity.clear()
             self._freed.clear()
@@ -349,6 +357,7 @@ class LayerRegistry:
         entry = self._entries.pop(handle, None)
         if entry is None:
             return
+        self.generation += 1
         _serving_changed()
         if self._by_identity.get(entry.key) == handle:
             del self._by_identity[entry.key]
