@@ -124,17 +124,41 @@ struct RoundedActivations {
   Int8Activations view(int64_t C, int64_t group) const { return codes.view(C, group); }
 };
 
+// Decode sizes: the streaming kernels on the pool. int4's activations are widened and rounded to int8 in the
+// thread's scratch (not a cloned fp32 tensor), bf16 results rounded into the output by each task (decode_output.h).
+at::Tensor decode_quantized_linear(const at::Tensor& x2, const QuantizedWeights& layer, int64_t group_size,
+                                   at::ScalarType dtype) {
+  const int64_t T = x2.size(0), N = layer.out_features, C = layer.in_features;
+  const KernelTable& kernels = active_kernels();
+  const bool bf16 = dtype == at::kBFloat16, int4 = layer.bits == 4;
+  at::Tensor out = at::empty({T, N}, x2.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const Fp32Scratch scratch((bf16 ? T * N : 0) + (int4 ? T * C : 0));
+  float* results = bf16 ? scratch.data() : out.data_ptr<float>();
+  const Bf16Output rounded = bf16 ? Bf16Output{static_cast<BF16*>(out.data_ptr()), N} : Bf16Output{};
+  LinearInput input{T, core_dtype(x2.scalar_type(), kOp, "x"), x2.data_ptr(), T > 1 ? x2.stride(0) : C, C};
+  std::optional<Int8Activations> view;
+  if (int4) {  // x' = xq * s in fp32 (what the GEMM path multiplies) and the codes the int4 kernel multiplies
+    float* xs = scratch.data() + (bf16 ? T * N : 0);
+    const int64_t row_bytes = input.ldx * dtype_size(input.dtype);
+    for (int64_t t = 0; t < T; ++t) {
+      kernels.convert(input.dtype, static_cast<const char*>(input.x) + t * row_bytes, C, xs + t * C);
+    }
+    thread_local Int8Rows codes;  // decode sizes: kept for the thread's next call
+    codes.resize(T, C, group_size);
+    codes.round_rows(kernels, xs, 0, T, C, group_size);
+    view = codes.view(C, group_size);
+    input = LinearInput{T, DType::kF32, xs, C, C};
+  }
+  run_quantized_linear(layer, input, results, N, step_parallel(), kernels, view ? &*view : nullptr, rounded);
+  return bf16 || dtype == at::kFloat ? out : out.to(dtype);
+}
+
 at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size) {
   check_args(x, qweight, scales, bias, bits, group_size);
   const int64_t N = qweight.size(0), C = in_features(qweight, bits);
   at::Tensor x2 = x.reshape({-1, C});
   if (C > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
-  std::optional<RoundedActivations> int8_x;
-  if (bits == 4) {
-    int8_x.emplace(x2, group_size);
-    x2 = int8_x->rounded;
-  }
   // Scales are small (one per group): a contiguous copy, if ever needed, costs nothing next to the codes.
   const at::Tensor s = scales.size(1) <= 1 || scales.stride(1) == 1 ? scales : scales.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -144,26 +168,14 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, cons
   out_shape.back() = N;
   const int64_t T = x2.size(0);
   const int64_t bf16_gemm_rows = quantized_bf16_gemm_min_rows(static_cast<int>(bits));
-  if (x.scalar_type() == at::kBFloat16 && bf16_gemm_rows > 0 && T >= bf16_gemm_rows) {
-    return bf16_gemm_quantized_linear(x2, layer, bias).view(out_shape);
-  }
+  const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && bf16_gemm_rows > 0 && T >= bf16_gemm_rows;
   const int64_t gemm_rows = linear_gemm_min_rows();
-  if (gemm_rows > 0 && T >= gemm_rows) {
-    return gemm_quantized_linear(x2, layer, bias).to(x.scalar_type()).view(out_shape);
+  if (!bf16_gemm && !(gemm_rows > 0 && T >= gemm_rows)) {
+    return decode_quantized_linear(x2, layer, group_size, x.scalar_type()).view(out_shape);
   }
-
-  LinearInput input{T, core_dtype(x2.scalar_type(), kOp, "x"), x2.data_ptr(), T > 1 ? x2.stride(0) : C, C};
-  // bf16: fp32 results in scratch, each row block rounded into out by its task (decode_output.h)
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  at::Tensor out = at::empty({T, N}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
-  const Fp32Scratch scratch(bf16 ? T * N : 0);
-  float* results = bf16 ? scratch.data() : out.data_ptr<float>();
-  const Bf16Output rounded = bf16 ? Bf16Output{static_cast<BF16*>(out.data_ptr()), N} : Bf16Output{};
-  std::optional<Int8Activations> view;
-  if (int8_x.has_value()) view = int8_x->view(C, group_size);
-  run_quantized_linear(layer, input, results, N, step_parallel(), active_kernels(), view ? &*view : nullptr, rounded);
-  if (!bf16 && x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
-  return out.view(out_shape);
+  if (bits == 4) x2 = RoundedActivations(x2, group_size).rounded;  // the GEMMs multiply x'
+  if (bf16_gemm) return bf16_gemm_quantized_linear(x2, layer, bias).view(out_shape);
+  return gemm_quantized_linear(x2, layer, bias).to(x.scalar_type()).view(out_shape);
 }
 
 // The whole weight in fp32 [N, C], for the autograd path (a constant: the op has no gradient w.r.t.
