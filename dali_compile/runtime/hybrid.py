@@ -333,7 +333,7 @@ class HybridLayer:
         rt._prefetch_once(self.index, hidden)  # the experts' input is the gate input here
         E = self.spec.num_experts
         host_ids = acc.to_host(topk_ids)
-        counts = self._count(host_ids.reshape(-1).numpy())
+        counts = self._count(host_ids.numpy().reshape(-1))  # numpy's reshape: a third of a torch call's cost
         experts = counts.nonzero()[0]  # int64 (intp)
         prefetched = self._take_prefetched()
         in_cache = self.cache.slot_of_expert[experts] >= 0
@@ -349,9 +349,10 @@ class HybridLayer:
         cpu_set, gpu_set = experts[~on_gpu], experts[on_gpu]
         mask = host_hidden = host_weights = None
         if cpu_set.size:
-            selected = np.zeros(E, dtype=np.bool_)  # in numpy: a third of torch's cost for a 1-token step
-            selected[cpu_set] = True
-            mask = torch.from_numpy(selected)
+            if gpu_set.size:  # no GPU expert: every routed pair is the CPU's, and no mask says so fastest
+                selected = np.zeros(E, dtype=np.bool_)  # in numpy: a third of torch's cost for a 1-token step
+                selected[cpu_set] = True
+                mask = torch.from_numpy(selected)
             host_hidden, host_weights = acc.to_host(hidden), acc.to_host(topk_weights)
         out = new_out(hidden)
         T, chunk = hidden.shape[0], rt.max_step_tokens

@@ -132,7 +132,7 @@ def check_decision(step: LayerStep, decision: Decision, policy_name: str = "poli
         fail(f"on_gpu must be bool {step.experts.shape}, got {on_gpu.dtype} {on_gpu.shape}")
     # Staging: a GPU expert neither on the device for this step (step.cached also covers prefetched ones)
     # nor admitted into the cache runs in a staging slot; waves need at least one.
-    if step.staging_slots <= 0:
+    if step.staging_slots <= 0 and on_gpu.any():  # only GPU experts can need a staging slot
         staged = on_gpu & ~step.cached
         if decision.admit:
             staged &= ~np.isin(step.experts, [int(expert) for expert, _ in decision.admit])
