@@ -131,6 +131,9 @@ def test_matches_reference(layout, dtype, case):
     assert_matches(run(spec, hidden, ids, weights), reference(spec, hidden, ids, weights))
     # int32 ids and low-precision topk weights take the same path
     assert_matches(run(spec, hidden, ids.int(), weights.to(dtype)), reference(spec, hidden, ids, weights.to(dtype)))
+    # bf16 / fp16 routing weights are widened by the kernel itself, fp64 ones rounded by ATen: exactly their fp32
+    for low in (weights.to(dtype), weights.double()):
+        assert torch.equal(run(spec, hidden, ids, low), run(spec, hidden, ids, low.float()))
 
 
 @pytest.mark.parametrize("case", ["odd", "k_equals_e"])

@@ -11,6 +11,8 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <array>
@@ -34,8 +36,27 @@ struct PreparedCall {
   ExpertWeights layer;
   Routing routing;
   at::Tensor hidden, ids, weights, mask, up, down, up_bias, down_bias, up_scales, down_scales;
+  std::vector<float> widened_weights;  // 16-bit routing weights in fp32 (`weights` is then unused)
   at::Tensor out;  // [T, K, H] fp32
 };
+
+// The routing weights in fp32 for the call: fp32 ones as they are (contiguous), bf16 and fp16 ones widened here
+// (exact) rather than by an ATen conversion per call (a tensor and a dispatch per MoE layer of a decode step).
+const float* routing_weights_fp32(const at::Tensor& topk_weights, PreparedCall& call) {
+  const at::ScalarType dtype = topk_weights.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) {
+    call.weights = topk_weights.to(at::kFloat).contiguous();
+    return call.weights.data_ptr<float>();
+  }
+  call.weights = topk_weights.contiguous();
+  const int64_t n = call.weights.numel();
+  call.widened_weights.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    call.widened_weights[i] = dtype == at::kBFloat16 ? static_cast<float>(call.weights.data_ptr<c10::BFloat16>()[i])
+                                                     : static_cast<float>(call.weights.data_ptr<c10::Half>()[i]);
+  }
+  return call.widened_weights.data();
+}
 
 // ATen's fp32 GEMM (MKL/oneDNN, its own threads) for experts with many tokens; see DenseGemm.
 // Up to transposed_gemm_max_rows() rows it computes c^T = b^T . a^T (the weights as the left
@@ -235,7 +256,7 @@ std::shared_ptr<PreparedCall> prepare(const char* op, const at::Tensor& hidden, 
   // Small tensors are normalised (copies are cheap); the weights are not.
   call->hidden = hidden.stride(1) == 1 ? hidden : hidden.contiguous();
   call->ids = topk_ids.to(at::kLong).contiguous();
-  call->weights = topk_weights.to(at::kFloat).contiguous();
+  const float* routing_weights = routing_weights_fp32(topk_weights, *call);
   if (expert_mask.has_value()) call->mask = expert_mask->contiguous();
   call->up = up;
   call->down = down;
@@ -285,7 +306,7 @@ std::shared_ptr<PreparedCall> prepare(const char* op, const at::Tensor& hidden, 
   R.hidden = call->hidden.data_ptr();
   R.hidden_stride = call->hidden.stride(0);
   R.ids = ids;
-  R.weights = call->weights.data_ptr<float>();
+  R.weights = routing_weights;
   R.expert_mask = call->mask.defined() ? call->mask.data_ptr<bool>() : nullptr;
 
   call->out = at::empty({R.tokens, R.top_k, H}, hidden.options().dtype(at::kFloat));
