@@ -11,8 +11,6 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <array>
@@ -41,7 +39,8 @@ struct PreparedCall {
 };
 
 // The routing weights in fp32 for the call: fp32 ones as they are (contiguous), bf16 and fp16 ones widened here
-// (exact) rather than by an ATen conversion per call (a tensor and a dispatch per MoE layer of a decode step).
+// by the kernel table (exact) rather than by an ATen conversion per call (a tensor and a dispatch per MoE layer
+// of a decode step).
 const float* routing_weights_fp32(const at::Tensor& topk_weights, PreparedCall& call) {
   const at::ScalarType dtype = topk_weights.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) {
@@ -49,12 +48,9 @@ const float* routing_weights_fp32(const at::Tensor& topk_weights, PreparedCall& 
     return call.weights.data_ptr<float>();
   }
   call.weights = topk_weights.contiguous();
-  const int64_t n = call.weights.numel();
-  call.widened_weights.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    call.widened_weights[i] = dtype == at::kBFloat16 ? static_cast<float>(call.weights.data_ptr<c10::BFloat16>()[i])
-                                                     : static_cast<float>(call.weights.data_ptr<c10::Half>()[i]);
-  }
+  call.widened_weights.resize(static_cast<size_t>(call.weights.numel()));
+  active_kernels().convert(core_dtype(dtype, "dali::cpu_experts", "topk_weights"), call.weights.data_ptr(),
+                           call.weights.numel(), call.widened_weights.data());
   return call.widened_weights.data();
 }
 

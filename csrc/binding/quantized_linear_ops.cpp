@@ -109,47 +109,51 @@ at::Tensor bf16_gemm_quantized_linear(const at::Tensor& x2, const QuantizedWeigh
   return out.to(at::kBFloat16);
 }
 
-// int4 weights multiply activations rounded to int8 per row and group (round_activations in
-// ops/quantized_linear.py): x' (the rounded values in fp32, what the GEMM path multiplies) and the codes.
-struct RoundedActivations {
-  at::Tensor rounded;  // [T, C] fp32
-  Int8Rows codes;
+// x2 [T, C] (rows with unit column stride) as the dense drivers read it.
+LinearInput input_of(const at::Tensor& x2) {
+  const int64_t T = x2.size(0), C = x2.size(1);
+  return LinearInput{T, core_dtype(x2.scalar_type(), kOp, "x"), x2.data_ptr(), T > 1 ? x2.stride(0) : C, C};
+}
 
-  RoundedActivations(const at::Tensor& x2, int64_t group) {
-    const int64_t T = x2.size(0), C = x2.size(1);
-    rounded = x2.to(at::kFloat).contiguous().clone();
-    codes.resize(T, C, group);
-    codes.round_rows(active_kernels(), rounded.data_ptr<float>(), 0, T, C, group);
-  }
-  Int8Activations view(int64_t C, int64_t group) const { return codes.view(C, group); }
-};
+// int4 weights multiply activations rounded to int8 per row and group (round_activations in
+// ops/quantized_linear.py): x widened into xs [T, C] and rounded there (x' = xq * s, what the GEMM paths
+// multiply), the codes (what the streaming kernel multiplies) in `codes`.
+void round_activations_into(const LinearInput& x, int64_t group, float* xs, Int8Rows& codes) {
+  const KernelTable& kernels = active_kernels();
+  widen_rows(x, kernels, xs);
+  codes.resize(x.rows, x.features, group);
+  codes.round_rows(kernels, xs, 0, x.rows, x.features, group);
+}
+
+// x' [T, C] fp32 of x2 [T, C], for the GEMM paths and the autograd kernel.
+at::Tensor rounded_activations(const at::Tensor& x2, int64_t group) {
+  const at::Tensor x = x2.size(1) <= 1 || x2.stride(1) == 1 ? x2 : x2.contiguous();
+  at::Tensor rounded = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  Int8Rows codes;
+  round_activations_into(input_of(x), group, rounded.data_ptr<float>(), codes);
+  return rounded;
+}
 
 // Decode sizes: the streaming kernels on the pool. int4's activations are widened and rounded to int8 in the
-// thread's scratch (not a cloned fp32 tensor), bf16 results rounded into the output by each task (decode_output.h).
+// thread's scratch (not a tensor per call), bf16 results rounded into the output by each task (decode_output.h).
 at::Tensor decode_quantized_linear(const at::Tensor& x2, const QuantizedWeights& layer, int64_t group_size,
                                    at::ScalarType dtype) {
   const int64_t T = x2.size(0), N = layer.out_features, C = layer.in_features;
-  const KernelTable& kernels = active_kernels();
   const bool bf16 = dtype == at::kBFloat16, int4 = layer.bits == 4;
   at::Tensor out = at::empty({T, N}, x2.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   const Fp32Scratch scratch((bf16 ? T * N : 0) + (int4 ? T * C : 0));
   float* results = bf16 ? scratch.data() : out.data_ptr<float>();
   const Bf16Output rounded = bf16 ? Bf16Output{static_cast<BF16*>(out.data_ptr()), N} : Bf16Output{};
-  LinearInput input{T, core_dtype(x2.scalar_type(), kOp, "x"), x2.data_ptr(), T > 1 ? x2.stride(0) : C, C};
+  LinearInput input = input_of(x2);
   std::optional<Int8Activations> view;
-  if (int4) {  // x' = xq * s in fp32 (what the GEMM path multiplies) and the codes the int4 kernel multiplies
+  if (int4) {
     float* xs = scratch.data() + (bf16 ? T * N : 0);
-    const int64_t row_bytes = input.ldx * dtype_size(input.dtype);
-    for (int64_t t = 0; t < T; ++t) {
-      kernels.convert(input.dtype, static_cast<const char*>(input.x) + t * row_bytes, C, xs + t * C);
-    }
     thread_local Int8Rows codes;  // decode sizes: kept for the thread's next call
-    codes.resize(T, C, group_size);
-    codes.round_rows(kernels, xs, 0, T, C, group_size);
+    round_activations_into(input, group_size, xs, codes);
     view = codes.view(C, group_size);
     input = LinearInput{T, DType::kF32, xs, C, C};
   }
-  run_quantized_linear(layer, input, results, N, step_parallel(), kernels, view ? &*view : nullptr, rounded);
+  run_quantized_linear(layer, input, results, N, step_parallel(), active_kernels(), view ? &*view : nullptr, rounded);
   return bf16 || dtype == at::kFloat ? out : out.to(dtype);
 }
 
@@ -173,7 +177,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, cons
   if (!bf16_gemm && !(gemm_rows > 0 && T >= gemm_rows)) {
     return decode_quantized_linear(x2, layer, group_size, x.scalar_type()).view(out_shape);
   }
-  if (bits == 4) x2 = RoundedActivations(x2, group_size).rounded;  // the GEMMs multiply x'
+  if (bits == 4) x2 = rounded_activations(x2, group_size);  // the GEMMs multiply x'
   if (bf16_gemm) return bf16_gemm_quantized_linear(x2, layer, bias).view(out_shape);
   return gemm_quantized_linear(x2, layer, bias).to(x.scalar_type()).view(out_shape);
 }
@@ -224,7 +228,7 @@ at::Tensor quantized_linear_autograd(c10::DispatchKeySet keys, const at::Tensor&
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       const at::Tensor x2 = x.detach().reshape({-1, in_features(qweight, bits)});
-      rounded = RoundedActivations(x2, group_size).rounded.view(x.sizes());
+      rounded = rounded_activations(x2, group_size).view(x.sizes());
     }
     x_float = at::add(x_float, at::sub(rounded, x_float.detach()));
   }

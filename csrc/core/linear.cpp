@@ -38,6 +38,13 @@ int64_t choose_block(int64_t n, int64_t row_bytes, int64_t rows, int threads) {
 
 }  // namespace
 
+void widen_rows(const LinearInput& input, const KernelTable& kernels, float* dst) {
+  const int64_t C = input.features, row_bytes = input.ldx * dtype_size(input.dtype);
+  for (int64_t t = 0; t < input.rows; ++t) {
+    kernels.convert(input.dtype, static_cast<const char*>(input.x) + t * row_bytes, C, dst + t * C);
+  }
+}
+
 void run_row_blocks(int64_t out_features, int64_t row_bytes, const LinearInput& input, DType bias_dtype,
                     const void* bias, float* out, int64_t ldo, Parallel& pool, const KernelTable& kernels,
                     const RowBlockDot& dot, const Bf16Output& rounded) {
@@ -48,14 +55,10 @@ void run_row_blocks(int64_t out_features, int64_t row_bytes, const LinearInput& 
   const float* x = static_cast<const float*>(input.x);
   int64_t ldx = input.ldx;
   if (input.dtype != DType::kF32) {
-    const int64_t C = input.features;
-    xs.resize(T * C);
-    for (int64_t t = 0; t < T; ++t) {
-      kernels.convert(input.dtype, static_cast<const char*>(input.x) + t * input.ldx * dtype_size(input.dtype), C,
-                      xs.data() + t * C);
-    }
+    xs.resize(T * input.features);
+    widen_rows(input, kernels, xs.data());
     x = xs.data();
-    ldx = C;
+    ldx = input.features;
   }
   const int64_t block = choose_block(N, row_bytes, T, pool.num_threads());
   const int64_t blocks = (N + block - 1) / block;

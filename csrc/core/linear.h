@@ -34,6 +34,9 @@ struct LinearInput {
   int64_t features;  // C
 };
 
+// x's T rows widened to fp32 into dst [T, C] (contiguous): what every dense driver multiplies.
+void widen_rows(const LinearInput& input, const KernelTable& kernels, float* dst);
+
 // Optionally, the outputs rounded to bf16 as well (to nearest even, as torch rounds): dst[t * ld + n] =
 // bf16(out[t * ldo + n]), each row block by the task that computed it, while it is still in cache. A bf16
 // model's decode step then gets its output in its dtype without a second pass (an ATen conversion per call

@@ -349,7 +349,7 @@ class HybridLayer:
         cpu_set, gpu_set = experts[~on_gpu], experts[on_gpu]
         mask = host_hidden = host_weights = None
         if cpu_set.size:
-            if gpu_set.size:  # no GPU expert: every routed pair is the CPU's, and no mask says so fastest
+            if gpu_set.size:  # a mask only then: with no GPU expert every routed pair is the CPU's
                 selected = np.zeros(E, dtype=np.bool_)  # in numpy: a third of torch's cost for a 1-token step
                 selected[cpu_set] = True
                 mask = torch.from_numpy(selected)
