@@ -10,7 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dali_compile.runtime.planner import TABULATED_WORKLOADS, CostModel, exact_plan, greedy_plan, plan_times
+from dali_compile.runtime.planner import (
+    TABULATED_WORKLOADS,
+    CostModel,
+    copy_never_pays_off,
+    exact_plan,
+    greedy_plan,
+    plan_times,
+)
 
 # A Mixtral-like machine (arXiv 2512.16473's RTX 4090 numbers, in ms): one expert costs 7.3 ms on the
 # CPU per token, 0.25 ms on the GPU, and 28 ms to copy over PCIe.
@@ -249,3 +256,37 @@ def test_the_c_greedy_serves_integer_workloads_and_agrees_with_python(monkeypatc
     assert all((plan.on_gpu == seen).all() for plan, seen in kept)
     assert planner._native_greedy(np.arange(2), np.array([1.5, 2.0]), np.zeros(2, bool), MIXTRAL_4090, 1) is None
     assert planner._native_greedy(np.arange(1), np.array([10**6]), np.zeros(1, bool), MIXTRAL_4090, 1) is None
+
+
+def test_copy_never_pays_off_at_mixtral_decode_but_does_at_prefill():
+    """arXiv 2512.16473's PC: at one token and top-2 the CPU side is at most 2 x 7.3 ms, under one 28 ms copy;
+    at 4 tokens it can reach 8 x 9.5 ms, and a copy may pay off. A free copy always may."""
+    assert copy_never_pays_off(MIXTRAL_4090, 1, 2, 8)
+    assert not copy_never_pays_off(MIXTRAL_4090, 4, 2, 8)
+    assert copy_never_pays_off(MIXTRAL_4090, 2, 1, 8)  # 2 experts of at most 2 tokens: 16 ms < 28
+    free_copy = dataclasses.replace(MIXTRAL_4090, transfer_seconds=0.0)
+    assert not copy_never_pays_off(free_copy, 1, 2, 8)
+    assert not copy_never_pays_off(MIXTRAL_4090, TABULATED_WORKLOADS + 1, 2, 8)  # past the table: no bound
+
+
+@st.composite
+def routed_steps(draw):
+    cost = draw(problems())[3]
+    tokens, top_k = draw(st.integers(1, 6)), draw(st.integers(1, 4))
+    num_experts = draw(st.integers(top_k, 12))
+    ids = [draw(st.permutations(range(num_experts)))[:top_k] for _ in range(tokens)]
+    counts = np.bincount(np.array(ids).reshape(-1), minlength=num_experts)
+    experts = np.flatnonzero(counts)
+    cached = np.array(draw(st.lists(st.booleans(), min_size=len(experts), max_size=len(experts))))
+    return cost, tokens, top_k, num_experts, experts, counts[experts], cached
+
+
+@settings(max_examples=400, deadline=None)
+@given(routed_steps())
+def test_where_a_copy_never_pays_off_the_greedy_copies_nothing(step):
+    """The bound is a guarantee: whenever it holds, greedy_plan puts no uncached expert on the GPU, for any
+    routing of that many tokens and any cache."""
+    cost, tokens, top_k, num_experts, experts, workloads, cached = step
+    if copy_never_pays_off(cost, tokens, top_k, num_experts):
+        plan = greedy_plan(experts, workloads, cached, cost, len(experts))
+        assert not (plan.on_gpu & ~cached).any()

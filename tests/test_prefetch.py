@@ -246,3 +246,35 @@ def test_prefetch_next_on_an_offloaded_layer_passes_opcheck(release_after):
     release_after(model)
     handle = runtime_of(model).handles[0]
     torch.library.opcheck(torch.ops.dali.prefetch_next.default, (torch.randn(4, 32), handle))
+
+
+def test_no_prediction_runs_where_no_copy_can_pay_off(release_after):
+    """Copies that cost more than any one-token step's CPU side (4 experts x 1 s against 30 s): a decode step's
+    prediction would choose nothing, so it does not run; a 12-token prefill (16 experts of up to 12 tokens could
+    keep the CPU busier than one copy) still predicts. Results equal eager either way."""
+    eager = tiny_model("qwen3_moe")
+    slot, layers, experts, top_k = moe_geometry(eager)
+    cost = CostModel(workloads=(1, 8), cpu_seconds=(1.0, 4.0), gpu_seconds=(0.1, 0.2), transfer_seconds=30.0)
+    model = dali_compile.offload(tiny_model("qwen3_moe"), device="emulated", expert_memory=slot * (top_k + 8 + 4),
+                                 cost_model=cost, prefetch=2)
+    release_after(model)
+    runtime = runtime_of(model)
+    predictor, predicted = runtime.predictor, []
+    original = predictor.fused_choice
+
+    def recording(layer, gate_input, *args):
+        predicted.append(gate_input.shape[0])
+        return original(layer, gate_input, *args)
+
+    predictor.fused_choice = recording
+    one_token = PROMPT[:1, :1]
+    with torch.no_grad():
+        want_prefill, want_decode = eager(PROMPT).logits, eager(one_token).logits
+        prefill = model(PROMPT).logits
+        assert predicted == [PROMPT.numel()]  # layer 0 predicts layer 1 (of 2)
+        predicted.clear()
+        decode = model(one_token).logits
+    assert predicted == []
+    assert all(layer.prefetched == {} for layer in runtime.layers)
+    assert relative_max_error(prefill, want_prefill) <= FP32_RTOL
+    assert relative_max_error(decode, want_decode) <= FP32_RTOL

@@ -93,9 +93,43 @@ int prefetch_choice(int64_t m, const int64_t* ids, const float* weights, int64_t
   return static_cast<int>(taken);
 }
 
+// HybridLayer's per-step counting (dali_compile/runtime/step_routing.py): the active experts of m routed
+// (token, k) ids, ascending (numpy's bincount, then nonzero), into rows [3, E] of `active`: the expert, its
+// workload, and 1 if slot_of_expert[e] >= 0 (cached). *hits = how many are cached. Returns n, or -1 for an id
+// outside [0, E) (the caller's Python path then raises the error naming it).
+int64_t step_routing(int64_t m, const int64_t* ids, int64_t E, const int32_t* slot_of_expert, int64_t* active,
+                     int64_t* hits) {
+  thread_local std::vector<int64_t> counts;
+  counts.assign(E, 0);
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t e = ids[i];
+    if (e < 0 || e >= E) return -1;
+    ++counts[e];
+  }
+  int64_t n = 0, cached = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (counts[e] == 0) continue;
+    const int64_t in_cache = slot_of_expert[e] >= 0 ? 1 : 0;
+    active[n] = e;
+    active[E + n] = counts[e];
+    active[2 * E + n] = in_cache;
+    cached += in_cache;
+    ++n;
+  }
+  *hits = cached;
+  return n;
+}
+
 }  // namespace dali_cpu
 
 extern "C" {
+
+int64_t dali_step_routing(int64_t m, const int64_t* ids, int64_t E, const int32_t* slot_of_expert, int64_t* active,
+                          int64_t* hits) {
+  if (m < 0 || E < 0) return -1;
+  return dali_cpu::call_guarded(int64_t{dali_cpu::kCppException},
+                                [=] { return dali_cpu::step_routing(m, ids, E, slot_of_expert, active, hits); });
+}
 
 int dali_prefetch_choice(int64_t m, const int64_t* ids, const float* weights, int64_t E, const int32_t* slot_of_expert,
                          const double* cpu_table, const double* gpu_table, const double* key_table, int64_t top,

@@ -1,5 +1,6 @@
 // The per-step decisions of the offload runtime that run in C (called through ctypes from Python):
-// the greedy CPU/GPU assignment (planner.cpp) and the prefetch choice (planner.cpp, prefetch.cpp).
+// the greedy CPU/GPU assignment (planner.cpp), the prefetch choice (planner.cpp, prefetch.cpp) and a layer step's
+// active experts (planner.cpp).
 #pragma once
 
 #include <cstdint>
@@ -15,5 +16,9 @@ int greedy_plan(int64_t n, const int64_t* workloads, const uint8_t* cached, cons
 int prefetch_choice(int64_t m, const int64_t* ids, const float* weights, int64_t E, const int32_t* slot_of_expert,
                     const double* cpu_table, const double* gpu_table, const double* key_table, int64_t top,
                     int64_t count, int64_t* counts, double* mass, int64_t* chosen);
+
+// The active experts of a layer step, their workloads and cache flags (see planner.cpp); n, or -1 for a bad id.
+int64_t step_routing(int64_t m, const int64_t* ids, int64_t E, const int32_t* slot_of_expert, int64_t* active,
+                     int64_t* hits);
 
 }  // namespace dali_cpu

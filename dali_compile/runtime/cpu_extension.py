@@ -193,6 +193,8 @@ def _build_and_load() -> ctypes.CDLL:
          ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4
         + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 5)
     lib.dali_predict_prefetch.restype = ctypes.c_int
+    lib.dali_step_routing.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
+    lib.dali_step_routing.restype = ctypes.c_int64
     lib.dali_cpu_resident_publish.argtypes = [ctypes.c_int64] + [ctypes.c_ssize_t] * 6 + [ctypes.c_char_p] + [
         ctypes.c_int] * 3 + [ctypes.c_char_p, ctypes.c_double, ctypes.c_double]
     lib.dali_cpu_resident_publish.restype = ctypes.c_int
@@ -455,6 +457,12 @@ def predict_prefetch_function():
     """The C routing and prefetch choice (`csrc/core/prefetch.cpp`), or None without the extension."""
     lib = _loaded()
     return None if lib is None else lib.dali_predict_prefetch
+
+
+def step_routing_function():
+    """The C counting of a layer step's active experts (`csrc/core/planner.cpp`), or None without the extension."""
+    lib = _loaded()
+    return None if lib is None else lib.dali_step_routing
 
 
 def last_region_threads() -> int:

@@ -47,12 +47,13 @@ from .accelerator import Accelerator, Event, ExpertMemoryError
 from .expert_cache import LayerCache, SlotPool, expert_bytes, plan_slots
 from .fused_router import NativePrefetchChoice
 from .layer_spec import LayerSpec
-from .planner import CostModel
+from .planner import CostModel, copy_never_pays_off
 from .policies import LayerStep, Policy, check_decision
 from .prefetch import ResidualPredictor, prefetch_choice
 from .profiling import profiled_costs
 from .registry import LayerRegistry, layer_registry
 from .stats import LayerStats, format_table, total
+from .step_routing import StepRouting
 
 # Transient memory per layer step (see the module docstring); 256 MiB is about 1,400 tokens of
 # Qwen3-30B-A3B (K 8, H 2048) per chunk, so decode and short prompts are never chunked.
@@ -201,6 +202,10 @@ class HybridRuntime:
         """Predict layer `index`'s workload from the previous layer's gate input and prefetch for it."""
         started = time.perf_counter()
         layer = self.layers[index]
+        tokens = gate_input.numel() // max(gate_input.shape[-1], 1)
+        if self.cost is not None and copy_never_pays_off(self.cost, tokens, self.top_k, self.num_experts):
+            layer.prefetched = {}  # the choice would be empty: skip the router and the choice (~20 us a step)
+            return
         chosen = self.predictor.fused_choice(index - 1, gate_input, layer.cache.slot_of_expert, self.cost,
                                              self.prefetch)  # the router and the choice in one C call
         if chosen is None:  # a router the C path does not compute: the module, then the choice in C
@@ -305,6 +310,7 @@ class HybridLayer:
         self.cache = cache
         self.steps = 0
         self.stats = LayerStats()
+        self._routing = StepRouting(spec.num_experts, name)  # the step's active experts, in one C call
         self.prefetched: dict[int, int] = {}  # expert -> prefetch slot, for this layer's next step only
         self.prefetched_at = -1  # the previous layer's step that last prefetched for this layer
 
@@ -333,13 +339,11 @@ class HybridLayer:
         rt._prefetch_once(self.index, hidden)  # the experts' input is the gate input here
         E = self.spec.num_experts
         host_ids = acc.to_host(topk_ids)
-        counts = self._count(host_ids.numpy().reshape(-1))  # numpy's reshape: a third of a torch call's cost
-        experts = counts.nonzero()[0]  # int64 (intp)
+        experts, workloads, in_cache, hits = self._routing.active_experts(host_ids, self.cache.slot_of_expert)
         prefetched = self._take_prefetched()
-        in_cache = self.cache.slot_of_expert[experts] >= 0
         # A prefetched expert is on the device for this step: the policy sees it as cached (no copy needed).
         cached = in_cache | np.isin(experts, list(prefetched)) if prefetched else in_cache
-        step = LayerStep(self.index, self.steps, experts, counts[experts], cached, self.cache.resident(),
+        step = LayerStep(self.index, self.steps, experts, workloads, cached, self.cache.resident(),
                          self.cache.capacity, len(rt.staging_slots), E, rt.cost)
         decision = rt.policy.decide(step)
         check_decision(step, decision, rt.policy.name)
@@ -385,11 +389,11 @@ class HybridLayer:
             acc.result(last)  # the compute stream has written every chunk of `out`
 
         stats.steps = 1
-        stats.hits = int(np.count_nonzero(in_cache))
-        stats.misses = int(experts.size) - stats.hits
+        stats.hits = hits
+        stats.misses = int(experts.size) - hits
         stats.prefetch_hits = len(set(prefetched) & set(experts.tolist())) if prefetched else 0
         stats.experts_cpu, stats.experts_gpu = int(cpu_set.size), int(gpu_set.size)
-        stats.tokens_cpu = int(counts[cpu_set].sum()) if gpu_set.size else host_ids.numel() if cpu_set.size else 0
+        stats.tokens_cpu = int(workloads[~on_gpu].sum()) if gpu_set.size else host_ids.numel() if cpu_set.size else 0
         stats.tokens_gpu = host_ids.numel() - stats.tokens_cpu  # cpu_set and gpu_set partition the experts
         stats.bytes_copied = stats.copies * rt.slot_bytes  # prefetch copies are added when issued
         stats.total_s = time.perf_counter() - start
@@ -398,19 +402,6 @@ class HybridLayer:
         self.stats.add(stats)
         self.steps += 1
         return out
-
-    def _count(self, flat_ids: np.ndarray) -> np.ndarray:
-        """Tokens per expert [E] of the step's routed ids, which must lie in [0, E)."""
-        E = self.spec.num_experts
-        try:
-            counts = np.bincount(flat_ids, minlength=E)
-        except ValueError:  # numpy refuses negative values
-            lowest = int(flat_ids.min())
-            raise IndexError(f"dali::moe_hybrid: negative expert id {lowest} for layer {self.name}") from None
-        if counts.shape[0] > E:
-            raise IndexError(f"dali::moe_hybrid: expert id {counts.shape[0] - 1} out of range for layer {self.name} "
-                             f"with {E} experts")
-        return counts
 
     def _take_prefetched(self) -> dict[int, int]:
         """This step's prefetched experts (expert -> slot), those whose slot still holds them: a prefetch

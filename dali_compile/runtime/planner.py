@@ -93,7 +93,7 @@ class _CostTable:
     workload w and cached flag c sits at w + c * (top + 1).
     """
 
-    __slots__ = ("top", "cpu", "gpu", "key", "cpu_address", "gpu_address", "key_address")
+    __slots__ = ("top", "cpu", "gpu", "key", "cpu_address", "gpu_address", "key_address", "copy_never_pays")
 
     def __init__(self, cost: CostModel):
         self.top = TABULATED_WORKLOADS
@@ -107,6 +107,27 @@ class _CostTable:
         self.key = np.abs(gpu - np.tile(cpu, 2))  # float64 [2 * (top + 1)]: greedy's visiting order, descending
         # Raw addresses for the C greedy; the arrays live as long as the table (and are never resized).
         self.cpu_address, self.gpu_address, self.key_address = (a.ctypes.data for a in (self.cpu, self.gpu, self.key))
+        self.copy_never_pays: dict[tuple[int, int, int], bool] = {}  # copy_never_pays_off's answers
+
+
+def copy_never_pays_off(cost: CostModel, tokens: int, top_k: int, num_experts: int) -> bool:
+    """True when `greedy_plan` can put no uncached expert on the GPU in any step of `tokens` tokens routed to
+    `top_k` experts each: the cheapest uncached GPU expert (its copy included) costs more than the largest CPU
+    side such a step can have (min(tokens * top_k, E) experts of at most `tokens` tokens each, all on the
+    CPU). The greedy sends expert i to the GPU only if T_gpu + g_i <= T_cpu + c_i, and T_gpu >= 0. Then every
+    prefetch choice is empty, whatever the routing: a decode step's prediction need not run (a Mixtral expert
+    on arXiv 2512.16473's PC: a 28 ms copy against 2 x 7.3 ms on the CPU). Answers are kept per cost model."""
+    table: _CostTable = cost._table
+    key = (tokens, top_k, num_experts)
+    known = table.copy_never_pays.get(key)
+    if known is None:
+        if not 1 <= tokens <= table.top:
+            return False  # past the table (prefill sizes): not worth a bound
+        largest_cpu_side = min(tokens * top_k, num_experts) * float(table.cpu[1:tokens + 1].max())
+        cheapest_copy = float(table.gpu[1:tokens + 1].min())  # the uncached row: max(transfer, t_gpu(w))
+        # (1 + 1e-9): the greedy's running sums round; n * eps of them is far below that margin
+        known = table.copy_never_pays[key] = cheapest_copy > largest_cpu_side * (1 + 1e-9)
+    return known
 
 
 @dataclass(frozen=True, eq=False)
