@@ -24,6 +24,7 @@ One instance keeps one state per layer; the runtime makes one policy (so one rep
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections.abc import Sequence
 
@@ -128,10 +129,14 @@ class WorkloadAware(CacheReplacement):
         cached = set(resident.tolist())
         incoming = sorted(
             (e for e, s in scores.items() if e not in cached and s > 0), key=lambda e: (-scores[e], -uses[e], e)
-        )
-        outgoing = sorted(cached, key=lambda e: (scores.get(e, 0), uses.get(e, 0), e))
+        )[: self.u_size]
+        free = capacity - len(cached)
+        # Only as many victims as the incoming experts the free slots leave over: none at all in the common
+        # window whose experts are all cached (a sort of the whole cache per window was most of this call).
+        victims = max(0, len(incoming) - max(free, 0))
+        outgoing = heapq.nsmallest(victims, cached, key=lambda e: (scores.get(e, 0), uses.get(e, 0), e))
         swaps = []
-        for expert, victim in _pair(incoming[: self.u_size], capacity - len(cached), outgoing):
+        for expert, victim in _pair(incoming, free, outgoing):
             if victim != FREE_SLOT and scores[expert] <= scores.get(victim, 0):
                 break  # incoming scores only fall and outgoing ones only rise from here
             swaps.append((expert, victim))

@@ -273,7 +273,8 @@ class EmulatedAccelerator(Accelerator):
         return tensor
 
     def to_host(self, tensor):
-        return self.result(tensor).to("cpu")
+        tensor = self.result(tensor)
+        return tensor if tensor.is_cpu else tensor.to("cpu")  # `.to("cpu")` parses its device every call
 
     def synchronize(self) -> None:
         if self._closed:

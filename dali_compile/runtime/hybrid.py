@@ -350,7 +350,10 @@ class HybridLayer:
         stats.plan_s = time.perf_counter() - start
 
         on_gpu = np.asarray(decision.on_gpu)
-        cpu_set, gpu_set = experts[~on_gpu], experts[on_gpu]
+        if on_gpu.any():
+            cpu_set, gpu_set = experts[~on_gpu], experts[on_gpu]
+        else:  # every expert on the CPU (the common decode step of a small budget): no indexing
+            cpu_set, gpu_set = experts, experts[:0]
         mask = host_hidden = host_weights = None
         if cpu_set.size:
             if gpu_set.size:  # a mask only then: with no GPU expert every routed pair is the CPU's
@@ -363,25 +366,27 @@ class HybridLayer:
         last = None
         kernel_thread_s = 0.0  # the CPU experts run on this thread: kernel time, not host work
         for first in range(0, T, chunk):
-            rows = slice(first, min(first + chunk, T))
+            rows = slice(first, min(first + chunk, T)) if T > chunk else None  # None: the whole step
             contributions = None
             if gpu_set.size:  # issued first: the GPU computes (and copies) on its own while the CPU experts run
                 gpu_started, copy_wait = time.perf_counter(), stats.copy_wait_s
                 admit = decision.admit if first == 0 else ()  # later chunks find the admitted experts cached
-                contributions = self._run_gpu(hidden[rows], topk_ids[rows], topk_weights[rows], gpu_set, admit,
-                                              stats, prefetched)
+                contributions = self._run_gpu(_rows(hidden, rows), _rows(topk_ids, rows), _rows(topk_weights, rows),
+                                              gpu_set, admit, stats, prefetched)
                 stats.gpu_s += time.perf_counter() - gpu_started - (stats.copy_wait_s - copy_wait)
             if cpu_set.size:
                 # On the step's own thread (with ATen's team: one set of threads for the whole step), not
                 # handed to the job queue's runner and back: that hand-off cost ~30 us of host work per step.
                 cpu_started, kernel_started = time.perf_counter(), time.thread_time()
-                cpu_part = cpu_experts(self.spec, host_hidden[rows], host_ids[rows], host_weights[rows], mask)
+                cpu_part = cpu_experts(self.spec, _rows(host_hidden, rows), _rows(host_ids, rows),
+                                       _rows(host_weights, rows), mask)
                 kernel_thread_s += time.thread_time() - kernel_started
                 stats.cpu_s += time.perf_counter() - cpu_started
                 cpu_part = acc.to_device(cpu_part)
                 contributions = cpu_part if contributions is None else acc.launch(torch.Tensor.add_, contributions,
                                                                                    cpu_part)
-            last = acc.launch(combine, out[rows], contributions)  # _sum_over_k_into: k in order, as moe_reference
+            # _sum_over_k_into: k in order, as moe_reference
+            last = acc.launch(combine, _rows(out, rows), contributions)
         for expert, victim in decision.background:
             self.cache.install(int(expert), int(victim), self.spec, rt.last_compute)
             stats.copies += 1
@@ -497,6 +502,11 @@ class HybridLayer:
                               pool.down_bias, slot_table, self.spec.layout, pool.up_scales, pool.down_scales)
         finally:
             rt.last_compute = acc.record()  # every later copy into a slot waits for this compute
+
+
+def _rows(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """tensor[rows], or the tensor itself for None (a step of one chunk: no view to make)."""
+    return tensor if rows is None else tensor[rows]
 
 
 def _copy_contributions_into(out: torch.Tensor, contributions: torch.Tensor | None) -> torch.Tensor:
