@@ -51,6 +51,18 @@ def update(replacement, step, loads: dict[int, int], resident, capacity, layer=0
 # --- workload-aware ---------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["c", "reference"])
+def workload_path(request, monkeypatch):
+    """WorkloadAware through the C window (csrc/core/planner.cpp) and through the Python reference."""
+    if request.param == "c":
+        if WorkloadAware(1, 1).native() is None:
+            pytest.skip("the C++ extension is not built here")
+    else:
+        monkeypatch.setattr(WorkloadAware, "native", lambda self: None)
+    return request.param
+
+
+@pytest.mark.usefixtures("workload_path")
 def test_workload_swaps_the_busiest_uncached_expert_for_the_idlest_cached_one_at_the_windows_end():
     """w 2, u 1, cache {0, 1}. Window 1 routes 3 + 1 tokens to expert 2, 1 to 0, 1 to 3, none to 1: after step 1
     (not before) 2 replaces 1. Expert 3 (1 token) would replace 0 (1 token) next, but that gains nothing."""
@@ -59,6 +71,7 @@ def test_workload_swaps_the_busiest_uncached_expert_for_the_idlest_cached_one_at
     assert run.caches == [{0, 2}] and run.background == run.evictions == 1
 
 
+@pytest.mark.usefixtures("workload_path")
 def test_workload_scores_reset_at_each_window():
     """w 2, u 1, one slot holding 0. Window 1 gives expert 1 six tokens: 1 comes in. Window 2 gives 0 four and
     1 none: 0 comes back, although 1's six tokens of the last window would have kept it."""
@@ -68,6 +81,7 @@ def test_workload_scores_reset_at_each_window():
     assert hits_of(run) == [False, False, False, False]
 
 
+@pytest.mark.usefixtures("workload_path")
 def test_workload_copies_at_most_u_size_per_window_busiest_first():
     """w 1, u 2, cache {0, 1, 2}: four uncached experts with 4, 3, 2, 1 tokens; the two busiest replace the two
     idlest cached experts (all idle: the lower ids first)."""
@@ -75,12 +89,14 @@ def test_workload_copies_at_most_u_size_per_window_busiest_first():
     assert swaps_of(run) == [((4, 0), (5, 1))]
 
 
+@pytest.mark.usefixtures("workload_path")
 def test_workload_fills_free_slots_first_and_never_brings_in_an_expert_without_tokens():
     swaps = update(WorkloadAware(1, 8), 0, {3: 2, 5: 1}, resident=[0], capacity=4)
     assert swaps == ((3, FREE_SLOT), (5, FREE_SLOT))
     assert update(WorkloadAware(1, 8), 0, {0: 2}, resident=[0], capacity=4) == ()
 
 
+@pytest.mark.usefixtures("workload_path")
 def test_workload_breaks_score_ties_by_recency():
     """w 3, u 1, cache {0, 1}, one token a step: 2, then 0, then 3. Uncached 2 and 3 tie at one token: 3, the
     more recent, comes in, in place of 1 (no token). When both sides tie, nothing moves: a copy for nothing."""
@@ -230,6 +246,7 @@ def routings(draw):
     return counts_from_loads(steps, num_experts), draw(st.integers(0, num_experts))
 
 
+@pytest.mark.usefixtures("workload_path")
 @settings(max_examples=40, deadline=None)
 @given(routing=routings(), quota=st.sampled_from([None, 0.3, 2.0]), window=st.sampled_from([(1, 1), (2, 3), (4, 1)]))
 def test_every_replacement_obeys_the_background_rules_and_belady_hits_most(routing, quota, window):
@@ -255,3 +272,34 @@ def test_every_replacement_obeys_the_background_rules_and_belady_hits_most(routi
 def test_make_cache_replacement_rejects_unknown_names_and_misplaced_options(name, options, message):
     with pytest.raises(ValueError, match=message):
         make_cache_replacement(name, 8, **options)
+
+
+@st.composite
+def window_runs(draw):
+    """Random steps of several layers: active experts with workloads, the cache's resident set and capacity."""
+    num_experts, layers = draw(st.integers(1, 40)), draw(st.integers(1, 3))
+    steps = []
+    for _ in range(draw(st.integers(1, 30))):
+        active = sorted(draw(st.sets(st.integers(0, num_experts - 1), min_size=0, max_size=num_experts)))
+        resident = sorted(draw(st.sets(st.integers(0, num_experts - 1), max_size=num_experts)))
+        capacity = len(resident) + draw(st.integers(0, 3))
+        loads = [draw(st.integers(1, 9)) for _ in active]
+        steps.append((draw(st.integers(0, layers - 1)), active, loads, resident, capacity))
+    return draw(st.integers(1, 4)), draw(st.integers(1, 5)), steps
+
+
+@settings(max_examples=200, deadline=None)
+@given(window_runs())
+def test_the_c_window_equals_the_reference(run):
+    """Any sequence of steps (layers interleaved, ties everywhere, ids beyond those seen so far): the C window
+    gives the reference's swaps at every step."""
+    w_size, u_size, steps = run
+    native = WorkloadAware(w_size, u_size)
+    if native.native() is None:
+        pytest.skip("the C++ extension is not built here")
+    reference, counters = WorkloadAware(w_size, u_size), {}
+    for layer, active, loads, resident, capacity in steps:
+        step = counters[layer] = counters.get(layer, -1) + 1
+        args = (layer, step, np.array(active, dtype=np.int64), np.array(loads, dtype=np.int64),
+                np.array(resident, dtype=np.int64), capacity)
+        assert native.update(*args) == reference.reference_update(*args)

@@ -476,3 +476,44 @@ def test_one_expert_per_step_behaves_like_a_textbook_lru_cache(name, budget, seq
         elif capacity:
             textbook.popitem(last=False)
             textbook[expert] = None
+
+
+@st.composite
+def dali_step_sequences(draw):
+    """Steps of two layers with random workloads (some past the cost table), caches and staging slots."""
+    num_experts = draw(st.integers(2, 24))
+    steps = []
+    for _ in range(draw(st.integers(1, 25))):
+        active = sorted(draw(st.sets(st.integers(0, num_experts - 1), min_size=1, max_size=num_experts)))
+        workloads = [draw(st.sampled_from([1, 1, 2, 3, 30, 5000])) for _ in active]
+        resident = sorted(draw(st.sets(st.integers(0, num_experts - 1), max_size=num_experts)))
+        cached = [e in resident for e in active]
+        steps.append((draw(st.integers(0, 1)), active, workloads, cached, resident, len(resident) + draw(
+            st.integers(0, 2)), draw(st.integers(0, 3))))
+    cost = CostModel((1, 8, 64), tuple(sorted(draw(st.lists(st.floats(0.01, 50.0), min_size=3, max_size=3)))),
+                     tuple(sorted(draw(st.lists(st.floats(0.001, 5.0), min_size=3, max_size=3)))),
+                     draw(st.floats(0.0, 60.0)))
+    return num_experts, cost, draw(st.sampled_from([(1, 1), (2, 3), (4, 8)])), draw(st.booleans()), steps
+
+
+@settings(max_examples=150, deadline=None)
+@given(dali_step_sequences())
+def test_dali_decides_in_one_c_call_as_in_python(run):
+    """The greedy and the workload-aware window in one C call (csrc/core/planner.cpp) give the decisions of
+    greedy_plan and the Python window, step after step, swap budget on or off (workloads past the cost table
+    take the Python greedy, the window staying in C)."""
+    num_experts, cost, (w_size, u_size), swap_budget, steps = run
+    native = make_policy("dali", w_size=w_size, u_size=u_size, swap_budget=swap_budget)
+    if native._replacement_for(num_experts).native() is None:
+        pytest.skip("the C++ extension is not built here")
+    python = make_policy("dali", w_size=w_size, u_size=u_size, swap_budget=swap_budget)
+    python._replacement_for(num_experts)._native = False  # the reference window, and so the Python greedy
+    counters = {}
+    for layer, active, workloads, cached, resident, capacity, staging in steps:
+        index = counters[layer] = counters.get(layer, -1) + 1
+        step = LayerStep(layer, index, np.array(active, dtype=np.int64), np.array(workloads, dtype=np.int64),
+                         np.array(cached, dtype=bool), np.array(resident, dtype=np.int64), capacity, staging,
+                         num_experts, cost)
+        got, want = native.decide(step), python.decide(step)
+        assert got.on_gpu.dtype == want.on_gpu.dtype and got.on_gpu.tolist() == want.on_gpu.tolist()
+        assert got.background == want.background and got.admit == want.admit

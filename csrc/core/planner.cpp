@@ -93,6 +93,61 @@ int prefetch_choice(int64_t m, const int64_t* ids, const float* weights, int64_t
   return static_cast<int>(taken);
 }
 
+// WorkloadAware.update (dali_compile/runtime/cache_replacement.py, the reference) on one layer's window state,
+// int64 [E] each: scores (tokens in the current window) and uses (last step + 1; 0: never). Every id is checked
+// before anything is written. Returns how many swaps were written to swaps (expert, victim pairs, victim -1 for
+// a free slot; room for u_size pairs), or -1 for an id outside [0, E).
+int64_t workload_update(int64_t n, const int64_t* experts, const int64_t* workloads, int64_t* scores, int64_t* uses,
+                        int64_t E, int64_t step, int64_t w_size, int64_t u_size, const int64_t* resident, int64_t c,
+                        int64_t capacity, int64_t* swaps) {
+  for (int64_t i = 0; i < n; ++i)
+    if (experts[i] < 0 || experts[i] >= E) return -1;
+  for (int64_t i = 0; i < c; ++i)
+    if (resident[i] < 0 || resident[i] >= E) return -1;
+  for (int64_t i = 0; i < n; ++i) {
+    scores[experts[i]] += workloads[i];
+    uses[experts[i]] = step + 1;
+  }
+  if ((step + 1) % w_size != 0) return 0;
+  thread_local std::vector<uint8_t> cached;
+  thread_local std::vector<int64_t> incoming, outgoing;
+  cached.assign(E, 0);
+  outgoing.clear();
+  for (int64_t i = 0; i < c; ++i)
+    if (!cached[resident[i]]) {
+      cached[resident[i]] = 1;
+      outgoing.push_back(resident[i]);  // the distinct cached experts (the reference's set)
+    }
+  incoming.clear();
+  for (int64_t e = 0; e < E; ++e)
+    if (!cached[e] && scores[e] > 0) incoming.push_back(e);
+  // The reference's orders: incoming by (-score, -use, e), outgoing by (score, use, e); both total (e is unique).
+  std::sort(incoming.begin(), incoming.end(), [&](int64_t a, int64_t b) {
+    if (scores[a] != scores[b]) return scores[a] > scores[b];
+    if (uses[a] != uses[b]) return uses[a] > uses[b];
+    return a < b;
+  });
+  if (static_cast<int64_t>(incoming.size()) > u_size) incoming.resize(u_size);
+  const int64_t free = std::max<int64_t>(capacity - static_cast<int64_t>(outgoing.size()), 0);
+  const int64_t victims = std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(incoming.size()) - free, 0),
+                                            static_cast<int64_t>(outgoing.size()));
+  std::partial_sort(outgoing.begin(), outgoing.begin() + victims, outgoing.end(), [&](int64_t a, int64_t b) {
+    if (scores[a] != scores[b]) return scores[a] < scores[b];
+    if (uses[a] != uses[b]) return uses[a] < uses[b];
+    return a < b;
+  });
+  int64_t taken = 0;
+  for (int64_t k = 0; k < static_cast<int64_t>(incoming.size()) && k < free + victims; ++k) {
+    const int64_t expert = incoming[k], victim = k < free ? -1 : outgoing[k - free];
+    if (victim >= 0 && scores[expert] <= scores[victim]) break;  // scores only worsen from here
+    swaps[2 * taken] = expert;
+    swaps[2 * taken + 1] = victim;
+    ++taken;
+  }
+  std::fill(scores, scores + E, int64_t{0});  // the window ends
+  return taken;
+}
+
 // HybridLayer's per-step counting (dali_compile/runtime/step_routing.py): the active experts of m routed
 // (token, k) ids, ascending (numpy's bincount, then nonzero), into rows [3, E] of `active`: the expert, its
 // workload, and 1 if slot_of_expert[e] >= 0 (cached). *hits = how many are cached. Returns n, or -1 for an id
@@ -123,6 +178,45 @@ int64_t step_routing(int64_t m, const int64_t* ids, int64_t E, const int32_t* sl
 }  // namespace dali_cpu
 
 extern "C" {
+
+int64_t dali_workload_update(int64_t n, const int64_t* experts, const int64_t* workloads, int64_t* scores,
+                             int64_t* uses, int64_t E, int64_t step, int64_t w_size, int64_t u_size,
+                             const int64_t* resident, int64_t c, int64_t capacity, int64_t* swaps) {
+  if (n < 0 || c < 0 || E < 0 || w_size < 1 || u_size < 0) return -1;
+  return dali_cpu::call_guarded(int64_t{dali_cpu::kCppException}, [=] {
+    return dali_cpu::workload_update(n, experts, workloads, scores, uses, E, step, w_size, u_size, resident, c,
+                                     capacity, swaps);
+  });
+}
+
+// DaliPolicy.decide with the workload-aware cache in one call (policies.py): the greedy's on_gpu, then
+// workload_update. The arguments that stay the same from step to step come in `context` (int64 [14], made once
+// per layer by cache_replacement._NativeWindows: ctypes converts each argument at ~0.25 us): the cost table's
+// cpu, gpu and key addresses and top; the experts, workloads, cached (bool) and on_gpu (bool) buffers; the
+// layer's scores and uses and their size E; w_size, u_size; the swaps buffer. -1 where the greedy does not
+// apply (a workload outside [1, top]) or an id is outside [0, E): nothing was written to the window state then,
+// and the caller takes the Python path.
+int64_t dali_decide_workload(const int64_t* context, int64_t n, int64_t step, int64_t max_uncached,
+                             const int64_t* resident, int64_t c, int64_t capacity) {
+  auto address = [&](int k) { return reinterpret_cast<void*>(static_cast<intptr_t>(context[k])); };
+  const auto* experts = static_cast<const int64_t*>(address(4));
+  const auto* workloads = static_cast<const int64_t*>(address(5));
+  const auto* cached = static_cast<const uint8_t*>(address(6));
+  auto* on_gpu = static_cast<uint8_t*>(address(7));
+  auto* scores = static_cast<int64_t*>(address(8));
+  auto* uses = static_cast<int64_t*>(address(9));
+  auto* swaps = static_cast<int64_t*>(address(13));
+  const int64_t top = context[3], E = context[10], w_size = context[11], u_size = context[12];
+  if (n < 0 || c < 0 || E < 0 || w_size < 1 || u_size < 0) return -1;
+  return dali_cpu::call_guarded(int64_t{dali_cpu::kCppException}, [=]() -> int64_t {
+    if (dali_cpu::greedy_plan(n, workloads, cached, static_cast<const double*>(address(0)),
+                              static_cast<const double*>(address(1)), static_cast<const double*>(address(2)), top,
+                              max_uncached, on_gpu) != 0)
+      return -1;
+    return dali_cpu::workload_update(n, experts, workloads, scores, uses, E, step, w_size, u_size, resident, c,
+                                     capacity, swaps);
+  });
+}
 
 int64_t dali_step_routing(int64_t m, const int64_t* ids, int64_t E, const int32_t* slot_of_expert, int64_t* active,
                           int64_t* hits) {

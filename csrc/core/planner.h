@@ -1,6 +1,6 @@
-// The per-step decisions of the offload runtime that run in C (called through ctypes from Python):
-// the greedy CPU/GPU assignment (planner.cpp), the prefetch choice (planner.cpp, prefetch.cpp) and a layer step's
-// active experts (planner.cpp).
+// The per-step decisions of the offload runtime that run in C (called through ctypes from Python): the greedy
+// CPU/GPU assignment, the workload-aware cache's window and a layer step's active experts (planner.cpp), and the
+// prefetch choice (planner.cpp, prefetch.cpp).
 #pragma once
 
 #include <cstdint>
@@ -20,5 +20,10 @@ int prefetch_choice(int64_t m, const int64_t* ids, const float* weights, int64_t
 // The active experts of a layer step, their workloads and cache flags (see planner.cpp); n, or -1 for a bad id.
 int64_t step_routing(int64_t m, const int64_t* ids, int64_t E, const int32_t* slot_of_expert, int64_t* active,
                      int64_t* hits);
+
+// WorkloadAware.update on one layer's window state (see planner.cpp); the swaps' count, or -1 for a bad id.
+int64_t workload_update(int64_t n, const int64_t* experts, const int64_t* workloads, int64_t* scores, int64_t* uses,
+                        int64_t E, int64_t step, int64_t w_size, int64_t u_size, const int64_t* resident, int64_t c,
+                        int64_t capacity, int64_t* swaps);
 
 }  // namespace dali_cpu

@@ -114,10 +114,29 @@ class WorkloadAware(CacheReplacement):
     def __init__(self, w_size: int, u_size: int):
         self.w_size = _check_int("cache 'workload'", "w_size", w_size, 1)
         self.u_size = _check_int("cache 'workload'", "u_size", u_size, 1)
+        # The state: with the C++ extension, per layer an int64 [2, E] window (scores, uses) that the C calls
+        # (csrc/core/planner.cpp) read and write; without it, the reference's dicts. Chosen once, never mixed.
+        self._native: _NativeWindows | None | bool = None  # None: not chosen yet; False: the reference
         self._scores: dict[int, dict[int, int]] = {}  # layer -> expert -> tokens in the current window
         self._last_use: dict[int, dict[int, int]] = {}  # layer -> expert -> its last step + 1 (0: never)
 
+    def native(self) -> _NativeWindows | None:
+        """The C path's state and calls, or None where the reference runs (no extension)."""
+        if self._native is None:
+            from . import cpu_extension
+
+            update, decide = cpu_extension.workload_window_functions()
+            self._native = _NativeWindows(self, update, decide) if update else False
+        return self._native or None
+
     def update(self, layer, step, experts, workloads, resident, capacity) -> Swaps:
+        native = self.native()
+        if native is not None:
+            return native.update(layer, step, experts, workloads, resident, capacity)
+        return self.reference_update(layer, step, experts, workloads, resident, capacity)
+
+    def reference_update(self, layer, step, experts, workloads, resident, capacity) -> Swaps:
+        """The rules in Python (on dicts): the specification the C path equals, and the path without it."""
         scores = self._scores.setdefault(layer, {})
         uses = self._last_use.setdefault(layer, {})
         for expert, tokens in zip(experts.tolist(), workloads.tolist(), strict=True):
@@ -141,6 +160,108 @@ class WorkloadAware(CacheReplacement):
                 break  # incoming scores only fall and outgoing ones only rise from here
             swaps.append((expert, victim))
         return tuple(swaps)
+
+
+class _NativeWindows:
+    """WorkloadAware's C path: per layer an int64 [2, E] window (scores, uses; grown as ids need), with the
+    addresses of the windows, the step's input buffers and the outputs taken once, and per layer the constant
+    arguments of the fused decision packed once (`_context`)."""
+
+    def __init__(self, owner: WorkloadAware, update, decide):
+        self.owner = owner
+        self.update_function, self.decide_function = update, decide
+        self._windows: dict[int, tuple[np.ndarray, int, int]] = {}  # layer -> (window, scores' and uses' address)
+        # layer -> (cost table, E, context, its address)
+        self._contexts: dict[int, tuple[object, int, np.ndarray, int]] = {}
+        self._resident: tuple[np.ndarray | None, int] = (None, 0)  # the last resident array seen, its address
+        self.swaps = np.zeros(2 * owner.u_size, dtype=np.int64)
+        self._swaps_address = self.swaps.ctypes.data
+        self._reserve(0)
+
+    def _reserve(self, n: int) -> None:
+        self.capacity = max(n, 256)
+        self.inputs = np.zeros((2, self.capacity), dtype=np.int64)  # experts, workloads
+        self.flags = np.zeros((2, self.capacity), dtype=np.bool_)  # cached, on_gpu (one byte, 0 or 1, as C reads)
+        self.addresses = (self.inputs[0].ctypes.data, self.inputs[1].ctypes.data, self.flags[0].ctypes.data,
+                          self.flags[1].ctypes.data)
+        self._contexts.clear()  # they name the old buffers
+
+    def window(self, layer: int, num_experts: int) -> tuple[np.ndarray, int, int]:
+        known = self._windows.get(layer)
+        if known is None or known[0].shape[1] < num_experts:
+            window = np.zeros((2, num_experts), dtype=np.int64)
+            if known is not None:
+                window[:, :known[0].shape[1]] = known[0]
+            known = self._windows[layer] = (window, window[0].ctypes.data, window[1].ctypes.data)
+            self._contexts.pop(layer, None)
+        return known
+
+    def _context(self, layer: int, table, num_experts: int) -> int:
+        """The address of layer's context (the layout dali_decide_workload reads), made again when the cost
+        table, the buffers or the window change."""
+        known = self._contexts.get(layer)
+        if known is None or known[0] is not table or known[1] < num_experts:
+            window, scores, uses = self.window(layer, num_experts)
+            experts, workloads, cached, on_gpu = self.addresses
+            context = np.array([table.cpu_address, table.gpu_address, table.key_address, table.top, experts,
+                                workloads, cached, on_gpu, scores, uses, window.shape[1], self.owner.w_size,
+                                self.owner.u_size, self._swaps_address], dtype=np.int64)
+            known = self._contexts[layer] = (table, window.shape[1], context, context.ctypes.data)
+        return known[3]
+
+    def _resident_address(self, resident: np.ndarray) -> tuple[np.ndarray, int]:
+        """`resident` as contiguous int64 and its address; the runtime's array (the same until its cache changes)
+        is looked up once."""
+        known, address = self._resident
+        if known is not resident:
+            array = np.ascontiguousarray(resident, dtype=np.int64)
+            address = array.ctypes.data
+            if array is resident:
+                self._resident = (resident, address)
+            else:
+                return array, address
+        return resident, address
+
+    def _load(self, experts, workloads) -> int:
+        n = len(experts)
+        if n > self.capacity:
+            self._reserve(n)
+        self.inputs[0, :n] = experts
+        self.inputs[1, :n] = workloads
+        return n
+
+    def _swaps(self, taken: int) -> Swaps:
+        if not taken:
+            return ()
+        pairs = self.swaps[: 2 * taken].tolist()
+        return tuple(zip(pairs[0::2], pairs[1::2], strict=True))
+
+    def update(self, layer, step, experts, workloads, resident, capacity) -> Swaps:
+        experts, workloads = np.asarray(experts), np.asarray(workloads)
+        resident, resident_address = self._resident_address(resident)
+        n = self._load(experts, workloads)
+        size = 1 + max(int(experts.max(initial=-1)), int(resident.max(initial=-1)))
+        window, scores, uses = self.window(layer, size)
+        owner = self.owner
+        taken = self.update_function(n, self.addresses[0], self.addresses[1], scores, uses, window.shape[1], step,
+                                     owner.w_size, owner.u_size, resident_address, len(resident), capacity,
+                                     self._swaps_address)
+        if taken < 0:
+            raise ValueError(f"cache 'workload' (layer {layer}): expert ids must be >= 0")
+        return self._swaps(taken)
+
+    def decide(self, layer, step, experts, workloads, cached, table, max_uncached, resident, capacity,
+               num_experts) -> tuple[np.ndarray, Swaps] | None:
+        """The greedy's on_gpu (planner.greedy_plan over `table`, a CostModel's table) and update's swaps in one
+        call; None where the greedy does not apply (a workload past the table): nothing was changed then."""
+        n = self._load(experts, workloads)
+        self.flags[0, :n] = cached
+        context = self._context(layer, table, num_experts)
+        resident, resident_address = self._resident_address(resident)
+        taken = self.decide_function(context, n, step, max_uncached, resident_address, len(resident), capacity)
+        if taken < 0:
+            return None
+        return self.flags[1, :n].copy(), self._swaps(taken)
 
 
 class _Quota:

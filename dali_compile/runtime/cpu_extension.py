@@ -195,6 +195,12 @@ def _build_and_load() -> ctypes.CDLL:
     lib.dali_predict_prefetch.restype = ctypes.c_int
     lib.dali_step_routing.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
     lib.dali_step_routing.restype = ctypes.c_int64
+    lib.dali_workload_update.argtypes = ([ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+                                         + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p])
+    lib.dali_workload_update.restype = ctypes.c_int64
+    lib.dali_decide_workload.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] + [
+        ctypes.c_int64] * 2
+    lib.dali_decide_workload.restype = ctypes.c_int64
     lib.dali_cpu_resident_publish.argtypes = [ctypes.c_int64] + [ctypes.c_ssize_t] * 6 + [ctypes.c_char_p] + [
         ctypes.c_int] * 3 + [ctypes.c_char_p, ctypes.c_double, ctypes.c_double]
     lib.dali_cpu_resident_publish.restype = ctypes.c_int
@@ -457,6 +463,13 @@ def predict_prefetch_function():
     """The C routing and prefetch choice (`csrc/core/prefetch.cpp`), or None without the extension."""
     lib = _loaded()
     return None if lib is None else lib.dali_predict_prefetch
+
+
+def workload_window_functions():
+    """The C workload-aware window update and the C greedy-plus-window decision (`csrc/core/planner.cpp`), or
+    (None, None) without the extension."""
+    lib = _loaded()
+    return (None, None) if lib is None else (lib.dali_workload_update, lib.dali_decide_workload)
 
 
 def step_routing_function():

@@ -273,8 +273,11 @@ def _native_greedy(experts, workloads: np.ndarray, cached: np.ndarray, cost: Cos
                               table.key_address, table.top, max_uncached, on_gpu_address)
     if status != 0:
         return None
-    on_gpu = buffers.on_gpu[:n].copy()
+    return planned(experts, workloads, cached, buffers.on_gpu[:n].copy(), cost)
 
+
+def planned(experts, workloads: np.ndarray, cached: np.ndarray, on_gpu: np.ndarray, cost: CostModel) -> Plan:
+    """The Plan of an assignment `on_gpu` the greedy made (its costs computed only when read)."""
     def costs():
         cpu, gpu, _ = _tabulated_costs(workloads, cached, cost)
         return cpu, gpu

@@ -30,9 +30,10 @@ from .cache_replacement import (  # FREE_SLOT: the victim of an admission or swa
     CACHE_REPLACEMENTS,
     FREE_SLOT,
     CacheReplacement,
+    WorkloadAware,
     make_cache_replacement,
 )
-from .planner import CostModel, exact_plan, greedy_plan
+from .planner import CostModel, exact_plan, greedy_plan, planned
 
 
 class PolicyError(RuntimeError):
@@ -310,14 +311,26 @@ class DaliPolicy(Policy):
     def decide(self, step: LayerStep) -> Decision:
         if step.cost is None:
             raise ValueError("policy 'dali' needs a profiled cost model, but LayerStep.cost is None")
-        plan_fn = exact_plan if self.exact else greedy_plan
-        plan = plan_fn(step.experts, step.workloads, step.cached, step.cost, max_uncached_on_gpu=step.staging_slots)
-        swaps = self._replacement_for(step.num_experts).update(
-            step.layer, step.step, step.experts, step.workloads, step.resident, step.cache_slots
-        )
+        replacement = self._replacement_for(step.num_experts)
+        native = replacement.native() if not self.exact and type(replacement) is WorkloadAware else None
+        decided = None
+        if native is not None and step.staging_slots >= 0:  # the greedy and the window in one C call
+            decided = native.decide(step.layer, step.step, step.experts, step.workloads, step.cached,
+                                    step.cost._table, step.staging_slots, step.resident, step.cache_slots,
+                                    step.num_experts)
+        if decided is not None:
+            on_gpu, swaps = decided
+            plan = None
+        else:
+            plan_fn = exact_plan if self.exact else greedy_plan
+            plan = plan_fn(step.experts, step.workloads, step.cached, step.cost, max_uncached_on_gpu=step.staging_slots)
+            on_gpu = plan.on_gpu
+            swaps = replacement.update(step.layer, step.step, step.experts, step.workloads, step.resident,
+                                       step.cache_slots)
         if swaps and self.swap_budget:
+            plan = plan or planned(step.experts, step.workloads, step.cached, on_gpu, step.cost)
             swaps = self._within_idle_copy_time(step, plan, swaps)
-        return Decision(plan.on_gpu, background=swaps)
+        return Decision(on_gpu, (), swaps)  # positional: keywords cost a frozen dataclass ~1 us more
 
     def _within_idle_copy_time(self, step: LayerStep, plan, swaps: tuple) -> tuple:
         """The first swaps whose copies fit the copy stream's idle time since this layer's last swaps."""
