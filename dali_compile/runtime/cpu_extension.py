@@ -82,6 +82,7 @@ SOURCES = (
     "binding/quantized_linear_ops.cpp",
     "binding/aten_parallel.cpp",
     "binding/resident_layers.cpp",
+    "binding/fast_calls.cpp",
 )
 # No -march=native: the library must run on any x86-64 (ISA paths are picked at run time).
 # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into our
@@ -100,6 +101,7 @@ CPP_EXCEPTION = -99
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
+_fast_calls = None  # the library's CPython module (binding/fast_calls.cpp), where it was built with Python's headers
 _library_path: str | None = None
 _load_attempted = False
 # Registry redirects active in any thread (see pause_resident_layers).
@@ -255,7 +257,7 @@ def _configure(lib: ctypes.CDLL) -> None:
 
 
 def _loaded() -> ctypes.CDLL | None:
-    global _library, _load_attempted
+    global _library, _load_attempted, _fast_calls
     if _load_attempted:
         return _library
     with _lock:
@@ -267,6 +269,7 @@ def _loaded() -> ctypes.CDLL | None:
             try:
                 lib = _build_and_load()
                 _configure(lib)
+                _fast_calls = _load_fast_calls(_library_path)
                 _library = lib
             except Exception as error:  # noqa: BLE001  (any build or load failure means: fall back)
                 warnings.warn(
@@ -447,35 +450,56 @@ def read_tensors(*tensors) -> int:
     return int(checksum.value)
 
 
+def fast_function(name: str):
+    """The offload step's C entry point `name` (`dali_step_routing`, ...) as the library's CPython module has it
+    (binding/fast_calls.cpp: the same arguments, without ctypes' per-argument conversions), else through ctypes;
+    None without the extension. Both take the same ints (addresses as ints, None for a null pointer)."""
+    lib = _loaded()
+    if lib is None:
+        return None
+    return getattr(_fast_calls, name, None) or getattr(lib, name)
+
+
+def _load_fast_calls(path: str):
+    """The library as a CPython module (it defines PyInit_<LIBRARY_NAME> where Python's headers were found), or
+    None: then every call goes through ctypes."""
+    import importlib.machinery
+    import importlib.util
+
+    try:
+        loader = importlib.machinery.ExtensionFileLoader(LIBRARY_NAME, path)
+        spec = importlib.util.spec_from_file_location(LIBRARY_NAME, path, loader=loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module
+    except ImportError:  # built without Python's headers: no PyInit
+        return None
+
+
 def greedy_plan_function():
     """The C greedy planner (`csrc/core/planner.cpp`), or None without the extension."""
-    lib = _loaded()
-    return None if lib is None else lib.dali_greedy_plan
+    return fast_function("dali_greedy_plan")
 
 
 def prefetch_choice_function():
     """The C prefetch choice (`csrc/core/planner.cpp`), or None without the extension."""
-    lib = _loaded()
-    return None if lib is None else lib.dali_prefetch_choice
+    return fast_function("dali_prefetch_choice")
 
 
 def predict_prefetch_function():
     """The C routing and prefetch choice (`csrc/core/prefetch.cpp`), or None without the extension."""
-    lib = _loaded()
-    return None if lib is None else lib.dali_predict_prefetch
+    return fast_function("dali_predict_prefetch")
 
 
 def workload_window_functions():
     """The C workload-aware window update and the C greedy-plus-window decision (`csrc/core/planner.cpp`), or
     (None, None) without the extension."""
-    lib = _loaded()
-    return (None, None) if lib is None else (lib.dali_workload_update, lib.dali_decide_workload)
+    return fast_function("dali_workload_update"), fast_function("dali_decide_workload")
 
 
 def step_routing_function():
     """The C counting of a layer step's active experts (`csrc/core/planner.cpp`), or None without the extension."""
-    lib = _loaded()
-    return None if lib is None else lib.dali_step_routing
+    return fast_function("dali_step_routing")
 
 
 def last_region_threads() -> int:

@@ -1,0 +1,149 @@
+// The offload step's small C calls as a CPython module (dali_compile/runtime/cpu_extension.py fast_function):
+// the same extern "C" entry points as through ctypes, called with the same int arguments (addresses as ints).
+//
+// Why: a layer step makes two or three of these calls (its active experts, DALI's decision, the prefetch), each
+// a microsecond of C. Through ctypes each call converts every argument in libffi's generic path: ~1-5 us warm
+// and far more in a decode loop, where the weights streamed between layer steps leave that code cold. Here an
+// argument is one PyLong_AsLongLong, and the calls keep the GIL (shorter than releasing it) except the prefetch's
+// router, which can take milliseconds over a prefill's tokens.
+//
+// Built only where Python's headers are found (cpp_extension puts them on the include path); without them the
+// module is absent and every call goes through ctypes, as before.
+#if defined(__has_include)
+#if __has_include(<Python.h>)
+#define DALI_FAST_CALLS 1
+#endif
+#endif
+
+#ifdef DALI_FAST_CALLS
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <cstdint>
+
+extern "C" {
+int dali_greedy_plan(int64_t n, const int64_t* workloads, const uint8_t* cached, const double* cpu_table,
+                     const double* gpu_table, const double* key_table, int64_t top, int64_t max_uncached,
+                     uint8_t* on_gpu);
+int dali_prefetch_choice(int64_t m, const int64_t* ids, const float* weights, int64_t E, const int32_t* slot_of_expert,
+                         const double* cpu_table, const double* gpu_table, const double* key_table, int64_t top,
+                         int64_t count, int64_t* counts, double* mass, int64_t* chosen);
+int dali_predict_prefetch(int64_t T, const void* x, int x_dtype, int64_t ldx, const float* residual, const void* w,
+                          int w_dtype, const float* bias, int64_t E, int64_t H, int64_t K, int normalize,
+                          const int32_t* slot_of_expert, const double* cpu_table, const double* gpu_table,
+                          const double* key_table, int64_t top, int64_t count, int64_t* ids, float* weights,
+                          int64_t* counts, double* mass, int64_t* chosen);
+int64_t dali_workload_update(int64_t n, const int64_t* experts, const int64_t* workloads, int64_t* scores,
+                             int64_t* uses, int64_t E, int64_t step, int64_t w_size, int64_t u_size,
+                             const int64_t* resident, int64_t c, int64_t capacity, int64_t* swaps);
+int64_t dali_decide_workload(const int64_t* context, int64_t n, int64_t step, int64_t max_uncached,
+                             const int64_t* resident, int64_t c, int64_t capacity);
+int64_t dali_step_routing(int64_t m, const int64_t* ids, int64_t E, const int32_t* slot_of_expert, int64_t* active,
+                          int64_t* hits);
+}
+
+namespace {
+
+// The call's arguments as int64 (a Python int each, as ctypes takes them); false with a Python error set.
+template <Py_ssize_t N>
+bool int_arguments(const char* name, PyObject* const* args, Py_ssize_t nargs, int64_t (&out)[N]) {
+  if (nargs != N) {
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", name, N, nargs);
+    return false;
+  }
+  for (Py_ssize_t i = 0; i < N; ++i) {
+    if (args[i] == Py_None) {  // ctypes passes None as a NULL pointer
+      out[i] = 0;
+      continue;
+    }
+    out[i] = PyLong_AsLongLong(args[i]);
+    if (out[i] == -1 && PyErr_Occurred()) return false;
+  }
+  return true;
+}
+
+template <typename T>
+T* at(int64_t address) {
+  return reinterpret_cast<T*>(static_cast<intptr_t>(address));
+}
+
+PyObject* greedy_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[9];
+  if (!int_arguments("dali_greedy_plan", args, nargs, a)) return nullptr;
+  return PyLong_FromLong(dali_greedy_plan(a[0], at<const int64_t>(a[1]), at<const uint8_t>(a[2]),
+                                          at<const double>(a[3]), at<const double>(a[4]), at<const double>(a[5]),
+                                          a[6], a[7], at<uint8_t>(a[8])));
+}
+
+PyObject* prefetch_choice(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[13];
+  if (!int_arguments("dali_prefetch_choice", args, nargs, a)) return nullptr;
+  return PyLong_FromLong(dali_prefetch_choice(a[0], at<const int64_t>(a[1]), at<const float>(a[2]), a[3],
+                                              at<const int32_t>(a[4]), at<const double>(a[5]),
+                                              at<const double>(a[6]), at<const double>(a[7]), a[8], a[9],
+                                              at<int64_t>(a[10]), at<double>(a[11]), at<int64_t>(a[12])));
+}
+
+PyObject* predict_prefetch(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[23];
+  if (!int_arguments("dali_predict_prefetch", args, nargs, a)) return nullptr;
+  int taken;
+  Py_BEGIN_ALLOW_THREADS  // a router over a prefill's tokens can take milliseconds: other threads run meanwhile
+  taken = dali_predict_prefetch(
+      a[0], at<const void>(a[1]), static_cast<int>(a[2]), a[3], at<const float>(a[4]), at<const void>(a[5]),
+      static_cast<int>(a[6]), at<const float>(a[7]), a[8], a[9], a[10], static_cast<int>(a[11]),
+      at<const int32_t>(a[12]), at<const double>(a[13]), at<const double>(a[14]), at<const double>(a[15]), a[16],
+      a[17], at<int64_t>(a[18]), at<float>(a[19]), at<int64_t>(a[20]), at<double>(a[21]), at<int64_t>(a[22]));
+  Py_END_ALLOW_THREADS
+  return PyLong_FromLong(taken);
+}
+
+PyObject* workload_update(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[13];
+  if (!int_arguments("dali_workload_update", args, nargs, a)) return nullptr;
+  return PyLong_FromLongLong(dali_workload_update(a[0], at<const int64_t>(a[1]), at<const int64_t>(a[2]),
+                                                  at<int64_t>(a[3]), at<int64_t>(a[4]), a[5], a[6], a[7], a[8],
+                                                  at<const int64_t>(a[9]), a[10], a[11], at<int64_t>(a[12])));
+}
+
+PyObject* decide_workload(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[7];
+  if (!int_arguments("dali_decide_workload", args, nargs, a)) return nullptr;
+  return PyLong_FromLongLong(
+      dali_decide_workload(at<const int64_t>(a[0]), a[1], a[2], a[3], at<const int64_t>(a[4]), a[5], a[6]));
+}
+
+PyObject* step_routing(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[6];
+  if (!int_arguments("dali_step_routing", args, nargs, a)) return nullptr;
+  return PyLong_FromLongLong(dali_step_routing(a[0], at<const int64_t>(a[1]), a[2], at<const int32_t>(a[3]),
+                                               at<int64_t>(a[4]), at<int64_t>(a[5])));
+}
+
+// Named as the C entry points, so that cpu_extension.fast_function(name) finds either.
+PyMethodDef methods[] = {
+    {"dali_greedy_plan", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(greedy_plan)), METH_FASTCALL,
+     nullptr},
+    {"dali_prefetch_choice", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(prefetch_choice)),
+     METH_FASTCALL, nullptr},
+    {"dali_predict_prefetch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(predict_prefetch)),
+     METH_FASTCALL, nullptr},
+    {"dali_workload_update", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(workload_update)),
+     METH_FASTCALL, nullptr},
+    {"dali_decide_workload", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(decide_workload)),
+     METH_FASTCALL, nullptr},
+    {"dali_step_routing", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step_routing)), METH_FASTCALL,
+     nullptr},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "dali_cpu_experts", "the offload step's C calls without ctypes", -1,
+                      methods};
+
+}  // namespace
+
+// The library's name (cpu_extension.LIBRARY_NAME): the import system looks for PyInit_<name>.
+extern "C" __attribute__((visibility("default"))) PyObject* PyInit_dali_cpu_experts() {
+  return PyModule_Create(&module);
+}
+
+#endif  // DALI_FAST_CALLS

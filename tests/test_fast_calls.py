@@ -1,0 +1,80 @@
+"""The offload step's C calls through the library's CPython module (csrc/binding/fast_calls.cpp) equal the same
+calls through ctypes, take None as a null pointer, and refuse a wrong argument count."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dali_compile.runtime import cpu_extension
+from dali_compile.runtime.planner import CostModel
+
+pytestmark = pytest.mark.skipif(not cpu_extension.cpu_extension_available(), reason="the C++ extension is not built")
+
+NAMES = ("dali_greedy_plan", "dali_prefetch_choice", "dali_predict_prefetch", "dali_workload_update",
+         "dali_decide_workload", "dali_step_routing")
+
+
+def both(name: str):
+    """(the CPython module's function, the ctypes one)."""
+    fast = getattr(cpu_extension._fast_calls, name, None)
+    if fast is None:
+        pytest.skip("the library was built without Python's headers: ctypes only")
+    return fast, getattr(cpu_extension._loaded(), name)
+
+
+def test_the_module_is_built_where_pythons_headers_are():
+    has_headers = (Path(sysconfig.get_path("include", scheme="posix_prefix")) / "Python.h").exists()
+    assert (cpu_extension._fast_calls is not None) == has_headers
+    if has_headers:
+        assert all(cpu_extension.fast_function(name) is getattr(cpu_extension._fast_calls, name) for name in NAMES)
+
+
+def test_step_routing_gives_what_ctypes_gives():
+    ids = np.array([5, 1, 5, 9, 0, 1], dtype=np.int64)
+    slots = np.full(12, -1, dtype=np.int32)
+    slots[[1, 9]] = [0, 1]
+    results = []
+    for function in both("dali_step_routing"):
+        active, hits = np.zeros((3, 12), dtype=np.int64), np.zeros(1, dtype=np.int64)
+        n = function(ids.size, ids.ctypes.data, 12, slots.ctypes.data, active.ctypes.data, hits.ctypes.data)
+        results.append((n, active[:, :n].tolist(), int(hits[0])))
+    assert results[0] == results[1] == (4, [[0, 1, 5, 9], [1, 2, 2, 1], [0, 1, 0, 1]], 2)
+    bad = np.array([3, 12], dtype=np.int64)  # 12 is outside [0, 12)
+    assert [f(2, bad.ctypes.data, 12, slots.ctypes.data, active.ctypes.data, hits.ctypes.data)
+            for f in both("dali_step_routing")] == [-1, -1]
+
+
+def test_greedy_gives_what_ctypes_gives_and_none_is_a_null_pointer():
+    cost = CostModel((1, 8, 64), (1.0, 2.0, 9.0), (0.1, 0.2, 0.5), transfer_seconds=3.0)
+    table = cost._table
+    workloads = np.array([1, 30, 7, 64, 2], dtype=np.int64)
+    cached = np.array([1, 0, 0, 1, 0], dtype=np.uint8)
+    plans = []
+    for function in both("dali_greedy_plan"):
+        on_gpu = np.zeros(5, dtype=np.uint8)
+        status = function(5, workloads.ctypes.data, cached.ctypes.data, table.cpu_address, table.gpu_address,
+                          table.key_address, table.top, 2, on_gpu.ctypes.data)
+        plans.append((status, on_gpu.tolist()))
+    assert plans[0] == plans[1] and plans[0][0] == 0 and any(plans[0][1])
+    # prefetch_choice without weights: None (a null pointer) through both
+    ids = np.array([2, 3, 2], dtype=np.int64)
+    slots = np.full(4, -1, dtype=np.int32)
+    chosen = []
+    for function in both("dali_prefetch_choice"):
+        counts, mass, out = np.zeros(4, dtype=np.int64), np.zeros(4), np.zeros(4, dtype=np.int64)
+        taken = function(3, ids.ctypes.data, None, 4, slots.ctypes.data, 0, 0, 0, 0, 2, counts.ctypes.data,
+                         mass.ctypes.data, out.ctypes.data)
+        chosen.append((taken, out[:max(taken, 0)].tolist(), counts.tolist()))
+    assert chosen[0] == chosen[1] == (2, [2, 3], [0, 0, 2, 1])
+
+
+def test_a_wrong_call_is_a_python_error():
+    fast, _ = both("dali_step_routing")
+    with pytest.raises(TypeError, match="takes 6 arguments"):
+        fast(1, 2, 3)
+    with pytest.raises(TypeError):
+        fast(1, "not an address", 3, 4, 5, 6)
