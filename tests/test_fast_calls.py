@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dali_compile.runtime import cpu_extension
-from dali_compile.runtime.planner import CostModel
+from dali_compile.runtime.planner import CostModel, greedy_plan
 
 pytestmark = pytest.mark.skipif(not cpu_extension.cpu_extension_available(), reason="the C++ extension is not built")
 
@@ -78,3 +78,28 @@ def test_a_wrong_call_is_a_python_error():
         fast(1, 2, 3)
     with pytest.raises(TypeError):
         fast(1, "not an address", 3, 4, 5, 6)
+
+
+def test_the_decision_reads_only_arrays_it_can_read_in_place():
+    """dali_decide_workload_arrays reads the LayerStep's arrays through the buffer protocol: int64 and bool,
+    1-D, contiguous. Anything else is None (the caller copies into its buffers), never a misread."""
+    from dali_compile.runtime.cache_replacement import WorkloadAware
+
+    function = cpu_extension.python_only_function("dali_decide_workload_arrays")
+    if function is None:
+        pytest.skip("the library was built without Python's headers: ctypes only")
+    native = WorkloadAware(2, 1).native()
+    cost = CostModel((1, 8, 64), (1.0, 2.0, 9.0), (0.1, 0.2, 0.5), transfer_seconds=3.0)
+    context = native._context(0, cost._table, 8)
+    experts, workloads = np.array([1, 4], dtype=np.int64), np.array([1, 40], dtype=np.int64)
+    cached, resident = np.array([True, False]), np.array([1, 2], dtype=np.int64)
+    on_gpu, taken = function(context, experts, workloads, cached, 0, 2, resident, 3)
+    want = greedy_plan(experts, workloads, cached, cost, 2).on_gpu
+    assert np.frombuffer(on_gpu, dtype=np.bool_).tolist() == want.tolist() == [False, True] and taken == 0
+    for bad in ((experts.astype(np.int32), workloads, cached), (experts, workloads.astype(np.float64), cached),
+                (experts, workloads, cached.astype(np.uint8)), (np.array([1, 0, 4])[::2], workloads, cached),
+                (experts, workloads[:1], cached), ([1, 4], workloads, cached)):
+        assert function(context, *bad, 1, 2, resident, 3) is None
+    assert function(context, experts, np.array([1, 5000], dtype=np.int64), cached, 1, 2, resident, 3) == -1
+    with pytest.raises(TypeError, match="takes 8 arguments"):
+        function(context, experts)

@@ -20,6 +20,7 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <cstring>
 
 extern "C" {
 int dali_greedy_plan(int64_t n, const int64_t* workloads, const uint8_t* cached, const double* cpu_table,
@@ -38,6 +39,9 @@ int64_t dali_workload_update(int64_t n, const int64_t* experts, const int64_t* w
                              const int64_t* resident, int64_t c, int64_t capacity, int64_t* swaps);
 int64_t dali_decide_workload(const int64_t* context, int64_t n, int64_t step, int64_t max_uncached,
                              const int64_t* resident, int64_t c, int64_t capacity);
+int64_t dali_decide_workload_on(const int64_t* context, const int64_t* experts, const int64_t* workloads,
+                                const uint8_t* cached, uint8_t* on_gpu, int64_t n, int64_t step, int64_t max_uncached,
+                                const int64_t* resident, int64_t c, int64_t capacity);
 int64_t dali_step_routing(int64_t m, const int64_t* ids, int64_t E, const int32_t* slot_of_expert, int64_t* active,
                           int64_t* hits);
 }
@@ -113,6 +117,61 @@ PyObject* decide_workload(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       dali_decide_workload(at<const int64_t>(a[0]), a[1], a[2], a[3], at<const int64_t>(a[4]), a[5], a[6]));
 }
 
+// A 1-D C-contiguous buffer of `itemsize`-byte items whose format is one of `formats` (numpy's int64 is 'l' or
+// 'q', its bool '?'), held until the destructor; `ok` false (and no Python error) for any other object.
+struct ArrayView {
+  Py_buffer view{};
+  bool ok = false;
+  ArrayView(PyObject* object, Py_ssize_t itemsize, const char* formats) {
+    if (PyObject_GetBuffer(object, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+      PyErr_Clear();
+      return;
+    }
+    const char* format = view.format ? view.format : "B";
+    if (format[0] == '<' || format[0] == '=' || format[0] == '@') ++format;
+    ok = view.ndim == 1 && view.itemsize == itemsize && format[0] != '\0' && format[1] == '\0' &&
+         std::strchr(formats, format[0]) != nullptr;
+  }
+  ~ArrayView() {
+    if (view.obj != nullptr) PyBuffer_Release(&view);
+  }
+  Py_ssize_t size() const { return view.shape ? view.shape[0] : 0; }
+  template <typename T>
+  const T* data() const {
+    return static_cast<const T*>(view.buf);
+  }
+};
+
+// (context, experts, workloads, cached, step, max_uncached, resident, capacity): DaliPolicy's decision read
+// straight from the LayerStep's numpy arrays (no copy into the context's buffers). Returns (on_gpu as a
+// bytearray of n bools, swaps written), -1 where the greedy does not apply, or None for arrays of another
+// dtype, shape or layout (the caller then copies them into the buffers).
+PyObject* decide_workload_arrays(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 8) {
+    PyErr_Format(PyExc_TypeError, "dali_decide_workload_arrays takes 8 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  int64_t context = PyLong_AsLongLong(args[0]), step = PyLong_AsLongLong(args[4]);
+  int64_t max_uncached = PyLong_AsLongLong(args[5]), capacity = PyLong_AsLongLong(args[7]);
+  if (PyErr_Occurred()) return nullptr;
+  ArrayView experts(args[1], 8, "lq"), workloads(args[2], 8, "lq"), cached(args[3], 1, "?"),
+      resident(args[6], 8, "lq");
+  const Py_ssize_t n = experts.size();
+  if (!experts.ok || !workloads.ok || !cached.ok || !resident.ok || workloads.size() != n || cached.size() != n)
+    Py_RETURN_NONE;
+  PyObject* on_gpu = PyByteArray_FromStringAndSize(nullptr, n);
+  if (on_gpu == nullptr) return nullptr;
+  const int64_t taken = dali_decide_workload_on(
+      at<const int64_t>(context), experts.data<int64_t>(), workloads.data<int64_t>(), cached.data<uint8_t>(),
+      reinterpret_cast<uint8_t*>(PyByteArray_AS_STRING(on_gpu)), n, step, max_uncached, resident.data<int64_t>(),
+      resident.size(), capacity);
+  if (taken < 0) {
+    Py_DECREF(on_gpu);
+    return PyLong_FromLongLong(-1);
+  }
+  return Py_BuildValue("(NL)", on_gpu, static_cast<long long>(taken));
+}
+
 PyObject* step_routing(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t a[6];
   if (!int_arguments("dali_step_routing", args, nargs, a)) return nullptr;
@@ -131,6 +190,8 @@ PyMethodDef methods[] = {
     {"dali_workload_update", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(workload_update)),
      METH_FASTCALL, nullptr},
     {"dali_decide_workload", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(decide_workload)),
+     METH_FASTCALL, nullptr},
+    {"dali_decide_workload_arrays", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(decide_workload_arrays)),
      METH_FASTCALL, nullptr},
     {"dali_step_routing", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step_routing)), METH_FASTCALL,
      nullptr},

@@ -195,14 +195,12 @@ int64_t dali_workload_update(int64_t n, const int64_t* experts, const int64_t* w
 // cpu, gpu and key addresses and top; the experts, workloads, cached (bool) and on_gpu (bool) buffers; the
 // layer's scores and uses and their size E; w_size, u_size; the swaps buffer. -1 where the greedy does not
 // apply (a workload outside [1, top]) or an id is outside [0, E): nothing was written to the window state then,
-// and the caller takes the Python path.
-int64_t dali_decide_workload(const int64_t* context, int64_t n, int64_t step, int64_t max_uncached,
-                             const int64_t* resident, int64_t c, int64_t capacity) {
+// and the caller takes the Python path. dali_decide_workload_on takes the step's arrays and on_gpu by pointer
+// instead of the context's buffers (binding/fast_calls.cpp reads them from the numpy arrays themselves).
+int64_t dali_decide_workload_on(const int64_t* context, const int64_t* experts, const int64_t* workloads,
+                                const uint8_t* cached, uint8_t* on_gpu, int64_t n, int64_t step, int64_t max_uncached,
+                                const int64_t* resident, int64_t c, int64_t capacity) {
   auto address = [&](int k) { return reinterpret_cast<void*>(static_cast<intptr_t>(context[k])); };
-  const auto* experts = static_cast<const int64_t*>(address(4));
-  const auto* workloads = static_cast<const int64_t*>(address(5));
-  const auto* cached = static_cast<const uint8_t*>(address(6));
-  auto* on_gpu = static_cast<uint8_t*>(address(7));
   auto* scores = static_cast<int64_t*>(address(8));
   auto* uses = static_cast<int64_t*>(address(9));
   auto* swaps = static_cast<int64_t*>(address(13));
@@ -216,6 +214,13 @@ int64_t dali_decide_workload(const int64_t* context, int64_t n, int64_t step, in
     return dali_cpu::workload_update(n, experts, workloads, scores, uses, E, step, w_size, u_size, resident, c,
                                      capacity, swaps);
   });
+}
+
+int64_t dali_decide_workload(const int64_t* context, int64_t n, int64_t step, int64_t max_uncached,
+                             const int64_t* resident, int64_t c, int64_t capacity) {
+  auto buffer = [&](int k) { return reinterpret_cast<int64_t*>(static_cast<intptr_t>(context[k])); };
+  return dali_decide_workload_on(context, buffer(4), buffer(5), reinterpret_cast<const uint8_t*>(buffer(6)),
+                                 reinterpret_cast<uint8_t*>(buffer(7)), n, step, max_uncached, resident, c, capacity);
 }
 
 int64_t dali_step_routing(int64_t m, const int64_t* ids, int64_t E, const int32_t* slot_of_expert, int64_t* active,

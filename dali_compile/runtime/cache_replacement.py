@@ -170,6 +170,10 @@ class _NativeWindows:
     def __init__(self, owner: WorkloadAware, update, decide):
         self.owner = owner
         self.update_function, self.decide_function = update, decide
+        from . import cpu_extension
+
+        # The decision reading the LayerStep's arrays themselves (no copies into the buffers), where it exists.
+        self.decide_arrays = cpu_extension.python_only_function("dali_decide_workload_arrays")
         self._windows: dict[int, tuple[np.ndarray, int, int]] = {}  # layer -> (window, scores' and uses' address)
         # layer -> (cost table, E, context, its address)
         self._contexts: dict[int, tuple[object, int, np.ndarray, int]] = {}
@@ -254,6 +258,14 @@ class _NativeWindows:
                num_experts) -> tuple[np.ndarray, Swaps] | None:
         """The greedy's on_gpu (planner.greedy_plan over `table`, a CostModel's table) and update's swaps in one
         call; None where the greedy does not apply (a workload past the table): nothing was changed then."""
+        if self.decide_arrays is not None:
+            got = self.decide_arrays(self._context(layer, table, num_experts), experts, workloads, cached, step,
+                                     max_uncached, resident, capacity)
+            if got is not None:  # None: arrays of another dtype or layout, copied into the buffers below
+                if got == -1:
+                    return None
+                on_gpu, taken = got
+                return np.frombuffer(on_gpu, dtype=np.bool_), self._swaps(taken)
         n = self._load(experts, workloads)
         self.flags[0, :n] = cached
         context = self._context(layer, table, num_experts)

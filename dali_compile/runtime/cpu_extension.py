@@ -460,6 +460,13 @@ def fast_function(name: str):
     return getattr(_fast_calls, name, None) or getattr(lib, name)
 
 
+def python_only_function(name: str):
+    """A call of the library's CPython module that has no ctypes twin (it reads Python objects: numpy arrays
+    through the buffer protocol), or None where the module is absent."""
+    _loaded()
+    return getattr(_fast_calls, name, None)
+
+
 def _load_fast_calls(path: str):
     """The library as a CPython module (it defines PyInit_<LIBRARY_NAME> where Python's headers were found), or
     None: then every call goes through ctypes."""
