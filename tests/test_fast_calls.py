@@ -103,3 +103,22 @@ def test_the_decision_reads_only_arrays_it_can_read_in_place():
     assert function(context, experts, np.array([1, 5000], dtype=np.int64), cached, 1, 2, resident, 3) == -1
     with pytest.raises(TypeError, match="takes 8 arguments"):
         function(context, experts)
+
+
+def test_step_routing_reads_only_arrays_it_can_read_in_place():
+    """dali_step_routing_arrays: int64 ids of any shape (contiguous) and an int32 slot table, fresh bytearrays
+    out; -1 for an id outside [0, E); None for any other dtype or layout."""
+    function = cpu_extension.python_only_function("dali_step_routing_arrays")
+    if function is None:
+        pytest.skip("the library was built without Python's headers: ctypes only")
+    slots = np.full(6, -1, dtype=np.int32)
+    slots[[2, 5]] = [0, 1]
+    experts, workloads, cached, hits = function(np.array([[5, 2], [0, 5]], dtype=np.int64), slots)
+    assert np.frombuffer(experts, dtype=np.int64).tolist() == [0, 2, 5]
+    assert np.frombuffer(workloads, dtype=np.int64).tolist() == [1, 1, 2]
+    assert np.frombuffer(cached, dtype=np.bool_).tolist() == [False, True, True] and hits == 2
+    assert function(np.array([1, 6], dtype=np.int64), slots) == -1
+    assert function(np.array([1, -1], dtype=np.int64), slots) == -1
+    for ids, table in ((np.array([1, 2], dtype=np.int32), slots), (np.array([1, 0, 2])[::2], slots),
+                       (np.array([1, 2]), slots.astype(np.int64)), ([1, 2], slots)):
+        assert function(ids, table) is None

@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 extern "C" {
 int dali_greedy_plan(int64_t n, const int64_t* workloads, const uint8_t* cached, const double* cpu_table,
@@ -122,20 +123,20 @@ PyObject* decide_workload(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 struct ArrayView {
   Py_buffer view{};
   bool ok = false;
-  ArrayView(PyObject* object, Py_ssize_t itemsize, const char* formats) {
+  ArrayView(PyObject* object, Py_ssize_t itemsize, const char* formats, bool any_rank = false) {
     if (PyObject_GetBuffer(object, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
       PyErr_Clear();
       return;
     }
     const char* format = view.format ? view.format : "B";
     if (format[0] == '<' || format[0] == '=' || format[0] == '@') ++format;
-    ok = view.ndim == 1 && view.itemsize == itemsize && format[0] != '\0' && format[1] == '\0' &&
+    ok = (view.ndim == 1 || any_rank) && view.itemsize == itemsize && format[0] != '\0' && format[1] == '\0' &&
          std::strchr(formats, format[0]) != nullptr;
   }
   ~ArrayView() {
     if (view.obj != nullptr) PyBuffer_Release(&view);
   }
-  Py_ssize_t size() const { return view.shape ? view.shape[0] : 0; }
+  Py_ssize_t size() const { return view.itemsize ? view.len / view.itemsize : 0; }  // every item, any rank
   template <typename T>
   const T* data() const {
     return static_cast<const T*>(view.buf);
@@ -172,6 +173,33 @@ PyObject* decide_workload_arrays(PyObject*, PyObject* const* args, Py_ssize_t na
   return Py_BuildValue("(NL)", on_gpu, static_cast<long long>(taken));
 }
 
+// (ids, slot_of_expert): a layer step's routed ids (int64, any shape, contiguous) and its cache's slot table
+// (int32 [E]) -> (experts, workloads, cached, hits): the active experts ascending and their workloads as
+// bytearrays of int64, their cache flags as a bytearray of bools, and how many are cached; -1 for an id outside
+// [0, E); None for arrays of another dtype or layout (the caller then takes the address path).
+PyObject* step_routing_arrays(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_Format(PyExc_TypeError, "dali_step_routing_arrays takes 2 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  ArrayView ids(args[0], 8, "lq", /*any_rank=*/true), slots(args[1], 4, "i");
+  if (!ids.ok || !slots.ok) Py_RETURN_NONE;
+  const int64_t E = slots.size();
+  thread_local std::vector<int64_t> active;
+  active.resize(3 * static_cast<size_t>(E));
+  int64_t hits = 0;
+  const int64_t n = dali_step_routing(ids.size(), ids.data<int64_t>(), E, slots.data<int32_t>(), active.data(), &hits);
+  if (n < 0) return PyLong_FromLongLong(-1);
+  thread_local std::vector<uint8_t> flags;
+  flags.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) flags[i] = static_cast<uint8_t>(active[2 * E + i]);
+  const auto bytes = static_cast<Py_ssize_t>(n * sizeof(int64_t));
+  return Py_BuildValue("(NNNL)", PyByteArray_FromStringAndSize(reinterpret_cast<const char*>(active.data()), bytes),
+                       PyByteArray_FromStringAndSize(reinterpret_cast<const char*>(active.data() + E), bytes),
+                       PyByteArray_FromStringAndSize(reinterpret_cast<const char*>(flags.data()), n),
+                       static_cast<long long>(hits));
+}
+
 PyObject* step_routing(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t a[6];
   if (!int_arguments("dali_step_routing", args, nargs, a)) return nullptr;
@@ -192,6 +220,8 @@ PyMethodDef methods[] = {
     {"dali_decide_workload", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(decide_workload)),
      METH_FASTCALL, nullptr},
     {"dali_decide_workload_arrays", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(decide_workload_arrays)),
+     METH_FASTCALL, nullptr},
+    {"dali_step_routing_arrays", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step_routing_arrays)),
      METH_FASTCALL, nullptr},
     {"dali_step_routing", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step_routing)), METH_FASTCALL,
      nullptr},

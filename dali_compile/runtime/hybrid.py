@@ -48,7 +48,7 @@ from .expert_cache import LayerCache, SlotPool, expert_bytes, plan_slots
 from .fused_router import NativePrefetchChoice
 from .layer_spec import LayerSpec
 from .planner import CostModel, copy_never_pays_off
-from .policies import LayerStep, Policy, check_decision
+from .policies import LayerStep, Policy, any_set, check_decision
 from .prefetch import ResidualPredictor, prefetch_choice
 from .profiling import profiled_costs
 from .registry import LayerRegistry, layer_registry
@@ -350,7 +350,7 @@ class HybridLayer:
         stats.plan_s = time.perf_counter() - start
 
         on_gpu = np.asarray(decision.on_gpu)  # bool [n]: check_decision saw to it
-        if on_gpu.tobytes() != bytes(on_gpu.size):  # any(): a byte compare, a third of numpy's reduction
+        if any_set(on_gpu):
             cpu_set, gpu_set = experts[~on_gpu], experts[on_gpu]
         else:  # every expert on the CPU (the common decode step of a small budget): no indexing
             cpu_set, gpu_set = experts, experts[:0]

@@ -49,6 +49,8 @@ class StepRouting:
 
         self.layer_name = layer_name
         self._function = cpu_extension.step_routing_function()
+        # The same count reading the numpy arrays themselves and returning fresh ones (the CPython module's)
+        self._arrays = cpu_extension.python_only_function("dali_step_routing_arrays")
         self._active = np.zeros((3, num_experts), dtype=np.int64)  # experts, workloads, cached flags
         self._hits = np.zeros(1, dtype=np.int64)
         self._addresses = (self._active.ctypes.data, self._hits.ctypes.data)
@@ -57,6 +59,14 @@ class StepRouting:
     def active_experts(self, ids: torch.Tensor, slot_of_expert: np.ndarray) -> ActiveExperts:
         """The active experts of the routed ids `ids` (a CPU int tensor, any shape) for a cache whose slot table
         is `slot_of_expert` (int32 [E]); fresh arrays the caller may keep."""
+        if self._arrays is not None:
+            got = self._arrays(ids.numpy(), slot_of_expert)
+            if got is not None:  # None: another dtype or layout, for the address path below
+                if got == -1:  # an id outside [0, E): the reference raises the error naming it
+                    return active_experts_reference(ids.numpy().reshape(-1), slot_of_expert, self.layer_name)
+                experts, workloads, cached, hits = got
+                return ActiveExperts(np.frombuffer(experts, dtype=np.int64), np.frombuffer(workloads, dtype=np.int64),
+                                     np.frombuffer(cached, dtype=np.bool_), hits)
         slots = self._slot_address(slot_of_expert)
         if not self._function or slots is None or ids.dtype != torch.int64 or not ids.is_contiguous():
             return active_experts_reference(ids.numpy().reshape(-1), slot_of_expert, self.layer_name)
