@@ -87,10 +87,27 @@ def _same_routing(got, want, tolerance: float) -> bool:
     return bool(((got_weights - want_weights).abs().max() <= tolerance * want_weights.abs().max()).item())
 
 
+class SlotTableAddresses:
+    """The addresses of caches' slot tables (int32 [E], never reallocated) for C calls, each checked and taken
+    once: numpy's `.ctypes` costs microseconds per access."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self._known: dict[int, tuple[np.ndarray, int]] = {}  # id -> (a cache's slot_of_expert, address)
+
+    def of(self, slots: np.ndarray) -> int | None:
+        """The address of `slots`, or None for a table that is not a contiguous int32 [E]."""
+        known = self._known.get(id(slots))
+        if known is None or known[0] is not slots:
+            if slots.dtype != np.int32 or slots.shape != (self.num_experts,) or not slots.flags.c_contiguous:
+                return None
+            known = self._known[id(slots)] = (slots, slots.ctypes.data)
+        return known[1]
+
+
 class _ChoiceOutputs:
     """What the C prefetch choices write (counts [E], mass [E], chosen experts), with the addresses taken once
-    (numpy's `.ctypes` costs microseconds per access), and the address of each cache's slot table (int32 [E],
-    never reallocated) once it has been checked."""
+    (numpy's `.ctypes` costs microseconds per access), and the caches' slot tables' addresses."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
@@ -98,15 +115,7 @@ class _ChoiceOutputs:
         self.mass = np.zeros(num_experts, dtype=np.float64)
         self.chosen = np.zeros(num_experts, dtype=np.int64)
         self._outputs = tuple(a.ctypes.data for a in (self.counts, self.mass, self.chosen))
-        self._slot_tables: dict[int, tuple[np.ndarray, int]] = {}  # id -> (a cache's slot_of_expert, address)
-
-    def _slot_table_address(self, slots: np.ndarray) -> int | None:
-        known = self._slot_tables.get(id(slots))
-        if known is None or known[0] is not slots:
-            if slots.dtype != np.int32 or slots.shape != (self.num_experts,) or not slots.flags.c_contiguous:
-                return None
-            known = self._slot_tables[id(slots)] = (slots, slots.ctypes.data)
-        return known[1]
+        self._slot_tables = SlotTableAddresses(num_experts)
 
 
 def _cost_table(cost) -> tuple[int, int, int, int]:
@@ -138,7 +147,7 @@ class NativePrefetchChoice(_ChoiceOutputs):
         None: take the Python path."""
         if not self.function:
             return None
-        slots = self._slot_table_address(slot_of_expert)
+        slots = self._slot_tables.of(slot_of_expert)
         if slots is None:
             return None
         ids = _on_host(ids, torch.int64)
@@ -185,7 +194,7 @@ class FusedPrefetch(_ChoiceOutputs):
         T, K = x.shape[0], form.top_k
         if T * K > self.ids.shape[0]:
             self._reserve(max(T * K, 2 * self.ids.shape[0]))
-        slots = self._slot_table_address(self._no_slots if slot_of_expert is None else slot_of_expert)
+        slots = self._slot_tables.of(self._no_slots if slot_of_expert is None else slot_of_expert)
         if slots is None:
             return -1
         return self.function(

@@ -64,7 +64,6 @@ class LayerStats:
         return {**dataclasses.asdict(self), "hit_rate": self.hit_rate}
 
 
-
 def total(layers: list[LayerStats]) -> LayerStats:
     result = LayerStats()
     for layer in layers:

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .fused_router import SlotTableAddresses
+
 
 class ActiveExperts(NamedTuple):
     experts: np.ndarray  # int64 [n], ascending
@@ -54,7 +56,7 @@ class StepRouting:
         self._active = np.zeros((3, num_experts), dtype=np.int64)  # experts, workloads, cached flags
         self._hits = np.zeros(1, dtype=np.int64)
         self._addresses = (self._active.ctypes.data, self._hits.ctypes.data)
-        self._slot_table: tuple[np.ndarray, int] | None = None  # (the cache's slot_of_expert, its address)
+        self._slot_tables = SlotTableAddresses(num_experts)
 
     def active_experts(self, ids: torch.Tensor, slot_of_expert: np.ndarray) -> ActiveExperts:
         """The active experts of the routed ids `ids` (a CPU int tensor, any shape) for a cache whose slot table
@@ -67,7 +69,7 @@ class StepRouting:
                 experts, workloads, cached, hits = got
                 return ActiveExperts(np.frombuffer(experts, dtype=np.int64), np.frombuffer(workloads, dtype=np.int64),
                                      np.frombuffer(cached, dtype=np.bool_), hits)
-        slots = self._slot_address(slot_of_expert)
+        slots = self._slot_tables.of(slot_of_expert)
         if not self._function or slots is None or ids.dtype != torch.int64 or not ids.is_contiguous():
             return active_experts_reference(ids.numpy().reshape(-1), slot_of_expert, self.layer_name)
         n = self._function(ids.numel(), ids.data_ptr(), self._active.shape[1], slots, *self._addresses)
@@ -75,12 +77,3 @@ class StepRouting:
             return active_experts_reference(ids.numpy().reshape(-1), slot_of_expert, self.layer_name)
         rows = self._active[:, :n].copy()
         return ActiveExperts(rows[0], rows[1], rows[2].astype(np.bool_), int(self._hits[0]))
-
-    def _slot_address(self, slots: np.ndarray) -> int | None:
-        """The slot table's address, taken once (it is never reallocated); None if it is not int32 [E]."""
-        known = self._slot_table
-        if known is None or known[0] is not slots:
-            if slots.dtype != np.int32 or slots.shape != (self._active.shape[1],) or not slots.flags.c_contiguous:
-                return None
-            known = self._slot_table = (slots, slots.ctypes.data)
-        return known[1]
