@@ -178,14 +178,8 @@ PyObject* step_routing_arrays(PyObject*, PyObject* const* args, Py_ssize_t nargs
                        static_cast<long long>(hits));
 }
 
-PyObject* step_routing(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  int64_t a[6];
-  if (!int_arguments("dali_step_routing", args, nargs, a)) return nullptr;
-  return PyLong_FromLongLong(dali_step_routing(a[0], at<const int64_t>(a[1]), a[2], at<const int32_t>(a[3]),
-                                               at<int64_t>(a[4]), at<int64_t>(a[5])));
-}
-
-// Named as the C entry points, so that cpu_extension.fast_function(name) finds either.
+// Named as the C entry points, so that cpu_extension.fast_function(name) finds either (the step routing by
+// address has no wrapper: where this module exists, the arrays call takes every input that one would).
 PyMethodDef methods[] = {
     {"dali_greedy_plan", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(greedy_plan)), METH_FASTCALL,
      nullptr},
@@ -201,8 +195,6 @@ PyMethodDef methods[] = {
      METH_FASTCALL, nullptr},
     {"dali_step_routing_arrays", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step_routing_arrays)),
      METH_FASTCALL, nullptr},
-    {"dali_step_routing", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step_routing)), METH_FASTCALL,
-     nullptr},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "dali_cpu_experts", "the offload step's C calls without ctypes", -1,
