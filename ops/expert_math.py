@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dali_compile.runtime.layer_spec import CLAMPED_ACTIVATIONS, Activation, ExpertLayout, LayerSpec
 
-from .quantized_linear import dequantize, round_activations
+from .quantized_linear import dequantize, quantized_input
 
 
 def layout_from_flags(gated: bool, interleaved: bool, transposed: bool, has_bias: bool, activation: str,
@@ -75,11 +75,10 @@ def expert_weights(spec: LayerSpec, expert: int) -> tuple[torch.Tensor, torch.Te
 
 
 def expert_inputs(codes: torch.Tensor, scales: torch.Tensor, bits: int, x: torch.Tensor) -> torch.Tensor:
-    """What a quantized projection multiplies: int4 experts round x [n, C] to int8 per weight group
-    (round_activations); int8 experts take x as it is."""
-    if bits != 4:
-        return x
-    return round_activations(x, codes.shape[-1] * 2 // scales.shape[-1])
+    """What a quantized projection multiplies: x [n, C] rounded to int8 per token and activation group
+    (quantized_linear.activation_group: int4, the weight's groups; int8, 32 columns)."""
+    columns = codes.shape[-1] * (2 if bits == 4 else 1)
+    return quantized_input(x, bits, columns // scales.shape[-1])
 
 
 def expert_forward(spec: LayerSpec, expert: int, x: torch.Tensor) -> torch.Tensor:

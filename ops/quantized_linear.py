@@ -5,8 +5,10 @@
     quantized_linear(x[..., C], qweight, scales[N, C/G], bias[N]?, bits, group_size) -> [..., N]   in x's dtype
 
     out = x' @ dequantize(qweight, scales).T + bias, accumulated in fp32 and rounded once to x's dtype
-    x' = x for 8 bits; for 4 bits x rounded to int8 per row and group (round_activations), so the kernels
-    multiply the codes in integers (int4 codes widened to fp32 cost more than the multiply itself)
+    x' = x rounded to int8 per row and group of `activation_group(bits, C, G)` columns (round_activations):
+    for 4 bits the weight's groups, for 8 bits groups of 32 (x as it is when 32 does not divide C), so the
+    kernels multiply the codes in integers (an int4 or int8 code widened to fp32 costs more than the
+    multiply itself; AVX-512 VNNI sums four int8 products per lane in one instruction)
 
 Formats (also in csrc/README.md, so a reader can dequantize them by hand). Symmetric, one float16
 scale per group of G consecutive input features of an output row (G = C: one scale per row):
@@ -37,6 +39,7 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 QWEIGHT_DTYPES = {8: torch.int8, 4: torch.uint8}
 CODE_BITS = {dtype: bits for bits, dtype in QWEIGHT_DTYPES.items()}  # the codes' dtype -> bits
 SCALE_DTYPE = torch.float16
+INT8_ACTIVATION_GROUP = 32  # int8 weights: the activations' rounding groups (columns)
 
 
 def in_features(qweight: torch.Tensor, bits: int) -> int:
@@ -119,11 +122,26 @@ def quantize_stacked(weight: torch.Tensor, bits: int, group_size: int | None = N
     return codes, scales
 
 
+def activation_group(bits: int, columns: int, group_size: int) -> int | None:
+    """The groups of columns in which a quantized weight's activations are rounded to int8 (round_activations), or
+    None where they multiply as they are: int4, the weight's own groups; int8, INT8_ACTIVATION_GROUP columns when
+    that divides the row. The C++ kernels use the same rule (activation_group in csrc/core/kernels.h)."""
+    if bits == 4:
+        return group_size
+    return INT8_ACTIVATION_GROUP if columns % INT8_ACTIVATION_GROUP == 0 else None
+
+
+def quantized_input(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """x' in fp32: what a quantized weight of `bits` and `group_size` multiplies (the format's activations)."""
+    group = activation_group(bits, x.shape[-1], group_size)
+    return x.to(torch.float32) if group is None else round_activations(x, group)
+
+
 def round_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [..., C] in fp32 as int4 experts see it: every token's groups of `group_size` consecutive values rounded to
-    int8 against their own scale, max |x| / 127 (fp32; a group of zeros stays zero), then multiplied back:
+    """x [..., C] in fp32 as quantized weights see it: every token's groups of `group_size` consecutive values rounded
+    to int8 against their own scale, max |x| / 127 (fp32; a group of zeros stays zero), then multiplied back:
         xq = clamp(round_half_even(x / s), -127, 127),   x' = xq * s
-    (the experts' int4 kernels multiply the codes by xq in integers and scale by s * the weights' scale)."""
+    (the kernels multiply the codes by xq in integers and scale by s * the weights' scale)."""
     x = x.to(torch.float32)
     groups = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
     scale = groups.abs().amax(dim=-1, keepdim=True) / 127
@@ -154,8 +172,7 @@ def _quantized_linear_fake(x, qweight, scales, bias, bits, group_size):
 def quantized_linear_reference(x, qweight, scales, bias, bits: int, group_size: int) -> torch.Tensor:
     """The op in plain PyTorch: dequantize, fp32 matmul, one rounding. Oracle and fallback."""
     check_args(x, qweight, scales, bias, bits, group_size)
-    x = x.float() if bits == 8 else round_activations(x, group_size)
-    out = x @ dequantize(qweight, scales, bits, group_size).T
+    out = quantized_input(x, bits, group_size) @ dequantize(qweight, scales, bits, group_size).T
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)

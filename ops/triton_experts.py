@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantized_linear import CODE_BITS, round_activations
+from .quantized_linear import CODE_BITS, activation_group, round_activations
 from .triton_routing import (  # noqa: F401  (the routing half, re-exported for the launcher's users and tests)
     ROUTING_KERNEL_MAX_EXPERTS,
     ROUTING_KERNEL_MAX_ROWS,
@@ -349,8 +349,8 @@ def plan_expert_launches(
     Returns (out [T, K, H] fp32 zeros until the launches run, launches: the routing kernel for small M,
     then gate/up, then down). `config` overrides the choice by size (tests compile every config this way).
     Quantized pools (scales given; row form): the kernels dequantize the codes tile by tile and compute in
-    fp32 (the fp32 tiles); int4 also rounds hidden, and the intermediate between the launches, to int8 per
-    token and weight group (`round_activations`, part of the format), exactly as the CPU kernels do.
+    fp32 (the fp32 tiles), after rounding hidden, and the intermediate between the launches, to int8 per token
+    and activation group (`activation_group`, `round_activations`, part of the format), as the CPU kernels do.
     """
     hidden, topk_ids, topk_weights = hidden.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
     T, K = topk_ids.shape
@@ -367,15 +367,18 @@ def plan_expert_launches(
     B = block_slot.numel()
     upcast = INTERPRETING and hidden.dtype == torch.bfloat16  # the interpreter gets bf16 arithmetic wrong
     inter_dtype = torch.float32 if upcast or bits else hidden.dtype
-    # int4 rounds the intermediate's rows in place: padding rows must hold numbers (zeros), not garbage
-    inter = (torch.zeros if bits == 4 else torch.empty)(sorted_rows.numel(), I, dtype=inter_dtype, device=hidden.device)
+    up_quant, down_quant = _quantization(bits, H, I, up_scales_pool, down_scales_pool)
+    up_x_group, down_x_group = (activation_group(bits, columns, quant["QGROUP"]) if bits else None
+                                for columns, quant in ((H, up_quant), (I, down_quant)))
+    # Rounding the intermediate's rows in place: padding rows must hold numbers (zeros), not garbage
+    inter = (torch.zeros if down_x_group else torch.empty)(sorted_rows.numel(), I, dtype=inter_dtype,
+                                                            device=hidden.device)
     has_bias = up_bias_pool is not None
     # fp32 weights must not silently drop to tf32 on tensor cores: the contract is fp32 math.
     precision = "ieee" if hidden.dtype == torch.float32 or upcast or bits else "tf32"
     tiles = dict(BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, UPCAST=upcast, PRECISION=precision)
-    up_quant, down_quant = _quantization(bits, H, I, up_scales_pool, down_scales_pool)
-    if bits == 4:
-        hidden = round_activations(hidden, up_quant["QGROUP"])
+    if up_x_group:
+        hidden = round_activations(hidden, up_x_group)
     up_scales = up_scales_pool if bits else up_pool  # (a pointer the kernel never reads when QBITS == 0)
     down_scales = down_scales_pool if bits else down_pool
     # [S, X, H]: (x, h) strides (H, 1); transposed [S, H, X]: (1, X).
@@ -415,7 +418,7 @@ def plan_expert_launches(
         cfg.num_warps,
         cfg.num_stages,
     )
-    between = [_RoundActivations(inter, down_quant["QGROUP"])] if bits == 4 else []
+    between = [_RoundActivations(inter, down_x_group)] if down_x_group else []
     return out, [*launches, gate_up, *between, down]
 
 
@@ -429,7 +432,7 @@ def _quantization(bits: int, H: int, I: int, up_scales_pool, down_scales_pool) -
 
 @dataclass(frozen=True)
 class _RoundActivations:
-    """A step between the launches: int4's rounding of the intermediate to int8 per row and weight group."""
+    """A step between the launches: the rounding of the intermediate to int8 per row and activation group."""
 
     tensor: torch.Tensor
     group: int

@@ -6,13 +6,14 @@ import torch
 
 # fp32: the dali reference and transformers compute the same fp32 math in another summation order.
 FP32_RTOL = 1e-5
-# int4 (experts and dense linears) rounds its activations to int8 per group inside the layer: the kernel's fp32
-# sums before that rounding differ from the dequantizing reference's (torch's, in another order, which also depends
-# on the host's BLAS) in the last bits, which moves a value sitting on a rounding boundary one step of its group's
-# int8 grid: about 1e-3 of the largest output at most in the tests' shapes (seen on some hosts only: 1.5e-3 on a
-# Xeon with AMX for an int4 expert call of 40 tokens at G = 64 and the tiny Qwen2-MoE with int4 dense linears, on
-# every ISA path alike). Without such a flip int4 is within FP32_RTOL, as int8 always is.
-INT4_RTOL = 2e-3
+# Quantized weights (experts and dense linears) multiply activations rounded to int8 per group inside the layer
+# (int4 always, int8 in rows of a multiple of 32): the kernel's fp32 sums before that rounding differ from the
+# dequantizing reference's (torch's, in another order, which also depends on the host's BLAS) in the last bits,
+# which moves a value sitting on a rounding boundary one step of its group's int8 grid: about 1e-3 of the largest
+# output at most in the tests' shapes (seen on some hosts only: 1.5e-3 on a Xeon with AMX for an int4 expert call
+# of 40 tokens at G = 64 and the tiny Qwen2-MoE with int4 dense linears, on every ISA path alike). Without such a
+# flip the result is within FP32_RTOL.
+ROUNDING_RTOL = 2e-3
 # bf16: eager rounds every intermediate to bf16 (unit roundoff 2^-8), the dali reference keeps fp32 inside
 # each expert, so the two differ by bf16 noise that attention and norms amplify (up to 4% of the largest
 # logit on the tiny OLMoE). A fixed bound would be arbitrary; instead we measure eager's own noise: the same

@@ -12,14 +12,14 @@ import copy
 
 import pytest
 import torch
-from helpers import FP32_RTOL, INT4_RTOL, relative_max_error
+from helpers import FP32_RTOL, ROUNDING_RTOL, relative_max_error
 
 import dali_compile
 from dali_compile.experts_interface import experts_modules, spec_of_module, up_weight_name
 from dali_compile.offload import runtime_of
 from dali_compile.ops import cpu_experts as ops
 from dali_compile.ops.expert_math import dequantize_expert, expert_weights, moe_reference
-from dali_compile.ops.quantized_linear import quantize_stacked, round_activations
+from dali_compile.ops.quantized_linear import INT8_ACTIVATION_GROUP, quantize_stacked, round_activations
 from dali_compile.runtime import cpu_extension
 from dali_compile.runtime.expert_cache import expert_bytes
 from dali_compile.runtime.planner import CostModel
@@ -91,6 +91,31 @@ def test_cpu_kernel_equals_dequantizing_reference(bits, layout, dtype, T, expert
         assert relative_max_error(got, want) <= FP32_RTOL
 
 
+@pytest.mark.parametrize("width", (64, 96, 256))
+def test_int8_kernels_of_every_isa_equal_the_reference(width, isa):
+    """int8 codes times activations rounded to int8 in groups of 32 on each ISA path: AVX-512 VNNI's integer kernel
+    where the CPU has it (rows of a multiple of 64 columns: one run at 64, four at 256; one and two tokens per tile),
+    otherwise, and at 96 columns, the fp32 kernel on the rounded activations x'; decode and multi-token, streaming
+    and GEMM paths."""
+    gen = torch.Generator().manual_seed(width)
+    inter = 98 if width == 96 else width  # 98: no multiple of 32, so the intermediate multiplies as it is
+    up, up_scales = quantize_stacked(torch.randn(E, 2 * inter, width, generator=gen) * 0.2, 8, None)
+    down, down_scales = quantize_stacked(torch.randn(E, width, inter, generator=gen) * 0.2, 8, None)
+    flags = LAYOUTS["concatenated"][:2] + (False,) + LAYOUTS["concatenated"][3:]
+    previous = cpu_extension.get_dense_gemm_min_tokens()
+    try:
+        for T, min_tokens in ((1, 0), (2, 0), (7, 0), (40, 4)):
+            cpu_extension.set_dense_gemm_min_tokens(min_tokens)
+            hidden = torch.randn(T, width, generator=gen).to(torch.bfloat16)
+            ids = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :K]
+            args = (hidden, ids, torch.rand(T, K, generator=gen), up, down, None, None, None, *flags, up_scales,
+                    down_scales)
+            got = torch.ops.dali.cpu_experts(*args)
+            assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= ROUNDING_RTOL, (T, min_tokens)
+    finally:
+        cpu_extension.set_dense_gemm_min_tokens(previous)
+
+
 @pytest.mark.parametrize("group", (8, 32, 64, 96, 128, 256))
 def test_int4_kernels_of_every_isa_equal_the_reference(group, isa):
     """int4 on each ISA path: AVX-512 VNNI's kernel where the CPU has it (groups of 32k over 128-column rows: 4, 2
@@ -98,7 +123,7 @@ def test_int4_kernels_of_every_isa_equal_the_reference(group, isa):
     (group 8, and the portable table), decode and multi-token, streaming and GEMM paths."""
     gen = torch.Generator().manual_seed(group)
     # 256 columns: two 64-byte runs of codes per row for the VNNI kernel. Group 8 (the scalar kernel) keeps 128.
-    # Within FP32_RTOL unless one activation lands on an int8 rounding boundary (INT4_RTOL): at 256 columns and
+    # Within FP32_RTOL unless one activation lands on an int8 rounding boundary (ROUNDING_RTOL): at 256 columns and
     # group 8 that happened on an EPYC (7.5e-5 on every ISA), at group 64 on a Xeon with AMX (1.5e-3).
     # Group 96 (384 columns) straddles runs of codes and group 256 spans two: each ISA must send them where it can.
     width = {8: 128, 96: 384}.get(group, 256)
@@ -114,7 +139,7 @@ def test_int4_kernels_of_every_isa_equal_the_reference(group, isa):
             args = (hidden, ids, torch.rand(T, K, generator=gen), up, down, None, None, None, *flags, up_scales,
                     down_scales)
             got = torch.ops.dali.cpu_experts(*args)
-            assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= INT4_RTOL, (T, min_tokens)
+            assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= ROUNDING_RTOL, (T, min_tokens)
     finally:
         cpu_extension.set_dense_gemm_min_tokens(previous)
 
@@ -174,7 +199,7 @@ def test_bf16_hidden_with_many_tokens_take_the_bf16_gemm_on_dequantized_blocks(b
     want = ops.cpu_experts_reference(*args)
     assert relative_max_error(got, want) < 2e-2  # bf16 rounding of the weights, h, act and y
     assert relative_max_error(got[by_gemm], exact[by_gemm]) > 1e-4
-    assert relative_max_error(got[~by_gemm], want[~by_gemm]) <= (FP32_RTOL if bits == 8 else INT4_RTOL)
+    assert relative_max_error(got[~by_gemm], want[~by_gemm]) <= (FP32_RTOL if bits == 8 else ROUNDING_RTOL)
 
 
 @needs_extension
@@ -193,8 +218,9 @@ def test_async_pair_runs_quantized_jobs():
 @pytest.mark.parametrize("bits", (8, 4))
 def test_the_two_references_agree_and_int8s_equals_the_plain_one(bits):
     """The oracles themselves: the op's reference and expert_math's (moe_reference, behind dali::moe_hybrid) agree;
-    for int8, dequantizing whole experts by hand and running the full-precision reference agrees too (int4 rounds
-    its activations, checked by hand in test_round_activations_by_hand)."""
+    for int8, dequantizing whole experts by hand and running the full-precision reference on the hidden states
+    rounded to int8 in groups of 32 agrees too (I = 48 is no multiple of 32: the intermediate is not rounded; the
+    rounding itself is checked by hand in test_round_activations_by_hand)."""
     up, down, ub, db, us, ds, flags = quantized_layer(bits, "interleaved_bias", torch.float32)
     hidden, ids, weights = routing(9, torch.float32)
     spec = dali_compile.LayerSpec(
@@ -205,8 +231,11 @@ def test_the_two_references_agree_and_int8s_equals_the_plain_one(bits):
     assert relative_max_error(quantized.sum(dim=1), moe_reference(spec, hidden, ids, weights)) <= FP32_RTOL
     if bits == 8:
         plain_up, plain_down = (torch.stack(t) for t in zip(*(expert_weights(spec, e) for e in range(E)), strict=True))
-        plain = ops.cpu_experts_reference(hidden, ids, weights, plain_up, plain_down, ub, db, None, *flags)
+        rounded = round_activations(hidden, INT8_ACTIVATION_GROUP)
+        plain = ops.cpu_experts_reference(rounded, ids, weights, plain_up, plain_down, ub, db, None, *flags)
         assert relative_max_error(quantized, plain) <= FP32_RTOL
+        unrounded = ops.cpu_experts_reference(hidden, ids, weights, plain_up, plain_down, ub, db, None, *flags)
+        assert relative_max_error(quantized, unrounded) > FP32_RTOL  # the rounding is not a no-op here
 
 
 def test_round_activations_by_hand():
@@ -242,20 +271,21 @@ def test_cpu_rounding_of_activations_equals_round_activations_bit_for_bit(group,
 
 
 @needs_extension
-@pytest.mark.parametrize("group", (32, 128))
-def test_int4_activation_rounding_error_is_small(group):
-    """int4 experts multiply int8-rounded activations: against the same dequantized weights with fp32 activations,
-    each slot moves by 1-2% of the layer's largest contribution (measured here 1.1% at G = 32, 1.7% at 128: wider
-    groups round more coarsely); the model-level cost is in benchmarks/quantization_quality.py."""
+@pytest.mark.parametrize(("bits", "group"), ((4, 32), (4, 128), (8, None)))
+def test_activation_rounding_error_is_small(bits, group):
+    """Quantized experts multiply int8-rounded activations: against the same dequantized weights with fp32
+    activations, each slot moves by 1-2% of the layer's largest contribution (int4, measured here 1.1% at G = 32,
+    1.7% at 128: wider groups round more coarsely; int8 in groups of 32, 1.0%); the model-level cost is in
+    benchmarks/quantization_quality.py."""
     gen = torch.Generator().manual_seed(3)
     width = 256  # hidden and intermediate sizes: multiples of both group sizes
-    up, up_scales = quantize_stacked(torch.randn(E, 2 * width, width, generator=gen) * 0.2, 4, group)
-    down, down_scales = quantize_stacked(torch.randn(E, width, width, generator=gen) * 0.2, 4, group)
+    up, up_scales = quantize_stacked(torch.randn(E, 2 * width, width, generator=gen) * 0.2, bits, group)
+    down, down_scales = quantize_stacked(torch.randn(E, width, width, generator=gen) * 0.2, bits, group)
     route = (torch.randn(5, width, generator=gen), torch.randint(0, E, (5, K), generator=gen),
              torch.rand(5, K, generator=gen))
     flags = LAYOUTS["concatenated"][:2] + (False,) + LAYOUTS["concatenated"][3:]
     got = torch.ops.dali.cpu_experts(*route, up, down, None, None, None, *flags, up_scales, down_scales)
-    plain = [torch.stack([dequantize_expert(c[e], s[e], 4) for e in range(E)])
+    plain = [torch.stack([dequantize_expert(c[e], s[e], bits) for e in range(E)])
              for c, s in ((up, up_scales), (down, down_scales))]
     unrounded = ops.cpu_experts_reference(*route, *plain, None, None, None, *flags)
     assert 0 < relative_max_error(got, unrounded) <= 2e-2
@@ -301,21 +331,6 @@ def test_bad_quantized_arguments_are_clear_errors(change, error, match, kernel):
 # ----------------------------------------------------------------------------- whole models
 
 
-def dequantized_reference(original: torch.nn.Module, quantized: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the full-precision model whose experts carry the quantized model's dequantized fp32 weights, run by
-    transformers' own experts code."""
-    reference = copy.deepcopy(original)
-    for (name, module), (_, target) in zip(experts_modules(quantized), experts_modules(reference), strict=True):
-        spec = spec_of_module(module, name)
-        up, down = (torch.stack(t) for t in zip(*(expert_weights(spec, e) for e in range(spec.num_experts)),
-                                                  strict=True))
-        if target.is_transposed:
-            up, down = up.transpose(1, 2), down.transpose(1, 2)
-        getattr(target, up_weight_name(target)).data = up.contiguous().to(original.dtype)
-        target.down_proj.data = down.contiguous().to(original.dtype)
-    return reference
-
-
 def reference_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """An experts implementation that runs the op's PyTorch reference (moe_reference: dequantized weights, int4's
     activations rounded as the format says) on the module's own tensors."""
@@ -337,18 +352,14 @@ def reference_experts(model):
 @pytest.mark.parametrize("fmt", ("int8", "int4"))
 @pytest.mark.parametrize("family", MINIMUM_FAMILIES)
 def test_quantized_model_equals_its_dequantized_reference_eager_and_compiled(family, fmt):
-    """int8: transformers' own experts code on the dequantized weights is the reference. int4: the op's PyTorch
-    reference as the model's experts implementation (the activations' rounding is part of the format: its size is
-    checked per layer in test_int4_activation_rounding_error_is_small)."""
+    """The op's PyTorch reference as the model's experts implementation (the activations' rounding is part of the
+    format: its size is checked per layer in test_activation_rounding_error_is_small)."""
     original = tiny_model(family).eval()
     quantized = dali_compile.quantize(copy.deepcopy(original), experts=fmt, group_size=8)
     ids = torch.randint(0, original.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        if fmt == "int8":
-            want = dequantized_reference(original, quantized)(ids).logits
-        else:
-            with reference_experts(quantized):
-                want = quantized(ids).logits
+        with reference_experts(quantized):
+            want = quantized(ids).logits
         eager = quantized(ids).logits
         # The experts' compiled path alone: the dense linears stay ATen's, as in the reference
         compiled = torch.compile(quantized, backend="dali", options={"cpu_linears": False})(ids).logits
@@ -356,10 +367,10 @@ def test_quantized_model_equals_its_dequantized_reference_eager_and_compiled(fam
         with_cpu_linears = torch.compile(quantized, backend="dali")(ids).logits
     assert relative_max_error(eager, want) <= FP32_RTOL
     assert relative_max_error(compiled, want) <= FP32_RTOL
-    # Our CPU linears sum in another order than ATen's (last bits; the AVX-512 path differs more often), and int4
-    # rounds the experts' activations to int8, which can turn such a difference into one rounding step: 1.2e-3
-    # on mixtral here, within the per-layer bound of test_int4_activation_rounding_error_is_small. int8 does not.
-    assert relative_max_error(with_cpu_linears, want) <= (FP32_RTOL if fmt == "int8" else 2e-2)
+    # Our CPU linears sum in another order than ATen's (last bits; the AVX-512 path differs more often), and the
+    # experts round their activations to int8, which can turn such a difference into one rounding step: 1.2e-3
+    # (int4) on mixtral here, within the per-layer bound of test_activation_rounding_error_is_small.
+    assert relative_max_error(with_cpu_linears, want) <= 2e-2
     for _, module in experts_modules(quantized):
         codes = [getattr(module, up_weight_name(module)), module.down_proj]
         assert all(c.dtype == (torch.int8 if fmt == "int8" else torch.uint8) for c in codes)

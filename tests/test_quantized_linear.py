@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from dali_compile.ops.quantized_linear import (
     dequantize,
     quantize_weight,
+    quantized_input,
     quantized_linear,
     quantized_linear_reference,
-    round_activations,
 )
 from dali_compile.runtime import cpu_extension
 
@@ -95,7 +95,7 @@ def test_bf16_gemm_path_multiplies_the_bf16_rounded_weights(bits, group, bias, g
     """bf16 activations from quantized_bf16_gemm_min_rows rows on (int4: twice as many; default on AMX-BF16 CPUs;
     forced here on any CPU): blocks of dequantized rows (600 rows: a full block of 512 and a partial one) rounded
     to bf16 and multiplied by ATen's bf16 GEMM. What F.linear computes on the bf16-rounded dequantized weight
-    (int4: on its rounded activations) but for a few elements where an fp32 sum's order flips a bf16 rounding;
+    (on its activations rounded to int8) but for a few elements where an fp32 sum's order flips a bf16 rounding;
     within bf16 rounding of the reference. Below the threshold the streaming kernel, as exact as ever."""
     gemm_rows(0)
     cpu_extension.set_quantized_bf16_gemm_min_rows(8 if bits == 8 else 4)  # 8 rows for both; the fixture restores it
@@ -106,7 +106,7 @@ def test_bf16_gemm_path_multiplies_the_bf16_rounded_weights(bits, group, bias, g
     b = draw(N, dtype=torch.bfloat16, seed=13) if bias else None
     got = quantized_linear(x, qweight, scales, b, bits, group)
     assert got.dtype == torch.bfloat16 and got.shape == (T, N)
-    x_used = x if bits == 8 else round_activations(x, G).bfloat16()
+    x_used = quantized_input(x, bits, G).bfloat16()  # the format's activations (rounded to int8)
     own = F.linear(x_used, dequantize(qweight, scales, bits, G).bfloat16()).float()
     own = (own if b is None else own + b.float()).bfloat16()
     differ = (got.float() - own.float()).abs() > 1e-6 * own.float().abs().max()
@@ -156,7 +156,7 @@ def test_leading_dimensions_and_strided_operands():
     x = draw(3, 64, 5, seed=6).transpose(1, 2)  # [3, 5, 64] with stride 1 along dim 1
     got = quantized_linear(x, wide[:, 8:72], scales, None, 8, 32)
     assert got.shape == (3, 5, 24)
-    assert rel_err(got, F.linear(x, dequantize(qweight, scales, 8, 32))) <= RTOL[torch.float32]
+    assert rel_err(got, F.linear(quantized_input(x, 8, 32), dequantize(qweight, scales, 8, 32))) <= RTOL[torch.float32]
 
 
 def test_nibble_order_is_the_documented_one():
@@ -173,7 +173,7 @@ def test_nibble_order_is_the_documented_one():
 
 
 def test_gradients_flow_to_x_and_bias():
-    """The op differentiates through x and bias, as F.linear with the dequantized weight does (int4's rounding of x
+    """The op differentiates through x and bias, as F.linear with the dequantized weight does (the rounding of x to int8
     passes the gradient straight through); its value is the reference's, rounding included."""
     qweight, scales = quantized(8, 64, 4, 32, seed=7)
     weight = dequantize(qweight, scales, 4, 32)

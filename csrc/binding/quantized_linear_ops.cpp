@@ -115,9 +115,9 @@ LinearInput input_of(const at::Tensor& x2) {
   return LinearInput{T, core_dtype(x2.scalar_type(), kOp, "x"), x2.data_ptr(), T > 1 ? x2.stride(0) : C, C};
 }
 
-// int4 weights multiply activations rounded to int8 per row and group (round_activations in
-// ops/quantized_linear.py): x widened into xs [T, C] and rounded there (x' = xq * s, what the GEMM paths
-// multiply), the codes (what the streaming kernel multiplies) in `codes`.
+// Quantized weights multiply activations rounded to int8 per row and group (activation_group, kernels.h;
+// round_activations in ops/quantized_linear.py): x widened into xs [T, C] and rounded there (x' = xq * s, what the
+// GEMM paths multiply), the codes (what the integer kernels multiply) in `codes`.
 void round_activations_into(const LinearInput& x, int64_t group, float* xs, Int8Rows& codes) {
   const KernelTable& kernels = active_kernels();
   widen_rows(x, kernels, xs);
@@ -134,23 +134,24 @@ at::Tensor rounded_activations(const at::Tensor& x2, int64_t group) {
   return rounded;
 }
 
-// Decode sizes: the streaming kernels on the pool. int4's activations are widened and rounded to int8 in the
+// Decode sizes: the streaming kernels on the pool. The activations are widened and rounded to int8 in the
 // thread's scratch (not a tensor per call), bf16 results rounded into the output by each task (decode_output.h).
 at::Tensor decode_quantized_linear(const at::Tensor& x2, const QuantizedWeights& layer, int64_t group_size,
                                    at::ScalarType dtype) {
   const int64_t T = x2.size(0), N = layer.out_features, C = layer.in_features;
-  const bool bf16 = dtype == at::kBFloat16, int4 = layer.bits == 4;
+  const int64_t x_group = activation_group(layer.bits, C, group_size);
+  const bool bf16 = dtype == at::kBFloat16;
   at::Tensor out = at::empty({T, N}, x2.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
-  const Fp32Scratch scratch((bf16 ? T * N : 0) + (int4 ? T * C : 0));
+  const Fp32Scratch scratch((bf16 ? T * N : 0) + (x_group > 0 ? T * C : 0));
   float* results = bf16 ? scratch.data() : out.data_ptr<float>();
   const Bf16Output rounded = bf16 ? Bf16Output{static_cast<BF16*>(out.data_ptr()), N} : Bf16Output{};
   LinearInput input = input_of(x2);
   std::optional<Int8Activations> view;
-  if (int4) {
+  if (x_group > 0) {
     float* xs = scratch.data() + (bf16 ? T * N : 0);
     thread_local Int8Rows codes;  // decode sizes: kept for the thread's next call
-    round_activations_into(input, group_size, xs, codes);
-    view = codes.view(C, group_size);
+    round_activations_into(input, x_group, xs, codes);
+    view = codes.view(C, x_group);
     input = LinearInput{T, DType::kF32, xs, C, C};
   }
   run_quantized_linear(layer, input, results, N, step_parallel(), active_kernels(), view ? &*view : nullptr, rounded);
@@ -177,7 +178,8 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& qweight, cons
   if (!bf16_gemm && !(gemm_rows > 0 && T >= gemm_rows)) {
     return decode_quantized_linear(x2, layer, group_size, x.scalar_type()).view(out_shape);
   }
-  if (bits == 4) x2 = rounded_activations(x2, group_size);  // the GEMMs multiply x'
+  const int64_t x_group = activation_group(static_cast<int>(bits), C, group_size);
+  if (x_group > 0) x2 = rounded_activations(x2, x_group);  // the GEMMs multiply x'
   if (bf16_gemm) return bf16_gemm_quantized_linear(x2, layer, bias).view(out_shape);
   return gemm_quantized_linear(x2, layer, bias).to(x.scalar_type()).view(out_shape);
 }
@@ -201,7 +203,7 @@ using QuantizedLinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&
 //   - x or bias needs one: the same math in differentiable ATen ops on the dequantized weight (fp32
 //     accumulation, one rounding), so autograd records it as it records any linear. The codes are
 //     integers and carry no gradient; a gradient w.r.t. the scales is not supported (a clear error).
-//     int4's rounding of x passes the gradient straight through (x + (x' - x).detach()).
+//     The rounding of x to int8 passes the gradient straight through (x + (x' - x).detach()).
 at::Tensor quantized_linear_autograd(c10::DispatchKeySet keys, const at::Tensor& x, const at::Tensor& qweight,
                                      const at::Tensor& scales, const std::optional<at::Tensor>& bias, int64_t bits,
                                      int64_t group_size) {
@@ -223,12 +225,14 @@ at::Tensor quantized_linear_autograd(c10::DispatchKeySet keys, const at::Tensor&
     weight = dequantized_weight(qweight, scales, bits, group_size);
   }
   at::Tensor x_float = x.to(at::kFloat);
-  if (bits == 4) {
+  const int64_t C = in_features(qweight, bits);
+  const int64_t x_group = activation_group(static_cast<int>(bits), C, group_size);
+  if (x_group > 0) {
     at::Tensor rounded;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const at::Tensor x2 = x.detach().reshape({-1, in_features(qweight, bits)});
-      rounded = rounded_activations(x2, group_size).view(x.sizes());
+      const at::Tensor x2 = x.detach().reshape({-1, C});
+      rounded = rounded_activations(x2, x_group).view(x.sizes());
     }
     x_float = at::add(x_float, at::sub(rounded, x_float.detach()));
   }

@@ -10,9 +10,9 @@
 //      bf16 experts with many tokens on CPUs with a fast bf16 GEMM (AMX): two bf16 GEMMs on the stored weights,
 //      and quantized ones with bf16 hidden states there: two bf16 GEMMs on blocks of dequantized rows
 //
-// int4 experts take their activations rounded to int8 (kernels.h, Int8Activations): xs after the gather and act
-// after the activation are rounded in place (x' = xq * s, what the GEMM path multiplies) and their int8 codes
-// kept beside them for the streaming kernel, which multiplies in integers.
+// Quantized experts take their activations rounded to int8 (kernels.h, activation_group, Int8Activations): xs after
+// the gather and act after the activation are rounded in place (x' = xq * s, what the GEMM path and the fp32 int8
+// kernel multiply) and their int8 codes kept beside them for the integer kernels (int4; int8 on AVX-512 VNNI).
 //
 // Splitting every phase over experts *and* output rows keeps all threads busy when a decode step
 // has only a few active experts with one token each.
@@ -190,7 +190,9 @@ class ExpertRun {
  public:
   ExpertRun(const ExpertWeights& layer, const Routing& routing, float* out, Parallel& pool,
             const KernelTable& kernels, const DenseGemm& gemm)
-      : L_(layer), R_(routing), out_(out), pool_(pool), k_(kernels), gemm_(gemm), plan_(plan_slots(layer, routing)) {}
+      : L_(layer), R_(routing), out_(out), pool_(pool), k_(kernels), gemm_(gemm), plan_(plan_slots(layer, routing)),
+        up_x_group_(layer.bits == 0 ? 0 : activation_group(layer.bits, layer.hidden, layer.up_group)),
+        down_x_group_(layer.bits == 0 ? 0 : activation_group(layer.bits, layer.intermediate, layer.down_group)) {}
 
   ~ExpertRun() {
     for (AlignedFloats* buffer : {&xs_, &act_, &dense_h_, &dense_y_, &dense_up_, &dense_down_}) {
@@ -204,11 +206,11 @@ class ExpertRun {
     act_.resize(S * L_.intermediate);
     gather();
     if (S == 0) return;
-    if (L_.bits == 4) {
-      xs_int8_.resize(S, L_.hidden, L_.up_group);
-      act_int8_.resize(S, L_.intermediate, L_.down_group);
-      round_slots(xs_int8_, xs_.data(), 0, S, L_.hidden, L_.up_group);
+    if (up_x_group_ > 0) {
+      xs_int8_.resize(S, L_.hidden, up_x_group_);
+      round_slots(xs_int8_, xs_.data(), 0, S, L_.hidden, up_x_group_);
     }
+    if (down_x_group_ > 0) act_int8_.resize(S, L_.intermediate, down_x_group_);
     std::vector<ExpertGroup> dense;
     std::vector<ExpertGroup> streamed;
     for (const ExpertGroup& g : plan_.groups) {
@@ -274,9 +276,9 @@ class ExpertRun {
     pool_.parallel_for(groups * up_blocks, [&](int64_t task) {
       up_task(groups_list[task / up_blocks], (task % up_blocks) * up_block_);
     });
-    if (L_.bits == 4) {
+    if (down_x_group_ > 0) {
       for (const ExpertGroup& g : groups_list) {
-        round_slots(act_int8_, act_.data(), g.first, g.count, L_.intermediate, L_.down_group);
+        round_slots(act_int8_, act_.data(), g.first, g.count, L_.intermediate, down_x_group_);
       }
     }
     pool_.parallel_for(groups * down_blocks, [&](int64_t task) {
@@ -304,7 +306,8 @@ class ExpertRun {
     return q;
   }
 
-  // Rounds slots [first, first + n) of x [S, len] to int8 in place (int4 experts), split over the pool when large.
+  // Rounds slots [first, first + n) of x [S, len] to int8 in place (quantized experts), split over the pool when
+  // large.
   void round_slots(Int8Rows& codes, float* x, int64_t first, int64_t n, int64_t len, int64_t group) {
     constexpr int64_t kRowsPerTask = 16;
     const int64_t tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
@@ -325,13 +328,17 @@ class ExpertRun {
   void dot_expert_rows(bool up_side, int64_t expert, int64_t first_row, int64_t rows, int64_t len, int64_t slot,
                        int64_t nt, bool x_exact_bf16, float* out, int64_t ldo) {
     const float* x = (up_side ? xs_.data() : act_.data()) + slot * len;
-    if (L_.bits == 4) {
-      const Int8Activations xq = (up_side ? xs_int8_ : act_int8_).view(len, up_side ? L_.up_group : L_.down_group);
-      k_.dot_rows_int4(quantized_rows(up_side, expert, first_row), rows, xq, slot, nt, out, ldo);
-      return;
-    }
     if (L_.bits != 0) {
-      k_.dot_rows_quantized(L_.bits, quantized_rows(up_side, expert, first_row), rows, len, x, len, nt, out, ldo);
+      const QuantizedRows w = quantized_rows(up_side, expert, first_row);
+      const int64_t x_group = up_side ? up_x_group_ : down_x_group_;
+      const Int8Activations xq = (up_side ? xs_int8_ : act_int8_).view(len, x_group);
+      if (L_.bits == 4) {
+        k_.dot_rows_int4(w, rows, xq, slot, nt, out, ldo);
+      } else if (x_group > 0 && takes_int8_kernel(k_, w, len)) {
+        k_.dot_rows_int8(w, rows, xq, slot, nt, out, ldo);
+      } else {  // int8 codes times x as it is, or as rounded (x')
+        k_.dot_rows_quantized(L_.bits, w, rows, len, x, len, nt, out, ldo);
+      }
       return;
     }
     const int64_t expert_stride = up_side ? L_.up_expert_stride : L_.down_expert_stride;
@@ -410,7 +417,7 @@ class ExpertRun {
     }
     in_chunks([&](int64_t t0, int64_t nt) {
       activate_block(g, 0, I, t0, nt, h + t0 * X, X);
-      if (L_.bits == 4) act_int8_.round_rows(k_, act_.data(), g.first + t0, nt, I, L_.down_group);
+      if (down_x_group_ > 0) act_int8_.round_rows(k_, act_.data(), g.first + t0, nt, I, down_x_group_);
     });
     if (blocks16) {
       quantized_gemm16(false, g.expert, act_.data() + g.first * I, y, n, H, I);
@@ -560,6 +567,8 @@ class ExpertRun {
   const KernelTable& k_;
   const DenseGemm& gemm_;
   SlotPlan plan_;
+  const int64_t up_x_group_;    // activation_group of the up projection's input xs (0: not rounded)
+  const int64_t down_x_group_;  // ... of the down projection's input act
   CallScratch& buffers_ = call_scratch();
   AlignedFloats& xs_ = buffers_.xs;     // [S, H]
   AlignedFloats& act_ = buffers_.act;   // [S, I]
@@ -567,7 +576,7 @@ class ExpertRun {
   AlignedFloats& dense_y_ = buffers_.dense_y;  // [n, H]
   AlignedFloats& dense_up_ = buffers_.dense_up;      // [X, H] of a quantized dense expert, dequantized
   AlignedFloats& dense_down_ = buffers_.dense_down;  // [H, I]
-  Int8Rows& xs_int8_ = buffers_.xs_int8;    // int4 experts: xs [S, H] in int8
+  Int8Rows& xs_int8_ = buffers_.xs_int8;    // quantized experts: xs [S, H] in int8
   Int8Rows& act_int8_ = buffers_.act_int8;  // act [S, I]
   int64_t up_block_ = 0;
   int64_t down_block_ = 0;

@@ -27,10 +27,11 @@ struct QuantizedRows {
   int64_t group;       // G: divides len (even for int4)
 };
 
-// Activations rounded to int8 for int4 weights (round_activations in ops/quantized_linear.py): per token and
-// weight group of G columns, s = max |x| / 127 (fp32) and xq = clamp(round_half_even(x / s), -127, 127).
-// Each token's `len` bytes follow the codes' byte order, so a run of code bytes meets its activations in one
-// load: first low[j] = xq of the column in code byte j's low nibble, then high[j] = of its high nibble (j < len/2).
+// Activations rounded to int8 for quantized weights (round_activations in ops/quantized_linear.py): per token and
+// group of G columns (int4: the weight's groups; int8: kInt8ActivationGroup), s = max |x| / 127 (fp32) and
+// xq = clamp(round_half_even(x / s), -127, 127). Each token's `len` bytes follow int4 codes' byte order, so a run
+// of int4 code bytes meets its activations in one load: first low[j] = xq of the column in code byte j's low
+// nibble, then high[j] = of its high nibble (j < len/2). (The int8 kernel puts a run's halves back in order.)
 struct Int8Activations {
   const int8_t* q;       // [n, len]
   const float* scale;    // [n, len / G]: s
@@ -79,7 +80,30 @@ struct KernelTable {
   // dst[i] = src[i] rounded to bf16, to nearest even (a NaN: the quiet NaN 0x7FC0), as c10::BFloat16 rounds:
   // the bf16 GEMM's operands (a quantized weight dequantized block by block).
   void (*round_to_bf16)(const float* src, int64_t n, BF16* dst);
+  // int8 weights with one scale per row times int8 activations rounded in groups of kInt8ActivationGroup
+  // (x.group), products summed in integers: out[t * ldo + r] = scale[r] * sum_g s[t, g] * sum_{j in g} q[r, j] *
+  // xq[t, j]. Only where the ISA has a version (AVX-512 VNNI) and for rows of a multiple of 64 columns
+  // (takes_int8_kernel); otherwise dot_rows_quantized multiplies the rounded activations x' in fp32.
+  void (*dot_rows_int8)(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first, int64_t n,
+                        float* out, int64_t ldo) = nullptr;
 };
+
+// int8 weights multiply activations rounded to int8 in groups of this many columns (round_activations in
+// ops/quantized_linear.py), when it divides the row; int4 weights, in their own groups.
+constexpr int64_t kInt8ActivationGroup = 32;
+
+// The group the activations of a quantized projection of `columns` inputs are rounded in, or 0 where they
+// multiply as they are (int8 rows not a multiple of kInt8ActivationGroup): activation_group in
+// ops/quantized_linear.py.
+inline int64_t activation_group(int bits, int64_t columns, int64_t weight_group) {
+  if (bits == 4) return weight_group;
+  return columns % kInt8ActivationGroup == 0 ? kInt8ActivationGroup : 0;
+}
+
+// Whether dot_rows_int8 takes these int8 rows of `len` columns (else dot_rows_quantized on x').
+inline bool takes_int8_kernel(const KernelTable& kernels, const QuantizedRows& w, int64_t len) {
+  return kernels.dot_rows_int8 != nullptr && w.group == len && len % 64 == 0;
+}
 
 // Rounds x [n, len] (rows ldx apart) to int8 per token and group into q [n, len], scale and offset [n, len / G]
 // (the arrays Int8Activations points to), and writes x' = xq * s to rounded [n, len] (may be x itself, ldx apart).
@@ -143,6 +167,8 @@ DotRowsInt4 dot_rows_int4_avx2();
 // The AVX-512 VNNI version (kernels_avx512_vnni.cpp), sending widths it does not take to `fallback`; only on
 // a CPU with AVX-512 VNNI (cpu_has_avx512_vnni). Not x86-64: `fallback` itself.
 DotRowsInt4 dot_rows_int4_avx512_vnni(DotRowsInt4 fallback);
+// KernelTable::dot_rows_int8 with AVX-512 VNNI (kernels_avx512_vnni.cpp); nullptr where the build has no x86-64 path.
+DotRowsInt4 dot_rows_int8_avx512_vnni();
 
 const KernelTable& portable_kernels();
 // nullptr where the build's target architecture has no such path (e.g. not x86-64).

@@ -232,12 +232,14 @@ namespace dali_cpu {
 const KernelTable* avx512_kernels() {
   static const KernelTable table = [] {
     g_use_dpbf16 = cpu_has_avx512_bf16();
+    const bool vnni = cpu_has_avx512_vnni();
     return KernelTable{Isa::kAvx512,        avx512_dot_rows,        avx512_axpy_rows,      avx512_convert,
                        avx512_silu_mul,     avx512_exp_shifted,     avx512_dot_rows_quantized,
                        avx512_dequantize_rows,
                        // AVX-512 CPUs have AVX2: its int4 kernel where there is no VNNI, and for odd widths
-                       cpu_has_avx512_vnni() ? dot_rows_int4_avx512_vnni(dot_rows_int4_avx2()) : dot_rows_int4_avx2(),
-                       avx512_round_to_int8,        avx512_round_to_bf16};
+                       vnni ? dot_rows_int4_avx512_vnni(dot_rows_int4_avx2()) : dot_rows_int4_avx2(),
+                       avx512_round_to_int8,        avx512_round_to_bf16,
+                       vnni ? dot_rows_int8_avx512_vnni() : nullptr};
   }();
   return &table;
 }

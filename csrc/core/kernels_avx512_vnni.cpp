@@ -1,4 +1,5 @@
-// KernelTable::dot_rows_int4 with AVX-512 VNNI (vpdpbusd), for the AVX-512 table on CPUs that have it.
+// KernelTable::dot_rows_int4 and dot_rows_int8 with AVX-512 VNNI (vpdpbusd), for the AVX-512 table on CPUs that
+// have it.
 // Only called after cpu_has_avx512_vnni() said yes (kernels_avx512.cpp picks it).
 //
 // A 64-byte run of a row's codes holds 128 columns. Its low nibbles meet the activations' low bytes and its high
@@ -120,12 +121,79 @@ void avx512_vnni_dot_rows_int4(const QuantizedRows& w, int64_t rows, const Int8A
   });
 }
 
+// int8 codes times int8 activations (KernelTable::dot_rows_int8), R rows x N tokens. A 64-byte run of a row's codes
+// is 64 columns, two activation groups of 32. vpdpbusd wants one unsigned operand: the codes flipped by 0x80 are
+// code + 128 (1..255), so each lane sums four (code + 128) * xq, exact in int32; the +128 comes out once per token
+// (16 * x.offset summed over the row: x.offset is 8 * s * sum(xq) per group). The activations' bytes are in int4
+// order (a group's first 16 columns among the lows, its last 16 among the highs): a run's lows and highs are each
+// 32 bytes in a row, interleaved back into column order by one 128-bit lane shuffle per token and run. Lanes 0..7
+// of a run are its first group, 8..15 its second: converted and scaled per lane by their group's activation scale;
+// the row's one weight scale multiplies the total.
+template <int R, int N>
+void int8_tile(const uint8_t* q, int64_t ldq, const F16* ws, int64_t lds, const Int8Activations& x, int64_t t0,
+               float* out, int64_t ldo, int64_t orow) {
+  const int64_t half_len = x.len / 2, groups = x.len / kInt8ActivationGroup;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  float code_offset[N];  // 128 * sum_g s * sum(xq): what the flip adds to the token's total
+  for (int n = 0; n < N; ++n) {
+    const float* offset = x.offset + (t0 + n) * groups;
+    float total = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) total += offset[g];
+    code_offset[n] = 16.0f * total;
+  }
+  __m512 acc[R][N];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < N; ++n) acc[r][n] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < x.len; b += 64) {
+    const int64_t g = b / kInt8ActivationGroup;
+    __m512i xv[N];
+    __m512 lane_scale[N];
+    for (int n = 0; n < N; ++n) {
+      const int8_t* xq = x.q + (t0 + n) * x.len + g * (kInt8ActivationGroup / 2);
+      const __m512i halves = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + half_len)), 1);  // low g, low g+1, high g, high g+1
+      xv[n] = _mm512_shuffle_i64x2(halves, halves, _MM_SHUFFLE(3, 1, 2, 0));
+      const float* s = x.scale + (t0 + n) * groups + g;
+      lane_scale[n] = _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i codes = _mm512_xor_si512(_mm512_loadu_si512(q + r * ldq + b), flip);
+      for (int n = 0; n < N; ++n) {
+        const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xv[n]);
+        acc[r][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), lane_scale[n], acc[r][n]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float weight_scale = _cvtsh_ss(ws[r * lds].bits);
+    for (int n = 0; n < N; ++n) {
+      out[n * ldo + r * orow] = weight_scale * (_mm512_reduce_add_ps(acc[r][n]) - code_offset[n]);
+    }
+  }
+}
+
+void avx512_vnni_dot_rows_int8(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first,
+                               int64_t n, float* out, int64_t ldo) {
+  int4_row_tiles(w, rows, first, n, out, ldo, [&](auto tile_rows, int tn, const uint8_t* q, int64_t ldq, const F16* ws,
+                                                  int64_t lds, int64_t t0, float* o, int64_t orow) {
+    constexpr int R = decltype(tile_rows)::value;
+    if (tn == 1) {
+      int8_tile<R, 1>(q, ldq, ws, lds, x, t0, o, ldo, orow);
+    } else {
+      int8_tile<R, 2>(q, ldq, ws, lds, x, t0, o, ldo, orow);
+    }
+  });
+}
+
 }  // namespace
 
 DotRowsInt4 dot_rows_int4_avx512_vnni(DotRowsInt4 fallback) {
   g_fallback = fallback;
   return avx512_vnni_dot_rows_int4;
 }
+
+DotRowsInt4 dot_rows_int8_avx512_vnni() { return avx512_vnni_dot_rows_int8; }
 
 }  // namespace dali_cpu
 
@@ -135,6 +203,7 @@ DotRowsInt4 dot_rows_int4_avx512_vnni(DotRowsInt4 fallback) {
 
 namespace dali_cpu {
 DotRowsInt4 dot_rows_int4_avx512_vnni(DotRowsInt4 fallback) { return fallback; }
+DotRowsInt4 dot_rows_int8_avx512_vnni() { return nullptr; }
 }  // namespace dali_cpu
 
 #endif

@@ -27,9 +27,11 @@ struct QuantizedWeights {
 };
 
 // Every output row block is a task on the pool, each reading its block of codes once per group of 3
-// rows of x; x is widened to fp32 once per call. int4 weights multiply int8 activations instead: `int8_x`,
-// x rounded by round_to_int8 with the layer's group size (required for bits 4, unused for 8). Inputs must
-// have been validated (shapes, dtypes). `rounded`: as run_linear's.
+// rows of x; x is widened to fp32 once per call. Quantized weights multiply int8 activations (activation_group,
+// kernels.h): `int8_x`, x rounded by round_to_int8 in that group (required for bits 4; for bits 8, given where
+// the activations are rounded, with `input` the rounded x', which dot_rows_quantized multiplies where
+// dot_rows_int8 does not take the rows). Inputs must have been validated (shapes, dtypes). `rounded`: as
+// run_linear's.
 void run_quantized_linear(const QuantizedWeights& layer, const LinearInput& input, float* out, int64_t ldo,
                           Parallel& pool, const KernelTable& kernels, const Int8Activations* int8_x = nullptr,
                           const Bf16Output& rounded = {});
