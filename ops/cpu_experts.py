@@ -25,9 +25,10 @@ Quantized experts (`up_scales` and `down_scales` given, layer_spec's module docs
 hold int8 codes (or uint8, two int4 codes a byte) in row form, [E, X, H * bits/8] and [E, H, I * bits/8],
 with float16 scales [E, X, H / G_up] and [E, H, I / G_down] (formats of ops/quantized_linear.py; bits
 from the codes' dtype, each group size from its scales' shape); hidden and the biases are float32,
-bfloat16 or float16. int4 experts multiply their codes by activations rounded to int8, per token and weight
-group, against a scale of max |x| / 127 (`quantized_linear.round_activations`): the input of the up projection
-and that of the down projection; int8 experts take the activations as they are.
+bfloat16 or float16. Quantized experts multiply their codes by activations rounded to int8, per token and group
+(`quantized_linear.activation_group`: int4, the weight's groups; int8, 32 columns where 32 divides the row), against
+a scale of max |x| / 127 (`quantized_linear.round_activations`): the input of the up projection and that of the
+down projection.
 
 The schemas are declared here and only here. The CPU kernels are C++ (csrc/, registered when
 `dali_compile.runtime.cpu_extension` loads the library); the CompositeExplicitAutograd kernels

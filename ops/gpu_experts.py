@@ -15,7 +15,7 @@ contributions in k order, so a split of the experts between devices changes noth
 
 Quantized experts (scale pools given): the pools hold codes in row form, up [S, X, H * bits/8] and down
 [S, H, I * bits/8] (int8, or uint8 with two int4 codes), and their float16 scales [S, X, H / G_up] and
-[S, H, I / G_down], exactly as `dali::cpu_experts` takes them (int4 rounds its activations to int8 per group);
+[S, H, I / G_down], exactly as `dali::cpu_experts` takes them (their activations rounded to int8 per group);
 biases stay in hidden's dtype. The Triton kernels dequantize the codes tile by tile and compute in fp32.
 
 CUDA runs the Triton kernels of `ops/triton_experts.py` (imported on first use, so CPU-only installs
