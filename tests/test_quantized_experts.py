@@ -91,6 +91,25 @@ def test_cpu_kernel_equals_dequantizing_reference(bits, layout, dtype, T, expert
         assert relative_max_error(got, want) <= FP32_RTOL
 
 
+def _each_call_equals_the_reference(weights, width: int, calls, gen) -> None:
+    """dali::cpu_experts on a concatenated-layout quantized layer (up, down, up_scales, down_scales) equals the
+    reference within ROUNDING_RTOL, for each (tokens, dense_gemm_min_tokens) of `calls`, bf16 hidden states."""
+    up, down, up_scales, down_scales = weights
+    flags = LAYOUTS["concatenated"][:2] + (False,) + LAYOUTS["concatenated"][3:]
+    previous = cpu_extension.get_dense_gemm_min_tokens()
+    try:
+        for T, min_tokens in calls:
+            cpu_extension.set_dense_gemm_min_tokens(min_tokens)
+            hidden = torch.randn(T, width, generator=gen).to(torch.bfloat16)
+            ids = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :K]
+            args = (hidden, ids, torch.rand(T, K, generator=gen), up, down, None, None, None, *flags, up_scales,
+                    down_scales)
+            got = torch.ops.dali.cpu_experts(*args)
+            assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= ROUNDING_RTOL, (T, min_tokens)
+    finally:
+        cpu_extension.set_dense_gemm_min_tokens(previous)
+
+
 @pytest.mark.parametrize("width", (64, 96, 256))
 def test_int8_kernels_of_every_isa_equal_the_reference(width, isa):
     """int8 codes times activations rounded to int8 in groups of 32 on each ISA path: AVX-512 VNNI's integer kernel
@@ -101,19 +120,8 @@ def test_int8_kernels_of_every_isa_equal_the_reference(width, isa):
     inter = 98 if width == 96 else width  # 98: no multiple of 32, so the intermediate multiplies as it is
     up, up_scales = quantize_stacked(torch.randn(E, 2 * inter, width, generator=gen) * 0.2, 8, None)
     down, down_scales = quantize_stacked(torch.randn(E, width, inter, generator=gen) * 0.2, 8, None)
-    flags = LAYOUTS["concatenated"][:2] + (False,) + LAYOUTS["concatenated"][3:]
-    previous = cpu_extension.get_dense_gemm_min_tokens()
-    try:
-        for T, min_tokens in ((1, 0), (2, 0), (7, 0), (40, 4)):
-            cpu_extension.set_dense_gemm_min_tokens(min_tokens)
-            hidden = torch.randn(T, width, generator=gen).to(torch.bfloat16)
-            ids = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :K]
-            args = (hidden, ids, torch.rand(T, K, generator=gen), up, down, None, None, None, *flags, up_scales,
-                    down_scales)
-            got = torch.ops.dali.cpu_experts(*args)
-            assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= ROUNDING_RTOL, (T, min_tokens)
-    finally:
-        cpu_extension.set_dense_gemm_min_tokens(previous)
+    _each_call_equals_the_reference((up, down, up_scales, down_scales), width, ((1, 0), (2, 0), (7, 0), (40, 4)),
+                                    gen)
 
 
 @pytest.mark.parametrize("group", (8, 32, 64, 96, 128, 256))
@@ -129,19 +137,8 @@ def test_int4_kernels_of_every_isa_equal_the_reference(group, isa):
     width = {8: 128, 96: 384}.get(group, 256)
     up, up_scales = quantize_stacked(torch.randn(E, 2 * width, width, generator=gen) * 0.2, 4, group)
     down, down_scales = quantize_stacked(torch.randn(E, width, width, generator=gen) * 0.2, 4, group)
-    flags = LAYOUTS["concatenated"][:2] + (False,) + LAYOUTS["concatenated"][3:]
-    previous = cpu_extension.get_dense_gemm_min_tokens()
-    try:
-        for T, min_tokens in ((1, 0), (3, 0), (40, 0), (40, 4)):
-            cpu_extension.set_dense_gemm_min_tokens(min_tokens)
-            hidden = torch.randn(T, width, generator=gen).to(torch.bfloat16)
-            ids = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :K]
-            args = (hidden, ids, torch.rand(T, K, generator=gen), up, down, None, None, None, *flags, up_scales,
-                    down_scales)
-            got = torch.ops.dali.cpu_experts(*args)
-            assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= ROUNDING_RTOL, (T, min_tokens)
-    finally:
-        cpu_extension.set_dense_gemm_min_tokens(previous)
+    _each_call_equals_the_reference((up, down, up_scales, down_scales), width, ((1, 0), (3, 0), (40, 0), (40, 4)),
+                                    gen)
 
 
 @needs_extension
