@@ -39,7 +39,9 @@ too), other; overhead = wall time minus all top-level ops (Python, dynamo guards
 cost included). Fixed cost (dali's overhead share): the dali step of the same structure (layers, experts, top-k,
 heads up to 4, vocab) with every width cut to a few dozen, timed in the same rounds: all a step costs beside
 reading weights (dynamo's guards, transformers' and the graph's Python, kernel calls, attention, glue), as a share
-of dali's step.
+of dali's step. torch.compile's own call: the full-size model compiled with a backend that replays the graph's first
+outputs (`replaying`), timed in the same rounds: dynamo's guards, its frame and the output's reconstruction, what
+any backend's step costs before its graph runs (the part of the fixed cost no backend can cut).
 Prefill GFLOP/s counts matmuls only (attention scores and values ignored): 2 * rows * in * out per 2-D weight
 but the embedding (LM head: 1 row) + 2 * P * K * 3 * H * I for the experts; gemm = torch.mm of 2048x2048 fp32
 matrices in the same rounds. Prints tables, writes a CSV and, when matplotlib imports, a PNG.
@@ -172,6 +174,8 @@ class Row:
     profiled_ms: float = NAN  # wall time of a profiled step
     fixed_ms: float = NAN  # dali rows: the step of the same structure at tiny widths, same rounds
     overhead_share: float = NAN  # fixed_ms / ms
+    entry_ms: float = NAN  # dali rows: torch.compile's own call (the model under `replaying`), same rounds
+    entry_share: float = NAN  # entry_ms / ms
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,26 @@ def compiled_alone(model, name: str, **compile_kwargs) -> Callable:
     compiled = torch.compile(own_code, dynamic=False, **compile_kwargs)
     compiled._orig_mod = model
     return compiled
+
+
+def replaying(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+    """A torch.compile backend whose compiled graph runs once and then returns those first outputs: a step through
+    it costs what torch.compile itself costs per call (guards, frame, the outputs' reconstruction)."""
+    saved = []
+
+    def run(*args):
+        if not saved:
+            saved.append(gm(*args))
+        return saved[0]
+
+    return run
+
+
+def torch_entry(base) -> Callable:
+    """The model compiled with `replaying` (dali's experts implementation before the rewrite: grouped_mm)."""
+    model = copy.deepcopy(base, memo={id(t): t for t in (*base.parameters(), *base.buffers())})
+    set_experts(model, PATHS["dali"][0])
+    return compiled_alone(model, "torch_entry", backend=replaying)
 
 
 def build_paths(base, names, dali_inductor: bool) -> dict[str, tuple[Callable, str]]:
@@ -379,7 +403,8 @@ def dali_breakdown(calls: dict[str, Timed], ms: dict[str, float], steps: int) ->
     if "dali" not in calls:
         return {}
     parts = breakdown(calls["dali-pywrapper" if "dali-pywrapper" in calls else "dali"], steps) if steps > 0 else {}
-    return {**parts, "fixed_ms": ms["dali-fixed"], "overhead_share": ms["dali-fixed"] / ms["dali"]}
+    return {**parts, "fixed_ms": ms["dali-fixed"], "overhead_share": ms["dali-fixed"] / ms["dali"],
+            "entry_ms": ms["torch-entry"], "entry_share": ms["torch-entry"] / ms["dali"]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -421,7 +446,7 @@ def best_torch_ms(ms: dict[str, float]) -> float:
     return min((ms[p] for p in TORCH_PATHS if p in ms), default=NAN)
 
 
-def decode_point(base, paths, fixed, model_name, dtype_name, batch, kv, args) -> list[Row]:
+def decode_point(base, paths, fixed, entry, model_name, dtype_name, batch, kv, args) -> list[Row]:
     keyword = cache_keyword(base)
     gen = torch.Generator().manual_seed(1000 * batch + kv)
     ids = torch.randint(0, base.config.vocab_size, (batch, 1), generator=gen)
@@ -447,6 +472,7 @@ def decode_point(base, paths, fixed, model_name, dtype_name, batch, kv, args) ->
                                                               generator=gen),
                                    keyword, args.cache)
         calls["dali-fixed"] = decode_timed(fixed, ids, fixed_cache, kv, keyword)
+        calls["torch-entry"] = decode_timed(entry, ids, copy.deepcopy(cache), kv, keyword)
     ms = interleaved_ms(calls, args.warmup, args.repeats)
     parts = dali_breakdown(calls, ms, args.profile_steps)
     best, load = best_torch_ms(ms), os.getloadavg()[0]
@@ -487,19 +513,20 @@ def run_model(model_name: str, dtype_name: str, args) -> list[Row]:
     dali_compile.clear_reports()
     base = build_base(SHAPES[model_name], DTYPES[dtype_name])
     paths = build_paths(base, args.paths, not args.dali_no_inductor)
-    fixed = None
+    fixed = entry = None
     if "dali" in paths:
         fixed_base = build_base(fixed_cost_shape(SHAPES[model_name]), DTYPES[dtype_name])
         fixed = build_paths(fixed_base, ["dali"], not args.dali_no_inductor)["dali"][0]
+        entry = torch_entry(base)
     rows = []
     for batch in args.batch:
         for kv in args.kv:
             print(f"decode {model_name} {dtype_name} B={batch} kv={kv} ({args.cache} cache)", flush=True)
-            rows += decode_point(base, paths, fixed, model_name, dtype_name, batch, kv, args)
+            rows += decode_point(base, paths, fixed, entry, model_name, dtype_name, batch, kv, args)
     for tokens in args.prefill:
         print(f"prefill {model_name} {dtype_name} P={tokens}", flush=True)
         rows += prefill_point(base, paths, model_name, dtype_name, tokens, args)
-    del base, paths, fixed
+    del base, paths, fixed, entry
     gc.collect()
     torch._dynamo.reset()
     return rows
@@ -523,12 +550,14 @@ def print_tables(rows: list[Row]) -> None:
               f"{r.vs_best_torch:>6.2f}x {r.floor_ms:>8.2f} {r.floor_fraction:>6.0%} {r.floor_mb:>7.1f} "
               f"{r.max_rel_err:>8.1e} {r.load:>5.1f}")
     print("\ndali decode step breakdown (profiled on dali-pywrapper: ms per step, share of the profiled step); "
-          "fixed cost: dali's step of the same structure at tiny widths (same rounds), and its share of dali's step")
+          "fixed cost: dali's step of the same structure at tiny widths (same rounds), and its share of dali's step; "
+          "torch.compile's own call: the model under a backend that replays its outputs (same rounds)")
     for r in (r for r in rows if r.phase == "decode" and not math.isnan(r.profiled_ms)):
         parts = "  ".join(f"{p} {getattr(r, p + '_ms'):.2f} ({getattr(r, p + '_ms') / r.profiled_ms:.0%})"
                           for p in BREAKDOWN)
         print(f"{r.model:<8} {r.dtype:<5} B={r.batch} kv={r.kv}: step {r.profiled_ms:.2f}  {parts}  "
-              f"fixed cost {r.fixed_ms:.2f} ms = {r.overhead_share:.1%} of the step")
+              f"fixed cost {r.fixed_ms:.2f} ms = {r.overhead_share:.1%} of the step, of which torch.compile's own "
+              f"call {r.entry_ms:.2f} ms = {r.entry_share:.1%}")
     print(f"\nprefill (B=1; GFLOP/s of the matmuls, attention ignored; gemm = torch.mm {GEMM_N}^3 fp32)\n"
           f"{'model':<8} {'dtype':<5} {'P':>5} {'path':<17} {'ms':>9} {'vs best':>7} {'GFLOP/s':>8} "
           f"{'gemm':>7} {'of gemm':>7} {'rel err':>8} {'load':>5}")
