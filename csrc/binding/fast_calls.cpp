@@ -180,21 +180,20 @@ PyObject* step_routing_arrays(PyObject*, PyObject* const* args, Py_ssize_t nargs
 
 // Named as the C entry points, so that cpu_extension.fast_function(name) finds either (the step routing by
 // address has no wrapper: where this module exists, the arrays call takes every input that one would).
+using FastFunction = PyObject* (*)(PyObject*, PyObject* const*, Py_ssize_t);
+
+PyMethodDef fast_method(const char* name, FastFunction function) {
+  return {name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(function)), METH_FASTCALL, nullptr};
+}
+
 PyMethodDef methods[] = {
-    {"dali_greedy_plan", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(greedy_plan)), METH_FASTCALL,
-     nullptr},
-    {"dali_prefetch_choice", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(prefetch_choice)),
-     METH_FASTCALL, nullptr},
-    {"dali_predict_prefetch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(predict_prefetch)),
-     METH_FASTCALL, nullptr},
-    {"dali_workload_update", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(workload_update)),
-     METH_FASTCALL, nullptr},
-    {"dali_decide_workload", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(decide_workload)),
-     METH_FASTCALL, nullptr},
-    {"dali_decide_workload_arrays", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(decide_workload_arrays)),
-     METH_FASTCALL, nullptr},
-    {"dali_step_routing_arrays", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step_routing_arrays)),
-     METH_FASTCALL, nullptr},
+    fast_method("dali_greedy_plan", greedy_plan),
+    fast_method("dali_prefetch_choice", prefetch_choice),
+    fast_method("dali_predict_prefetch", predict_prefetch),
+    fast_method("dali_workload_update", workload_update),
+    fast_method("dali_decide_workload", decide_workload),
+    fast_method("dali_decide_workload_arrays", decide_workload_arrays),
+    fast_method("dali_step_routing_arrays", step_routing_arrays),
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "dali_cpu_experts", "the offload step's C calls without ctypes", -1,

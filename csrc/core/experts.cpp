@@ -329,16 +329,10 @@ class ExpertRun {
                        int64_t nt, bool x_exact_bf16, float* out, int64_t ldo) {
     const float* x = (up_side ? xs_.data() : act_.data()) + slot * len;
     if (L_.bits != 0) {
-      const QuantizedRows w = quantized_rows(up_side, expert, first_row);
       const int64_t x_group = up_side ? up_x_group_ : down_x_group_;
       const Int8Activations xq = (up_side ? xs_int8_ : act_int8_).view(len, x_group);
-      if (L_.bits == 4) {
-        k_.dot_rows_int4(w, rows, xq, slot, nt, out, ldo);
-      } else if (x_group > 0 && takes_int8_kernel(k_, w, len)) {
-        k_.dot_rows_int8(w, rows, xq, slot, nt, out, ldo);
-      } else {  // int8 codes times x as it is, or as rounded (x')
-        k_.dot_rows_quantized(L_.bits, w, rows, len, x, len, nt, out, ldo);
-      }
+      dot_rows_quantized_weights(k_, L_.bits, quantized_rows(up_side, expert, first_row), rows, len,
+                                 x_group > 0 ? &xq : nullptr, slot, x, len, nt, out, ldo);
       return;
     }
     const int64_t expert_stride = up_side ? L_.up_expert_stride : L_.down_expert_stride;

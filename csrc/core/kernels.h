@@ -105,6 +105,22 @@ inline bool takes_int8_kernel(const KernelTable& kernels, const QuantizedRows& w
   return kernels.dot_rows_int8 != nullptr && w.group == len && len % 64 == 0;
 }
 
+// `rows` quantized weight rows of `len` columns times n tokens' activations, by the kernel that takes them: int4,
+// dot_rows_int4 on the codes xq (tokens first .. first + n - 1); int8, dot_rows_int8 on xq where it takes the rows,
+// else dot_rows_quantized on x (those tokens' rows, ldx apart: x' where the activations were rounded, x as it is
+// where they were not, and then xq is null).
+inline void dot_rows_quantized_weights(const KernelTable& kernels, int bits, const QuantizedRows& w, int64_t rows,
+                                       int64_t len, const Int8Activations* xq, int64_t first, const float* x,
+                                       int64_t ldx, int64_t n, float* out, int64_t ldo) {
+  if (bits == 4) {
+    kernels.dot_rows_int4(w, rows, *xq, first, n, out, ldo);
+  } else if (xq != nullptr && takes_int8_kernel(kernels, w, len)) {
+    kernels.dot_rows_int8(w, rows, *xq, first, n, out, ldo);
+  } else {
+    kernels.dot_rows_quantized(bits, w, rows, len, x, ldx, n, out, ldo);
+  }
+}
+
 // Rounds x [n, len] (rows ldx apart) to int8 per token and group into q [n, len], scale and offset [n, len / G]
 // (the arrays Int8Activations points to), and writes x' = xq * s to rounded [n, len] (may be x itself, ldx apart).
 // The scalar version (the portable and AVX2 tables'); call it through KernelTable::round_to_int8.
@@ -161,14 +177,15 @@ struct Int8Rows {
 // no x86-64 path.
 void dot_rows_int4_scalar(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first, int64_t n,
                           float* out, int64_t ldo);
-using DotRowsInt4 = void (*)(const QuantizedRows&, int64_t, const Int8Activations&, int64_t, int64_t, float*,
-                             int64_t);
-DotRowsInt4 dot_rows_int4_avx2();
+// A kernel of quantized codes times int8 activations: KernelTable::dot_rows_int4's and dot_rows_int8's type.
+using DotRowsByInt8 = void (*)(const QuantizedRows&, int64_t, const Int8Activations&, int64_t, int64_t, float*,
+                               int64_t);
+DotRowsByInt8 dot_rows_int4_avx2();
 // The AVX-512 VNNI version (kernels_avx512_vnni.cpp), sending widths it does not take to `fallback`; only on
 // a CPU with AVX-512 VNNI (cpu_has_avx512_vnni). Not x86-64: `fallback` itself.
-DotRowsInt4 dot_rows_int4_avx512_vnni(DotRowsInt4 fallback);
+DotRowsByInt8 dot_rows_int4_avx512_vnni(DotRowsByInt8 fallback);
 // KernelTable::dot_rows_int8 with AVX-512 VNNI (kernels_avx512_vnni.cpp); nullptr where the build has no x86-64 path.
-DotRowsInt4 dot_rows_int8_avx512_vnni();
+DotRowsByInt8 dot_rows_int8_avx512_vnni();
 
 const KernelTable& portable_kernels();
 // nullptr where the build's target architecture has no such path (e.g. not x86-64).

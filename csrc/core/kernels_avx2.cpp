@@ -219,7 +219,7 @@ void avx2_dot_rows_int4(const QuantizedRows& w, int64_t rows, const Int8Activati
 
 }  // namespace
 
-DotRowsInt4 dot_rows_int4_avx2() { return avx2_dot_rows_int4; }
+DotRowsByInt8 dot_rows_int4_avx2() { return avx2_dot_rows_int4; }
 
 }  // namespace dali_cpu
 
@@ -243,7 +243,7 @@ const KernelTable* avx2_kernels() {
 
 namespace dali_cpu {
 const KernelTable* avx2_kernels() { return nullptr; }
-DotRowsInt4 dot_rows_int4_avx2() { return nullptr; }
+DotRowsByInt8 dot_rows_int4_avx2() { return nullptr; }
 }  // namespace dali_cpu
 
 #endif

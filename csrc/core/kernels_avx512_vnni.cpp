@@ -105,7 +105,7 @@ void int4_tile_n(int n, const uint8_t* q, int64_t ldq, const F16* ws, int64_t ld
 }
 
 // Widths in whole 64-byte runs of codes (int4_tiling.h's tiles); others go to `g_fallback` (the AVX2 kernel).
-DotRowsInt4 g_fallback = nullptr;
+DotRowsByInt8 g_fallback = nullptr;
 
 void avx512_vnni_dot_rows_int4(const QuantizedRows& w, int64_t rows, const Int8Activations& x, int64_t first,
                                int64_t n, float* out, int64_t ldo) {
@@ -188,12 +188,12 @@ void avx512_vnni_dot_rows_int8(const QuantizedRows& w, int64_t rows, const Int8A
 
 }  // namespace
 
-DotRowsInt4 dot_rows_int4_avx512_vnni(DotRowsInt4 fallback) {
+DotRowsByInt8 dot_rows_int4_avx512_vnni(DotRowsByInt8 fallback) {
   g_fallback = fallback;
   return avx512_vnni_dot_rows_int4;
 }
 
-DotRowsInt4 dot_rows_int8_avx512_vnni() { return avx512_vnni_dot_rows_int8; }
+DotRowsByInt8 dot_rows_int8_avx512_vnni() { return avx512_vnni_dot_rows_int8; }
 
 }  // namespace dali_cpu
 
@@ -202,8 +202,8 @@ DotRowsInt4 dot_rows_int8_avx512_vnni() { return avx512_vnni_dot_rows_int8; }
 #else  // not x86-64
 
 namespace dali_cpu {
-DotRowsInt4 dot_rows_int4_avx512_vnni(DotRowsInt4 fallback) { return fallback; }
-DotRowsInt4 dot_rows_int8_avx512_vnni() { return nullptr; }
+DotRowsByInt8 dot_rows_int4_avx512_vnni(DotRowsByInt8 fallback) { return fallback; }
+DotRowsByInt8 dot_rows_int8_avx512_vnni() { return nullptr; }
 }  // namespace dali_cpu
 
 #endif

@@ -33,15 +33,8 @@ void run_quantized_linear(const QuantizedWeights& layer, const LinearInput& inpu
                           const Bf16Output& rounded) {
   run_row_blocks(layer.out_features, code_bytes_per_row(layer), input, layer.bias_dtype, layer.bias, out, ldo, pool,
                  kernels, [&](int64_t n0, int64_t rows, const float* x, int64_t ldx) {
-                   const QuantizedRows block = rows_from(layer, n0);
-                   if (layer.bits == 4) {
-                     kernels.dot_rows_int4(block, rows, *int8_x, 0, input.rows, out + n0, ldo);
-                   } else if (int8_x != nullptr && takes_int8_kernel(kernels, block, layer.in_features)) {
-                     kernels.dot_rows_int8(block, rows, *int8_x, 0, input.rows, out + n0, ldo);
-                   } else {  // x as it is, or int8's rounded activations x'
-                     kernels.dot_rows_quantized(layer.bits, block, rows, layer.in_features, x, ldx, input.rows,
-                                                out + n0, ldo);
-                   }
+                   dot_rows_quantized_weights(kernels, layer.bits, rows_from(layer, n0), rows, layer.in_features,
+                                              int8_x, 0, x, ldx, input.rows, out + n0, ldo);
                  }, rounded);
 }
 
