@@ -38,6 +38,15 @@ def quantized(N, C, bits, group, seed):
     return quantize_weight(draw(N, C, seed=seed), bits, group)
 
 
+def pack_codes(codes: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Integer codes [N, C] in the format's layout (module docstring): int8 as they are; int4 as q + 8, a group's
+    first half in the low nibbles of its G/2 bytes and its second half in the high ones."""
+    if bits == 8:
+        return codes.to(torch.int8)
+    nibbles = (codes + 8).to(torch.uint8).view(codes.shape[0], -1, group)
+    return (nibbles[..., : group // 2] | (nibbles[..., group // 2:] << 4)).view(codes.shape[0], -1)
+
+
 def rel_err(got, want) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30))
 
@@ -93,7 +102,7 @@ def test_gemm_path_equals_reference(T, bits, dtype, gemm_rows, isa):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_bf16_gemm_path_multiplies_the_bf16_rounded_weights(bits, group, bias, gemm_rows):
     """bf16 activations from quantized_bf16_gemm_min_rows rows on (int4: twice as many; default on AMX-BF16 CPUs;
-    forced here on any CPU): blocks of dequantized rows (600 rows: a full block of 512 and a partial one) rounded
+    forced here on any CPU): blocks of dequantized rows (600 rows: one block; two in the next test) rounded
     to bf16 and multiplied by ATen's bf16 GEMM. What F.linear computes on the bf16-rounded dequantized weight
     (on its activations rounded to int8) but for a few elements where an fp32 sum's order flips a bf16 rounding;
     within bf16 rounding of the reference. Below the threshold the streaming kernel, as exact as ever."""
@@ -117,22 +126,31 @@ def test_bf16_gemm_path_multiplies_the_bf16_rounded_weights(bits, group, bias, g
     assert rel_err(below, quantized_linear_reference(x[:7], qweight, scales, b, bits, G)) <= RTOL[torch.bfloat16]
 
 
-def test_bf16_gemm_path_rounds_each_dequantized_weight_as_torch_does(gemm_rows, isa):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bf16_gemm_path_rounds_each_dequantized_weight_as_torch_does(bits, gemm_rows, isa):
     """One-hot activations read single weights back: each is the dequantized weight rounded to bf16 bit for bit
-    as torch rounds it (KernelTable::round_to_bf16 on every ISA), ties to even included: scale 1 + 2^-8 times an
-    odd code lies halfway between two bf16 values."""
+    as torch rounds it (KernelTable::dequantize_rows_bf16 on every ISA), ties to even included: scale 1 + 2^-8
+    times an odd code lies halfway between two bf16 values. 2100 rows of 2048 columns are two weight blocks (the
+    GEMM's blocks hold 2^22 weights), so rows on both sides of the boundary are read."""
     gemm_rows(0)
-    cpu_extension.set_quantized_bf16_gemm_min_rows(8)  # the fixture restores the default
-    N, C = 40, 64
+    cpu_extension.set_quantized_bf16_gemm_min_rows(8)  # the fixture restores the default; int4 from 16 rows
+    N, C = 2100, 2048
+    G = C if bits == 8 else 32
     gen = torch.Generator().manual_seed(21)
-    qweight = torch.randint(-127, 128, (N, C), dtype=torch.int8, generator=gen)
-    scales = (torch.rand(N, 1, generator=gen) * 0.5 + 0.01).half()
-    scales[:8] = 1 + 2**-8
-    qweight[:8, 0] = 1  # 1 + 2^-8: exactly between 1 and 1 + 2^-7 (bf16 keeps 7 mantissa bits)
-    got = quantized_linear(torch.eye(C, dtype=torch.bfloat16), qweight, scales, None, 8, None)
-    want = dequantize(qweight, scales, 8, C).bfloat16().T
-    assert torch.equal(got, want)
+    codes = torch.randint(-127 if bits == 8 else -8, 128 if bits == 8 else 8, (N, C), generator=gen)
+    codes[:8, 0] = 1  # with scale 1 + 2^-8: exactly between 1 and 1 + 2^-7 (bf16 keeps 7 mantissa bits)
+    scales = (torch.rand(N, C // G, generator=gen) * 0.5 + 0.01).half()
+    scales[:8, 0] = 1 + 2**-8
+    scales[N // 2:] = -scales[N // 2:]  # negative scales flip every sign
+    qweight = pack_codes(codes, bits, G)
+    columns = torch.tensor([0, 1, 15, 16, 17, 31, 32, 1000, C - 1])  # both nibbles of a byte, group edges
+    x = torch.zeros(16, C, dtype=torch.bfloat16)  # 16 rows: int4 takes the GEMM from twice the setting
+    x[torch.arange(len(columns)), columns] = 1.0
+    got = quantized_linear(x, qweight, scales, None, bits, None if bits == 8 else G)
+    want = dequantize(qweight, scales, bits, G).bfloat16().T[columns]
+    assert torch.equal(got[:len(columns)], want)
     assert (got[0, :8] == 1.0).all()  # the ties went to even
+    assert torch.count_nonzero(got[len(columns):]) == 0
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -94,7 +94,7 @@ void aten_gemm16(const float* a, int64_t lda, DType b_dtype, const void* b, int6
 
 // ATen's bf16 GEMM for a quantized expert with bf16 hidden states (see DenseGemm::fn16_filled): the activations
 // rounded to bf16 once, the weight rows dequantized, rounded and multiplied block by block (chunked_gemm.h).
-void aten_gemm16_filled(const float* a, int64_t lda, const std::function<void(int64_t, int64_t, float*)>& fill,
+void aten_gemm16_filled(const float* a, int64_t lda, const std::function<void(int64_t, int64_t, BF16*)>& fill,
                         float* c, int64_t ldc, int64_t m, int64_t n, int64_t k) {
   const auto fp32 = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor lhs = at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, fp32).to(at::kBFloat16);

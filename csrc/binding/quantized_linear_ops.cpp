@@ -104,7 +104,9 @@ at::Tensor gemm_quantized_linear(const at::Tensor& x2, const QuantizedWeights& l
 at::Tensor bf16_gemm_quantized_linear(const at::Tensor& x2, const QuantizedWeights& layer,
                                       const std::optional<at::Tensor>& bias) {
   at::Tensor out = at::empty({x2.size(0), layer.out_features}, x2.options().dtype(at::kFloat));
-  blocked_bf16_gemm(x2.to(at::kBFloat16), layer.out_features, dequantized_rows(layer), out);
+  blocked_bf16_gemm(x2.to(at::kBFloat16), layer.out_features, [&layer](int64_t n0, int64_t rows, BF16* dst) {
+    dequantize_weight_rows(layer, n0, rows, dst, layer.in_features, step_parallel(), active_kernels());
+  }, out);
   if (bias.has_value()) out.add_(*bias);
   return out.to(at::kBFloat16);
 }

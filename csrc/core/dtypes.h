@@ -53,6 +53,14 @@ inline float to_float(F16 v) {
   return f;
 }
 
+// fp32 -> bf16 rounded to nearest even, every NaN to the quiet NaN 0x7FC0: c10::BFloat16's rounding, bit for bit.
+inline BF16 to_bf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint32_t nearest_even = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return BF16{static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : nearest_even)};
+}
+
 inline int64_t dtype_size(DType d) { return d == DType::kF32 ? 4 : 2; }
 
 // Element i of an array of `dtype` (bias vectors, activations), widened to fp32: for scalar loops only.

@@ -350,13 +350,15 @@ class ExpertRun {
     }
   }
 
-  // Rows [first, first + rows) of one expert's quantized weights (rows of `len` columns) in fp32, dst [rows, len].
-  void dequantize_expert(bool up_side, int64_t expert, int64_t first, int64_t rows, int64_t len, float* dst) const {
+  // Rows [first, first + rows) of one expert's quantized weights (rows of `len` columns) in fp32 or rounded to
+  // bf16 (Out), dst [rows, len].
+  template <class Out>
+  void dequantize_expert(bool up_side, int64_t expert, int64_t first, int64_t rows, int64_t len, Out* dst) const {
     constexpr int64_t kRowsPerTask = 16;
     on_gemm_threads((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {
       const int64_t r0 = task * kRowsPerTask;
-      k_.dequantize_rows(L_.bits, quantized_rows(up_side, expert, first + r0), std::min(kRowsPerTask, rows - r0),
-                         len, dst + r0 * len, len);
+      dequantize_rows_into(k_, L_.bits, quantized_rows(up_side, expert, first + r0), std::min(kRowsPerTask, rows - r0),
+                           len, dst + r0 * len, len);
     });
   }
 
@@ -364,7 +366,7 @@ class ExpertRun {
   // on the 16-bit GEMM, the rows dequantized block by block where it multiplies them.
   void quantized_gemm16(bool up_side, int64_t expert, const float* a, float* c, int64_t m, int64_t n,
                         int64_t k) const {
-    gemm_.fn16_filled(a, k, [&](int64_t first, int64_t rows, float* dst) {
+    gemm_.fn16_filled(a, k, [&](int64_t first, int64_t rows, BF16* dst) {
       dequantize_expert(up_side, expert, first, rows, k, dst);
     }, c, n, m, n, k);
   }

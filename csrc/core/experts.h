@@ -83,9 +83,9 @@ struct DenseGemm {
   int64_t min_tokens16 = 0;
   // The same 16-bit product for a quantized expert with bf16 hidden states, from min_tokens16_quantized tokens
   // on (the threshold of the call's format, runtime.h quantized_bf16_gemm_min_rows; <= 0: never): b [n, k] is
-  // handed over block by block as fp32 rows, fill(first_row, rows, dst [rows, k]) writing them dequantized; a and
-  // each block are rounded to bf16 first, c is the bf16 product widened.
-  void (*fn16_filled)(const float* a, int64_t lda, const std::function<void(int64_t, int64_t, float*)>& fill,
+  // handed over block by block, fill(first_row, rows, dst [rows, k]) writing them dequantized and rounded to bf16;
+  // a is rounded to bf16 first, c is the bf16 product widened.
+  void (*fn16_filled)(const float* a, int64_t lda, const std::function<void(int64_t, int64_t, BF16*)>& fill,
                       float* c, int64_t ldc, int64_t m, int64_t n, int64_t k) = nullptr;
   int64_t min_tokens16_quantized = 0;
 };

@@ -80,6 +80,9 @@ struct KernelTable {
   // dst[i] = src[i] rounded to bf16, to nearest even (a NaN: the quiet NaN 0x7FC0), as c10::BFloat16 rounds:
   // the bf16 GEMM's operands (a quantized weight dequantized block by block).
   void (*round_to_bf16)(const float* src, int64_t n, BF16* dst);
+  // dequantize_rows then round_to_bf16, in one pass (the same bits, no fp32 rows in between): the bf16 GEMM's
+  // weight blocks.
+  void (*dequantize_rows_bf16)(int bits, const QuantizedRows& w, int64_t rows, int64_t len, BF16* dst, int64_t ldd);
   // int8 weights with one scale per row times int8 activations rounded in groups of kInt8ActivationGroup
   // (x.group), products summed in integers: out[t * ldo + r] = scale[r] * sum_g s[t, g] * sum_{j in g} q[r, j] *
   // xq[t, j]. Only where the ISA has a version (AVX-512 VNNI) and for rows of a multiple of 64 columns
@@ -91,6 +94,16 @@ struct KernelTable {
 // int8 weights multiply activations rounded to int8 in groups of this many columns (round_activations in
 // ops/quantized_linear.py), when it divides the row; int4 weights, in their own groups.
 constexpr int64_t kInt8ActivationGroup = 32;
+
+// KernelTable::dequantize_rows (fp32 rows) or dequantize_rows_bf16 (bf16 rows), by the destination's type.
+inline void dequantize_rows_into(const KernelTable& kernels, int bits, const QuantizedRows& w, int64_t rows,
+                                 int64_t len, float* dst, int64_t ldd) {
+  kernels.dequantize_rows(bits, w, rows, len, dst, ldd);
+}
+inline void dequantize_rows_into(const KernelTable& kernels, int bits, const QuantizedRows& w, int64_t rows,
+                                 int64_t len, BF16* dst, int64_t ldd) {
+  kernels.dequantize_rows_bf16(bits, w, rows, len, dst, ldd);
+}
 
 // The group the activations of a quantized projection of `columns` inputs are rounded in, or 0 where they
 // multiply as they are (int8 rows not a multiple of kInt8ActivationGroup): activation_group in

@@ -75,6 +75,16 @@ struct Avx2 {
     return _mm_cvtss_f32(s);
   }
   static void store(float* p, vec a) { _mm256_storeu_ps(p, a); }
+  // to_bf16 per lane: the rounding in integers, NaN lanes to 0x7FC0, the 16-bit halves packed (packus keeps
+  // them: at most 0xFFFF) and their two 64-bit halves brought together.
+  static void store_bf16(BF16* p, vec a) {
+    const __m256i u = _mm256_castps_si256(a);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 };
 
@@ -101,6 +111,10 @@ void avx2_dot_rows_quantized(int bits, const QuantizedRows& w, int64_t rows, int
 }
 
 void avx2_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int64_t len, float* dst, int64_t ldd) {
+  dequantize_rows_generic<Avx2>(bits, w, rows, len, dst, ldd);
+}
+
+void avx2_dequantize_rows_bf16(int bits, const QuantizedRows& w, int64_t rows, int64_t len, BF16* dst, int64_t ldd) {
   dequantize_rows_generic<Avx2>(bits, w, rows, len, dst, ldd);
 }
 
@@ -233,7 +247,8 @@ const KernelTable* avx2_kernels() {
                                  avx2_convert,        avx2_silu_mul,        avx2_exp_shifted,
                                  avx2_dot_rows_quantized,
                                  avx2_dequantize_rows, dot_rows_int4_avx2(),
-                                 round_to_int8,       avx2_round_to_bf16};
+                                 round_to_int8,       avx2_round_to_bf16,
+                                 avx2_dequantize_rows_bf16};
   return &table;
 }
 

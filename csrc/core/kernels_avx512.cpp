@@ -69,6 +69,14 @@ struct Avx512 {
   }
   static float hsum(vec a) { return _mm512_reduce_add_ps(a); }
   static void store(float* p, vec a) { _mm512_storeu_ps(p, a); }
+  // As Avx2::store_bf16, narrowed by vpmovdw.
+  static void store_bf16(BF16* p, vec a) {
+    const __m512i u = _mm512_castps_si512(a);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 };
 
@@ -186,6 +194,11 @@ void avx512_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int6
   dequantize_rows_generic<Avx512>(bits, w, rows, len, dst, ldd);
 }
 
+void avx512_dequantize_rows_bf16(int bits, const QuantizedRows& w, int64_t rows, int64_t len, BF16* dst,
+                                 int64_t ldd) {
+  dequantize_rows_generic<Avx512>(bits, w, rows, len, dst, ldd);
+}
+
 void avx512_round_to_bf16(const float* src, int64_t n, BF16* dst) { round_to_bf16_generic<Avx512>(src, n, dst); }
 
 // round_to_int8 16 columns at a time, for groups of a multiple of 32 (16-column blocks within each half; others:
@@ -238,7 +251,7 @@ const KernelTable* avx512_kernels() {
                        avx512_dequantize_rows,
                        // AVX-512 CPUs have AVX2: its int4 kernel where there is no VNNI, and for odd widths
                        vnni ? dot_rows_int4_avx512_vnni(dot_rows_int4_avx2()) : dot_rows_int4_avx2(),
-                       avx512_round_to_int8,        avx512_round_to_bf16,
+                       avx512_round_to_int8,        avx512_round_to_bf16,  avx512_dequantize_rows_bf16,
                        vnni ? dot_rows_int8_avx512_vnni() : nullptr};
   }();
   return &table;

@@ -71,6 +71,9 @@ struct Portable {
   static void store(float* p, vec a) {
     for (int l = 0; l < kLanes; ++l) p[l] = a.v[l];
   }
+  static void store_bf16(BF16* p, vec a) {
+    for (int l = 0; l < kLanes; ++l) p[l] = to_bf16(a.v[l]);
+  }
   static void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
 };
 
@@ -91,10 +94,11 @@ const KernelTable& portable_kernels() {
                                  silu_mul_generic<Portable>,
                                  exp_shifted_generic<Portable>,
                                  dot_rows_quantized_generic<Portable>,
-                                 dequantize_rows_generic<Portable>,
+                                 dequantize_rows_generic<Portable, float>,
                                  dot_rows_int4_scalar,
                                  round_to_int8,
-                                 round_to_bf16_generic<Portable>};
+                                 round_to_bf16_generic<Portable>,
+                                 dequantize_rows_generic<Portable, BF16>};
   return table;
 }
 

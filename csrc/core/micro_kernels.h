@@ -11,7 +11,8 @@
 // dtypes.h and the intrinsics must come first, before the target pragma.
 //
 // V provides: vec, kLanes, zero(), load(const float*|const BF16*|const F16*), broadcast(const float*),
-// fma(a, b, c) = a * b + c, add(a, b), mul(a, b), hsum(vec), store(float*, vec), prefetch(const void*)
+// fma(a, b, c) = a * b + c, add(a, b), mul(a, b), hsum(vec), store(float*, vec), store_bf16(BF16*, vec) (rounded as
+// to_bf16 rounds), prefetch(const void*)
 // (into L2), silu(vec) = g * (1 / (1 + exp(-g))) per lane.
 
 // R rows x N tokens of `out = x . w^T`, each dot product over the contiguous `len`. The R rows are
@@ -403,40 +404,53 @@ void dot_rows_quantized_generic(int bits, const QuantizedRows& w, int64_t rows, 
   }
 }
 
-// One row of weights in fp32, group by group (a code times its fp16 scale is exact in fp32).
-template <class V, int Bits>
-void dequantize_row(const uint8_t* q, const F16* s, int64_t len, int64_t group, float* dst) {
+// A weight written out: fp32 as it is, or rounded to bf16 as round_to_bf16 rounds (V::store_bf16 per vector).
+template <class V>
+inline void put(float* p, typename V::vec v) {
+  V::store(p, v);
+}
+template <class V>
+inline void put(BF16* p, typename V::vec v) {
+  V::store_bf16(p, v);
+}
+inline void put_scalar(float* p, float v) { *p = v; }
+inline void put_scalar(BF16* p, float v) { *p = to_bf16(v); }
+
+// One row of weights in fp32 (exact: a code times its fp16 scale fits an fp32), group by group, written as `Out`:
+// fp32, or bf16 rounded in registers (dequantize_rows_bf16: no fp32 row between the two steps).
+template <class V, int Bits, class Out>
+void dequantize_row(const uint8_t* q, const F16* s, int64_t len, int64_t group, Out* dst) {
   constexpr int L = V::kLanes;
   const int64_t group_bytes = Bits == 8 ? group : group / 2;
   for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += group) {
     const uint8_t* qg = q + (Bits == 8 ? c0 : c0 / 2);
-    float* dg = dst + c0;
+    Out* dg = dst + c0;
     const typename V::vec sv = V::broadcast(s + g);
     int64_t b = 0;
     for (; b + L <= group_bytes; b += L) {
       if constexpr (Bits == 8) {
-        V::store(dg + b, V::mul(V::load_i8(reinterpret_cast<const int8_t*>(qg + b)), sv));
+        put<V>(dg + b, V::mul(V::load_i8(reinterpret_cast<const int8_t*>(qg + b)), sv));
       } else {
         typename V::vec low, high;
         V::load_i4(qg + b, low, high);
-        V::store(dg + b, V::mul(low, sv));
-        V::store(dg + group_bytes + b, V::mul(high, sv));
+        put<V>(dg + b, V::mul(low, sv));
+        put<V>(dg + group_bytes + b, V::mul(high, sv));
       }
     }
     const float scale = to_float(s[g]);
     for (; b < group_bytes; ++b) {
       if constexpr (Bits == 8) {
-        dg[b] = int8_code(qg, b) * scale;
+        put_scalar(dg + b, int8_code(qg, b) * scale);
       } else {
-        dg[b] = low_nibble(qg[b]) * scale;
-        dg[group_bytes + b] = high_nibble(qg[b]) * scale;
+        put_scalar(dg + b, low_nibble(qg[b]) * scale);
+        put_scalar(dg + group_bytes + b, high_nibble(qg[b]) * scale);
       }
     }
   }
 }
 
-template <class V>
-void dequantize_rows_generic(int bits, const QuantizedRows& w, int64_t rows, int64_t len, float* dst, int64_t ldd) {
+template <class V, class Out>
+void dequantize_rows_generic(int bits, const QuantizedRows& w, int64_t rows, int64_t len, Out* dst, int64_t ldd) {
   const uint8_t* q = static_cast<const uint8_t*>(w.codes);
   for (int64_t r = 0; r < rows; ++r) {
     if (bits == 8) {
@@ -452,10 +466,5 @@ void dequantize_rows_generic(int bits, const QuantizedRows& w, int64_t rows, int
 // A plain loop that -O3 vectorises for each file's target.
 template <class V>
 void round_to_bf16_generic(const float* src, int64_t n, BF16* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, src + i, sizeof u);
-    const uint32_t nearest_even = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    dst[i].bits = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : nearest_even);
-  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
 }

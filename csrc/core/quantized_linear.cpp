@@ -38,14 +38,26 @@ void run_quantized_linear(const QuantizedWeights& layer, const LinearInput& inpu
                  }, rounded);
 }
 
-void dequantize_weight_rows(const QuantizedWeights& layer, int64_t n0, int64_t rows, float* dst, int64_t ldd,
-                            Parallel& pool, const KernelTable& kernels) {
+template <class Out>
+void dequantize_weight_rows_as(const QuantizedWeights& layer, int64_t n0, int64_t rows, Out* dst, int64_t ldd,
+                               Parallel& pool, const KernelTable& kernels) {
   const int64_t tasks = (rows + kDequantizeTaskRows - 1) / kDequantizeTaskRows;
   pool.parallel_for(tasks, [&](int64_t task) {
     const int64_t r0 = task * kDequantizeTaskRows;
     const int64_t count = std::min(kDequantizeTaskRows, rows - r0);
-    kernels.dequantize_rows(layer.bits, rows_from(layer, n0 + r0), count, layer.in_features, dst + r0 * ldd, ldd);
+    dequantize_rows_into(kernels, layer.bits, rows_from(layer, n0 + r0), count, layer.in_features, dst + r0 * ldd,
+                         ldd);
   });
+}
+
+void dequantize_weight_rows(const QuantizedWeights& layer, int64_t n0, int64_t rows, float* dst, int64_t ldd,
+                            Parallel& pool, const KernelTable& kernels) {
+  dequantize_weight_rows_as(layer, n0, rows, dst, ldd, pool, kernels);
+}
+
+void dequantize_weight_rows(const QuantizedWeights& layer, int64_t n0, int64_t rows, BF16* dst, int64_t ldd,
+                            Parallel& pool, const KernelTable& kernels) {
+  dequantize_weight_rows_as(layer, n0, rows, dst, ldd, pool, kernels);
 }
 
 }  // namespace dali_cpu

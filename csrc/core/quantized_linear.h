@@ -36,9 +36,11 @@ void run_quantized_linear(const QuantizedWeights& layer, const LinearInput& inpu
                           Parallel& pool, const KernelTable& kernels, const Int8Activations* int8_x = nullptr,
                           const Bf16Output& rounded = {});
 
-// Weight rows [n0, n0 + rows) in fp32 into dst [rows, C] (rows `ldd` apart), split over the pool: the
-// GEMM path's weight chunks. No bias.
+// Weight rows [n0, n0 + rows) in fp32 (or rounded to bf16) into dst [rows, C] (rows `ldd` apart), split over the
+// pool: the GEMM paths' weight chunks. No bias.
 void dequantize_weight_rows(const QuantizedWeights& layer, int64_t n0, int64_t rows, float* dst, int64_t ldd,
+                            Parallel& pool, const KernelTable& kernels);
+void dequantize_weight_rows(const QuantizedWeights& layer, int64_t n0, int64_t rows, BF16* dst, int64_t ldd,
                             Parallel& pool, const KernelTable& kernels);
 
 }  // namespace dali_cpu
