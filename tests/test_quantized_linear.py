@@ -126,8 +126,8 @@ def test_bf16_gemm_path_multiplies_the_bf16_rounded_weights(bits, group, bias, g
     assert rel_err(below, quantized_linear_reference(x[:7], qweight, scales, b, bits, G)) <= RTOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_bf16_gemm_path_rounds_each_dequantized_weight_as_torch_does(bits, gemm_rows, isa):
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 128)], ids=["int8", "int4-G32", "int4-G128"])
+def test_bf16_gemm_path_rounds_each_dequantized_weight_as_torch_does(bits, group, gemm_rows, isa):
     """One-hot activations read single weights back: each is the dequantized weight rounded to bf16 bit for bit
     as torch rounds it (KernelTable::dequantize_rows_bf16 on every ISA), ties to even included: scale 1 + 2^-8
     times an odd code lies halfway between two bf16 values. 2100 rows of 2048 columns are two weight blocks (the
@@ -135,7 +135,7 @@ def test_bf16_gemm_path_rounds_each_dequantized_weight_as_torch_does(bits, gemm_
     gemm_rows(0)
     cpu_extension.set_quantized_bf16_gemm_min_rows(8)  # the fixture restores the default; int4 from 16 rows
     N, C = 2100, 2048
-    G = C if bits == 8 else 32
+    G = C if group is None else group
     gen = torch.Generator().manual_seed(21)
     codes = torch.randint(-127 if bits == 8 else -8, 128 if bits == 8 else 8, (N, C), generator=gen)
     codes[:8, 0] = 1  # with scale 1 + 2^-8: exactly between 1 and 1 + 2^-7 (bf16 keeps 7 mantissa bits)
@@ -146,7 +146,7 @@ def test_bf16_gemm_path_rounds_each_dequantized_weight_as_torch_does(bits, gemm_
     columns = torch.tensor([0, 1, 15, 16, 17, 31, 32, 1000, C - 1])  # both nibbles of a byte, group edges
     x = torch.zeros(16, C, dtype=torch.bfloat16)  # 16 rows: int4 takes the GEMM from twice the setting
     x[torch.arange(len(columns)), columns] = 1.0
-    got = quantized_linear(x, qweight, scales, None, bits, None if bits == 8 else G)
+    got = quantized_linear(x, qweight, scales, None, bits, group)
     want = dequantize(qweight, scales, bits, G).bfloat16().T[columns]
     assert torch.equal(got[:len(columns)], want)
     assert (got[0, :8] == 1.0).all()  # the ties went to even

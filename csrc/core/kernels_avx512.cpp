@@ -69,14 +69,15 @@ struct Avx512 {
   }
   static float hsum(vec a) { return _mm512_reduce_add_ps(a); }
   static void store(float* p, vec a) { _mm512_storeu_ps(p, a); }
-  // As Avx2::store_bf16, narrowed by vpmovdw.
-  static void store_bf16(BF16* p, vec a) {
+  // to_bf16 per lane, as Avx2::store_bf16: the 16 bf16 values, narrowed by vpmovdw.
+  static __m256i bf16_bits(vec a) {
     const __m512i u = _mm512_castps_si512(a);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    return _mm512_cvtepi32_epi16(r);
   }
+  static void store_bf16(BF16* p, vec a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits(a)); }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 };
 
@@ -194,9 +195,34 @@ void avx512_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int6
   dequantize_rows_generic<Avx512>(bits, w, rows, len, dst, ldd);
 }
 
+// int4 in groups of a multiple of 32: a group's 16 possible weights, (k - 8) * scale for k = 0..15, are rounded
+// to bf16 once (the same fp32 products, the same rounding: the same bits as the generic path) and each nibble
+// looks its weight up (vpermw), 16 columns per instruction: about half the generic path's work per weight, which
+// widens, multiplies and rounds every one. Other formats: the generic path.
 void avx512_dequantize_rows_bf16(int bits, const QuantizedRows& w, int64_t rows, int64_t len, BF16* dst,
                                  int64_t ldd) {
-  dequantize_rows_generic<Avx512>(bits, w, rows, len, dst, ldd);
+  if (bits != 4 || w.group % 32 != 0) {
+    dequantize_rows_generic<Avx512>(bits, w, rows, len, dst, ldd);
+    return;
+  }
+  const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i nibble = _mm256_set1_epi16(0x0F);
+  const int64_t half = w.group / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* q = static_cast<const uint8_t*>(w.codes) + r * w.ld;
+    const F16* scales = w.scales + r * w.lds;
+    BF16* out = dst + r * ldd;
+    for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += w.group) {
+      const __m256i table = Avx512::bf16_bits(_mm512_mul_ps(levels, Avx512::broadcast(scales + g)));
+      for (int64_t b = 0; b < half; b += 16) {
+        const __m256i codes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c0 / 2 + b)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c0 + b),
+                            _mm256_permutexvar_epi16(_mm256_and_si256(codes, nibble), table));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c0 + half + b),
+                            _mm256_permutexvar_epi16(_mm256_srli_epi16(codes, 4), table));
+      }
+    }
+  }
 }
 
 void avx512_round_to_bf16(const float* src, int64_t n, BF16* dst) { round_to_bf16_generic<Avx512>(src, n, dst); }
