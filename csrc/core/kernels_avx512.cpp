@@ -195,12 +195,41 @@ void avx512_dequantize_rows(int bits, const QuantizedRows& w, int64_t rows, int6
   dequantize_rows_generic<Avx512>(bits, w, rows, len, dst, ldd);
 }
 
+// int8 on CPUs with AVX512_BF16: each code times its scale rounded by vcvtneps2bf16 (round to nearest even, as
+// to_bf16; its NaN lanes are set to 0x7FC0 after it; it treats denormals as zero, and a code times an fp16 scale
+// is never an fp32 denormal): three instructions where to_bf16's integer rounding takes nine.
+DALI_AVX512_BF16_TARGET void dequantize_int8_rows_bf16(const QuantizedRows& w, int64_t rows, int64_t len, BF16* dst,
+                                                       int64_t ldd) {
+  const __m256i quiet_nan = _mm256_set1_epi16(0x7FC0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* q = static_cast<const int8_t*>(w.codes) + r * w.ld;
+    const F16* scales = w.scales + r * w.lds;
+    BF16* out = dst + r * ldd;
+    for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += w.group) {
+      const __m512 scale = Avx512::broadcast(scales + g);
+      int64_t c = c0;
+      for (; c + 16 <= c0 + w.group; c += 16) {
+        const __m512 v = _mm512_mul_ps(Avx512::load_i8(q + c), scale);
+        const __m256i bits = _mm256_mask_mov_epi16((__m256i)_mm512_cvtneps_pbh(v),
+                                                   _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), bits);
+      }
+      const float s = to_float(scales[g]);
+      for (; c < c0 + w.group; ++c) out[c] = to_bf16(static_cast<float>(q[c]) * s);
+    }
+  }
+}
+
 // int4 in groups of a multiple of 32: a group's 16 possible weights, (k - 8) * scale for k = 0..15, are rounded
 // to bf16 once (the same fp32 products, the same rounding: the same bits as the generic path) and each nibble
 // looks its weight up (vpermw), 16 columns per instruction: about half the generic path's work per weight, which
 // widens, multiplies and rounds every one. Other formats: the generic path.
 void avx512_dequantize_rows_bf16(int bits, const QuantizedRows& w, int64_t rows, int64_t len, BF16* dst,
                                  int64_t ldd) {
+  if (bits == 8 && g_use_dpbf16) {
+    dequantize_int8_rows_bf16(w, rows, len, dst, ldd);
+    return;
+  }
   if (bits != 4 || w.group % 32 != 0) {
     dequantize_rows_generic<Avx512>(bits, w, rows, len, dst, ldd);
     return;
