@@ -141,6 +141,26 @@ def test_int4_kernels_of_every_isa_equal_the_reference(group, isa):
                                     gen)
 
 
+@pytest.mark.parametrize("width", (640, 1152))
+def test_int4_decode_kernel_folds_whole_and_partial_blocks_of_groups(width, isa):
+    """One token, groups of 32: AVX-512 VNNI's decode kernel folds each block of 16 groups (4 runs of codes) into
+    one lane per group in 16-bit integers. 640 columns: a whole block and one run of the next; 1152: two whole
+    blocks and one run; the down projection's rows (the same width) too. Then at the bound of the 16-bit sums:
+    every up weight the largest code (nibble 15) and every activation code 127 (hidden states all equal), so each
+    lane holds 8 * 15 * 127 and each pair of lanes 30480."""
+    gen = torch.Generator().manual_seed(width)
+    up, up_scales = quantize_stacked(torch.randn(E, 2 * width, width, generator=gen) * 0.2, 4, 32)
+    down, down_scales = quantize_stacked(torch.randn(E, width, width, generator=gen) * 0.2, 4, 32)
+    _each_call_equals_the_reference((up, down, up_scales, down_scales), width, ((1, 0), (1, 0), (2, 0)), gen)
+    largest, largest_scales = quantize_stacked(torch.full((E, 2 * width, width), 0.25), 4, 32)
+    assert bool((largest == 0xFF).all())
+    flags = LAYOUTS["concatenated"][:2] + (False,) + LAYOUTS["concatenated"][3:]
+    ids = torch.arange(K).unsqueeze(0)
+    args = (torch.ones(1, width, dtype=torch.bfloat16), ids, torch.rand(1, K, generator=gen), largest, down, None,
+            None, None, *flags, largest_scales, down_scales)
+    assert relative_max_error(torch.ops.dali.cpu_experts(*args), ops.cpu_experts_reference(*args)) <= ROUNDING_RTOL
+
+
 @needs_extension
 @pytest.mark.parametrize("bits", (8, 4))
 def test_many_tokens_take_the_dequantized_gemm_path(bits):

@@ -94,10 +94,70 @@ void int4_tile(const uint8_t* q, int64_t ldq, const F16* ws, int64_t lds, const 
     for (int n = 0; n < N; ++n) out[n * ldo + r * orow] = _mm512_reduce_add_ps(acc[r][n]);
 }
 
+// int4_tile for groups of 32 and one token (decode), R rows. A 64-byte run holds 4 groups (4 lanes each); the
+// two vpdpbusd leave each lane within +-8 * 15 * 127 = 15240, so a block's 4 runs fold into one lane per group
+// in 16-bit integers: packs + madd of runs 0 and 1, of runs 2 and 3 (pair sums within +-30480), then of the two
+// (exact int32 group sums). One convert and one fma per row and block of 16 groups instead of one per run, and
+// one permute of the block's scales (the packs leave group 4 * (j % 4) + j / 4 in lane j) instead of one per
+// run: about 8 vector instructions per run become about 6.5.
+template <int R>
+void int4_tile_g32(const uint8_t* q, int64_t ldq, const F16* ws, int64_t lds, const Int8Activations& x, int64_t t0,
+                   float* out, int64_t orow) {
+  const int64_t half_len = x.len / 2, groups = x.len / 32;
+  const __m512i nibble = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi16(1);
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const int8_t* xq = x.q + t0 * x.len;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g_block = 0; g_block < groups; g_block += 16) {
+    const int block_groups = static_cast<int>(groups - g_block < 16 ? groups - g_block : 16);
+    const __mmask16 in_block = static_cast<__mmask16>((1u << block_groups) - 1u);
+    const __m512 sx = _mm512_maskz_loadu_ps(in_block, x.scale + t0 * groups + g_block);
+    const __m512 offset = _mm512_maskz_loadu_ps(in_block, x.offset + t0 * groups + g_block);
+    __m512 lane_scale[R];
+    for (int r = 0; r < R; ++r) {
+      const __m512 sw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in_block, ws + r * lds + g_block));
+      lane_scale[r] = _mm512_permutexvar_ps(order, _mm512_mul_ps(sw, sx));
+      acc[r] = _mm512_fnmadd_ps(sw, offset, acc[r]);  // the codes' +8, as in int4_tile
+    }
+    const int runs = block_groups / 4;  // whole runs: x.len is a multiple of 128
+    const int64_t b0 = g_block * 16;
+    __m512i pair_sums[2][R];
+    for (int p = 0; p < 2; ++p) {
+      __m512i run_sums[2][R];
+      for (int k = 0; k < 2; ++k) {
+        const int run = 2 * p + k;
+        if (run >= runs) {
+          for (int r = 0; r < R; ++r) run_sums[k][r] = _mm512_setzero_si512();
+          continue;
+        }
+        const int64_t b = b0 + 64 * run;
+        const __m512i xlow = _mm512_loadu_si512(xq + b), xhigh = _mm512_loadu_si512(xq + half_len + b);
+        for (int r = 0; r < R; ++r) {
+          const __m512i codes = _mm512_loadu_si512(q + r * ldq + b);
+          const __m512i low = _mm512_and_si512(codes, nibble);
+          const __m512i high = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
+          run_sums[k][r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), low, xlow), high, xhigh);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        pair_sums[p][r] = _mm512_madd_epi16(_mm512_packs_epi32(run_sums[0][r], run_sums[1][r]), ones);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i group_sums = _mm512_madd_epi16(_mm512_packs_epi32(pair_sums[0][r], pair_sums[1][r]), ones);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_sums), lane_scale[r], acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * orow] = _mm512_reduce_add_ps(acc[r]);
+}
+
 template <int R>
 void int4_tile_n(int n, const uint8_t* q, int64_t ldq, const F16* ws, int64_t lds, const Int8Activations& x,
                  int64_t t0, float* out, int64_t ldo, int64_t orow) {
-  if (n == 1) {
+  if (n == 1 && x.group == 32) {
+    int4_tile_g32<R>(q, ldq, ws, lds, x, t0, out, orow);
+  } else if (n == 1) {
     int4_tile<R, 1>(q, ldq, ws, lds, x, t0, out, ldo, orow);
   } else {
     int4_tile<R, 2>(q, ldq, ws, lds, x, t0, out, ldo, orow);
