@@ -85,9 +85,10 @@ QuantizedWeights describe(const at::Tensor& qweight, const at::Tensor& scales, c
                           bias.defined() ? bias.data_ptr() : nullptr};
 }
 
-// Weight rows [n0, n0 + rows) dequantized to fp32 into dst (on the step's threads).
-FillWeightRows dequantized_rows(const QuantizedWeights& layer) {
-  return [&layer](int64_t n0, int64_t rows, float* dst) {
+// Weight rows [n0, n0 + rows) dequantized into dst (on the step's threads): fp32 for a FillWeightRows, rounded to
+// bf16 for a FillBf16Rows (dst's type picks dequantize_weight_rows' overload).
+auto dequantized_rows(const QuantizedWeights& layer) {
+  return [&layer](int64_t n0, int64_t rows, auto* dst) {
     dequantize_weight_rows(layer, n0, rows, dst, layer.in_features, step_parallel(), active_kernels());
   };
 }
@@ -104,9 +105,7 @@ at::Tensor gemm_quantized_linear(const at::Tensor& x2, const QuantizedWeights& l
 at::Tensor bf16_gemm_quantized_linear(const at::Tensor& x2, const QuantizedWeights& layer,
                                       const std::optional<at::Tensor>& bias) {
   at::Tensor out = at::empty({x2.size(0), layer.out_features}, x2.options().dtype(at::kFloat));
-  blocked_bf16_gemm(x2.to(at::kBFloat16), layer.out_features, [&layer](int64_t n0, int64_t rows, BF16* dst) {
-    dequantize_weight_rows(layer, n0, rows, dst, layer.in_features, step_parallel(), active_kernels());
-  }, out);
+  blocked_bf16_gemm(x2.to(at::kBFloat16), layer.out_features, dequantized_rows(layer), out);
   if (bias.has_value()) out.add_(*bias);
   return out.to(at::kBFloat16);
 }

@@ -77,8 +77,8 @@ struct KernelTable {
   // round_to_int8 (below), vectorised where the ISA has a version; every version gives the same bits.
   void (*round_to_int8)(const float* x, int64_t ldx, int64_t n, int64_t len, int64_t group, int8_t* q, float* scale,
                         float* offset, float* rounded);
-  // dst[i] = src[i] rounded to bf16, to nearest even (a NaN: the quiet NaN 0x7FC0), as c10::BFloat16 rounds:
-  // the bf16 GEMM's operands (a quantized weight dequantized block by block).
+  // dst[i] = src[i] rounded to bf16, to nearest even (a NaN: the quiet NaN 0x7FC0), as c10::BFloat16 rounds
+  // (to_bf16): a linear's fp32 sums written as its bf16 output (linear.cpp).
   void (*round_to_bf16)(const float* src, int64_t n, BF16* dst);
   // dequantize_rows then round_to_bf16, in one pass (the same bits, no fp32 rows in between): the bf16 GEMM's
   // weight blocks.
