@@ -53,6 +53,10 @@ def test_the_benchmark_writes_decode_and_prefill_rows(bench, tmp_path, capsys):
     fixed_ms = float(decode["dali"]["fixed_ms"])
     share = float(decode["dali"]["overhead_share"])
     assert fixed_ms > 0 and share == pytest.approx(fixed_ms / float(decode["dali"]["ms"]))
+    # ... and that step right after a read of EVICT_BYTES (the caches a real step's weights leave), same rounds.
+    fixed_cold_ms = float(decode["dali"]["fixed_cold_ms"])
+    assert fixed_cold_ms > 0
+    assert float(decode["dali"]["fixed_cold_share"]) == pytest.approx(fixed_cold_ms / float(decode["dali"]["ms"]))
     parts = [float(decode["dali"][c]) for c in BREAKDOWN_COLUMNS]
     assert parts[0] > 0 and parts[1] > 0 and sum(parts[:5]) == pytest.approx(parts[5])
     for r in prefill.values():
