@@ -98,13 +98,18 @@ def quantize_weight(
         scale = (block.abs().amax(dim=-1) / q_max).clamp(min=tiny).to(SCALE_DTYPE)
         q = torch.round(block / scale.to(torch.float32).unsqueeze(-1)).clamp_(-q_max - (bits == 4), q_max)
         scales[n0:n0 + rows] = scale
-        if bits == 8:
-            qweight[n0:n0 + rows] = q.reshape(-1, C).to(torch.int8)
-        else:
-            nibbles = (q + 8).to(torch.uint8)  # [n, groups, G]
-            packed = nibbles[..., : G // 2] | (nibbles[..., G // 2:] << 4)
-            qweight[n0:n0 + rows] = packed.reshape(-1, C // 2)
+        qweight[n0:n0 + rows] = pack_codes(q.reshape(-1, C), bits, G)
     return qweight, scales
+
+
+def pack_codes(codes: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Integer codes [N, C] (int8: -127..127, int4: -8..7, any dtype holding them) in the format's layout: int8
+    as they are; int4 as q + 8, a group's first G/2 columns in the low nibbles of its G/2 bytes and its last G/2
+    in the high ones."""
+    if bits == 8:
+        return codes.to(torch.int8)
+    nibbles = (codes + 8).to(torch.uint8).view(codes.shape[0], -1, group)
+    return (nibbles[..., : group // 2] | (nibbles[..., group // 2:] << 4)).reshape(codes.shape[0], -1)
 
 
 def quantize_stacked(weight: torch.Tensor, bits: int, group_size: int | None = None,

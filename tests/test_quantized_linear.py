@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from dali_compile.ops.quantized_linear import (
     dequantize,
+    pack_codes,
     quantize_weight,
     quantized_input,
     quantized_linear,
@@ -36,15 +37,6 @@ def draw(*shape, dtype=torch.float32, seed=0):
 
 def quantized(N, C, bits, group, seed):
     return quantize_weight(draw(N, C, seed=seed), bits, group)
-
-
-def pack_codes(codes: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Integer codes [N, C] in the format's layout (module docstring): int8 as they are; int4 as q + 8, a group's
-    first half in the low nibbles of its G/2 bytes and its second half in the high ones."""
-    if bits == 8:
-        return codes.to(torch.int8)
-    nibbles = (codes + 8).to(torch.uint8).view(codes.shape[0], -1, group)
-    return (nibbles[..., : group // 2] | (nibbles[..., group // 2:] << 4)).view(codes.shape[0], -1)
 
 
 def rel_err(got, want) -> float:
