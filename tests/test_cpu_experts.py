@@ -136,6 +136,21 @@ def test_matches_reference(layout, dtype, case):
         assert torch.equal(run(spec, hidden, ids, low), run(spec, hidden, ids, low.float()))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_blocks_of_many_short_rows(dtype):
+    """A decode step with short expert rows and many of them: a task's block is sized in bytes of weights
+    (csrc/core/stream_blocks.h), so it holds more than 64 rows here (gate/up: 76 of 300, down: 132 of 520), the
+    last block of each projection partial."""
+    gen = torch.Generator().manual_seed(5)
+    wide, inter = 520, 300
+    up = (torch.randn(E, 2 * inter, wide, generator=gen) * 0.2).to(dtype)
+    down = (torch.randn(E, wide, inter, generator=gen) * 0.2).to(dtype)
+    spec = LayerSpec(LAYOUTS["mixtral"], up, down, None, None, name="short-rows")
+    hidden = (torch.randn(1, wide, generator=gen) * 0.5).to(dtype)
+    ids, weights = torch.tensor([[1, 4]]), torch.tensor([[0.7, 0.3]])
+    assert_matches(run(spec, hidden, ids, weights), reference(spec, hidden, ids, weights))
+
+
 @pytest.mark.parametrize("case", ["odd", "k_equals_e"])
 @pytest.mark.parametrize("layout", ["mixtral", "gpt_oss", "nemotron"])
 def test_expert_mask_selects_slots(layout, case):

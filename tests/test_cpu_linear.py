@@ -40,6 +40,7 @@ CASES = (
     (4, 256, 200),   # 3 + 1 rows: a second pass over each block
     (7, 1, 5),       # a single output feature (router of a 1-expert toy), tiny C
     (2, 513, 130),   # blocks of unequal size across threads
+    (1, 1030, 64),   # short rows: blocks (sized in bytes, csrc/core/stream_blocks.h) of more than 64 rows
 )
 
 

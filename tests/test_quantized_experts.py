@@ -91,6 +91,23 @@ def test_cpu_kernel_equals_dequantizing_reference(bits, layout, dtype, T, expert
         assert relative_max_error(got, want) <= FP32_RTOL
 
 
+@needs_extension
+@pytest.mark.parametrize("bits", (8, 4))
+def test_decode_blocks_of_many_short_rows(bits):
+    """Quantized rows are short (a 512-column int4 row is 256 bytes of codes): a task's block, sized in bytes of
+    weights (csrc/core/stream_blocks.h), holds more than 64 rows here (gate/up: 80 of 320, down: 128 of 512), the
+    last block partial."""
+    gen = torch.Generator().manual_seed(7)
+    wide, inter, group = 512, 320, None if bits == 8 else 32
+    up, up_scales = quantize_stacked(torch.randn(E, 2 * inter, wide, generator=gen) * 0.2, bits, group)
+    down, down_scales = quantize_stacked(torch.randn(E, wide, inter, generator=gen) * 0.2, bits, group)
+    hidden = torch.randn(1, wide, generator=gen).to(torch.bfloat16)
+    args = (hidden, torch.tensor([[1, 4]]), torch.tensor([[0.7, 0.3]]), up, down, None, None, None,
+            *LAYOUTS["concatenated"][:2], False, *LAYOUTS["concatenated"][3:], up_scales, down_scales)
+    got = torch.ops.dali.cpu_experts(*args)
+    assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= FP32_RTOL
+
+
 def _each_call_equals_the_reference(weights, width: int, calls, gen) -> None:
     """dali::cpu_experts on a concatenated-layout quantized layer (up, down, up_scales, down_scales) equals the
     reference within ROUNDING_RTOL, for each (tokens, dense_gemm_min_tokens) of `calls`, bf16 hidden states."""

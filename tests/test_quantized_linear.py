@@ -63,6 +63,14 @@ def test_streaming_kernel_equals_reference(T, bits, group, bias, dtype, isa):
     check(T, 70, 256, bits, group, dtype, bias)
 
 
+# 1030 rows of 256 columns: short rows, so a task's block (sized in bytes of weights, csrc/core/stream_blocks.h)
+# holds more than 64 of them (132), and the last block is partial.
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32)], ids=["int8", "int4-G32"])
+@pytest.mark.parametrize("T", [1, 2])
+def test_blocks_of_many_short_rows(T, bits, group, isa):
+    check(T, 1030, 256, bits, group, torch.bfloat16, bias=True)
+
+
 # (N, C, G): columns past the last full vector of a group (C not a multiple of the vector width).
 ODD_SHAPES = (
     (37, 96, 32),   # int4: 16 bytes a group, one 8-lane AVX2 vector each half, none on AVX-512

@@ -18,6 +18,8 @@
 // has only a few active experts with one token each.
 #include "experts.h"
 
+#include "stream_blocks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -259,18 +261,22 @@ class ExpertRun {
     if (groups_list.empty()) return;
     const int threads = pool_.num_threads();
     const int64_t groups = static_cast<int64_t>(groups_list.size());
-    // Row blocks (dot form) are multiples of the 4-row tile; column blocks (axpy form) are wide, so
-    // each weight row is read in runs of up to 1 KiB (bf16). With more than one token group, a
+    // Row blocks (dot form) are multiples of the 4-row tile, of at least 64 units and about kStreamBlockBytes
+    // of weights (stream_blocks.h); column blocks (axpy form) are wide, so each weight row is read in runs of up
+    // to 1 KiB (bf16). With more than one token group, a
     // task's weight block is read again for every group of 3 tokens: keep it within L2 then.
     const int64_t align = L_.transposed ? 16 : 4;
     const int64_t max_block = L_.transposed ? 512 : 64;
     const bool reused = groups_list.front().count > 3;  // largest expert first
     const int64_t up_unit_bytes = (L_.gated ? 2 : 1) * row_bytes(L_.hidden);  // one i: its gate and up rows
     const int64_t down_unit_bytes = row_bytes(L_.intermediate);               // one h: a row of down
+    const auto streamed = [&](int64_t unit_bytes) {
+      return L_.transposed ? max_block : stream_block_units(unit_bytes, align, max_block);
+    };
     up_block_ = choose_block(L_.intermediate, groups, threads, align,
-                             reused ? cache_block(up_unit_bytes, align, max_block) : max_block);
+                             reused ? cache_block(up_unit_bytes, align, max_block) : streamed(up_unit_bytes));
     down_block_ = choose_block(L_.hidden, groups, threads, align,
-                               reused ? cache_block(down_unit_bytes, align, max_block) : max_block);
+                               reused ? cache_block(down_unit_bytes, align, max_block) : streamed(down_unit_bytes));
     const int64_t up_blocks = (L_.intermediate + up_block_ - 1) / up_block_;
     const int64_t down_blocks = (L_.hidden + down_block_ - 1) / down_block_;
     pool_.parallel_for(groups * up_blocks, [&](int64_t task) {

@@ -3,6 +3,8 @@
 // weight byte once, on every thread of the pool.
 #include "linear.h"
 
+#include "stream_blocks.h"
+
 #include <algorithm>
 #include <functional>
 #include <vector>
@@ -13,8 +15,8 @@ namespace {
 
 // Tasks per thread: enough to balance threads that the OS or a busy neighbour slows down.
 constexpr int64_t kTasksPerThread = 4;
-// Row blocks are multiples of dot_rows' 4-row tile and at most this many rows (a few hundred KiB of
-// weights: long enough runs for the prefetchers, short enough to balance).
+// Row blocks are multiples of dot_rows' 4-row tile: about kStreamBlockBytes of weights (stream_blocks.h: long
+// enough runs for the prefetchers, short enough to balance), and at least this many rows.
 constexpr int64_t kRowAlign = 4;
 constexpr int64_t kMaxBlockRows = 64;
 // With more than 3 rows of x, a block is read again for every 3 rows: keep it within L2 then.
@@ -28,7 +30,7 @@ int64_t choose_block(int64_t n, int64_t row_bytes, int64_t rows, int threads) {
   const int64_t target_tasks = std::max<int64_t>(1, kTasksPerThread * threads);
   int64_t block = (n + target_tasks - 1) / target_tasks;
   block = (block + kRowAlign - 1) / kRowAlign * kRowAlign;
-  int64_t max_block = kMaxBlockRows;
+  int64_t max_block = stream_block_units(row_bytes, kRowAlign, kMaxBlockRows);
   if (rows > 3) {
     max_block = std::max(kRowAlign, std::min(max_block, kReusedBlockBytes / std::max<int64_t>(1, row_bytes) /
                                                             kRowAlign * kRowAlign));
