@@ -23,7 +23,7 @@ shared machine hits both alike), at least --repeats rounds, more while they fit 
   reference, which is artificially slow;
 - ours: `dali::cpu_experts` (all experts selected) plus the caller's sum over k and cast, so both
   sides end at [T, H] in the weight dtype.
-- limit: the physical limit for the same bytes, timed in the same rounds: the runtime's threads read
+- limit: the physical limit for the same bytes, timed in the same rounds: the kernels' threads read
   exactly that call's expert weights once (`cpu_extension.read_tensors`, a streaming sum of the
   words) and do nothing else. No kernel that reads every weight can beat it.
 The header also gives the streaming read bandwidth of a 1 GiB buffer (best of 5) and torch's own
@@ -251,7 +251,7 @@ def print_header(bandwidth: float, torch_sum: float) -> None:
           f"torch {torch.__version__} with {torch.get_num_threads()} threads")
     print(f"streaming read bandwidth: {bandwidth:.1f} GB/s (runtime threads; torch sum: {torch_sum:.1f} GB/s)")
     print("torch baseline: transformers' eager experts loop, F.linear in the weight dtype")
-    print("limit: the runtime's threads only reading the same weights, timed in the same rounds")
+    print("limit: the kernels' threads only reading the same weights, timed in the same rounds")
     print(f"{'model':<18} {'dtype':<5} {'n':>4} {'torch ms':>10} {'ours ms':>9} {'speedup':>8} "
           f"{'GB/s':>6} {'GFLOP/s':>8} {'max spd':>8} {'of lim':>6} {'lim GB/s':>8} {'load':>5} {'rel diff':>9} "
           f"{'vs bf16':>8}")

@@ -11,7 +11,7 @@ Places the crossover of `cpu_extension.set_linear_gemm_min_rows`: per point, in 
 - stream: our streaming kernel on the runtime's pool (forced: threshold off);
 - gemm: ATen's GEMM behind the op (forced: threshold 1): fp32; 16-bit weights widened chunk by chunk, or, on a CPU
   with AMX-BF16, bf16 weights multiplied as stored (`set_linear_bf16_gemm_min_rows`);
-- limit: the runtime's threads only reading the same weight (`cpu_extension.read_tensors`).
+- limit: the kernels' threads only reading the same weight (`cpu_extension.read_tensors`).
 Weights cycle through copies totalling --min-bytes so no call finds them in the last-level cache.
 Columns: ms of each, GB/s and GFLOP/s of the faster of ours, the fraction of the limit for stream,
 the load average. Prints a table, writes a CSV.

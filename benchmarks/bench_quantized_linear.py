@@ -7,7 +7,7 @@
 
 Per point, in alternating blocks (`bench_cpu_experts.paired_ms`), median ms of bf16 (`cpu_linear`, the
 streaming kernel), int8 (one scale per row) and int4 at each --groups size, each with its own limit: the
-runtime's threads only reading the same bytes (codes and scales; `cpu_extension.read_tensors`). Weights
+kernels' threads only reading the same bytes (codes and scales; `cpu_extension.read_tensors`). Weights
 cycle through copies totalling --min-bytes per format so no call finds them in the last-level cache.
 Columns: ms, GB/s of the bytes actually read, the fraction of that format's limit, the speedup over
 bf16 in the same rounds (the ideal is the byte ratio: ~2x int8, ~3.5-4x int4), the load average.

@@ -187,6 +187,7 @@ def test_a_multiprocessing_fork_worker_runs_the_kernels(cpu_runtime):
         import torch
         from dali_compile.runtime import cpu_extension
         assert cpu_extension.cpu_extension_available()
+        cpu_extension.set_step_threads("pool")  # reads run on the runtime's own pool, not ATen's threads
         cpu_extension.read_tensors(torch.arange(1 << 20))  # the pool's workers are running
 
         def work(n):  # numpy makes the input: torch's own parallel ops hang in a forked child

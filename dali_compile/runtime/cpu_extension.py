@@ -428,7 +428,8 @@ def set_quantized_bf16_gemm_min_rows(n: int) -> None:
 
 
 def read_bandwidth_gbps(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Streaming read bandwidth (GB/s) on the runtime's threads: the physical limit of a decode step."""
+    """Streaming read bandwidth (GB/s) on the threads the synchronous kernels run on (`set_step_threads`): the
+    physical limit of a decode step."""
     lib = _require()
     gbps = float(lib.dali_cpu_read_bandwidth_gbps(int(num_bytes), int(repeats)))
     if gbps < 0:
@@ -437,7 +438,7 @@ def read_bandwidth_gbps(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 def read_tensors(*tensors) -> int:
-    """Reads every byte of the given CPU tensors once on the runtime's threads (as the bandwidth
+    """Reads every byte of the given CPU tensors once on the kernels' threads (`set_step_threads`; as the bandwidth
     probe does) and returns a checksum of their 8-byte words: the physical limit for reading exactly
     those bytes, to time beside a kernel that reads them."""
     for t in tensors:
