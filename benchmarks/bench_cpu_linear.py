@@ -11,7 +11,7 @@ Places the crossover of `cpu_extension.set_linear_gemm_min_rows`: per point, in 
 - stream: our streaming kernel on the runtime's pool (forced: threshold off);
 - gemm: ATen's GEMM behind the op (forced: threshold 1): fp32; 16-bit weights widened chunk by chunk, or, on a CPU
   with AMX-BF16, bf16 weights multiplied as stored (`set_linear_bf16_gemm_min_rows`);
-- limit: the kernels' threads only reading the same weight (`cpu_extension.read_tensors`).
+- limit: the kernels' threads only reading the same weight (`cpu_extension.tensor_reader`).
 Weights cycle through copies totalling --min-bytes so no call finds them in the last-level cache.
 Columns: ms of each, GB/s and GFLOP/s of the faster of ours, the fraction of the limit for stream,
 the load average. Prints a table, writes a CSV.
@@ -105,10 +105,10 @@ def bench_point(shape: LinearShape, dtype_name: str, rows: int, weights, args) -
         lambda w: F.linear(x, w),
         with_threshold(0, ours),
         with_threshold(1, ours),
-        lambda w: cpu_extension.read_tensors(w),
     ]
+    readers = [cpu_extension.tensor_reader(w) for w in weights]  # prepared: the timed call is the read alone
     torch_ms, stream_ms, gemm_ms, limit_ms = paired_ms(
-        [cycling(fn, weights) for fn in fns], 2, args.repeats, args.budget
+        [cycling(fn, weights) for fn in fns] + [cycling(lambda read: read(), readers)], 2, args.repeats, args.budget
     )
     best = min(stream_ms, gemm_ms)
     return Result(shape.name, dtype_name, rows, torch_ms, stream_ms, gemm_ms, limit_ms, limit_ms / stream_ms,

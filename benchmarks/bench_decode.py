@@ -28,7 +28,7 @@ decode loop, where steps run back to back: see BLOCK_WARM_SECONDS); the median p
 vs_best_torch = the best of eager / inductor ms / the path's ms. With dali, "dali-pool" is the same compiled
 model with its synchronous kernels on the runtime's own pool instead of ATen's threads (one thread budget off);
 "dali-pywrapper" is dali with inductor's Python wrapper (option cpp_wrapper=False).
-Floor (decode), timed in the same rounds by `cpu_extension.read_tensors`: the weight bytes a step reads, i.e.
+Floor (decode), timed in the same rounds by `cpu_extension.tensor_reader`: the weight bytes a step reads, i.e.
 every parameter but the experts and the embedding table, the tokens' embedding rows, and per MoE layer the
 distinct experts routed to (pre-hooks on the experts modules in eager's check). floor = floor_ms / ms.
 Breakdown of dali's decode step, from --profile-steps profiled steps after the timed rounds: top-level ops
@@ -485,7 +485,7 @@ def decode_point(base, paths, fixed, entry, model_name, dtype_name, batch, kv, a
         if name in QUANTIZED:
             weights[f"floor {name}"] = floor_tensors(paths[name][0]._orig_mod, ids, routed)
     for key, tensors in weights.items():
-        calls[key] = Timed(lambda tensors=tensors: cpu_extension.read_tensors(*tensors))
+        calls[key] = Timed(cpu_extension.tensor_reader(*tensors))
     if fixed is not None:  # dali on the same structure at tiny widths (fixed_cost_shape)
         fixed_model = fixed._orig_mod  # the cache is filled eagerly, as the paths' is by the base
         fixed_cache = decode_cache(fixed_model, torch.randint(0, fixed_model.config.vocab_size, (batch, kv + 1),

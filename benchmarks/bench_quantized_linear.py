@@ -7,7 +7,7 @@
 
 Per point, in alternating blocks (`bench_cpu_experts.paired_ms`), median ms of bf16 (`cpu_linear`, the
 streaming kernel), int8 (one scale per row) and int4 at each --groups size, each with its own limit: the
-kernels' threads only reading the same bytes (codes and scales; `cpu_extension.read_tensors`). Weights
+kernels' threads only reading the same bytes (codes and scales; `cpu_extension.tensor_reader`). Weights
 cycle through copies totalling --min-bytes per format so no call finds them in the last-level cache.
 Columns: ms, GB/s of the bytes actually read, the fraction of that format's limit, the speedup over
 bf16 in the same rounds (the ideal is the byte ratio: ~2x int8, ~3.5-4x int4), the load average.
@@ -65,7 +65,7 @@ def bench_shape(shape, rows_list, groups, args) -> list[Result]:
                     return torch.ops.dali.quantized_linear(x, w[0], w[1], None, b, g)
 
                 calls.append(cycling(quantized, stored[name]))
-            limits.append(cycling(lambda w: cpu_extension.read_tensors(*w), stored[name]))
+            limits.append(cycling(lambda read: read(), [cpu_extension.tensor_reader(*w) for w in stored[name]]))
         ms = paired_ms(calls + limits, 2, args.repeats, args.budget)
         n = len(calls)
         for i, (name, _, _) in enumerate(formats(groups)):

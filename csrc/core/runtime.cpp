@@ -1,5 +1,7 @@
 #include "runtime.h"
 
+#include "stream_blocks.h"
+
 #include <pthread.h>
 
 #include <algorithm>
@@ -81,45 +83,44 @@ std::atomic<int64_t> g_linear_bf16_gemm_min_rows{cpu_has_amx_bf16() ? kAmxLinear
 constexpr int64_t kAmxQuantizedBf16GemmMinRows = 32;
 std::atomic<int64_t> g_quantized_bf16_gemm_min_rows{cpu_has_amx_bf16() ? kAmxQuantizedBf16GemmMinRows : 0};
 
-// The read side of the bandwidth probe sums 64-bit words the way the kernels read weights: four
-// interleaved streams over consecutive 8 KiB segments (four weight rows). One sequential stream per
-// thread reads measurably slower than that on some machines, which would understate the limit.
-constexpr int64_t kSegmentWords = 1024;
-// Words per task of the read probes (1 MiB): each task reads its share as the segments above.
-constexpr int64_t kProbeTaskWords = int64_t{1} << 17;
+// The read side of the bandwidth probe sums 64-bit words the way the kernels read weights: a task's block of
+// kStreamBlockBytes (stream_blocks.h) as four interleaved streams over its quarters, a cache line of each in
+// turn. Fewer or shorter streams read measurably slower when the data is cold (the earlier four streams over
+// consecutive 8 KiB segments: a 2 MiB tensor at 11.6 GB/s where dali::cpu_linear read the same bytes at 16.3),
+// which would understate the limit.
+constexpr int64_t kProbeTaskWords = kStreamBlockBytes / 8;
+constexpr int64_t kLineWords = 8;
 
 uint64_t sum_words_portable(const uint64_t* p, int64_t count) {
+  const int64_t quarter = count / 4 / kLineWords * kLineWords;
   uint64_t a = 0, b = 0, c = 0, d = 0;
-  int64_t i = 0;
-  for (; i + 4 * kSegmentWords <= count; i += 4 * kSegmentWords) {
-    for (int64_t k = 0; k < kSegmentWords; ++k) {
-      a += p[i + k];
-      b += p[i + kSegmentWords + k];
-      c += p[i + 2 * kSegmentWords + k];
-      d += p[i + 3 * kSegmentWords + k];
-    }
+  for (int64_t i = 0; i < quarter; ++i) {
+    a += p[i];
+    b += p[quarter + i];
+    c += p[2 * quarter + i];
+    d += p[3 * quarter + i];
   }
-  for (; i < count; ++i) a += p[i];
+  for (int64_t i = 4 * quarter; i < count; ++i) a += p[i];
   return a + b + c + d;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx2"))) uint64_t sum_words_avx2(const uint64_t* p, int64_t count) {
+  const int64_t quarter = count / 4 / kLineWords * kLineWords;
   __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-  int64_t i = 0;
-  for (; i + 4 * kSegmentWords <= count; i += 4 * kSegmentWords) {
-    for (int64_t k = 0; k < kSegmentWords; k += 8) {  // one cache line of each segment
-      for (int s = 0; s < 4; ++s) {
-        const uint64_t* q = p + i + s * kSegmentWords + k;
-        acc[s] = _mm256_add_epi64(acc[s], _mm256_add_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)),
-                                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 4))));
-      }
+  for (int64_t k = 0; k < quarter; k += kLineWords) {  // one cache line of each quarter
+    for (int s = 0; s < 4; ++s) {
+      const uint64_t* q = p + s * quarter + k;
+      acc[s] = _mm256_add_epi64(acc[s], _mm256_add_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)),
+                                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 4))));
     }
   }
   alignas(32) uint64_t lanes[4];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes),
                      _mm256_add_epi64(_mm256_add_epi64(acc[0], acc[1]), _mm256_add_epi64(acc[2], acc[3])));
-  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + sum_words_portable(p + i, count - i);
+  uint64_t tail = 0;
+  for (int64_t i = 4 * quarter; i < count; ++i) tail += p[i];
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + tail;
 }
 #endif
 
