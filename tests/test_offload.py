@@ -187,6 +187,7 @@ def test_dali_without_a_cost_model_profiles_once_and_refreshes_on_request(tmp_pa
     assert cost == runtime_of(second).cost  # cpu_call_seconds stored and read back too
     assert 0 <= cost.cpu_call_seconds <= min(cost.cpu_seconds)
     assert list(cost.cpu_seconds) == sorted(cost.cpu_seconds)  # more tokens never cost less
+    assert list(cost.gpu_seconds) == sorted(cost.gpu_seconds)  # on the accelerator neither
     dali_compile.refresh_costs(first)
     assert len(calls) == 2
     with torch.no_grad():  # the scratch slot's cached expert was loaded back
