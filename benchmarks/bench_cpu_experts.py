@@ -186,18 +186,15 @@ def bench_point(model: ModelShape, dtype_name: str, n: int, layers, args) -> Res
     def theirs(up, down, *quantized):
         return torch_experts(hidden, ids, weights, up, down)
 
-    # prepared per layer (tensor_reader): the timed call is the read alone
-    readers = {id(layer[0]): cpu_extension.tensor_reader(*(layer[2:] or layer[:2])) for layer in layers}
-
-    def limit(up, down, *quantized):
-        return readers[id(up)]()
+    # per layer, prepared (tensor_reader): the timed call is the read alone
+    readers = [(cpu_extension.tensor_reader(*(layer[2:] or layer[:2])),) for layer in layers]
 
     quantized = dtype_name in QUANTIZED
     ours = ours_quantized if quantized else ours_plain
     want = theirs(*layers[0]).float()
     diff = float((ours(*layers[0]).float() - want).abs().max() / want.abs().max())
     warmup = 1 if n >= 64 else 2  # the last warm-up call also sizes the blocks
-    sides = [cycling(theirs, layers), cycling(ours, layers), cycling(limit, layers)]
+    sides = [cycling(theirs, layers), cycling(ours, layers), cycling(lambda read: read(), readers)]
     if quantized:
         sides.append(cycling(ours_plain, layers))
     torch_ms, ours_ms, limit_ms, *bf16_ms = paired_ms(sides, warmup, args.repeats, args.budget)

@@ -35,6 +35,8 @@ LAYOUTS = {
     "interleaved_bias": (True, True, True, "clamped_swiglu", 1.702, 7.0),
     "no_gate": (False, False, False, "relu2", 0.0, 0.0),
 }
+# The op's (gated, interleaved, transposed, activation, alpha, limit) for the concatenated layout without biases.
+CONCATENATED_FLAGS = LAYOUTS["concatenated"][:2] + (False,) + LAYOUTS["concatenated"][3:]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -103,7 +105,7 @@ def test_decode_blocks_of_many_short_rows(bits):
     down, down_scales = quantize_stacked(torch.randn(E, wide, inter, generator=gen) * 0.2, bits, group)
     hidden = torch.randn(1, wide, generator=gen).to(torch.bfloat16)
     args = (hidden, torch.tensor([[1, 4]]), torch.tensor([[0.7, 0.3]]), up, down, None, None, None,
-            *LAYOUTS["concatenated"][:2], False, *LAYOUTS["concatenated"][3:], up_scales, down_scales)
+            *CONCATENATED_FLAGS, up_scales, down_scales)
     got = torch.ops.dali.cpu_experts(*args)
     assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= FP32_RTOL
 
@@ -112,15 +114,14 @@ def _each_call_equals_the_reference(weights, width: int, calls, gen) -> None:
     """dali::cpu_experts on a concatenated-layout quantized layer (up, down, up_scales, down_scales) equals the
     reference within ROUNDING_RTOL, for each (tokens, dense_gemm_min_tokens) of `calls`, bf16 hidden states."""
     up, down, up_scales, down_scales = weights
-    flags = LAYOUTS["concatenated"][:2] + (False,) + LAYOUTS["concatenated"][3:]
     previous = cpu_extension.get_dense_gemm_min_tokens()
     try:
         for T, min_tokens in calls:
             cpu_extension.set_dense_gemm_min_tokens(min_tokens)
             hidden = torch.randn(T, width, generator=gen).to(torch.bfloat16)
             ids = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :K]
-            args = (hidden, ids, torch.rand(T, K, generator=gen), up, down, None, None, None, *flags, up_scales,
-                    down_scales)
+            args = (hidden, ids, torch.rand(T, K, generator=gen), up, down, None, None, None, *CONCATENATED_FLAGS,
+                    up_scales, down_scales)
             got = torch.ops.dali.cpu_experts(*args)
             assert relative_max_error(got, ops.cpu_experts_reference(*args)) <= ROUNDING_RTOL, (T, min_tokens)
     finally:
@@ -171,10 +172,9 @@ def test_int4_decode_kernel_folds_whole_and_partial_blocks_of_groups(width, isa)
     _each_call_equals_the_reference((up, down, up_scales, down_scales), width, ((1, 0), (1, 0), (2, 0)), gen)
     largest, largest_scales = quantize_stacked(torch.full((E, 2 * width, width), 0.25), 4, 32)
     assert bool((largest == 0xFF).all())
-    flags = LAYOUTS["concatenated"][:2] + (False,) + LAYOUTS["concatenated"][3:]
     ids = torch.arange(K).unsqueeze(0)
     args = (torch.ones(1, width, dtype=torch.bfloat16), ids, torch.rand(1, K, generator=gen), largest, down, None,
-            None, None, *flags, largest_scales, down_scales)
+            None, None, *CONCATENATED_FLAGS, largest_scales, down_scales)
     assert relative_max_error(torch.ops.dali.cpu_experts(*args), ops.cpu_experts_reference(*args)) <= ROUNDING_RTOL
 
 
@@ -317,11 +317,10 @@ def test_activation_rounding_error_is_small(bits, group):
     down, down_scales = quantize_stacked(torch.randn(E, width, width, generator=gen) * 0.2, bits, group)
     route = (torch.randn(5, width, generator=gen), torch.randint(0, E, (5, K), generator=gen),
              torch.rand(5, K, generator=gen))
-    flags = LAYOUTS["concatenated"][:2] + (False,) + LAYOUTS["concatenated"][3:]
-    got = torch.ops.dali.cpu_experts(*route, up, down, None, None, None, *flags, up_scales, down_scales)
+    got = torch.ops.dali.cpu_experts(*route, up, down, None, None, None, *CONCATENATED_FLAGS, up_scales, down_scales)
     plain = [torch.stack([dequantize_expert(c[e], s[e], bits) for e in range(E)])
              for c, s in ((up, up_scales), (down, down_scales))]
-    unrounded = ops.cpu_experts_reference(*route, *plain, None, None, None, *flags)
+    unrounded = ops.cpu_experts_reference(*route, *plain, None, None, None, *CONCATENATED_FLAGS)
     assert 0 < relative_max_error(got, unrounded) <= 2e-2
 
 

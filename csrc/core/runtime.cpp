@@ -118,9 +118,7 @@ __attribute__((target("avx2"))) uint64_t sum_words_avx2(const uint64_t* p, int64
   alignas(32) uint64_t lanes[4];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes),
                      _mm256_add_epi64(_mm256_add_epi64(acc[0], acc[1]), _mm256_add_epi64(acc[2], acc[3])));
-  uint64_t tail = 0;
-  for (int64_t i = 4 * quarter; i < count; ++i) tail += p[i];
-  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + tail;
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + sum_words_portable(p + 4 * quarter, count - 4 * quarter);
 }
 #endif
 
